@@ -1,0 +1,98 @@
+"""Write a ready-to-run set of node configs and keys into a folder (used by ``vfl demo``).
+
+Everything a node needs lives in the folder with relative paths, so the folder can be copied to other hosts: give
+each host its own ``.toml``, its own ``.key_secret`` and the partners' ``.key`` files, and change ``endpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+from ..node.keys import generate_keypair
+
+LABEL_HOLDER = "bank"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host`` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def _table(name: str, values: dict) -> str:
+    return f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+
+
+def prepare_session(
+    out: Path,
+    *,
+    data_holders: list[str],
+    run: str = "demo",
+    port: int | None = None,
+    cut_width: int = 16,
+    batch_size: int = 64,
+    window: int = 2,
+    model: str = "demo-mlp-v1",
+    timeouts: dict | None = None,
+    link_check: dict | None = None,
+) -> dict[str, Path]:
+    """Keys in ``out/keys`` and one ``NAME.toml`` per node; returns {party: config path}, label holder first."""
+    out.mkdir(parents=True, exist_ok=True)
+    keys = out / "keys"
+    for name in [LABEL_HOLDER, *data_holders]:
+        if not (keys / f"{name}.key_secret").exists():
+            generate_keypair(keys, name)
+    endpoint = f"tcp://127.0.0.1:{port or free_port()}"
+    session = _table("session", {"batch_size": batch_size, "window": window, "model": model})
+    session += _table("session.cut_widths", {name: cut_width for name in data_holders})
+    common = session + (_table("timeouts", timeouts) if timeouts else "")
+    configs: dict[str, Path] = {}
+
+    def node(name: str, role: str, partners: list[str], extra: str) -> None:
+        head = "".join(
+            f"{k} = {_toml_value(v)}\n" for k, v in {"role": role, "party": name, "run": run, "endpoint": endpoint}.items()
+        )
+        text = (
+            f"# vfl node config for {role.replace('_', ' ')} {name!r}; run it with: vfl node --config {name}.toml\n"
+            + head
+            + "\n"
+            + _table("keys", {"secret": f"keys/{name}.key_secret"})
+            + _table("keys.partners", {p: f"keys/{p}.key" for p in partners})
+            + "\n"
+            + common
+            + extra
+        )
+        path = out / f"{name}.toml"
+        write_atomic(path, text)
+        configs[name] = path
+
+    node(LABEL_HOLDER, "label_holder", data_holders, "")
+    for name in data_holders:
+        node(name, "data_holder", [LABEL_HOLDER], _table("link_check", link_check) if link_check else "")
+    return configs

@@ -1,0 +1,241 @@
+"""Node configuration: one TOML file per node, checked completely before any network activity.
+
+Every problem is one line naming the file and the key (``node.toml: [session].batch_size must be an integer >= 1``),
+so a user fixes it without reading a traceback. Relative paths are relative to the config file's folder, so a run
+folder can be moved or copied to another host as a whole.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..protocol import DTYPES, Limits, SessionConfig
+from ..protocol.messages import is_party_id
+
+ROLES = ("label_holder", "data_holder")
+ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5}|\*)")
+
+
+class ConfigError(Exception):
+    """A node config is wrong. ``str(exc)`` is one line meant for the user; the CLI exits 2 with it."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    heartbeat: float = 1.0
+    peer: float = 30.0
+    handshake: float = 60.0
+    join: float = 600.0
+
+
+@dataclass(frozen=True)
+class LinkCheck:
+    rounds: int = 3
+    shape: tuple[int, ...] = (128, 256)
+    dtype: str = "float32"
+    hold: float = 0.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    path: Path
+    role: str
+    party: str
+    run: str
+    endpoint: str
+    secret_key: Path | None
+    partners: dict[str, Path]
+    insecure: bool
+    session: SessionConfig
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    queue_bytes: int = 512 * 2**20
+    link_check: LinkCheck = field(default_factory=LinkCheck)
+
+    @property
+    def is_label_holder(self) -> bool:
+        return self.role == "label_holder"
+
+
+# (type, required, default) per key, per table. The top level and each table reject keys not listed here.
+_SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
+    "": {
+        "role": (str, True, None),
+        "party": (str, True, None),
+        "run": (str, True, None),
+        "endpoint": (str, True, None),
+        "keys": (dict, False, {}),
+        "session": (dict, True, None),
+        "timeouts": (dict, False, {}),
+        "limits": (dict, False, {}),
+        "link_check": (dict, False, {}),
+    },
+    "keys": {"secret": (str, False, None), "partners": (dict, False, {}), "insecure": (bool, False, False)},
+    "session": {
+        "cut_widths": (dict, True, None),
+        "batch_size": (int, True, None),
+        "window": (int, True, None),
+        "model": (str, True, None),
+    },
+    "timeouts": {
+        "heartbeat": ((int, float), False, Timeouts.heartbeat),
+        "peer": ((int, float), False, Timeouts.peer),
+        "handshake": ((int, float), False, Timeouts.handshake),
+        "join": ((int, float), False, Timeouts.join),
+    },
+    "limits": {
+        "max_header_bytes": (int, False, Limits.max_header_bytes),
+        "max_tensors": (int, False, Limits.max_tensors),
+        "max_tensor_bytes": (int, False, Limits.max_tensor_bytes),
+        "queue_bytes": (int, False, 512 * 2**20),
+    },
+    "link_check": {
+        "rounds": (int, False, LinkCheck.rounds),
+        "shape": (list, False, list(LinkCheck.shape)),
+        "dtype": (str, False, LinkCheck.dtype),
+        "hold": ((int, float), False, LinkCheck.hold),
+    },
+}
+
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "a table", list: "a list"}
+
+
+def _table(raw: dict, name: str, where: str) -> dict[str, Any]:
+    schema = _SCHEMA[name]
+    label = f"[{name}]." if name else ""
+    for key in raw:
+        if key not in schema:
+            known = ", ".join(sorted(schema))
+            raise ConfigError(f"{where}: unknown key {label}{key} (known keys: {known})")
+    out = {}
+    for key, (typ, required, default) in schema.items():
+        if key not in raw:
+            if required:
+                raise ConfigError(f"{where}: missing key {label}{key}")
+            out[key] = default
+            continue
+        value = raw[key]
+        types = typ if isinstance(typ, tuple) else (typ,)
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+            raise ConfigError(f"{where}: {label}{key} must be {expected}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _positive(value: float, key: str, where: str) -> float:
+    if not value > 0:
+        raise ConfigError(f"{where}: {key} must be > 0, got {value!r}")
+    return float(value)
+
+
+def _key_file(base: Path, value: str, key: str, where: str) -> Path:
+    path = (base / value).resolve()
+    if not path.is_file():
+        raise ConfigError(f"{where}: {key} = {value!r}: no such file ({path}); create keys with `vfl keys generate`")
+    return path
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read and check a node config. Raises ``ConfigError`` with one line naming the file and key."""
+    path = Path(path)
+    where = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    top = _table(raw, "", where)
+    base = path.resolve().parent
+
+    role = top["role"]
+    if role not in ROLES:
+        raise ConfigError(f"{where}: role must be one of {', '.join(ROLES)}, got {role!r}")
+    for key in ("party", "run"):
+        if not is_party_id(top[key]):
+            raise ConfigError(f"{where}: {key} {top[key]!r} must be 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
+    if not ENDPOINT.fullmatch(top["endpoint"]):
+        raise ConfigError(f"{where}: endpoint must look like tcp://HOST:PORT, got {top['endpoint']!r}")
+    if role == "data_holder" and top["endpoint"].endswith(":*"):
+        raise ConfigError(f"{where}: a data holder's endpoint needs the label holder's real port, not '*'")
+
+    keys = _table(top["keys"], "keys", where)
+    insecure = keys["insecure"]
+    secret = None
+    partners: dict[str, Path] = {}
+    if not insecure:
+        if keys["secret"] is None:
+            raise ConfigError(f"{where}: missing key [keys].secret (or set [keys].insecure = true for debugging)")
+        secret = _key_file(base, keys["secret"], "[keys].secret", where)
+        if not keys["partners"]:
+            raise ConfigError(f"{where}: [keys.partners] must name the public key file of every partner")
+        for name, value in keys["partners"].items():
+            if not is_party_id(name) or not isinstance(value, str):
+                raise ConfigError(f"{where}: [keys.partners].{name} must be a party id = \"path/to/party.key\"")
+            partners[name] = _key_file(base, value, f"[keys.partners].{name}", where)
+
+    s = _table(top["session"], "session", where)
+    try:
+        session = SessionConfig(cut_widths=s["cut_widths"], batch_size=s["batch_size"], window=s["window"], model=s["model"])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: [session] {exc}") from None
+    if role == "data_holder" and top["party"] not in session.cut_widths:
+        raise ConfigError(f"{where}: [session.cut_widths] has no entry for this data holder {top['party']!r}")
+    if role == "label_holder" and not insecure:
+        missing = sorted(set(session.cut_widths) - set(partners))
+        if missing:
+            raise ConfigError(f"{where}: [keys.partners] has no public key for data holder(s) {', '.join(missing)}")
+    if role == "data_holder" and not insecure and len(partners) != 1:
+        raise ConfigError(f"{where}: a data holder's [keys.partners] names exactly one key: the label holder's")
+
+    t = _table(top["timeouts"], "timeouts", where)
+    timeouts = Timeouts(**{k: _positive(v, f"[timeouts].{k}", where) for k, v in t.items()})
+    if timeouts.peer <= timeouts.heartbeat:
+        raise ConfigError(f"{where}: [timeouts].peer must be longer than [timeouts].heartbeat")
+
+    lim = _table(top["limits"], "limits", where)
+    for k, v in lim.items():
+        if v < 1:
+            raise ConfigError(f"{where}: [limits].{k} must be >= 1, got {v}")
+    limits = Limits(
+        max_header_bytes=lim["max_header_bytes"], max_tensors=lim["max_tensors"], max_tensor_bytes=lim["max_tensor_bytes"]
+    )
+
+    lc = _table(top["link_check"], "link_check", where)
+    if lc["dtype"] not in DTYPES:
+        raise ConfigError(f"{where}: [link_check].dtype must be one of {', '.join(DTYPES)}")
+    shape = lc["shape"]
+    if not (0 < len(shape) <= 8 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ConfigError(f"{where}: [link_check].shape must be a list of 1-8 integers >= 0")
+    if lc["rounds"] < 0 or lc["hold"] < 0:
+        raise ConfigError(f"{where}: [link_check].rounds and .hold must be >= 0")
+    link = LinkCheck(rounds=lc["rounds"], shape=tuple(shape), dtype=lc["dtype"], hold=float(lc["hold"]))
+    nbytes = int(np.prod(link.shape)) * DTYPES[link.dtype].itemsize
+    if nbytes > limits.max_tensor_bytes:
+        raise ConfigError(f"{where}: [link_check].shape is {nbytes} bytes > [limits].max_tensor_bytes")
+
+    return NodeConfig(
+        path=path,
+        role=role,
+        party=top["party"],
+        run=top["run"],
+        endpoint=top["endpoint"],
+        secret_key=secret,
+        partners=partners,
+        insecure=insecure,
+        session=session,
+        timeouts=timeouts,
+        limits=limits,
+        queue_bytes=lim["queue_bytes"],
+        link_check=link,
+    )

@@ -1,0 +1,64 @@
+"""CurveZMQ key pairs on disk: pyzmq's certificate format, written atomically, secrets readable by the owner only.
+
+``vfl keys generate`` makes ``NAME.key`` (public: give it to partners) and ``NAME.key_secret`` (keep it). We reuse
+``zmq.auth``'s writer and reader so the files interoperate with other ZeroMQ tools; we only add what it lacks: an
+atomic rename (a crash never leaves half a key) and mode 0600 on the secret.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+
+class KeyFileError(Exception):
+    """A key file is missing or unreadable. The message names the file and what to do."""
+
+
+def generate_keypair(out_dir: str | Path, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``out_dir/name.key`` and ``out_dir/name.key_secret``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    public, secret = out / f"{name}.key", out / f"{name}.key_secret"
+    if not overwrite:
+        for path in (public, secret):
+            if path.exists():
+                raise KeyFileError(f"{path} exists; pass --overwrite to replace it (partners must then get the new .key)")
+    with tempfile.TemporaryDirectory(dir=out, prefix=".keygen-") as tmp:
+        tmp_public, tmp_secret = (Path(p) for p in zmq.auth.create_certificates(tmp, name))
+        os.chmod(tmp_secret, 0o600)
+        os.chmod(tmp_public, 0o644)
+        for src in (tmp_secret, tmp_public):
+            with open(src, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp_secret, secret)
+        os.replace(tmp_public, public)
+    return public, secret
+
+
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"{path}: not a readable key file ({exc}); create one with `vfl keys generate`") from None
+    for what, key in (("public", public), ("secret", secret)):
+        if key is not None and len(key) != 40:
+            raise KeyFileError(f"{path}: the {what} key must be 40 Z85 characters, got {len(key)}")
+    return public, secret
+
+
+def load_public_key(path: str | Path) -> bytes:
+    """The Z85 public key in a ``.key`` (or ``.key_secret``) file."""
+    return _load(Path(path))[0]
+
+
+def load_secret_key(path: str | Path) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from a ``.key_secret`` file."""
+    public, secret = _load(Path(path))
+    if secret is None:
+        raise KeyFileError(f"{path}: holds no secret key; [keys].secret must name the .key_secret file")
+    return public, secret

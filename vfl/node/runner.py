@@ -1,0 +1,196 @@
+"""The node loop: move frames between the socket and the role's state machine, and do what the machine says.
+
+This is the only place that reads the clock or touches the socket; every decision is the machine's. The loop never
+blocks longer than ``MAX_SLEEP_S`` so signals and timers are seen promptly, and a peer's garbage only ever reaches
+the machine, which answers it and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import statistics
+import time
+from typing import Iterable
+
+import numpy as np
+import zmq
+
+from ..protocol import (
+    DataHolderMachine,
+    Finished,
+    LabelHolderMachine,
+    LinkChecked,
+    Log,
+    Output,
+    PeerLeft,
+    PeerReady,
+    Send,
+    Tensor,
+    encode,
+)
+from ..protocol.codec import DTYPES
+from .config import NodeConfig
+from .transport import Transport
+
+MAX_SLEEP_S = 0.2
+MAX_BATCH = 256  # messages handled per wake-up before timers get a turn
+
+INSECURE_WARNING = (
+    "INSECURE MODE: CurveZMQ is off. Anyone who can reach this port can connect and claim any party id, and all "
+    "traffic is in clear text. Use this only for debugging on a trusted machine."
+)
+
+
+def _link_check_tensor(cfg: NodeConfig) -> list[Tensor]:
+    lc = cfg.link_check
+    if lc.rounds == 0:
+        return []
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, size=int(np.prod(lc.shape)) * DTYPES[lc.dtype].itemsize, dtype=np.uint8)
+    return [Tensor("link_check", arr.view(DTYPES[lc.dtype]).reshape(lc.shape))]
+
+
+def build_machine(cfg: NodeConfig, now: float) -> LabelHolderMachine | DataHolderMachine:
+    t = cfg.timeouts
+    if cfg.is_label_holder:
+        return LabelHolderMachine(
+            party=cfg.party,
+            run=cfg.run,
+            config=cfg.session,
+            now=now,
+            heartbeat_s=t.heartbeat,
+            peer_timeout_s=t.peer,
+            join_timeout_s=t.join,
+            limits=cfg.limits,
+        )
+    return DataHolderMachine(
+        party=cfg.party,
+        run=cfg.run,
+        config=cfg.session,
+        now=now,
+        handshake_timeout_s=t.handshake,
+        link_check=_link_check_tensor(cfg),
+        link_rounds=cfg.link_check.rounds,
+        hold_s=cfg.link_check.hold,
+        label_holder=f"the label holder at {cfg.endpoint}",
+        limits=cfg.limits,
+    )
+
+
+class NodeRunner:
+    """Runs one node until its machine finishes or a signal asks it to stop. ``run()`` returns the exit code."""
+
+    def __init__(self, cfg: NodeConfig, log: logging.Logger | None = None):
+        self.cfg = cfg
+        self.log = log or logging.getLogger(f"vfl.node.{cfg.party}")
+        self.stop_requested: str | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stop_requested = signal.Signals(signum).name
+
+    def run(self) -> int:
+        cfg = self.cfg
+        if cfg.insecure:
+            self.log.warning(INSECURE_WARNING)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        transport = Transport(cfg)
+        try:
+            role = "label holder" if cfg.is_label_holder else "data holder"
+            verb = "listening on" if cfg.is_label_holder else "connecting to"
+            security = "insecure" if cfg.insecure else "CurveZMQ"
+            self.log.info("%s %r (run %s) %s %s [%s]", role, cfg.party, cfg.run, verb, transport.endpoint, security)
+            return self._loop(transport)
+        finally:
+            transport.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _loop(self, transport: Transport) -> int:
+        machine = build_machine(self.cfg, time.monotonic())
+        poller = zmq.Poller()
+        for sock in transport.poll_items():
+            poller.register(sock, zmq.POLLIN)
+        pending: list[Output] = machine.start(time.monotonic()) if isinstance(machine, DataHolderMachine) else []
+        while True:
+            finished = self._execute(transport, pending)
+            if finished is not None:
+                return self._report(finished)
+            now = time.monotonic()
+            if self.stop_requested:
+                pending = machine.close(f"stopped by {self.stop_requested}", now)
+                if not pending:  # nothing left to say: the machine had already finished
+                    return 0
+                continue
+            deadline = machine.next_timer()
+            sleep = MAX_SLEEP_S if deadline is None else min(MAX_SLEEP_S, max(0.0, deadline - now))
+            ready = dict(poller.poll(int(sleep * 1000)))
+            pending = []
+            if transport.monitor is not None and transport.monitor in ready:
+                for event in transport.monitor_events():
+                    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                        pending += machine.refused_by_zap()
+                    else:
+                        self.log.warning("CURVE handshake with %s failed (protocol error %s)", transport.endpoint, event["value"])
+            if transport.socket in ready:
+                for _ in range(MAX_BATCH):
+                    received = transport.recv()
+                    if received is None:
+                        break
+                    now = time.monotonic()
+                    self.bytes_received += sum(len(f) for f in received.frames)
+                    if isinstance(machine, LabelHolderMachine):
+                        pending += machine.receive(received.routing_id, received.identity, received.frames, now)
+                    else:
+                        pending += machine.receive(received.frames, now)
+                    if machine.finished is not None:
+                        break
+            pending += machine.handle_timer(time.monotonic())
+
+    def _execute(self, transport: Transport, outputs: Iterable[Output]) -> Finished | None:
+        finished = None
+        for out in outputs:
+            if isinstance(out, Send):
+                frames = encode(out.message, self.cfg.limits)
+                try:
+                    transport.send(frames, out.to)
+                    self.bytes_sent += sum(len(memoryview(f).cast("B")) for f in frames)
+                except zmq.ZMQError as exc:
+                    who = out.to.decode("utf-8", "replace") if out.to else "the label holder"
+                    self.log.warning("could not send %s to %s: %s", out.message.TYPE, who, exc.strerror)
+            elif isinstance(out, Log):
+                self.log.log(logging.getLevelName(out.level), out.text)
+            elif isinstance(out, (PeerReady, PeerLeft)):
+                pass  # the machine logs these; later phases act on them
+            elif isinstance(out, LinkChecked):
+                self._report_link(out)
+            elif isinstance(out, Finished):
+                finished = out
+        return finished
+
+    def _report_link(self, lc: LinkChecked) -> None:
+        if not lc.rtts:
+            return
+        median = statistics.median(lc.rtts)
+        rate = 2 * lc.bytes_per_round / median / 1e6 if median > 0 else float("inf")
+        self.log.info(
+            "link check: %d round trips of %d bytes, median RTT %.2f ms, %.0f MB/s both ways",
+            lc.rounds,
+            lc.bytes_per_round,
+            median * 1000,
+            rate,
+        )
+
+    def _report(self, finished: Finished) -> int:
+        level = logging.INFO if finished.exit_code == 0 else logging.ERROR
+        self.log.log(
+            level,
+            "%s (exit %d; sent %d bytes, received %d bytes)",
+            finished.reason,
+            finished.exit_code,
+            self.bytes_sent,
+            self.bytes_received,
+        )
+        return finished.exit_code

@@ -1,0 +1,167 @@
+"""ZeroMQ sockets for the two roles, set up as PROTOCOL.md sections 2 and 7 require.
+
+The label holder binds a ROUTER that is a CURVE server; a ZAP handler (pyzmq's ``ThreadAuthenticator``) lets in only
+the partners' public keys, and every received message carries the client's key as its ``User-Id``, which we map to a
+party id — that, not the routing id a peer chose, is who the peer is. Data holders connect a DEALER whose routing id
+is their party id. Sends and receives are zero-copy for large frames.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
+
+from .config import NodeConfig
+from .keys import load_public_key, load_secret_key
+
+ZAP_DOMAIN = "vfl"
+HWM_MIN, HWM_MAX = 16, 100_000
+LINGER_MS = 2_000  # flush BYE and ERROR on close, but never hang on exit
+
+log = logging.getLogger("vfl.transport")
+
+
+def hwm_for(queue_bytes: int, largest_message_bytes: int) -> int:
+    """High-water marks count messages; size them from a byte budget and the largest message of the session."""
+    return max(HWM_MIN, min(HWM_MAX, queue_bytes // max(1, largest_message_bytes)))
+
+
+def largest_message_bytes(cfg: NodeConfig) -> int:
+    """The largest message this session will carry: a cut-layer batch, or the link-check tensor."""
+    s = cfg.session
+    activations = s.batch_size * max(s.cut_widths.values()) * 8
+    link = 1
+    for d in cfg.link_check.shape:
+        link *= d
+    return max(activations, link * 8, 64 * 1024)
+
+
+class _AllowList:
+    """ZAP credentials provider: a CURVE client may connect iff its key is a partner's."""
+
+    def __init__(self, keys: dict[bytes, str]):
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = key in self.keys
+        if not allowed:
+            log.warning("refused a CURVE client with a key not on the allow-list: %s", key.decode("ascii", "replace"))
+        return allowed
+
+
+@dataclass
+class Received:
+    """One message: its routing id (label holder only), the authenticated party (None if unknown), its frames."""
+
+    routing_id: bytes
+    identity: str | None
+    frames: Sequence[Any]
+
+
+class Transport:
+    """Owns the context, the socket, the authenticator and the monitor of one node."""
+
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.ctx = zmq.Context()
+        self.auth: ThreadAuthenticator | None = None
+        self.monitor: zmq.Socket | None = None
+        self.partner_by_key: dict[bytes, str] = {}
+        t = cfg.timeouts
+        kind = zmq.ROUTER if cfg.is_label_holder else zmq.DEALER
+        sock = self.ctx.socket(kind)
+        hwm = hwm_for(cfg.queue_bytes, largest_message_bytes(cfg))
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_frame_bytes)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(t.heartbeat * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(t.peer * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, max(1, int(t.peer * 1000)))
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(t.peer * 1000)))  # a peer that never reads cannot hang us forever
+        if not cfg.insecure:
+            public, secret = load_secret_key(cfg.secret_key)
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+            self.partner_by_key = {load_public_key(path): name for name, path in cfg.partners.items()}
+        if cfg.is_label_holder:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            if not cfg.insecure:
+                self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("vfl.zap"))
+                self.auth.start()
+                self.auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=_AllowList(self.partner_by_key))
+                sock.curve_server = True
+                sock.zap_domain = ZAP_DOMAIN.encode()
+            sock.bind(cfg.endpoint)
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:
+            sock.setsockopt(zmq.ROUTING_ID, cfg.party.encode())
+            if not cfg.insecure:
+                (server_key,) = self.partner_by_key
+                sock.curve_serverkey = server_key
+            self.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            sock.connect(cfg.endpoint)
+            self.endpoint = cfg.endpoint
+        self.socket = sock
+
+    # ------------------------------------------------------------------------------------------------ I/O
+
+    def send(self, frames: list[Any], to: bytes | None = None) -> None:
+        """Send one message; raises ``zmq.ZMQError`` (EHOSTUNREACH: peer gone; EAGAIN: peer not reading)."""
+        if to is not None:
+            frames = [to, *frames]
+        self.socket.send_multipart(frames, copy=False)
+
+    def recv(self) -> Received | None:
+        """One message if one is waiting, else None. Never blocks."""
+        try:
+            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        if self.cfg.is_label_holder:
+            routing_id, frames = frames[0].bytes, frames[1:]
+        else:
+            routing_id = b""
+        return Received(routing_id=routing_id, identity=self._identity(routing_id, frames), frames=frames)
+
+    def _identity(self, routing_id: bytes, frames: list[zmq.Frame]) -> str | None:
+        if not self.cfg.is_label_holder:
+            return None  # a data holder's one peer is pinned by its CURVE server key
+        if self.cfg.insecure:
+            return routing_id.decode("utf-8", "replace")
+        if not frames:
+            return None
+        try:
+            user_id = frames[0].get("User-Id")
+        except zmq.ZMQError:
+            return None
+        if user_id is None:
+            return None
+        return self.partner_by_key.get(user_id.encode() if isinstance(user_id, str) else user_id)
+
+    def poll_items(self) -> list[zmq.Socket]:
+        return [s for s in (self.socket, self.monitor) if s is not None]
+
+    def monitor_events(self) -> list[dict]:
+        """Pending monitor events (data holder): e.g. the label holder's ZAP handler refusing our key."""
+        events = []
+        while self.monitor is not None:
+            try:
+                events.append(recv_monitor_message(self.monitor, zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        return events
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
+        self.socket.close()  # LINGER_MS lets BYE/ERROR reach the peer
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()

@@ -1,0 +1,277 @@
+"""The data holder's side of the session layer (PROTOCOL.md sections 6 and 9), sans-I/O.
+
+A data holder has one peer, its label holder. It says HELLO, waits for WELCOME within its handshake timeout, runs the
+configured link check (ECHO round trips, verifying every byte comes back), then leaves with BYE.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Callable, Sequence
+
+from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
+from .errors import ErrorCode, RemoteProtocolError
+from .events import Finished, LinkChecked, Log, Output, Send
+from .messages import Bye, Echo, EchoReply, Error, Heartbeat, Hello, Message, Tensor, Welcome
+from .session import SessionConfig, describe_diff
+from .timers import PeerClock, TokenBucket
+
+ERROR_BURST = 100  # [R2]
+ERROR_RATE = 100.0
+
+
+class DataHolderState(enum.Enum):
+    CONNECTING = "CONNECTING"
+    READY = "READY"
+    CLOSED = "CLOSED"
+
+
+Handler = Callable[["DataHolderMachine", Message, float], list[Output]]
+
+
+class DataHolderMachine:
+    """One data holder's session with its label holder."""
+
+    def __init__(
+        self,
+        *,
+        party: str,
+        run: str,
+        config: SessionConfig,
+        now: float,
+        handshake_timeout_s: float = 60.0,
+        link_check: Sequence[Tensor] = (),
+        link_rounds: int = 0,
+        hold_s: float = 0.0,
+        label_holder: str = "the label holder",
+        limits: Limits = DEFAULT_LIMITS,
+    ):
+        self.party = party
+        self.run = run
+        self.config = config
+        self.limits = limits
+        self.state = DataHolderState.CONNECTING
+        self.handshake_deadline = now + handshake_timeout_s
+        self.label_holder = label_holder
+        self.link_check = tuple(link_check)
+        self.link_rounds = link_rounds
+        self.hold_s = hold_s
+        self.finished: Finished | None = None
+        self.clock: PeerClock | None = None
+        self.heartbeat_s = 1.0
+        self.peer_timeout_s = 30.0
+        self._echo_seq = 0
+        self._echo_sent_at = 0.0
+        self._rtts: list[float] = []
+        self._leave_at: float | None = None
+        self._bucket = TokenBucket(ERROR_BURST, ERROR_RATE)
+
+    def start(self, now: float) -> list[Output]:
+        """The first message on the connection ([S2])."""
+        return [
+            Send(
+                message=Hello(
+                    version=PROTOCOL_VERSION,
+                    role="data_holder",
+                    party=self.party,
+                    run=self.run,
+                    config=self.config.to_wire(),
+                    digest=self.config.digest,
+                )
+            )
+        ]
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    def receive(self, frames: Sequence, now: float) -> list[Output]:
+        if self.finished is not None:
+            return []
+        try:
+            msg = decode(frames, self.limits)
+        except RemoteProtocolError as exc:
+            if peek_type(frames) == Error.TYPE:  # [M2]
+                return [Log(level="WARNING", text=f"{self.label_holder} sent a malformed ERROR (not answered): {exc}")]
+            return self._error(exc, now)
+        if self.clock is not None:
+            self.clock.last_received = now
+        handler = _TABLE.get((self.state, msg.TYPE))
+        if handler is None:
+            if isinstance(msg, Error):
+                return [Log(level="WARNING", text=f"{self.label_holder} reports {_code_name(msg.code)}: {msg.message}")]
+            return self._error(
+                RemoteProtocolError(
+                    ErrorCode.UNEXPECTED_MESSAGE,
+                    f"{msg.TYPE} is not allowed when the data holder is in state {self.state.value}",
+                    ref=msg.TYPE,
+                ),
+                now,
+            )
+        return handler(self, msg, now)
+
+    def handle_timer(self, now: float) -> list[Output]:
+        if self.finished is not None:
+            return []
+        if self.state is DataHolderState.CONNECTING:
+            if now >= self.handshake_deadline:
+                return self._finish(
+                    4,
+                    f"no WELCOME from {self.label_holder} within the handshake timeout: is it running, is the address "
+                    "right, and is its public key the one in this node's config?",
+                )
+            return []
+        if self.state is not DataHolderState.READY:
+            return []
+        if now >= self.clock.lost_at(self.peer_timeout_s):
+            return self._finish(
+                3,
+                f"label holder {self.label_holder} has sent nothing for {now - self.clock.last_received:.1f} s (peer "
+                f"timeout {self.peer_timeout_s:g} s): it is stopped, hung or unreachable",
+                bye=False,
+            )
+        if self._leave_at is not None and now >= self._leave_at:
+            return self._leave(now)
+        if now >= self.clock.heartbeat_due(self.heartbeat_s):
+            return [self._send(Heartbeat(), now)]
+        return []
+
+    def next_timer(self) -> float | None:
+        if self.finished is not None:
+            return None
+        if self.state is DataHolderState.CONNECTING:
+            return self.handshake_deadline
+        if self.state is DataHolderState.READY:
+            times = [self.clock.heartbeat_due(self.heartbeat_s), self.clock.lost_at(self.peer_timeout_s)]
+            if self._leave_at is not None:
+                times.append(self._leave_at)
+            return min(times)
+        return None
+
+    def close(self, reason: str, now: float) -> list[Output]:
+        """We are stopping early (signal, error): tell the label holder."""
+        if self.finished is not None:
+            return []
+        return self._finish(0, reason, ok=False)
+
+    def refused_by_zap(self) -> list[Output]:
+        """The CURVE handshake was refused by the label holder's ZAP handler ([L3]): our key is not allow-listed."""
+        if self.finished is not None:
+            return []
+        return self._finish(
+            1,
+            f"{self.label_holder} refused this node's key: add this party's public key to the label holder's "
+            "[keys.partners], or check that this config uses the right key file",
+            bye=False,
+        )
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def _send(self, msg: Message, now: float) -> Send:
+        if self.clock is not None:
+            self.clock.last_sent = now
+        return Send(message=msg)
+
+    def _finish(self, code: int, reason: str, *, ok: bool | None = None, bye: bool = True) -> list[Output]:
+        out: list[Output] = []
+        if bye and self.state is DataHolderState.READY:
+            out.append(Send(message=Bye(ok=(code == 0) if ok is None else ok, reason=reason)))
+        self.state = DataHolderState.CLOSED
+        self.finished = Finished(exit_code=code, reason=reason)
+        out.append(self.finished)
+        return out
+
+    def _error(self, exc: RemoteProtocolError, now: float) -> list[Output]:
+        if not self._bucket.allow(now):
+            return [Log(level="DEBUG", text=f"error to {self.label_holder} dropped (rate limit): {exc}")]
+        err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref, diff=exc.diff)
+        return [Log(level="WARNING", text=f"{self.label_holder}: {exc}"), self._send(err, now)]
+
+    def _next_echo(self, now: float) -> list[Output]:
+        if self._echo_seq >= self.link_rounds:
+            if self.link_rounds:
+                nbytes = sum(t.array.nbytes for t in self.link_check)
+                done = LinkChecked(rounds=self.link_rounds, bytes_per_round=nbytes, rtts=tuple(self._rtts))
+                out: list[Output] = [done]
+            else:
+                out = []
+            self._leave_at = now + self.hold_s
+            if self.hold_s <= 0:
+                out += self._leave(now)
+            return out
+        self._echo_sent_at = now
+        return [self._send(Echo(seq=self._echo_seq, tensors=self.link_check), now)]
+
+    def _leave(self, now: float) -> list[Output]:
+        return self._finish(0, "link check done" if self.link_rounds else "session done")
+
+    # ------------------------------------------------------------------------------------------------ transitions
+
+    def _on_welcome(self, msg: Welcome, now: float) -> list[Output]:
+        if msg.run != self.run or msg.digest != self.config.digest:
+            return self._finish(
+                1,
+                f"{msg.party} answered WELCOME for run {msg.run!r} with digest {msg.digest[:16]} but this node has run "
+                f"{self.run!r} and digest {self.config.digest[:16]}; the label holder broke [H4]",
+                ok=False,
+            )
+        self.label_holder = f"{msg.party!r}"
+        self.heartbeat_s = max(msg.heartbeat_ms, 1) / 1000.0
+        self.peer_timeout_s = max(msg.peer_timeout_ms, 1) / 1000.0
+        self.state = DataHolderState.READY
+        self.clock = PeerClock(last_received=now, last_sent=now)
+        out: list[Output] = [Log(level="INFO", text=f"joined label holder {msg.party!r} (run {msg.run})")]
+        return out + self._next_echo(now)
+
+    def _on_refusal(self, msg: Error, now: float) -> list[Output]:
+        """[H7]: an ERROR in answer to HELLO is final."""
+        diff = {k: v for k, v in (msg.diff or {}).items() if isinstance(v, list) and len(v) == 2}
+        if diff:  # one line per differing field: the readable diff of [H4]
+            text = f"label holder refused HELLO: {_code_name(msg.code)}:\n  " + describe_diff(diff, sep="\n  ")
+        else:
+            text = f"label holder refused HELLO: {_code_name(msg.code)}: {msg.message}"
+        return self._finish(1, text, bye=False)
+
+    def _on_echo_reply(self, msg: EchoReply, now: float) -> list[Output]:
+        if msg.seq != self._echo_seq or self._echo_seq >= self.link_rounds:
+            return self._error(
+                RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"ECHO_REPLY seq {msg.seq} answers no ECHO", ref=msg.TYPE),
+                now,
+            )
+        if len(msg.tensors) != len(self.link_check) or not all(
+            a.same_as(b) for a, b in zip(self.link_check, msg.tensors)
+        ):
+            return self._finish(1, f"ECHO_REPLY seq {msg.seq} from {self.label_holder} does not match the ECHO ([M1])")
+        self._rtts.append(now - self._echo_sent_at)
+        self._echo_seq += 1
+        return self._next_echo(now)
+
+    def _on_heartbeat(self, msg: Heartbeat, now: float) -> list[Output]:
+        return []
+
+    def _on_bye(self, msg: Bye, now: float) -> list[Output]:
+        self.state = DataHolderState.CLOSED
+        self.finished = Finished(
+            exit_code=0 if msg.ok else 1, reason=f"label holder {self.label_holder} ended the session: {msg.reason}"
+        )
+        return [self.finished]
+
+    def _on_error(self, msg: Error, now: float) -> list[Output]:
+        return [Log(level="WARNING", text=f"{self.label_holder} reports {_code_name(msg.code)}: {msg.message}")]
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"error code {code}"
+
+
+_TABLE: dict[tuple[DataHolderState, str], Handler] = {
+    (DataHolderState.CONNECTING, Welcome.TYPE): DataHolderMachine._on_welcome,
+    (DataHolderState.CONNECTING, Error.TYPE): DataHolderMachine._on_refusal,
+    (DataHolderState.CONNECTING, Bye.TYPE): DataHolderMachine._on_bye,
+    (DataHolderState.READY, EchoReply.TYPE): DataHolderMachine._on_echo_reply,
+    (DataHolderState.READY, Heartbeat.TYPE): DataHolderMachine._on_heartbeat,
+    (DataHolderState.READY, Bye.TYPE): DataHolderMachine._on_bye,
+    (DataHolderState.READY, Error.TYPE): DataHolderMachine._on_error,
+}
+"""(state, message type) -> transition; every other pair is UNEXPECTED_MESSAGE ([T1]) or, for ERROR, logged."""

@@ -1,0 +1,59 @@
+"""What the sans-I/O machines hand back to the node loop: messages to send and things that happened.
+
+The node does the sending and the logging; the machines only decide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .messages import Message
+
+
+@dataclass(frozen=True, kw_only=True)
+class Send:
+    """Send ``message`` to ``to`` (a label holder's routing id; ``None`` on a data holder, whose one peer is implied)."""
+
+    message: Message
+    to: bytes | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Log:
+    """Something a person running the node should see. ``level`` is a ``logging`` level name."""
+
+    level: str
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerReady:
+    party: str
+    restart: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerLeft:
+    party: str
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkChecked:
+    """A data holder's link check finished: round trips, bytes each way per round, and round-trip times."""
+
+    rounds: int
+    bytes_per_round: int
+    rtts: tuple[float, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finished:
+    """The session is over. ``exit_code``: 0 ok, 1 protocol/peer failure, 3 peer lost, 4 join/handshake timeout."""
+
+    exit_code: int
+    reason: str
+
+
+Output = Send | Log | PeerReady | PeerLeft | LinkChecked | Finished

@@ -1,0 +1,306 @@
+"""The label holder's side of the session layer (PROTOCOL.md sections 6 and 9), sans-I/O.
+
+One ``PartyState`` per expected data holder, one transition table shared by all of them. The node feeds in the
+frames it received (with the routing id and the identity the CURVE handshake proved) and ``now``; the machine answers
+with ``Send``/``Log``/... outputs and never touches a socket or a clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
+from .errors import ErrorCode, RemoteProtocolError
+from .events import Finished, Log, Output, PeerLeft, PeerReady, Send
+from .messages import Bye, Echo, EchoReply, Error, Heartbeat, Hello, Message, Welcome
+from .session import SessionConfig, config_diff, describe_diff, digest_of
+from .timers import PeerClock, TokenBucket
+
+ERROR_BURST = 100  # [R2]
+ERROR_RATE = 100.0
+MAX_TRACKED_ROUTING_IDS = 1024  # error buckets for unknown routing ids are bounded too
+
+
+class PartyState(enum.Enum):
+    IDLE = "IDLE"
+    READY = "READY"
+    DONE = "DONE"
+
+
+@dataclass
+class _Party:
+    name: str
+    state: PartyState = PartyState.IDLE
+    clock: PeerClock | None = None
+    joined: bool = False
+    left_ok: bool = True
+
+
+Handler = Callable[["LabelHolderMachine", _Party, Message, float], list[Output]]
+
+
+class LabelHolderMachine:
+    """Accepts HELLOs, answers ECHOs, keeps every READY data holder alive or reports it lost."""
+
+    def __init__(
+        self,
+        *,
+        party: str,
+        run: str,
+        config: SessionConfig,
+        now: float,
+        heartbeat_s: float = 1.0,
+        peer_timeout_s: float = 30.0,
+        join_timeout_s: float = 600.0,
+        limits: Limits = DEFAULT_LIMITS,
+    ):
+        self.party = party
+        self.run = run
+        self.config = config
+        self.heartbeat_s = heartbeat_s
+        self.peer_timeout_s = peer_timeout_s
+        self.join_deadline = now + join_timeout_s
+        self.limits = limits
+        self.parties = {name: _Party(name) for name in config.data_holders}
+        self.finished: Finished | None = None
+        self._wire_config = config.to_wire()
+        self._digest = config.digest
+        self._buckets: OrderedDict[bytes, TokenBucket] = OrderedDict()
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    def receive(self, routing_id: bytes, identity: str | None, frames: Sequence, now: float) -> list[Output]:
+        """One multipart message from ``routing_id``; ``identity`` is the party its CURVE key is bound to.
+
+        ``identity`` is None when the message carries no authenticated identity ([R3]: dropped).
+        """
+        if self.finished is not None:
+            return []
+        if identity is None:
+            return [Log(level="WARNING", text=f"dropped a message from routing id {routing_id!r}: no authenticated identity")]
+        try:
+            msg: Message | None = decode(frames, self.limits)
+            failure: RemoteProtocolError | None = None
+        except RemoteProtocolError as exc:
+            msg, failure = None, exc
+        mtype = msg.TYPE if msg is not None else peek_type(frames)
+        if mtype == Error.TYPE:  # [M2]: never answered
+            return [self._log_error(identity, msg, failure)]
+        if routing_id != identity.encode():
+            return self._error(
+                routing_id,
+                RemoteProtocolError(
+                    ErrorCode.IDENTITY_MISMATCH,
+                    f"your key belongs to party {identity!r} but your routing id is {routing_id[:64]!r}; "
+                    f"set ZMQ_ROUTING_ID to {identity!r}",
+                    ref=mtype,
+                ),
+                now,
+            )
+        if failure is not None:
+            return self._error(routing_id, failure, now)
+        assert msg is not None
+        p = self.parties.get(identity)
+        if p is None:  # a key on the allow-list (or an insecure peer) that is not in this session
+            if isinstance(msg, Hello):
+                return self._refuse_hello(routing_id, identity, msg, now)
+            return self._unexpected(routing_id, msg, "IDLE", now)
+        if p.state is PartyState.READY:
+            p.clock.last_received = now
+        handler = _TABLE.get((p.state, msg.TYPE))
+        if handler is None:
+            return self._unexpected(routing_id, msg, p.state.value, now)
+        return handler(self, p, msg, now)
+
+    def handle_timer(self, now: float) -> list[Output]:
+        """Heartbeats due, lost peers, the join deadline ([L1], [L2], [L3])."""
+        if self.finished is not None:
+            return []
+        out: list[Output] = []
+        missing = [p.name for p in self.parties.values() if not p.joined]
+        if missing and now >= self.join_deadline:
+            return self._finish(
+                4,
+                f"data holder(s) {', '.join(missing)} did not join within the join timeout; check that they are "
+                "running, point at this node's address and use keys on its allow-list",
+                now,
+            )
+        for p in self.parties.values():
+            if p.state is not PartyState.READY:
+                continue
+            if now >= p.clock.lost_at(self.peer_timeout_s):
+                silent = now - p.clock.last_received
+                return self._finish(
+                    3,
+                    f"data holder {p.name!r} has sent nothing for {silent:.1f} s (peer timeout "
+                    f"{self.peer_timeout_s:g} s): it is stopped, hung or unreachable",
+                    now,
+                    lost=p.name,
+                )
+            if now >= p.clock.heartbeat_due(self.heartbeat_s):
+                out.append(self._send(p, Heartbeat(), now))
+        return out
+
+    def next_timer(self) -> float | None:
+        """When ``handle_timer`` next has something to do (None: never)."""
+        if self.finished is not None:
+            return None
+        times = [p.clock.heartbeat_due(self.heartbeat_s) for p in self.parties.values() if p.state is PartyState.READY]
+        times += [p.clock.lost_at(self.peer_timeout_s) for p in self.parties.values() if p.state is PartyState.READY]
+        if any(not p.joined for p in self.parties.values()):
+            times.append(self.join_deadline)
+        return min(times) if times else None
+
+    def close(self, reason: str, now: float) -> list[Output]:
+        """We are stopping (signal, error): tell every READY data holder why."""
+        if self.finished is not None:
+            return []
+        return self._finish(0, reason, now, ok=False)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def _send(self, p: _Party, msg: Message, now: float) -> Send:
+        if p.clock is not None:
+            p.clock.last_sent = now
+        return Send(to=p.name.encode(), message=msg)
+
+    def _finish(self, code: int, reason: str, now: float, *, lost: str | None = None, ok: bool | None = None) -> list[Output]:
+        bye_ok = code == 0 if ok is None else ok
+        out: list[Output] = [
+            self._send(p, Bye(ok=bye_ok, reason=reason), now)
+            for p in self.parties.values()
+            if p.state is PartyState.READY and p.name != lost
+        ]
+        self.finished = Finished(exit_code=code, reason=reason)
+        out.append(self.finished)
+        return out
+
+    def _error(self, routing_id: bytes, exc: RemoteProtocolError, now: float) -> list[Output]:
+        """Answer a peer's mistake with ERROR, unless it has used up its error budget ([R2])."""
+        bucket = self._buckets.pop(routing_id, None) or TokenBucket(ERROR_BURST, ERROR_RATE)
+        self._buckets[routing_id] = bucket
+        while len(self._buckets) > MAX_TRACKED_ROUTING_IDS:
+            self._buckets.popitem(last=False)
+        who = routing_id.decode("utf-8", "replace")[:64]
+        if not bucket.allow(now):
+            return [Log(level="DEBUG", text=f"error to {who!r} dropped (rate limit): {exc}")]
+        party = self.parties.get(who)
+        if party is not None and party.state is PartyState.READY and routing_id == who.encode():
+            party.clock.last_sent = now
+        err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref, diff=exc.diff)
+        return [Log(level="WARNING", text=f"{who}: {exc}"), Send(to=routing_id, message=err)]
+
+    def _unexpected(self, routing_id: bytes, msg: Message, state: str, now: float) -> list[Output]:
+        return self._error(
+            routing_id,
+            RemoteProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"{msg.TYPE} is not allowed when the label holder has you in state {state}",
+                ref=msg.TYPE,
+            ),
+            now,
+        )
+
+    def _log_error(self, identity: str, msg: Message | None, failure: RemoteProtocolError | None) -> Log:
+        if isinstance(msg, Error):
+            try:
+                name = ErrorCode(msg.code).name
+            except ValueError:
+                name = f"code {msg.code}"
+            return Log(level="WARNING", text=f"{identity} reports {name}: {msg.message}")
+        return Log(level="WARNING", text=f"{identity} sent a malformed ERROR (not answered): {failure}")
+
+    def _check_hello(self, identity: str, msg: Hello) -> RemoteProtocolError | None:
+        """The HELLO checks in the order of PROTOCOL.md §6: [V2], [H3], [H2], [H1], [H4]."""
+
+        def refuse(code: ErrorCode, detail: str, diff: dict | None = None) -> RemoteProtocolError:
+            return RemoteProtocolError(code, detail, ref=Hello.TYPE, diff=diff)
+
+        if msg.version[0] != PROTOCOL_VERSION[0]:
+            return refuse(ErrorCode.UNSUPPORTED_VERSION, f"HELLO.version {list(msg.version)}: this label holder speaks 1.x")
+        if msg.role != "data_holder":
+            return refuse(ErrorCode.BAD_FIELD, f"HELLO.role must be 'data_holder', got {msg.role[:40]!r}")
+        if digest_of(msg.config) != msg.digest:
+            return refuse(ErrorCode.BAD_FIELD, "HELLO.digest is not the SHA-256 of HELLO.config's canonical encoding")
+        try:
+            SessionConfig.from_wire(msg.config)
+        except RemoteProtocolError as exc:
+            return exc
+        if msg.party != identity:
+            return refuse(
+                ErrorCode.IDENTITY_MISMATCH,
+                f"HELLO.party is {msg.party!r} but your key belongs to party {identity!r}",
+            )
+        if identity not in self.parties:
+            return refuse(
+                ErrorCode.UNKNOWN_PARTY,
+                f"party {identity!r} is not in this session (data holders: {', '.join(self.parties)})",
+            )
+        theirs = {"run": msg.run, **msg.config}
+        ours = {"run": self.run, **self._wire_config}
+        if msg.run != self.run or msg.digest != self._digest:
+            diff = config_diff(ours, theirs)
+            return refuse(ErrorCode.CONFIG_MISMATCH, "config differs: " + describe_diff(diff), diff=diff)
+        return None
+
+    def _refuse_hello(self, routing_id: bytes, identity: str, msg: Hello, now: float) -> list[Output]:
+        problem = self._check_hello(identity, msg)
+        assert problem is not None  # an unknown party always fails [H1]
+        return self._error(routing_id, problem, now)
+
+    # ------------------------------------------------------------------------------------------------ transitions
+
+    def _on_hello(self, p: _Party, msg: Hello, now: float) -> list[Output]:
+        problem = self._check_hello(p.name, msg)
+        if problem is not None:
+            return self._error(p.name.encode(), problem, now)
+        restart = p.state is PartyState.READY
+        p.state, p.joined = PartyState.READY, True
+        p.clock = PeerClock(last_received=now, last_sent=now)
+        welcome = Welcome(
+            version=(PROTOCOL_VERSION[0], min(PROTOCOL_VERSION[1], msg.version[1])),
+            party=self.party,
+            run=self.run,
+            digest=self._digest,
+            heartbeat_ms=int(self.heartbeat_s * 1000),
+            peer_timeout_ms=int(self.peer_timeout_s * 1000),
+            data_holders=self.config.data_holders,
+        )
+        return [
+            self._send(p, welcome, now),
+            PeerReady(party=p.name, restart=restart),
+            Log(level="INFO", text=f"data holder {p.name!r} {'rejoined' if restart else 'joined'}"),
+        ]
+
+    def _on_echo(self, p: _Party, msg: Echo, now: float) -> list[Output]:
+        return [self._send(p, EchoReply(seq=msg.seq, tensors=msg.tensors), now)]
+
+    def _on_heartbeat(self, p: _Party, msg: Heartbeat, now: float) -> list[Output]:
+        return []
+
+    def _on_bye(self, p: _Party, msg: Bye, now: float) -> list[Output]:
+        p.state, p.left_ok = PartyState.DONE, msg.ok
+        out: list[Output] = [PeerLeft(party=p.name, ok=msg.ok, reason=msg.reason)]
+        out.append(Log(level="INFO" if msg.ok else "WARNING", text=f"data holder {p.name!r} left: {msg.reason}"))
+        if all(q.state is PartyState.DONE for q in self.parties.values()):
+            failed = [q.name for q in self.parties.values() if not q.left_ok]
+            if failed:
+                self.finished = Finished(exit_code=1, reason=f"data holder(s) {', '.join(failed)} left with an error")
+            else:
+                self.finished = Finished(exit_code=0, reason="every data holder finished and left")
+            out.append(self.finished)
+        return out
+
+
+_TABLE: dict[tuple[PartyState, str], Handler] = {
+    (PartyState.IDLE, Hello.TYPE): LabelHolderMachine._on_hello,
+    (PartyState.DONE, Hello.TYPE): LabelHolderMachine._on_hello,
+    (PartyState.READY, Hello.TYPE): LabelHolderMachine._on_hello,
+    (PartyState.READY, Echo.TYPE): LabelHolderMachine._on_echo,
+    (PartyState.READY, Heartbeat.TYPE): LabelHolderMachine._on_heartbeat,
+    (PartyState.READY, Bye.TYPE): LabelHolderMachine._on_bye,
+}
+"""(state, message type) -> transition. Every pair not listed is UNEXPECTED_MESSAGE ([T1]); ERROR never gets here."""

@@ -1,0 +1,223 @@
+"""The message types of PROTOCOL.md section 5, as frozen keyword-only dataclasses.
+
+Each class names its wire ``TYPE``, its header ``FIELDS`` (name -> field kind, required?) and whether it may carry
+tensors. The codec is table-driven from these declarations, so adding a message type is adding a class here and a
+row to PROTOCOL.md — nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+#: Party ids and run ids (PROTOCOL.md section 2).
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_INT = 2**63
+
+
+class FieldKind:
+    """How one header field is checked and converted (check 14 of PROTOCOL.md section 3)."""
+
+    STR = "str"
+    ID = "id"  # str matching ID_PATTERN
+    INT = "int"
+    BOOL = "bool"
+    MAP = "map"
+    VERSION = "version"  # list of two ints
+    ID_LIST = "list[id]"
+
+
+def is_wire_int(value: Any) -> bool:
+    """A protocol integer: a msgpack int in [0, 2^63); ``True`` is not an integer."""
+    return type(value) is int and 0 <= value < MAX_INT
+
+
+def is_party_id(value: Any) -> bool:
+    return type(value) is str and ID_PATTERN.fullmatch(value) is not None
+
+
+def check_field(kind: str, value: Any) -> Any:
+    """Return ``value`` converted to its Python form, or raise ``ValueError`` saying what is wrong with it."""
+    if kind == FieldKind.STR:
+        if type(value) is str:
+            return value
+        raise ValueError("must be a string")
+    if kind == FieldKind.ID:
+        if is_party_id(value):
+            return value
+        raise ValueError("must be an id: 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
+    if kind == FieldKind.INT:
+        if is_wire_int(value):
+            return value
+        raise ValueError("must be an integer in [0, 2^63)")
+    if kind == FieldKind.BOOL:
+        if type(value) is bool:
+            return value
+        raise ValueError("must be a boolean")
+    if kind == FieldKind.MAP:
+        if type(value) is dict:
+            return value
+        raise ValueError("must be a map")
+    if kind == FieldKind.VERSION:
+        if type(value) is list and len(value) == 2 and all(is_wire_int(v) for v in value):
+            return (value[0], value[1])
+        raise ValueError("must be [major, minor], two integers")
+    if kind == FieldKind.ID_LIST:
+        if type(value) is list and all(is_party_id(v) for v in value):
+            return tuple(value)
+        raise ValueError("must be a list of ids")
+    raise AssertionError(f"unknown field kind {kind!r}")  # our own table is wrong
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A named tensor as it travels: a numpy array, little-endian, C order on the wire.
+
+    Received tensors are read-only views into the received frame when it is aligned (zero-copy).
+    """
+
+    name: str
+    array: np.ndarray
+
+    def same_as(self, other: "Tensor") -> bool:
+        """Identical in name, dtype, shape and bytes (what ``ECHO_REPLY`` promises, PROTOCOL.md [M1])."""
+        a, b = self.array, other.array
+        return (
+            self.name == other.name
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """Base of all messages. Subclasses set TYPE, FIELDS and CARRIES_TENSORS."""
+
+    TYPE: ClassVar[str] = ""
+    #: header field name -> (FieldKind, required)
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {}
+    CARRIES_TENSORS: ClassVar[bool] = False
+
+    def header_fields(self) -> dict[str, Any]:
+        """The header map entries of this message (without ``type`` and ``tensors``), in wire form."""
+        out: dict[str, Any] = {}
+        for name in self.FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @property
+    def tensor_list(self) -> tuple[Tensor, ...]:
+        return getattr(self, "tensors", ())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hello(Message):
+    """A data holder's first message: who it is and the session config it was given (PROTOCOL.md section 6)."""
+
+    TYPE: ClassVar[str] = "HELLO"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
+        "version": (FieldKind.VERSION, True),
+        "role": (FieldKind.STR, True),
+        "party": (FieldKind.ID, True),
+        "run": (FieldKind.ID, True),
+        "config": (FieldKind.MAP, True),
+        "digest": (FieldKind.STR, True),
+    }
+    version: tuple[int, int]
+    role: str
+    party: str
+    run: str
+    config: dict
+    digest: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Welcome(Message):
+    """The label holder's acceptance of a HELLO, with the liveness settings the data holder must follow."""
+
+    TYPE: ClassVar[str] = "WELCOME"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
+        "version": (FieldKind.VERSION, True),
+        "party": (FieldKind.ID, True),
+        "run": (FieldKind.ID, True),
+        "digest": (FieldKind.STR, True),
+        "heartbeat_ms": (FieldKind.INT, True),
+        "peer_timeout_ms": (FieldKind.INT, True),
+        "data_holders": (FieldKind.ID_LIST, True),
+    }
+    version: tuple[int, int]
+    party: str
+    run: str
+    digest: str
+    heartbeat_ms: int
+    peer_timeout_ms: int
+    data_holders: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Error(Message):
+    """An error report. Never answered (PROTOCOL.md [M2]). ``code`` stays an int: a newer peer may send new codes."""
+
+    TYPE: ClassVar[str] = "ERROR"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
+        "code": (FieldKind.INT, True),
+        "message": (FieldKind.STR, True),
+        "ref": (FieldKind.STR, False),
+        "diff": (FieldKind.MAP, False),
+    }
+    code: int
+    message: str
+    ref: str | None = None
+    diff: dict | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Heartbeat(Message):
+    """Proof of life when there is nothing else to send (PROTOCOL.md [L1])."""
+
+    TYPE: ClassVar[str] = "HEARTBEAT"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Echo(Message):
+    """A link check: the label holder sends the tensors straight back."""
+
+    TYPE: ClassVar[str] = "ECHO"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"seq": (FieldKind.INT, True)}
+    CARRIES_TENSORS: ClassVar[bool] = True
+    seq: int
+    tensors: tuple[Tensor, ...] = field(default=())
+
+
+@dataclass(frozen=True, kw_only=True)
+class EchoReply(Message):
+    TYPE: ClassVar[str] = "ECHO_REPLY"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"seq": (FieldKind.INT, True)}
+    CARRIES_TENSORS: ClassVar[bool] = True
+    seq: int
+    tensors: tuple[Tensor, ...] = field(default=())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bye(Message):
+    """The sender leaves the session; ``ok`` says whether it finished normally."""
+
+    TYPE: ClassVar[str] = "BYE"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
+        "ok": (FieldKind.BOOL, True),
+        "reason": (FieldKind.STR, True),
+    }
+    ok: bool
+    reason: str
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Hello, Welcome, Error, Heartbeat, Echo, EchoReply, Bye)
+}

@@ -1,0 +1,129 @@
+"""The session config every party must agree on before data moves, its digest and its readable diff (PROTOCOL.md §6).
+
+The digest makes agreement a single comparison; the diff makes disagreement fixable: a user told
+``batch_size: label holder has 128, data holder has 64`` knows which file to edit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import msgpack
+
+from .errors import ErrorCode, RemoteProtocolError
+from .messages import is_party_id, is_wire_int
+
+MAX_DATA_HOLDERS = 64
+MAX_CUT_WIDTH = 1 << 20
+MAX_MODEL_FINGERPRINT = 256
+
+
+def _canonical(value: Any) -> Any:
+    """Maps with sorted keys, recursively, so equal configs pack to equal bytes."""
+    if isinstance(value, Mapping):
+        return {k: _canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def digest_of(wire_config: Mapping[str, Any]) -> str:
+    """Lowercase hex SHA-256 of the canonical msgpack encoding of a session config map."""
+    return hashlib.sha256(msgpack.packb(_canonical(wire_config), use_bin_type=True)).hexdigest()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for k in value:
+            out.update(_flatten(value[k], f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+_MISSING = "<missing>"
+
+
+def config_diff(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Field path -> [our value, their value] for every leaf that differs (absent leaves show as '<missing>')."""
+    a, b = _flatten(ours), _flatten(theirs)
+    return {
+        path: [a.get(path, _MISSING), b.get(path, _MISSING)]
+        for path in sorted(set(a) | set(b))
+        if a.get(path, _MISSING) != b.get(path, _MISSING) or type(a.get(path)) is not type(b.get(path))
+    }
+
+
+def describe_diff(
+    diff: Mapping[str, list[Any]], ours: str = "label holder", theirs: str = "data holder", sep: str = "; "
+) -> str:
+    return sep.join(f"{path}: {ours} has {a!r}, {theirs} has {b!r}" for path, (a, b) in diff.items())
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Cut-layer widths per data holder, batch size, pipeline window and the model fingerprint."""
+
+    cut_widths: Mapping[str, int]
+    batch_size: int
+    window: int
+    model: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cut_widths", MappingProxyType(dict(self.cut_widths)))
+        problem = self._problem()
+        if problem:
+            raise ValueError(problem)
+
+    def _problem(self) -> str | None:
+        if not (1 <= len(self.cut_widths) <= MAX_DATA_HOLDERS):
+            return f"cut_widths must name 1..{MAX_DATA_HOLDERS} data holders"
+        for party, width in self.cut_widths.items():
+            if not is_party_id(party):
+                return f"cut_widths: {party!r} is not a valid party id"
+            if not (is_wire_int(width) and 1 <= width <= MAX_CUT_WIDTH):
+                return f"cut_widths.{party} must be an integer in 1..{MAX_CUT_WIDTH}"
+        if not (is_wire_int(self.batch_size) and self.batch_size >= 1):
+            return "batch_size must be an integer >= 1"
+        if not (is_wire_int(self.window) and self.window >= 1):
+            return "window must be an integer >= 1"
+        if type(self.model) is not str or not (1 <= len(self.model) <= MAX_MODEL_FINGERPRINT):
+            return f"model must be a string of 1..{MAX_MODEL_FINGERPRINT} characters"
+        return None
+
+    @property
+    def data_holders(self) -> tuple[str, ...]:
+        return tuple(sorted(self.cut_widths))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "cut_widths": dict(sorted(self.cut_widths.items())),
+            "batch_size": self.batch_size,
+            "window": self.window,
+            "model": self.model,
+        }
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.to_wire())
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "SessionConfig":
+        """Parse a peer's config map; anything malformed is the peer's ``BAD_FIELD``."""
+        if type(value) is not dict:
+            raise RemoteProtocolError(ErrorCode.BAD_FIELD, "HELLO.config must be a map", ref="HELLO")
+        widths = value.get("cut_widths")
+        if type(widths) is not dict:
+            raise RemoteProtocolError(ErrorCode.BAD_FIELD, "HELLO.config.cut_widths must be a map", ref="HELLO")
+        try:
+            return cls(
+                cut_widths=widths,
+                batch_size=value.get("batch_size"),
+                window=value.get("window"),
+                model=value.get("model"),
+            )
+        except ValueError as exc:
+            raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"HELLO.config: {exc}", ref="HELLO") from None

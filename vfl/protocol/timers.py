@@ -1,0 +1,39 @@
+"""Pure timers: nothing here reads a clock. The node passes ``now`` (seconds, monotonic) in, as aioquic does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenBucket:
+    """At most ``capacity`` events at once, refilled at ``rate`` per second (PROTOCOL.md [R2])."""
+
+    capacity: float
+    rate: float
+    tokens: float = field(default=-1.0)
+    stamp: float = 0.0
+
+    def allow(self, now: float) -> bool:
+        if self.tokens < 0:  # first use: full
+            self.tokens, self.stamp = self.capacity, now
+        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass
+class PeerClock:
+    """When we last heard from and last sent to one peer; answers the two liveness questions of [L1] and [L2]."""
+
+    last_received: float
+    last_sent: float
+
+    def heartbeat_due(self, interval: float) -> float:
+        return self.last_sent + interval
+
+    def lost_at(self, timeout: float) -> float:
+        return self.last_received + timeout
