@@ -105,7 +105,7 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
         if t.array.nbytes > limits.max_tensor_bytes:
             raise LocalProtocolError(ErrorCode.TOO_LARGE, f"tensor {t.name!r} is {t.array.nbytes} bytes")
         seen.add(t.name)
-        arr = np.ascontiguousarray(t.array, dtype=DTYPES[name])  # a no-op for C-contiguous little-endian arrays
+        arr = np.asarray(t.array, dtype=DTYPES[name], order="C")  # a no-op for C-contiguous little-endian arrays
         descriptors.append({"name": t.name, "dtype": name, "shape": list(arr.shape)})
         buffers.append(arr.reshape(-1).view(np.uint8) if arr.size else b"")
     header = {"type": msg.TYPE, **fields}
@@ -177,7 +177,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     # 3: signature
     sig = views[0].tobytes() if views[0].nbytes <= 16 else bytes(views[0][:16])
     if sig != SIGNATURE:
-        if sig.startswith(SIGNATURE_PREFIX):
+        if sig.startswith(SIGNATURE_PREFIX) and 1 <= len(sig) - len(SIGNATURE_PREFIX) <= 3 and sig[4:].isdigit():
             raise _fail(
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"signature {sig[:16]!r}: this node speaks only {SIGNATURE.decode()} (protocol major version 1)",
