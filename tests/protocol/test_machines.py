@@ -429,3 +429,52 @@ def test_data_holder_survives_any_sequence_of_inputs(steps, rounds):
         for out in dh.receive(frames, now) + dh.handle_timer(now):
             if isinstance(out, Send):
                 decode(wire(out.message))
+
+
+DH_INBOUND = {
+    "WELCOME": None,  # built per test from a real label holder
+    "ECHO_REPLY": EchoReply(seq=0, tensors=(Tensor("x", np.zeros(3, np.float32)),)),
+    "HEARTBEAT": Heartbeat(),
+    "BYE": Bye(ok=True, reason="done"),
+    "ERROR": Error(code=int(ErrorCode.INTERNAL), message="x"),
+    "HELLO": hello(),
+    "ECHO": Echo(seq=0),
+}
+
+# (state, type) -> (answer type or error code or None, next state). PROTOCOL.md §9, data holder table.
+DH_TABLE = {
+    ("CONNECTING", "WELCOME"): ("ECHO", "READY"),
+    ("CONNECTING", "ECHO_REPLY"): (ErrorCode.UNEXPECTED_MESSAGE, "CONNECTING"),
+    ("CONNECTING", "HEARTBEAT"): (ErrorCode.UNEXPECTED_MESSAGE, "CONNECTING"),
+    ("CONNECTING", "BYE"): (None, "CLOSED"),
+    ("CONNECTING", "ERROR"): (None, "CLOSED"),
+    ("CONNECTING", "HELLO"): (ErrorCode.UNEXPECTED_MESSAGE, "CONNECTING"),
+    ("CONNECTING", "ECHO"): (ErrorCode.UNEXPECTED_MESSAGE, "CONNECTING"),
+    ("READY", "WELCOME"): (ErrorCode.UNEXPECTED_MESSAGE, "READY"),
+    ("READY", "ECHO_REPLY"): ("ECHO", "READY"),
+    ("READY", "HEARTBEAT"): (None, "READY"),
+    ("READY", "BYE"): (None, "CLOSED"),
+    ("READY", "ERROR"): (None, "READY"),
+    ("READY", "HELLO"): (ErrorCode.UNEXPECTED_MESSAGE, "READY"),
+    ("READY", "ECHO"): (ErrorCode.UNEXPECTED_MESSAGE, "READY"),
+}
+
+
+@pytest.mark.parametrize(("state", "mtype"), sorted(DH_TABLE))
+def test_T1_data_holder_follows_its_table(state, mtype):
+    answer, next_state = DH_TABLE[(state, mtype)]
+    dh = DataHolderMachine(party="alice", run=RUN, config=CFG, now=0.0, link_rounds=5,
+                           link_check=[Tensor("x", np.zeros(3, np.float32))])
+    dh.start(0.0)
+    (welcome,) = sends(feed(label_holder(), hello()))
+    if state == "READY":
+        dh.receive(wire(welcome), 0.0)
+    out = dh.receive(wire(welcome if mtype == "WELCOME" else DH_INBOUND[mtype]), 0.5)
+    replies = sends(out)
+    if answer is None:
+        assert replies == []
+    elif isinstance(answer, ErrorCode):
+        assert error_codes(out) == [answer]
+    else:
+        assert [m.TYPE for m in replies] == [answer]
+    assert dh.state.value == next_state
