@@ -1,0 +1,53 @@
+"""Training building blocks of the split network, free of networking and tested in memory.
+
+- :mod:`vfl.train.data`: a party's table (CSV / Parquet / .npz) -> IDs, float32 features, labels; label encoding;
+  standardisation.
+- :mod:`vfl.train.models`: built-in MLP segments or ``"module:factory"`` models, the architecture fingerprint, and
+  the ``Combiner`` at the cut layer.
+- :mod:`vfl.train.metrics`: losses, accuracy, exact ROC AUC, RMSE (numpy).
+- :mod:`vfl.train.central`: the explicit batch schedule, ``split_step`` (one step as the nodes run it) and
+  ``train_central``, the centralised reference a ``W = 1`` distributed run must match.
+"""
+
+from .central import (
+    CentralResult,
+    ComposedModel,
+    OptimizerSpec,
+    Schedule,
+    ScheduleError,
+    StepResult,
+    as_targets,
+    make_schedule,
+    predict,
+    split_step,
+    task_loss,
+    train_central,
+)
+from .data import TASKS, DataError, LabelEncoding, PartyTable, Standardizer, TableSpec, encode_labels, load_table
+from .metrics import (
+    accuracy,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    evaluate,
+    mean_squared_error,
+    rmse,
+    roc_auc,
+)
+from .models import (
+    ACTIVATIONS,
+    COMBINE_MODES,
+    Combiner,
+    MlpSpec,
+    ModelError,
+    ModelSpec,
+    architecture,
+    build_mlp,
+    build_model,
+    canonical_json,
+    describe,
+    fingerprint,
+    resolve_factory,
+    spec_from_config,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_") and name not in {"central", "data", "metrics", "models"}]
