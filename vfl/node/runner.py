@@ -124,9 +124,12 @@ class NodeRunner:
                 if not pending:  # nothing left to say: the machine had already finished
                     return 0
                 continue
-            deadline = machine.next_timer()
-            sleep = MAX_SLEEP_S if deadline is None else min(MAX_SLEEP_S, max(0.0, deadline - now))
-            ready = dict(poller.poll(int(sleep * 1000)))
+            if transport.has_input():  # messages already waiting: no need to ask the poller
+                ready = {transport.socket: zmq.POLLIN}
+            else:
+                deadline = machine.next_timer()
+                sleep = MAX_SLEEP_S if deadline is None else min(MAX_SLEEP_S, max(0.0, deadline - now))
+                ready = dict(poller.poll(int(sleep * 1000)))
             pending = []
             if transport.monitor is not None and transport.monitor in ready:
                 for event in transport.monitor_events():
@@ -156,7 +159,7 @@ class NodeRunner:
                 frames = encode(out.message, self.cfg.limits)
                 try:
                     transport.send(frames, out.to)
-                    self.bytes_sent += sum(len(memoryview(f).cast("B")) for f in frames)
+                    self.bytes_sent += sum(f.nbytes if hasattr(f, "nbytes") else len(f) for f in frames)
                 except zmq.ZMQError as exc:
                     who = out.to.decode("utf-8", "replace") if out.to else "the label holder"
                     self.log.warning("could not send %s to %s: %s", out.message.TYPE, who, exc.strerror)

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
@@ -113,12 +114,19 @@ class Transport:
 
     def send(self, frames: list[Any], to: bytes | None = None) -> None:
         """Send one message; raises ``zmq.ZMQError`` (EHOSTUNREACH: peer gone; EAGAIN: peer not reading)."""
+        frames = [_received_frame(f) for f in frames]
         if to is not None:
             frames = [to, *frames]
         self.socket.send_multipart(frames, copy=False)
 
+    def has_input(self) -> bool:
+        """A message is waiting (cheaper than a receive that fails)."""
+        return bool(self.socket.get(zmq.EVENTS) & zmq.POLLIN)
+
     def recv(self) -> Received | None:
         """One message if one is waiting, else None. Never blocks."""
+        if not self.has_input():
+            return None
         try:
             frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -165,3 +173,20 @@ class Transport:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+
+
+def _received_frame(buf: Any) -> Any:
+    """A numpy view that covers a whole received ``zmq.Frame`` -> that Frame, else ``buf`` unchanged.
+
+    Sending the Frame itself lets libzmq share the message by reference count. Sending a view of it would make pyzmq
+    wrap it in a new zero-copy frame whose release wakes pyzmq's garbage-collector thread (a GIL hand-off per
+    message) — the main per-message cost of answering an ECHO, measured by bench/wire.py.
+    """
+    if type(buf) is not np.ndarray:
+        return buf
+    base = buf.base
+    while type(base) is np.ndarray:
+        base = base.base
+    if type(base) is memoryview and isinstance(base.obj, zmq.Frame) and base.nbytes == buf.nbytes:
+        return base.obj
+    return buf
