@@ -44,25 +44,64 @@ def node(config_path: str, verbose: bool) -> None:
     The config is checked before any network activity; a problem is reported as one line naming the key and the
     file (exit code 2).
     """
-    from .node import ConfigError, KeyFileError, NodeRunner, load_config
+    from .node import ConfigError, load_config
 
     try:
         cfg = load_config(config_path)
     except ConfigError as exc:
         click.echo(f"vfl node: {exc}", err=True)
         sys.exit(2)
+    sys.exit(_run_node("vfl node", cfg, verbose))
+
+
+def _run_node(command: str, cfg, verbose: bool) -> int:
+    """Run a checked config; every expected failure becomes one line and an exit code, never a traceback."""
+    from .node import KeyFileError, NodeRunner
+    from .node.alignment import AlignmentError, load_ids
+
     log = _setup_logging(cfg.party, verbose)
     try:
-        code = NodeRunner(cfg, log).run()
-    except KeyFileError as exc:
-        click.echo(f"vfl node: {config_path}: {exc}", err=True)
-        sys.exit(2)
+        ids = load_ids(cfg) if cfg.session.psi else None
+        return NodeRunner(cfg, log, ids=ids).run()
+    except (KeyFileError, AlignmentError) as exc:
+        click.echo(f"{command}: {cfg.path}: {exc}", err=True)
+        return 2
     except Exception as exc:  # noqa: BLE001 - report and exit 1, never a bare traceback for an OSError or zmq error
         if verbose:
             raise
-        click.echo(f"vfl node: {type(exc).__name__}: {exc} (run with -v for a traceback)", err=True)
-        sys.exit(1)
-    sys.exit(code)
+        click.echo(f"{command}: {type(exc).__name__}: {exc} (run with -v for a traceback)", err=True)
+        return 1
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="The node's TOML config.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Where to write this party's aligned IDs "
+              "(CSV: row, ID). Default: [psi].output of the config.")
+@click.option("-v", "--verbose", is_flag=True, help="Log protocol details.")
+def psi(config_path: str, out_path: str | None, verbose: bool) -> None:
+    """Private record linkage only: run the PSI with the partners and write this party's IDs in the agreed order.
+
+    Every party runs `vfl psi` with its own config ([session].psi = true and a [data] table with the ID column).
+    Each learns which of its IDs are shared by all parties, in one order common to everyone, and nothing about the
+    other IDs. The label holder's file and every data holder's file list the shared IDs in the same order.
+    """
+    import dataclasses
+
+    from .node import ConfigError, load_config
+
+    try:
+        cfg = load_config(config_path)
+        if not cfg.session.psi:
+            raise ConfigError(f"{config_path}: vfl psi needs [session].psi = true (and the same at every party)")
+    except ConfigError as exc:
+        click.echo(f"vfl psi: {exc}", err=True)
+        sys.exit(2)
+    if out_path is not None:
+        cfg = dataclasses.replace(cfg, psi=dataclasses.replace(cfg.psi, output=Path(out_path).resolve()))
+    if cfg.psi.output is None:
+        click.echo(f"vfl psi: {config_path}: say where to write the aligned IDs: --out FILE or [psi].output", err=True)
+        sys.exit(2)
+    sys.exit(_run_node("vfl psi", cfg, verbose))
 
 
 @main.group()

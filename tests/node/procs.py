@@ -13,13 +13,12 @@ from pathlib import Path
 class Node:
     """A node process whose combined output goes to a file, so tests can wait for lines without pipes filling up."""
 
-    def __init__(self, config: Path, log: Path, *extra: str):
-        self.config = config
+    def __init__(self, args: list[str], log: Path):
         self.log_path = log
         self._log = open(log, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vfl", "node", "--config", str(config), *extra],
+            [sys.executable, "-m", "vfl", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -68,7 +67,12 @@ class Nodes:
         self.nodes: list[Node] = []
 
     def start(self, config: Path, *extra: str) -> Node:
-        node = Node(config, self.tmp / f"{config.stem}-{len(self.nodes)}.log", *extra)
+        """``vfl node --config CONFIG [extra...]``"""
+        return self.start_command(["node", "--config", str(config), *extra], config.stem)
+
+    def start_command(self, args: list[str], name: str) -> Node:
+        """``vfl ARGS...``, its output in ``NAME-N.log``."""
+        node = Node(args, self.tmp / f"{name}-{len(self.nodes)}.log")
         self.nodes.append(node)
         return node
 

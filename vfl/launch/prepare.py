@@ -61,17 +61,29 @@ def prepare_session(
     model: str = "demo-mlp-v1",
     timeouts: dict | None = None,
     link_check: dict | None = None,
+    data: dict[str, dict] | None = None,
+    psi: dict | None = None,
+    limits: dict | None = None,
+    insecure: bool = False,
 ) -> dict[str, Path]:
-    """Keys in ``out/keys`` and one ``NAME.toml`` per node; returns {party: config path}, label holder first."""
+    """Keys in ``out/keys`` and one ``NAME.toml`` per node; returns {party: config path}, label holder first.
+
+    ``data`` maps a party to its ``[data]`` table (path relative to ``out``, id_column); giving it turns PSI on.
+    ``psi`` and ``limits`` are ``[psi]`` and ``[limits]`` tables written for every node.
+    """
     out.mkdir(parents=True, exist_ok=True)
     keys = out / "keys"
     for name in [LABEL_HOLDER, *data_holders]:
         if not (keys / f"{name}.key_secret").exists():
             generate_keypair(keys, name)
     endpoint = f"tcp://127.0.0.1:{port or free_port()}"
-    session = _table("session", {"batch_size": batch_size, "window": window, "model": model})
+    session_fields = {"batch_size": batch_size, "window": window, "model": model}
+    if data:
+        session_fields["psi"] = True
+    session = _table("session", session_fields)
     session += _table("session.cut_widths", {name: cut_width for name in data_holders})
     common = session + (_table("timeouts", timeouts) if timeouts else "")
+    common += _table("limits", limits) if limits else ""
     configs: dict[str, Path] = {}
 
     def node(name: str, role: str, partners: list[str], extra: str) -> None:
@@ -82,10 +94,12 @@ def prepare_session(
             f"# vfl node config for {role.replace('_', ' ')} {name!r}; run it with: vfl node --config {name}.toml\n"
             + head
             + "\n"
-            + _table("keys", {"secret": f"keys/{name}.key_secret"})
+            + _table("keys", {"secret": f"keys/{name}.key_secret", **({"insecure": True} if insecure else {})})
             + _table("keys.partners", {p: f"keys/{p}.key" for p in partners})
             + "\n"
             + common
+            + (_table("data", data[name]) if data else "")
+            + (_table("psi", {**(psi or {}), "output": f"{name}-aligned.csv"}) if data else "")
             + extra
         )
         path = out / f"{name}.toml"

@@ -32,6 +32,22 @@ class Timeouts:
     peer: float = 30.0
     handshake: float = 60.0
     join: float = 600.0
+    progress: float = 600.0
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: Path
+    id_column: str
+
+
+@dataclass(frozen=True)
+class PsiSettings:
+    chunk_size: int = 65536
+    dedupe: bool = False
+    min_rows: int = 1
+    workers: int = 0  # 0: every core this process may use
+    output: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,8 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     queue_bytes: int = 512 * 2**20
     link_check: LinkCheck = field(default_factory=LinkCheck)
+    data: DataSource | None = None
+    psi: PsiSettings = field(default_factory=PsiSettings)
 
     @property
     def is_label_holder(self) -> bool:
@@ -75,6 +93,16 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "timeouts": (dict, False, {}),
         "limits": (dict, False, {}),
         "link_check": (dict, False, {}),
+        "data": (dict, False, None),
+        "psi": (dict, False, {}),
+    },
+    "data": {"path": (str, True, None), "id_column": (str, True, None)},
+    "psi": {
+        "chunk_size": (int, False, PsiSettings.chunk_size),
+        "dedupe": (bool, False, PsiSettings.dedupe),
+        "min_rows": (int, False, PsiSettings.min_rows),
+        "workers": (int, False, PsiSettings.workers),
+        "output": (str, False, None),
     },
     "keys": {"secret": (str, False, None), "partners": (dict, False, {}), "insecure": (bool, False, False)},
     "session": {
@@ -82,12 +110,14 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "batch_size": (int, True, None),
         "window": (int, True, None),
         "model": (str, True, None),
+        "psi": (bool, False, False),
     },
     "timeouts": {
         "heartbeat": ((int, float), False, Timeouts.heartbeat),
         "peer": ((int, float), False, Timeouts.peer),
         "handshake": ((int, float), False, Timeouts.handshake),
         "join": ((int, float), False, Timeouts.join),
+        "progress": ((int, float), False, Timeouts.progress),
     },
     "limits": {
         "max_header_bytes": (int, False, Limits.max_header_bytes),
@@ -186,7 +216,9 @@ def load_config(path: str | Path) -> NodeConfig:
 
     s = _table(top["session"], "session", where)
     try:
-        session = SessionConfig(cut_widths=s["cut_widths"], batch_size=s["batch_size"], window=s["window"], model=s["model"])
+        session = SessionConfig(
+            cut_widths=s["cut_widths"], batch_size=s["batch_size"], window=s["window"], model=s["model"], psi=s["psi"]
+        )
     except ValueError as exc:
         raise ConfigError(f"{where}: [session] {exc}") from None
     if role == "data_holder" and top["party"] not in session.cut_widths:
@@ -224,6 +256,30 @@ def load_config(path: str | Path) -> NodeConfig:
     if nbytes > limits.max_tensor_bytes:
         raise ConfigError(f"{where}: [link_check].shape is {nbytes} bytes > [limits].max_tensor_bytes")
 
+    data = None
+    if top["data"] is not None:
+        d = _table(top["data"], "data", where)
+        path = (base / d["path"]).resolve()
+        if not path.is_file():
+            raise ConfigError(f"{where}: [data].path = {d['path']!r}: no such file ({path})")
+        data = DataSource(path=path, id_column=d["id_column"])
+    if session.psi and data is None:
+        raise ConfigError(f"{where}: [session].psi = true needs a [data] table with path and id_column")
+    p = _table(top["psi"], "psi", where)
+    if not 1 <= p["chunk_size"] <= 1 << 20:
+        raise ConfigError(f"{where}: [psi].chunk_size must be in 1..1048576")
+    if p["min_rows"] < 0 or p["workers"] < 0:
+        raise ConfigError(f"{where}: [psi].min_rows and [psi].workers must be >= 0")
+    if p["chunk_size"] * 32 > limits.max_tensor_bytes:
+        raise ConfigError(f"{where}: [psi].chunk_size * 32 bytes exceeds [limits].max_tensor_bytes")
+    psi = PsiSettings(
+        chunk_size=p["chunk_size"],
+        dedupe=p["dedupe"],
+        min_rows=p["min_rows"],
+        workers=p["workers"],
+        output=(base / p["output"]).resolve() if p["output"] else None,
+    )
+
     return NodeConfig(
         path=path,
         role=role,
@@ -238,4 +294,6 @@ def load_config(path: str | Path) -> NodeConfig:
         limits=limits,
         queue_bytes=lim["queue_bytes"],
         link_check=link,
+        data=data,
+        psi=psi,
     )

@@ -17,6 +17,7 @@ import numpy as np
 import zmq
 
 from ..protocol import (
+    Aligned,
     DataHolderMachine,
     Finished,
     LabelHolderMachine,
@@ -30,6 +31,7 @@ from ..protocol import (
     encode,
 )
 from ..protocol.codec import DTYPES
+from .alignment import PartyIds, load_ids, psi_plan, write_aligned
 from .config import NodeConfig
 from .transport import Transport
 
@@ -51,7 +53,7 @@ def _link_check_tensor(cfg: NodeConfig) -> list[Tensor]:
     return [Tensor("link_check", arr.view(DTYPES[lc.dtype]).reshape(lc.shape))]
 
 
-def build_machine(cfg: NodeConfig, now: float) -> LabelHolderMachine | DataHolderMachine:
+def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine | DataHolderMachine:
     t = cfg.timeouts
     if cfg.is_label_holder:
         return LabelHolderMachine(
@@ -62,7 +64,9 @@ def build_machine(cfg: NodeConfig, now: float) -> LabelHolderMachine | DataHolde
             heartbeat_s=t.heartbeat,
             peer_timeout_s=t.peer,
             join_timeout_s=t.join,
+            progress_timeout_s=t.progress,
             limits=cfg.limits,
+            psi=psi,
         )
     return DataHolderMachine(
         party=cfg.party,
@@ -75,14 +79,19 @@ def build_machine(cfg: NodeConfig, now: float) -> LabelHolderMachine | DataHolde
         hold_s=cfg.link_check.hold,
         label_holder=f"the label holder at {cfg.endpoint}",
         limits=cfg.limits,
+        psi=psi,
+        progress_timeout_s=t.progress,
     )
 
 
 class NodeRunner:
     """Runs one node until its machine finishes or a signal asks it to stop. ``run()`` returns the exit code."""
 
-    def __init__(self, cfg: NodeConfig, log: logging.Logger | None = None):
+    def __init__(self, cfg: NodeConfig, log: logging.Logger | None = None, *, ids: PartyIds | None = None):
+        """``ids``: the party's IDs, already read and checked (``load_ids``), when the session runs PSI."""
         self.cfg = cfg
+        self.ids = ids
+        self.engine = None
         self.log = log or logging.getLogger(f"vfl.node.{cfg.party}")
         self.stop_requested: str | None = None
         self.bytes_sent = 0
@@ -95,6 +104,8 @@ class NodeRunner:
         cfg = self.cfg
         if cfg.insecure:
             self.log.warning(INSECURE_WARNING)
+        if cfg.session.psi and self.ids is None:
+            self.ids = load_ids(cfg)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         transport = Transport(cfg)
         try:
@@ -105,11 +116,20 @@ class NodeRunner:
             return self._loop(transport)
         finally:
             transport.close()
+            if self.engine is not None:
+                self.engine.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
     def _loop(self, transport: Transport) -> int:
-        machine = build_machine(self.cfg, time.monotonic())
+        psi = None
+        if self.cfg.session.psi:
+            from ..psi import PsiEngine
+
+            self.engine = PsiEngine(workers=self.cfg.psi.workers or None)
+            psi = psi_plan(self.cfg, self.ids, self.engine)
+        machine = build_machine(self.cfg, time.monotonic(), psi)
+        self.machine = machine
         poller = zmq.Poller()
         for sock in transport.poll_items():
             poller.register(sock, zmq.POLLIN)
@@ -129,6 +149,8 @@ class NodeRunner:
             else:
                 deadline = machine.next_timer()
                 sleep = MAX_SLEEP_S if deadline is None else min(MAX_SLEEP_S, max(0.0, deadline - now))
+                if machine.has_work:  # our own PSI stream is waiting to be computed: do not sleep
+                    sleep = 0.0
                 ready = dict(poller.poll(int(sleep * 1000)))
             pending = []
             if transport.monitor is not None and transport.monitor in ready:
@@ -151,6 +173,8 @@ class NodeRunner:
                     if machine.finished is not None:
                         break
             pending += machine.handle_timer(time.monotonic())
+            if machine.finished is None and machine.has_work:
+                pending += machine.work(time.monotonic())
 
     def _execute(self, transport: Transport, outputs: Iterable[Output]) -> Finished | None:
         finished = None
@@ -169,9 +193,32 @@ class NodeRunner:
                 pass  # the machine logs these; later phases act on them
             elif isinstance(out, LinkChecked):
                 self._report_link(out)
+            elif isinstance(out, Aligned):
+                finished = self._aligned(out, transport) or finished
             elif isinstance(out, Finished):
                 finished = out
         return finished
+
+    def _aligned(self, aligned: Aligned, transport: Transport) -> Finished | None:
+        """Write this party's IDs in the agreed order (if asked to); a data holder then leaves the session."""
+        machine = self.machine
+        now = time.monotonic()
+        out = self.cfg.psi.output
+        ok, reason = True, f"rows aligned: {len(aligned.rows)}"
+        if out is not None:
+            try:
+                write_aligned(out, self.ids, aligned.rows)
+                reason += f", written to {out}"
+                self.log.info("wrote %d aligned IDs to %s", len(aligned.rows), out)
+            except OSError as exc:
+                ok, reason = False, f"cannot write the aligned IDs to {out}: {exc.strerror}"
+                self.log.error("%s", reason)
+        if isinstance(machine, DataHolderMachine):
+            return self._execute(transport, machine.finish_aligned(ok, reason, now))
+        if not ok:  # the label holder cannot deliver what the session is for: end it for everyone
+            self._execute(transport, machine.close(reason, now))
+            return Finished(exit_code=1, reason=reason)
+        return None
 
     def _report_link(self, lc: LinkChecked) -> None:
         if not lc.rtts:

@@ -14,9 +14,25 @@ from .errors import (
     SessionFailed,
     VflError,
 )
-from .events import Finished, LinkChecked, Log, Output, PeerLeft, PeerReady, Send
+from .events import Aligned, Finished, LinkChecked, Log, Output, PeerLeft, PeerReady, Send
 from .label_holder import LabelHolderMachine, PartyState
-from .messages import MESSAGE_TYPES, Bye, Echo, EchoReply, Error, Heartbeat, Hello, Message, Tensor, Welcome
+from .messages import (
+    MESSAGE_TYPES,
+    Bye,
+    Echo,
+    EchoReply,
+    Error,
+    Heartbeat,
+    Hello,
+    Message,
+    PsiItems,
+    PsiReply,
+    PsiResult,
+    PsiRows,
+    PsiStart,
+    Tensor,
+    Welcome,
+)
 from .session import SessionConfig, config_diff, describe_diff, digest_of
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -20,7 +20,7 @@ from .messages import MESSAGE_TYPES, Message, Tensor, check_field, is_wire_int
 
 SIGNATURE = b"VFL/1"
 SIGNATURE_PREFIX = b"VFL/"
-PROTOCOL_VERSION = (1, 0)
+PROTOCOL_VERSION = (1, 1)
 MAX_NDIM = 8
 MAX_TENSOR_NAME = 64
 
@@ -30,6 +30,9 @@ DTYPES: dict[str, np.dtype] = {
     for name, code in {
         "bool": "?",
         "uint8": "u1",
+        "uint16": "<u2",
+        "uint32": "<u4",
+        "uint64": "<u8",
         "int8": "i1",
         "int16": "<i2",
         "int32": "<i4",

@@ -11,8 +11,23 @@ from typing import Callable, Sequence
 
 from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
 from .errors import ErrorCode, RemoteProtocolError
-from .events import Finished, LinkChecked, Log, Output, Send
-from .messages import Bye, Echo, EchoReply, Error, Heartbeat, Hello, Message, Tensor, Welcome
+from .events import Aligned, Finished, LinkChecked, Log, Output, Send
+from .messages import (
+    Bye,
+    Echo,
+    EchoReply,
+    Error,
+    Heartbeat,
+    Hello,
+    Message,
+    PsiItems,
+    PsiReply,
+    PsiRows,
+    PsiStart,
+    Tensor,
+    Welcome,
+)
+from .psi_phase import FinalRows, PairwisePsi, PsiPlan
 from .session import SessionConfig, describe_diff
 from .timers import PeerClock, TokenBucket
 
@@ -23,7 +38,13 @@ ERROR_RATE = 100.0
 class DataHolderState(enum.Enum):
     CONNECTING = "CONNECTING"
     READY = "READY"
+    PSI = "PSI"
+    ALIGNED = "ALIGNED"
     CLOSED = "CLOSED"
+
+
+#: states with a live session: heartbeats and the peer timeout apply, BYE is sent on leaving
+CONNECTED = frozenset({DataHolderState.READY, DataHolderState.PSI, DataHolderState.ALIGNED})
 
 
 Handler = Callable[["DataHolderMachine", Message, float], list[Output]]
@@ -45,6 +66,8 @@ class DataHolderMachine:
         hold_s: float = 0.0,
         label_holder: str = "the label holder",
         limits: Limits = DEFAULT_LIMITS,
+        psi: PsiPlan | None = None,
+        progress_timeout_s: float = 600.0,
     ):
         self.party = party
         self.run = run
@@ -65,6 +88,14 @@ class DataHolderMachine:
         self._rtts: list[float] = []
         self._leave_at: float | None = None
         self._bucket = TokenBucket(ERROR_BURST, ERROR_RATE)
+        if config.psi and psi is None:
+            raise ValueError("the session config says psi = true: give the data holder a PsiPlan")
+        self.psi_plan = psi if config.psi else None
+        self.progress_timeout_s = progress_timeout_s
+        self._psi: PairwisePsi | None = None
+        self._final: FinalRows | None = None
+        self._nonce: str | None = None
+        self._last_progress = 0.0
 
     def start(self, now: float) -> list[Output]:
         """The first message on the connection ([S2])."""
@@ -119,8 +150,14 @@ class DataHolderMachine:
                     "right, and is its public key the one in this node's config?",
                 )
             return []
-        if self.state is not DataHolderState.READY:
+        if self.state not in CONNECTED:
             return []
+        if self.state is DataHolderState.PSI and now >= self._last_progress + self.progress_timeout_s:
+            return self._finish(
+                1,
+                f"label holder {self.label_holder} made no progress in the PSI for {now - self._last_progress:.0f} s "
+                f"(progress timeout {self.progress_timeout_s:g} s)",
+            )
         if now >= self.clock.lost_at(self.peer_timeout_s):
             return self._finish(
                 3,
@@ -139,10 +176,12 @@ class DataHolderMachine:
             return None
         if self.state is DataHolderState.CONNECTING:
             return self.handshake_deadline
-        if self.state is DataHolderState.READY:
+        if self.state in CONNECTED:
             times = [self.clock.heartbeat_due(self.heartbeat_s), self.clock.lost_at(self.peer_timeout_s)]
             if self._leave_at is not None:
                 times.append(self._leave_at)
+            if self.state is DataHolderState.PSI:
+                times.append(self._last_progress + self.progress_timeout_s)
             return min(times)
         return None
 
@@ -172,7 +211,7 @@ class DataHolderMachine:
 
     def _finish(self, code: int, reason: str, *, ok: bool | None = None, bye: bool = True) -> list[Output]:
         out: list[Output] = []
-        if bye and self.state is DataHolderState.READY:
+        if bye and self.state in CONNECTED:
             out.append(Send(message=Bye(ok=(code == 0) if ok is None else ok, reason=reason)))
         self.state = DataHolderState.CLOSED
         self.finished = Finished(exit_code=code, reason=reason)
@@ -193,6 +232,8 @@ class DataHolderMachine:
                 out: list[Output] = [done]
             else:
                 out = []
+            if self.psi_plan is not None:
+                return out + self._start_psi(now)
             self._leave_at = now + self.hold_s
             if self.hold_s <= 0:
                 out += self._leave(now)
@@ -202,6 +243,55 @@ class DataHolderMachine:
 
     def _leave(self, now: float) -> list[Output]:
         return self._finish(0, "link check done" if self.link_rounds else "session done")
+
+    # ------------------------------------------------------------------------------------------------ PSI phase
+
+    @property
+    def has_work(self) -> bool:
+        return self.finished is None and self._psi is not None and self._psi.has_work
+
+    def work(self, now: float) -> list[Output]:
+        """Compute and send the next chunk of our own blinded stream."""
+        if not self.has_work:
+            return []
+        return [self._send(m, now) for m in self._psi.work()]
+
+    def finish_aligned(self, ok: bool, reason: str, now: float) -> list[Output]:
+        """The node has used the aligned rows (e.g. written them out): leave the session with ``ok``."""
+        if self.state is not DataHolderState.ALIGNED:
+            return []
+        return self._finish(0 if ok else 1, reason)
+
+    def _start_psi(self, now: float) -> list[Output]:
+        self._psi = PairwisePsi(self.psi_plan, run=self.run, nonce=self._nonce, role="data_holder")
+        self.state, self._last_progress = DataHolderState.PSI, now
+        return [self._send(m, now) for m in self._psi.start()]
+
+    def _psi_fatal(self, exc: RemoteProtocolError, now: float) -> list[Output]:
+        out: list[Output] = [self._send(Error(code=int(exc.code), message=exc.detail, ref=exc.ref), now)]
+        return out + self._finish(1, f"PSI with label holder {self.label_holder} failed: {exc}")
+
+    def _on_psi_message(self, msg: Message, now: float) -> list[Output]:
+        self._last_progress = now
+        try:
+            if isinstance(msg, PsiRows):
+                if self._final is None:
+                    raise RemoteProtocolError(ErrorCode.PSI_FAILED, "PSI_ROWS before our PSI result was sent", ref=msg.TYPE)
+                rows = self._final.receive(msg)
+                if rows is None:
+                    return []
+                self.state = DataHolderState.ALIGNED
+                return [Log(level="INFO", text=f"rows aligned: {len(rows)} shared by every party"), Aligned(rows=rows)]
+            if self._final is not None:
+                raise RemoteProtocolError(ErrorCode.PSI_FAILED, f"{msg.TYPE} after the PSI result", ref=msg.TYPE)
+            replies = self._psi.receive(msg)
+        except RemoteProtocolError as exc:
+            return self._psi_fatal(exc, now)
+        out: list[Output] = [self._send(m, now) for m in replies]
+        if self._psi.done:
+            self._final = FinalRows(self._psi.exchange.rows)
+            out.append(Log(level="INFO", text=f"PSI: {len(self._psi.exchange.rows)} IDs shared with the label holder"))
+        return out
 
     # ------------------------------------------------------------------------------------------------ transitions
 
@@ -213,6 +303,9 @@ class DataHolderMachine:
                 f"{self.run!r} and digest {self.config.digest[:16]}; the label holder broke [H4]",
                 ok=False,
             )
+        if self.psi_plan is not None and (msg.psi_nonce is None or len(msg.psi_nonce) != 32 or not _is_hex(msg.psi_nonce)):
+            return self._finish(1, f"{msg.party} sent a WELCOME without a valid psi_nonce for a session with PSI", ok=False)
+        self._nonce = msg.psi_nonce
         self.label_holder = f"{msg.party!r}"
         self.heartbeat_s = max(msg.heartbeat_ms, 1) / 1000.0
         self.peer_timeout_s = max(msg.peer_timeout_ms, 1) / 1000.0
@@ -258,6 +351,14 @@ class DataHolderMachine:
         return [Log(level="WARNING", text=f"{self.label_holder} reports {_code_name(msg.code)}: {msg.message}")]
 
 
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _code_name(code: int) -> str:
     try:
         return ErrorCode(code).name
@@ -273,5 +374,15 @@ _TABLE: dict[tuple[DataHolderState, str], Handler] = {
     (DataHolderState.READY, Heartbeat.TYPE): DataHolderMachine._on_heartbeat,
     (DataHolderState.READY, Bye.TYPE): DataHolderMachine._on_bye,
     (DataHolderState.READY, Error.TYPE): DataHolderMachine._on_error,
+    (DataHolderState.PSI, PsiStart.TYPE): DataHolderMachine._on_psi_message,
+    (DataHolderState.PSI, PsiItems.TYPE): DataHolderMachine._on_psi_message,
+    (DataHolderState.PSI, PsiReply.TYPE): DataHolderMachine._on_psi_message,
+    (DataHolderState.PSI, PsiRows.TYPE): DataHolderMachine._on_psi_message,
+    (DataHolderState.PSI, Heartbeat.TYPE): DataHolderMachine._on_heartbeat,
+    (DataHolderState.PSI, Bye.TYPE): DataHolderMachine._on_bye,
+    (DataHolderState.PSI, Error.TYPE): DataHolderMachine._on_error,
+    (DataHolderState.ALIGNED, Heartbeat.TYPE): DataHolderMachine._on_heartbeat,
+    (DataHolderState.ALIGNED, Bye.TYPE): DataHolderMachine._on_bye,
+    (DataHolderState.ALIGNED, Error.TYPE): DataHolderMachine._on_error,
 }
 """(state, message type) -> transition; every other pair is UNEXPECTED_MESSAGE ([T1]) or, for ERROR, logged."""

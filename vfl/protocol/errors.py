@@ -27,6 +27,7 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_PARTY = 12
     TIMEOUT = 13
     INTERNAL = 14
+    PSI_FAILED = 15
 
 
 class VflError(Exception):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .messages import Message
 
 
@@ -48,6 +50,13 @@ class LinkChecked:
     rtts: tuple[float, ...]
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Aligned:
+    """The PSI phase is over: ``rows`` are this party's row indices (into its own ID list) in the agreed order."""
+
+    rows: np.ndarray
+
+
 @dataclass(frozen=True, kw_only=True)
 class Finished:
     """The session is over. ``exit_code``: 0 ok, 1 protocol/peer failure, 3 peer lost, 4 join/handshake timeout."""
@@ -56,4 +65,4 @@ class Finished:
     reason: str
 
 
-Output = Send | Log | PeerReady | PeerLeft | LinkChecked | Finished
+Output = Send | Log | PeerReady | PeerLeft | LinkChecked | Aligned | Finished

@@ -14,8 +14,21 @@ from typing import Callable, Sequence
 
 from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
 from .errors import ErrorCode, RemoteProtocolError
-from .events import Finished, Log, Output, PeerLeft, PeerReady, Send
-from .messages import Bye, Echo, EchoReply, Error, Heartbeat, Hello, Message, Welcome
+from .events import Aligned, Finished, Log, Output, PeerLeft, PeerReady, Send
+from .messages import (
+    Bye,
+    Echo,
+    EchoReply,
+    Error,
+    Heartbeat,
+    Hello,
+    Message,
+    PsiItems,
+    PsiResult,
+    PsiStart,
+    Welcome,
+)
+from .psi_phase import PairwisePsi, PsiPlan, combine, final_rows_messages, new_nonce, positions_for
 from .session import SessionConfig, config_diff, describe_diff, digest_of
 from .timers import PeerClock, TokenBucket
 
@@ -27,7 +40,14 @@ MAX_TRACKED_ROUTING_IDS = 1024  # error buckets for unknown routing ids are boun
 class PartyState(enum.Enum):
     IDLE = "IDLE"
     READY = "READY"
+    PSI = "PSI"
+    PSI_DONE = "PSI_DONE"
+    ALIGNED = "ALIGNED"
     DONE = "DONE"
+
+
+#: states with a live session: heartbeats and the peer timeout apply, BYE is expected on leaving
+CONNECTED = frozenset({PartyState.READY, PartyState.PSI, PartyState.PSI_DONE, PartyState.ALIGNED})
 
 
 @dataclass
@@ -37,6 +57,9 @@ class _Party:
     clock: PeerClock | None = None
     joined: bool = False
     left_ok: bool = True
+    nonce: str | None = None
+    psi: PairwisePsi | None = None
+    last_progress: float = 0.0
 
 
 Handler = Callable[["LabelHolderMachine", _Party, Message, float], list[Output]]
@@ -55,7 +78,9 @@ class LabelHolderMachine:
         heartbeat_s: float = 1.0,
         peer_timeout_s: float = 30.0,
         join_timeout_s: float = 600.0,
+        progress_timeout_s: float = 600.0,
         limits: Limits = DEFAULT_LIMITS,
+        psi: PsiPlan | None = None,
     ):
         self.party = party
         self.run = run
@@ -63,7 +88,14 @@ class LabelHolderMachine:
         self.heartbeat_s = heartbeat_s
         self.peer_timeout_s = peer_timeout_s
         self.join_deadline = now + join_timeout_s
+        self.progress_timeout_s = progress_timeout_s
         self.limits = limits
+        if config.psi and psi is None:
+            raise ValueError("the session config says psi = true: give the label holder a PsiPlan")
+        self.psi = psi if config.psi else None
+        #: the label holder's own rows in the final order, once every pairwise PSI is done
+        self.final_rows = None
+        self._work_turn = 0
         self.parties = {name: _Party(name) for name in config.data_holders}
         self.finished: Finished | None = None
         self._wire_config = config.to_wire()
@@ -108,7 +140,7 @@ class LabelHolderMachine:
             if isinstance(msg, Hello):
                 return self._refuse_hello(routing_id, identity, msg, now)
             return self._unexpected(routing_id, msg, "IDLE", now)
-        if p.state is PartyState.READY:
+        if p.state in CONNECTED:
             p.clock.last_received = now
         handler = _TABLE.get((p.state, msg.TYPE))
         if handler is None:
@@ -129,8 +161,15 @@ class LabelHolderMachine:
                 now,
             )
         for p in self.parties.values():
-            if p.state is not PartyState.READY:
+            if p.state not in CONNECTED:
                 continue
+            if p.state is PartyState.PSI and now >= p.last_progress + self.progress_timeout_s:
+                return self._finish(
+                    1,
+                    f"data holder {p.name!r} made no progress in the PSI for {now - p.last_progress:.0f} s (progress "
+                    f"timeout {self.progress_timeout_s:g} s)",
+                    now,
+                )
             if now >= p.clock.lost_at(self.peer_timeout_s):
                 silent = now - p.clock.last_received
                 return self._finish(
@@ -148,8 +187,10 @@ class LabelHolderMachine:
         """When ``handle_timer`` next has something to do (None: never)."""
         if self.finished is not None:
             return None
-        times = [p.clock.heartbeat_due(self.heartbeat_s) for p in self.parties.values() if p.state is PartyState.READY]
-        times += [p.clock.lost_at(self.peer_timeout_s) for p in self.parties.values() if p.state is PartyState.READY]
+        live = [p for p in self.parties.values() if p.state in CONNECTED]
+        times = [p.clock.heartbeat_due(self.heartbeat_s) for p in live]
+        times += [p.clock.lost_at(self.peer_timeout_s) for p in live]
+        times += [p.last_progress + self.progress_timeout_s for p in live if p.state is PartyState.PSI]
         if any(not p.joined for p in self.parties.values()):
             times.append(self.join_deadline)
         return min(times) if times else None
@@ -172,7 +213,7 @@ class LabelHolderMachine:
         out: list[Output] = [
             self._send(p, Bye(ok=bye_ok, reason=reason), now)
             for p in self.parties.values()
-            if p.state is PartyState.READY and p.name != lost
+            if p.state in CONNECTED and p.name != lost
         ]
         self.finished = Finished(exit_code=code, reason=reason)
         out.append(self.finished)
@@ -188,7 +229,7 @@ class LabelHolderMachine:
         if not bucket.allow(now):
             return [Log(level="DEBUG", text=f"error to {who!r} dropped (rate limit): {exc}")]
         party = self.parties.get(who)
-        if party is not None and party.state is PartyState.READY and routing_id == who.encode():
+        if party is not None and party.state in CONNECTED and routing_id == who.encode():
             party.clock.last_sent = now
         err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref, diff=exc.diff)
         return [Log(level="WARNING", text=f"{who}: {exc}"), Send(to=routing_id, message=err)]
@@ -257,9 +298,10 @@ class LabelHolderMachine:
         problem = self._check_hello(p.name, msg)
         if problem is not None:
             return self._error(p.name.encode(), problem, now)
-        restart = p.state is PartyState.READY
+        restart = p.state in CONNECTED
         p.state, p.joined = PartyState.READY, True
         p.clock = PeerClock(last_received=now, last_sent=now)
+        p.psi, p.nonce = None, new_nonce() if self.psi is not None else None
         welcome = Welcome(
             version=(PROTOCOL_VERSION[0], min(PROTOCOL_VERSION[1], msg.version[1])),
             party=self.party,
@@ -268,6 +310,7 @@ class LabelHolderMachine:
             heartbeat_ms=int(self.heartbeat_s * 1000),
             peer_timeout_ms=int(self.peer_timeout_s * 1000),
             data_holders=self.config.data_holders,
+            psi_nonce=p.nonce,
         )
         return [
             self._send(p, welcome, now),
@@ -282,6 +325,10 @@ class LabelHolderMachine:
         return []
 
     def _on_bye(self, p: _Party, msg: Bye, now: float) -> list[Output]:
+        if self.psi is not None and p.state is not PartyState.ALIGNED:
+            return self._finish(
+                1, f"data holder {p.name!r} left before the rows were aligned: {msg.reason}", now, lost=p.name
+            )
         p.state, p.left_ok = PartyState.DONE, msg.ok
         out: list[Output] = [PeerLeft(party=p.name, ok=msg.ok, reason=msg.reason)]
         out.append(Log(level="INFO" if msg.ok else "WARNING", text=f"data holder {p.name!r} left: {msg.reason}"))
@@ -294,6 +341,91 @@ class LabelHolderMachine:
             out.append(self.finished)
         return out
 
+    # ------------------------------------------------------------------------------------------------ PSI phase
+
+    @property
+    def has_work(self) -> bool:
+        """Our own blinded streams still have chunks to compute (the node calls ``work`` instead of sleeping)."""
+        return self.finished is None and any(p.psi is not None and p.psi.has_work for p in self.parties.values())
+
+    def work(self, now: float) -> list[Output]:
+        """Compute and send the next chunk of one data holder's stream, taking the data holders in turn."""
+        busy = [p for p in self.parties.values() if p.psi is not None and p.psi.has_work]
+        if self.finished is not None or not busy:
+            return []
+        p = busy[self._work_turn % len(busy)]
+        self._work_turn += 1
+        return [self._send(p, m, now) for m in p.psi.work()]
+
+    def _psi_fatal(self, p: _Party, exc: RemoteProtocolError, now: float) -> list[Output]:
+        """A PSI with a misbehaving peer has no right answer: tell it why and end the session for everyone."""
+        err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref)
+        out: list[Output] = [self._send(p, err, now)]
+        return out + self._finish(1, f"PSI with data holder {p.name!r} failed: {exc}", now)
+
+    def _on_psi_start(self, p: _Party, msg: PsiStart, now: float) -> list[Output]:
+        if self.psi is None:
+            return self._unexpected(p.name.encode(), msg, "READY (this session has no PSI)", now)
+        p.psi = PairwisePsi(self.psi, run=self.run, nonce=p.nonce, role="label_holder")
+        p.state, p.last_progress = PartyState.PSI, now
+        try:
+            replies = p.psi.receive(msg)
+        except RemoteProtocolError as exc:
+            return self._psi_fatal(p, exc, now)
+        return [self._send(p, m, now) for m in p.psi.start() + replies] + [
+            Log(level="INFO", text=f"PSI with data holder {p.name!r}: it has {msg.n_items} IDs")
+        ]
+
+    def _on_psi_message(self, p: _Party, msg: Message, now: float) -> list[Output]:
+        p.last_progress = now
+        try:
+            replies = p.psi.receive(msg)
+        except RemoteProtocolError as exc:
+            return self._psi_fatal(p, exc, now)
+        out: list[Output] = [self._send(p, m, now) for m in replies]
+        if p.psi.done:
+            p.state = PartyState.PSI_DONE
+            out.append(Log(level="INFO", text=f"PSI with data holder {p.name!r}: {len(p.psi.exchange.rows)} shared IDs"))
+            out += self._maybe_align(now)
+        return out
+
+    def _maybe_align(self, now: float) -> list[Output]:
+        """Once every pairwise PSI is done: the final rows, and each data holder's positions in the final order."""
+        parties = [self.parties[name] for name in self.config.data_holders]
+        first_time = self.final_rows is None
+        settled = (PartyState.PSI_DONE, PartyState.ALIGNED) if first_time else (PartyState.PSI_DONE, PartyState.ALIGNED, PartyState.DONE)
+        if any(q.state not in settled for q in parties):
+            return []
+        out: list[Output] = []
+        if first_time:
+            plan = combine([q.psi.exchange for q in parties])
+            if len(plan.label_rows) < self.psi.min_rows:
+                return self._finish(
+                    1,
+                    f"the intersection across all parties has {len(plan.label_rows)} rows, fewer than the "
+                    f"{self.psi.min_rows} this session needs; check that every party uses the same ID column and "
+                    "ID format",
+                    now,
+                )
+            self.final_rows = plan.label_rows
+            positions = dict(zip(self.config.data_holders, plan.positions))
+        else:  # a data holder restarted after the alignment: same final rows, its new pairwise order
+            positions = {}
+            for q in parties:
+                if q.state is PartyState.PSI_DONE:
+                    try:
+                        positions[q.name] = positions_for(self.final_rows, q.psi.exchange.rows)
+                    except ValueError as exc:
+                        return self._finish(1, f"data holder {q.name!r} rejoined with other IDs: {exc}", now)
+        for q in parties:
+            if q.state is PartyState.PSI_DONE:
+                out += [self._send(q, m, now) for m in final_rows_messages(positions[q.name], self.psi.chunk_size)]
+                q.state = PartyState.ALIGNED
+        if first_time:
+            out.append(Log(level="INFO", text=f"rows aligned: {len(self.final_rows)} shared by every party"))
+            out.append(Aligned(rows=self.final_rows))
+        return out
+
 
 _TABLE: dict[tuple[PartyState, str], Handler] = {
     (PartyState.IDLE, Hello.TYPE): LabelHolderMachine._on_hello,
@@ -302,5 +434,17 @@ _TABLE: dict[tuple[PartyState, str], Handler] = {
     (PartyState.READY, Echo.TYPE): LabelHolderMachine._on_echo,
     (PartyState.READY, Heartbeat.TYPE): LabelHolderMachine._on_heartbeat,
     (PartyState.READY, Bye.TYPE): LabelHolderMachine._on_bye,
+    (PartyState.READY, PsiStart.TYPE): LabelHolderMachine._on_psi_start,
+    (PartyState.PSI, PsiItems.TYPE): LabelHolderMachine._on_psi_message,
+    (PartyState.PSI, PsiResult.TYPE): LabelHolderMachine._on_psi_message,
+    (PartyState.PSI, Heartbeat.TYPE): LabelHolderMachine._on_heartbeat,
+    (PartyState.PSI, Hello.TYPE): LabelHolderMachine._on_hello,
+    (PartyState.PSI, Bye.TYPE): LabelHolderMachine._on_bye,
+    (PartyState.PSI_DONE, Heartbeat.TYPE): LabelHolderMachine._on_heartbeat,
+    (PartyState.PSI_DONE, Hello.TYPE): LabelHolderMachine._on_hello,
+    (PartyState.PSI_DONE, Bye.TYPE): LabelHolderMachine._on_bye,
+    (PartyState.ALIGNED, Heartbeat.TYPE): LabelHolderMachine._on_heartbeat,
+    (PartyState.ALIGNED, Hello.TYPE): LabelHolderMachine._on_hello,
+    (PartyState.ALIGNED, Bye.TYPE): LabelHolderMachine._on_bye,
 }
 """(state, message type) -> transition. Every pair not listed is UNEXPECTED_MESSAGE ([T1]); ERROR never gets here."""

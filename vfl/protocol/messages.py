@@ -151,6 +151,7 @@ class Welcome(Message):
         "heartbeat_ms": (FieldKind.INT, True),
         "peer_timeout_ms": (FieldKind.INT, True),
         "data_holders": (FieldKind.ID_LIST, True),
+        "psi_nonce": (FieldKind.STR, False),
     }
     version: tuple[int, int]
     party: str
@@ -159,6 +160,7 @@ class Welcome(Message):
     heartbeat_ms: int
     peer_timeout_ms: int
     data_holders: tuple[str, ...]
+    psi_nonce: str | None = None  # hex; present when the session runs PSI (v1.1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,6 +220,62 @@ class Bye(Message):
     reason: str
 
 
+# ----------------------------------------------------------------------------------------------- PSI (v1.1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PsiStart(Message):
+    """Opens one side of a pairwise PSI: its deduplicated set size and the chunk size of its streams."""
+
+    TYPE: ClassVar[str] = "PSI_START"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
+        "n_items": (FieldKind.INT, True),
+        "chunk_size": (FieldKind.INT, True),
+    }
+    n_items: int
+    chunk_size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PsiChunk(Message):
+    """A numbered chunk of a PSI stream; only the stream's final chunk has ``last``."""
+
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"chunk": (FieldKind.INT, True), "last": (FieldKind.BOOL, True)}
+    CARRIES_TENSORS: ClassVar[bool] = True
+    chunk: int
+    last: bool
+    tensors: tuple[Tensor, ...] = field(default=())
+
+
+@dataclass(frozen=True, kw_only=True)
+class PsiItems(_PsiChunk):
+    """The sender's own blinded points ``H(x)^k``: tensor ``points`` uint8 [n, 32]."""
+
+    TYPE: ClassVar[str] = "PSI_ITEMS"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PsiReply(_PsiChunk):
+    """The label holder's answer to one PSI_ITEMS chunk: tensor ``tokens`` uint8 [n, 16], in the chunk's order."""
+
+    TYPE: ClassVar[str] = "PSI_REPLY"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PsiResult(_PsiChunk):
+    """The pairwise intersection: tensors ``tokens`` uint8 [k, 16] and ``positions`` uint32 [k]."""
+
+    TYPE: ClassVar[str] = "PSI_RESULT"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PsiRows(_PsiChunk):
+    """The final rows for one data holder: tensor ``positions`` uint32 [k] into its pairwise order."""
+
+    TYPE: ClassVar[str] = "PSI_ROWS"
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Error, Heartbeat, Echo, EchoReply, Bye)
+    cls.TYPE: cls
+    for cls in (Hello, Welcome, Error, Heartbeat, Echo, EchoReply, Bye, PsiStart, PsiItems, PsiReply, PsiResult, PsiRows)
 }

@@ -71,6 +71,7 @@ class SessionConfig:
     batch_size: int
     window: int
     model: str
+    psi: bool = False  # the session aligns rows with a private set intersection (v1.1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cut_widths", MappingProxyType(dict(self.cut_widths)))
@@ -92,6 +93,8 @@ class SessionConfig:
             return "window must be an integer >= 1"
         if type(self.model) is not str or not (1 <= len(self.model) <= MAX_MODEL_FINGERPRINT):
             return f"model must be a string of 1..{MAX_MODEL_FINGERPRINT} characters"
+        if type(self.psi) is not bool:
+            return "psi must be true or false"
         return None
 
     @property
@@ -99,12 +102,15 @@ class SessionConfig:
         return tuple(sorted(self.cut_widths))
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "cut_widths": dict(sorted(self.cut_widths.items())),
             "batch_size": self.batch_size,
             "window": self.window,
             "model": self.model,
         }
+        if self.psi:  # absent means false, so a session without PSI has the same digest as in v1.0
+            wire["psi"] = True
+        return wire
 
     @property
     def digest(self) -> str:
@@ -124,6 +130,7 @@ class SessionConfig:
                 batch_size=value.get("batch_size"),
                 window=value.get("window"),
                 model=value.get("model"),
+                psi=value.get("psi", False),
             )
         except ValueError as exc:
             raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"HELLO.config: {exc}", ref="HELLO") from None

@@ -1,0 +1,80 @@
+"""The node's side of the PSI phase: read the ID column, check it, and write the aligned IDs.
+
+Everything here happens before any network activity (reading, duplicate check) or after the protocol is done with
+the rows (writing), so a bad file is reported as one line and never half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from ..psi import DuplicateIdError, InvalidIdError, PsiEngine, encode_ids
+from ..psi.exchange import prepare_items
+from ..protocol.psi_phase import PsiPlan
+from ..train.data import DataError, TableSpec, load_table
+from .config import NodeConfig
+
+
+class AlignmentError(Exception):
+    """The party's IDs cannot go into a PSI (duplicates, unsupported values). One line for the user."""
+
+
+@dataclass(frozen=True)
+class PartyIds:
+    """A party's IDs in file order, and their encoding for the PSI."""
+
+    path: Path
+    column: str
+    ids: list
+    items: list[bytes]
+
+
+def load_ids(cfg: NodeConfig) -> PartyIds:
+    """Read the configured ID column; duplicates are an error (count and an example) unless ``[psi].dedupe``."""
+    data = cfg.data
+    try:
+        table = load_table(TableSpec(path=data.path, id_column=data.id_column, feature_columns=()))
+        items = encode_ids(table.ids)
+    except DataError as exc:
+        raise AlignmentError(str(exc)) from None
+    except InvalidIdError as exc:
+        raise AlignmentError(f"{data.path}: column {data.id_column!r}: {exc}") from None
+    try:
+        prepare_items(items, dedupe=cfg.psi.dedupe)
+    except DuplicateIdError as exc:
+        raise AlignmentError(
+            f"{data.path}: column {data.id_column!r} has {exc.count} duplicate ID(s), e.g. "
+            f"{exc.example.decode('utf-8', 'replace')[2:]!r}; remove them or set [psi].dedupe = true "
+            "(keeps the first row of each ID)"
+        ) from None
+    return PartyIds(path=data.path, column=data.id_column, ids=table.ids, items=items)
+
+
+def psi_plan(cfg: NodeConfig, ids: PartyIds, engine: PsiEngine) -> PsiPlan:
+    return PsiPlan(
+        items=ids.items, engine=engine, chunk_size=cfg.psi.chunk_size, dedupe=cfg.psi.dedupe, min_rows=cfg.psi.min_rows
+    )
+
+
+def write_aligned(path: Path, ids: PartyIds, rows: np.ndarray) -> None:
+    """``row`` (0-based data row in the party's own file) and the ID, in the agreed order; written atomically."""
+    table = pa.table({"row": pa.array(rows, type=pa.int64()), ids.column: pa.array([ids.ids[r] for r in rows.tolist()])})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pacsv.write_csv(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,175 @@
+"""The PSI phase of a session (PROTOCOL.md section 10): wire messages <-> ``vfl.psi``'s sans-I/O exchange.
+
+The session machines own one of these per pairwise PSI. They translate PSI_* messages into the exchange's
+dataclasses and back, turn every ``PsiRemoteError`` into a ``RemoteProtocolError(PSI_FAILED)`` (the honest party
+then ends the session: a PSI with a misbehaving peer has no right answer), and hand out the party's own blinded
+stream one chunk at a time (``work()``), so the node loop can keep heartbeats and other peers going between chunks.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..psi import exchange as core
+from ..psi import multiparty
+from ..psi.engine import PsiEngine
+from ..psi.errors import PsiError, PsiRemoteError
+from .errors import ErrorCode, RemoteProtocolError
+from .messages import Message, PsiItems, PsiReply, PsiResult, PsiRows, PsiStart, Tensor
+
+NONCE_HEX_CHARS = 32
+
+
+@dataclass(frozen=True)
+class PsiPlan:
+    """A party's PSI inputs: its IDs encoded as bytes (``vfl.psi.encode_ids``), the engine and the stream settings."""
+
+    items: Sequence[bytes]
+    engine: PsiEngine
+    chunk_size: int = core.DEFAULT_CHUNK_SIZE
+    dedupe: bool = False
+    min_rows: int = 1
+
+
+def new_nonce() -> str:
+    """A fresh per-pair hashing nonce, chosen by the label holder and sent in WELCOME."""
+    return secrets.token_hex(NONCE_HEX_CHARS // 2)
+
+
+def _psi_failed(exc: PsiError, ref: str) -> RemoteProtocolError:
+    return RemoteProtocolError(ErrorCode.PSI_FAILED, f"{exc.code}: {exc}", ref=ref)
+
+
+def _tensor(msg: Message, name: str) -> np.ndarray:
+    tensors = {t.name: t.array for t in msg.tensor_list}
+    if name not in tensors:
+        raise RemoteProtocolError(ErrorCode.BAD_TENSOR, f"{msg.TYPE} needs a tensor named {name!r}", ref=msg.TYPE)
+    return tensors[name]
+
+
+def to_core(msg: Message):
+    """A PSI_* wire message as the exchange's dataclass (shapes and dtypes are checked by the exchange)."""
+    if isinstance(msg, PsiStart):
+        return core.PsiStart(n_items=msg.n_items, chunk_size=msg.chunk_size)
+    if isinstance(msg, PsiItems):
+        return core.BlindedChunk(chunk=msg.chunk, last=msg.last, points=_tensor(msg, "points"))
+    if isinstance(msg, PsiReply):
+        return core.ReplyChunk(chunk=msg.chunk, last=msg.last, tokens=_tensor(msg, "tokens"))
+    if isinstance(msg, PsiResult):
+        return core.ResultChunk(
+            chunk=msg.chunk, last=msg.last, tokens=_tensor(msg, "tokens"), positions=_tensor(msg, "positions")
+        )
+    if isinstance(msg, PsiRows):
+        return multiparty.RowsChunk(chunk=msg.chunk, last=msg.last, positions=_tensor(msg, "positions"))
+    raise TypeError(f"not a PSI message: {msg.TYPE}")
+
+
+def to_wire(item) -> Message:
+    """The exchange's dataclass as a PSI_* wire message."""
+    if isinstance(item, core.PsiStart):
+        return PsiStart(n_items=item.n_items, chunk_size=item.chunk_size)
+    if isinstance(item, core.BlindedChunk):
+        return PsiItems(chunk=item.chunk, last=item.last, tensors=(Tensor("points", item.points),))
+    if isinstance(item, core.ReplyChunk):
+        return PsiReply(chunk=item.chunk, last=item.last, tensors=(Tensor("tokens", item.tokens),))
+    if isinstance(item, core.ResultChunk):
+        return PsiResult(
+            chunk=item.chunk,
+            last=item.last,
+            tensors=(Tensor("tokens", item.tokens), Tensor("positions", item.positions)),
+        )
+    if isinstance(item, multiparty.RowsChunk):
+        return PsiRows(chunk=item.chunk, last=item.last, tensors=(Tensor("positions", item.positions),))
+    raise TypeError(f"not a PSI item: {type(item).__name__}")
+
+
+class PairwisePsi:
+    """One side of one pairwise PSI as seen on the wire.
+
+    ``sender`` (data holder) or ``receiver`` (label holder) from ``vfl.psi.exchange`` does the work; this class
+    keeps the party's own blinded stream as a lazy iterator for ``work()`` and converts every message.
+    """
+
+    def __init__(self, plan: PsiPlan, *, run: str, nonce: str, role: str):
+        party_cls = core.PsiSender if role == "data_holder" else core.PsiReceiver
+        self.exchange = party_cls(
+            plan.items,
+            engine=plan.engine,
+            run_id=run,
+            nonce=bytes.fromhex(nonce),
+            chunk_size=plan.chunk_size,
+            dedupe=plan.dedupe,
+        )
+        self._stream: Iterator | None = None
+        self.received_chunks = 0
+
+    def start(self) -> list[Message]:
+        """Our PSI_START; our own stream starts flowing through ``work()``."""
+        first = self.exchange.start()
+        self._stream = self.exchange.blinded_chunks()
+        return [to_wire(first)]
+
+    @property
+    def has_work(self) -> bool:
+        return self._stream is not None
+
+    def work(self) -> list[Message]:
+        """The next chunk of our own blinded stream (the expensive part: hash-to-curve and one exponentiation)."""
+        if self._stream is None:
+            return []
+        chunk = next(self._stream, None)
+        if chunk is None or chunk.last:
+            self._stream = None
+        return [] if chunk is None else [to_wire(chunk)]
+
+    def receive(self, msg: Message) -> list[Message]:
+        """A PSI_* message from the peer; returns what to send back. Raises ``RemoteProtocolError(PSI_FAILED)``."""
+        try:
+            out = self.exchange.receive(to_core(msg))
+        except PsiRemoteError as exc:
+            raise _psi_failed(exc, msg.TYPE) from None
+        self.received_chunks += 1
+        return [to_wire(item) for item in out]
+
+    @property
+    def done(self) -> bool:
+        return self.exchange.done
+
+
+class FinalRows:
+    """A data holder's side of PSI_ROWS: positions into its pairwise order -> its own rows in the final order."""
+
+    def __init__(self, pairwise_rows: np.ndarray):
+        self._receiver = multiparty.FinalRowsReceiver(pairwise_rows)
+
+    def receive(self, msg: PsiRows) -> np.ndarray | None:
+        """The final rows once the last chunk is in, else None."""
+        try:
+            self._receiver.receive(to_core(msg))
+        except PsiRemoteError as exc:
+            raise _psi_failed(exc, msg.TYPE) from None
+        return self._receiver.rows if self._receiver.done else None
+
+
+def final_rows_messages(positions: np.ndarray, chunk_size: int) -> list[Message]:
+    return [to_wire(c) for c in multiparty.rows_chunks(positions, chunk_size)]
+
+
+def combine(pairwise: Sequence[core.PsiReceiver]) -> multiparty.MultipartyPlan:
+    """The label holder's final rows and, per data holder (in the given order), the positions to send it."""
+    return multiparty.combine([multiparty.PairwiseResult.of(r) for r in pairwise], allow_empty=True)
+
+
+def positions_for(final_rows: np.ndarray, pairwise_rows: np.ndarray) -> np.ndarray:
+    """Positions of ``final_rows`` in a (new) pairwise order; ValueError if one of them is missing there."""
+    order = np.argsort(pairwise_rows, kind="stable")
+    idx = np.searchsorted(pairwise_rows, final_rows, sorter=order)
+    idx = np.minimum(idx, max(len(order) - 1, 0))
+    where = order[idx] if len(order) else np.empty(0, np.int64)
+    if len(final_rows) and (len(order) == 0 or not np.array_equal(pairwise_rows[where], final_rows)):
+        raise ValueError("some of the aligned rows are no longer shared")
+    return where.astype(np.uint32)
