@@ -11,7 +11,8 @@ import logging
 import signal
 import statistics
 import time
-from typing import Iterable
+from collections import deque
+from typing import Any, Iterable
 
 import numpy as np
 import zmq
@@ -36,6 +37,7 @@ from .config import NodeConfig
 from .transport import Transport
 
 MAX_SLEEP_S = 0.2
+FINAL_FLUSH_S = 2.0  # how long a finishing node keeps trying to hand its last messages (BYE, ERROR) to libzmq
 MAX_BATCH = 256  # messages handled per wake-up before timers get a turn
 
 INSECURE_WARNING = (
@@ -96,6 +98,8 @@ class NodeRunner:
         self.stop_requested: str | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: encoded messages libzmq could not take yet (no connection, full queue): the loop never blocks on a send
+        self.outbox: deque[tuple[list[Any], bytes | None, str]] = deque()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_requested = signal.Signals(signum).name
@@ -136,7 +140,9 @@ class NodeRunner:
         pending: list[Output] = machine.start(time.monotonic()) if isinstance(machine, DataHolderMachine) else []
         while True:
             finished = self._execute(transport, pending)
+            self._flush(transport)
             if finished is not None:
+                self._flush(transport, until=time.monotonic() + FINAL_FLUSH_S)
                 return self._report(finished)
             now = time.monotonic()
             if self.stop_requested:
@@ -151,6 +157,7 @@ class NodeRunner:
                 sleep = MAX_SLEEP_S if deadline is None else min(MAX_SLEEP_S, max(0.0, deadline - now))
                 if machine.has_work:  # our own PSI stream is waiting to be computed: do not sleep
                     sleep = 0.0
+                poller.modify(transport.socket, zmq.POLLIN | (zmq.POLLOUT if self.outbox else 0))
                 ready = dict(poller.poll(int(sleep * 1000)))
             pending = []
             if transport.monitor is not None and transport.monitor in ready:
@@ -180,13 +187,7 @@ class NodeRunner:
         finished = None
         for out in outputs:
             if isinstance(out, Send):
-                frames = encode(out.message, self.cfg.limits)
-                try:
-                    transport.send(frames, out.to)
-                    self.bytes_sent += sum(f.nbytes if hasattr(f, "nbytes") else len(f) for f in frames)
-                except zmq.ZMQError as exc:
-                    who = out.to.decode("utf-8", "replace") if out.to else "the label holder"
-                    self.log.warning("could not send %s to %s: %s", out.message.TYPE, who, exc.strerror)
+                self.outbox.append((encode(out.message, self.cfg.limits), out.to, out.message.TYPE))
             elif isinstance(out, Log):
                 self.log.log(logging.getLevelName(out.level), out.text)
             elif isinstance(out, (PeerReady, PeerLeft)):
@@ -198,6 +199,24 @@ class NodeRunner:
             elif isinstance(out, Finished):
                 finished = out
         return finished
+
+    def _flush(self, transport: Transport, until: float | None = None) -> None:
+        """Hand queued messages to libzmq in order, without blocking (or, with ``until``, retrying until then)."""
+        while self.outbox:
+            frames, to, mtype = self.outbox[0]
+            try:
+                transport.send(frames, to)
+            except zmq.Again:
+                if until is None or time.monotonic() >= until:
+                    return
+                transport.socket.poll(50, zmq.POLLOUT)
+                continue
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; liveness rules deal with it
+                who = to.decode("utf-8", "replace") if to else "the label holder"
+                self.log.warning("could not send %s to %s: %s", mtype, who, exc.strerror)
+            else:
+                self.bytes_sent += sum(f.nbytes if hasattr(f, "nbytes") else len(f) for f in frames)
+            self.outbox.popleft()
 
     def _aligned(self, aligned: Aligned, transport: Transport) -> Finished | None:
         """Write this party's IDs in the agreed order (if asked to); a data holder then leaves the session."""

@@ -84,7 +84,6 @@ class Transport:
         sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(t.heartbeat * 1000)))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(t.peer * 1000)))
         sock.setsockopt(zmq.HEARTBEAT_TTL, max(1, int(t.peer * 1000)))
-        sock.setsockopt(zmq.SNDTIMEO, max(1, int(t.peer * 1000)))  # a peer that never reads cannot hang us forever
         if not cfg.insecure:
             public, secret = load_secret_key(cfg.secret_key)
             sock.curve_publickey, sock.curve_secretkey = public, secret
@@ -113,11 +112,16 @@ class Transport:
     # ------------------------------------------------------------------------------------------------ I/O
 
     def send(self, frames: list[Any], to: bytes | None = None) -> None:
-        """Send one message; raises ``zmq.ZMQError`` (EHOSTUNREACH: peer gone; EAGAIN: peer not reading)."""
+        """Send one message without blocking.
+
+        Raises ``zmq.Again`` when it cannot be queued now (no connection yet, or the peer's queue is full: try again
+        later) and ``zmq.ZMQError`` EHOSTUNREACH when the label holder's peer is gone. libzmq queues multipart
+        messages atomically: if the first frame is taken, all are.
+        """
         frames = [_received_frame(f) for f in frames]
         if to is not None:
             frames = [to, *frames]
-        self.socket.send_multipart(frames, copy=False)
+        self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
 
     def has_input(self) -> bool:
         """A message is waiting (cheaper than a receive that fails)."""

@@ -137,9 +137,22 @@ def peek_type(frames: Sequence[Any]) -> str | None:
     return value if type(value) is str else None
 
 
+_ABSENT = object()
+
+
+def _string_keys(pairs: list[tuple[Any, Any]]) -> dict:
+    """msgpack map hook: string keys at every level of the header (check 5)."""
+    out = {}
+    for key, value in pairs:
+        if type(key) is not str:
+            raise ValueError("map key is not a string")
+        out[key] = value
+    return out
+
+
 def _check_descriptors(raw: Any, limits: Limits, ref: str) -> list[tuple[str, np.dtype | None, tuple[int, ...], str]]:
     """Check 8 (shape of the ``tensors`` list) and collect (name, dtype or None, shape, wire dtype)."""
-    if raw is None:
+    if raw is _ABSENT:
         return []
     if type(raw) is not list:
         raise _fail(ErrorCode.BAD_FIELD, "header 'tensors' must be a list", ref)
@@ -191,10 +204,10 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     if hv.nbytes > limits.max_header_bytes:
         raise _fail(ErrorCode.TOO_LARGE, f"header is {hv.nbytes} bytes > max_header_bytes {limits.max_header_bytes}")
     try:
-        header = msgpack.unpackb(hv, raw=False, strict_map_key=True, use_list=True)
+        header = msgpack.unpackb(hv, raw=False, strict_map_key=False, use_list=True, object_pairs_hook=_string_keys)
     except Exception as exc:  # noqa: BLE001 - every way a peer's bytes can fail to parse is the same error
         raise _fail(ErrorCode.BAD_HEADER, f"header is not valid msgpack ({type(exc).__name__})") from None
-    if type(header) is not dict or not all(type(k) is str for k in header):
+    if type(header) is not dict:
         raise _fail(ErrorCode.BAD_HEADER, "header must be a msgpack map with string keys")
     # 6, 7: type
     mtype = header.get("type")
@@ -204,7 +217,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     if cls is None:
         raise _fail(ErrorCode.UNKNOWN_TYPE, f"unknown message type {mtype[:40]!r}", mtype[:40])
     # 8, 9: tensor descriptors and dtypes
-    descriptors = _check_descriptors(header.get("tensors"), limits, mtype)
+    descriptors = _check_descriptors(header.get("tensors", _ABSENT), limits, mtype)
     for name, dt, _, wire in descriptors:
         if dt is None:
             raise _fail(ErrorCode.BAD_TENSOR, f"tensor {name!r}: dtype {wire[:20]!r} is not allowed", mtype)
@@ -215,11 +228,16 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
             f"{mtype} declares {len(descriptors)} tensors so it has {2 + len(descriptors)} frames, got {len(frames)}",
             mtype,
         )
-    # 11, 12: sizes, before anything is built from them
+    # 11: sizes of every tensor, before anything is built from them. The product of the non-zero dimensions is
+    # bounded too, so that a zero-size tensor with absurd other dimensions cannot overflow numpy's shape arithmetic.
+    for name, dt, shape, _ in descriptors:
+        nbytes = math.prod(shape) * dt.itemsize
+        extent = math.prod(d for d in shape if d) * dt.itemsize
+        if max(nbytes, extent) > limits.max_tensor_bytes:
+            raise _fail(ErrorCode.TOO_LARGE, f"tensor {name!r} {list(shape)} exceeds {limits.max_tensor_bytes} bytes", mtype)
+    # 12: each frame holds exactly its tensor
     for (name, dt, shape, _), view in zip(descriptors, views[2:]):
         nbytes = math.prod(shape) * dt.itemsize
-        if nbytes > limits.max_tensor_bytes:
-            raise _fail(ErrorCode.TOO_LARGE, f"tensor {name!r} would be {nbytes} bytes > {limits.max_tensor_bytes}", mtype)
         if view.nbytes != nbytes:
             raise _fail(
                 ErrorCode.BAD_TENSOR,
