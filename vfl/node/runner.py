@@ -226,8 +226,7 @@ class NodeRunner:
         ok, reason = True, f"rows aligned: {len(aligned.rows)}"
         if out is not None:
             try:
-                write_aligned(out, self.ids, aligned.rows)
-                reason += f", written to {out}"
+                write_aligned(out, self.ids, aligned.rows)  # the path stays local: BYE's reason goes to the peer
                 self.log.info("wrote %d aligned IDs to %s", len(aligned.rows), out)
             except OSError as exc:
                 ok, reason = False, f"cannot write the aligned IDs to {out}: {exc.strerror}"

@@ -1,0 +1,317 @@
+"""The node under test: a label holder the kit starts itself, or an external one given on the command line."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import zmq
+import zmq.auth
+
+from .peer import DEFAULT_LIMITS, TYPES
+
+REPO = Path(__file__).resolve().parents[2]
+
+LH_PARTY = "bank"
+RUN = "conformance-1"
+MODEL = "conformance-model-v1"
+HEARTBEAT_S = 1.0
+PEER_TIMEOUT_S = 120.0  # longer than the whole kit: a party a failed test leaves READY must not kill the node
+JOIN_TIMEOUT_S = 3600.0
+
+# Parties of the kit's own node. Roles let the tests spread their traffic (and the node's per-peer [R2] buckets)
+# over several allow-listed keys; against an external node with fewer keys the roles share keys.
+GENERAL = ["dh1", "dh2", "dh3"]
+ROLES = {
+    "main": "dh1",
+    "alt": "dh2",
+    "third": "dh3",
+    "probe": "probe",
+    "rate": "rate",
+    "flood1": "flood1",
+    "flood2": "flood2",
+    "flood3": "flood3",
+}
+IDLE_PARTIES = {t: "idle-" + t.lower().replace("_", "-") for t in sorted(TYPES)}  # never used before their test
+SPARE = "spare"  # allow-listed and expected, never connects: keeps the label holder from finishing
+OUTSIDER = "outsider"  # allow-listed key whose party is NOT in cut_widths (for [H1])
+
+
+@dataclass
+class PartyKey:
+    name: str
+    public: bytes
+    secret: bytes
+
+
+@dataclass
+class Target:
+    address: str
+    server_public: bytes
+    run: str
+    session: dict
+    limits: dict
+    parties: dict[str, PartyKey]  # allow-listed keys of parties in cut_widths that the kit may use
+    lh_party: Optional[str] = None
+    heartbeat_ms: Optional[int] = None
+    peer_timeout_ms: Optional[int] = None
+    outsider: Optional[PartyKey] = None
+    proc: Optional[subprocess.Popen] = None
+    log_path: Optional[Path] = None
+    workdir: Optional[Path] = None
+    external: bool = False
+    dead_reason: Optional[str] = None  # an external target that stopped answering
+    pristine: dict[str, str] = field(default_factory=dict)  # message type -> party never used before
+
+    def key(self, role_or_party: str) -> PartyKey:
+        if role_or_party in self.parties:
+            return self.parties[role_or_party]
+        name = ROLES.get(role_or_party)
+        if name in self.parties:
+            return self.parties[name]
+        # external target: roles share the keys given on the command line
+        names = sorted(self.parties)
+        order = list(ROLES)
+        i = order.index(role_or_party) if role_or_party in order else 0
+        return self.parties[names[i % len(names)]]
+
+    def distinct(self, n: int) -> list[PartyKey]:
+        """n different allow-listed parties, or skip."""
+        import pytest
+
+        general = [self.parties[p] for p in GENERAL if p in self.parties]
+        if len(general) < n:
+            general = list(self.parties.values())
+        if len(general) < n:
+            pytest.skip(f"needs {n} allow-listed party keys; the target was given {len(general)} (--client-key/--party)")
+        return general[:n]
+
+    def alive(self) -> Optional[str]:
+        """None if the node looks alive, else a description of its death."""
+        if self.proc is None:
+            return None
+        rc = self.proc.poll()
+        if rc is None:
+            return None
+        return f"node process exited with {rc}; log tail:\n{self.log_tail()}"
+
+    def log_tail(self, n: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join("    | " + ln for ln in lines[-n:])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Local node
+# --------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_keys(keydir: Path, names: list[str]) -> dict[str, PartyKey]:
+    keydir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in names:
+        pub_file, sec_file = zmq.auth.create_certificates(str(keydir), name)
+        os.chmod(sec_file, stat.S_IRUSR | stat.S_IWUSR)
+        public, secret = zmq.auth.load_certificate(sec_file)
+        out[name] = PartyKey(name, public, secret)
+    return out
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(
+    path: Path,
+    *,
+    port: int,
+    partners: list[str],
+    cut_widths: dict[str, int],
+    heartbeat: float = HEARTBEAT_S,
+    peer: float = PEER_TIMEOUT_S,
+    join: float = JOIN_TIMEOUT_S,
+    limits: dict = DEFAULT_LIMITS,
+) -> None:
+    lines = [
+        'role = "label_holder"',
+        f"party = {_toml_str(LH_PARTY)}",
+        f"run = {_toml_str(RUN)}",
+        f'endpoint = "tcp://127.0.0.1:{port}"',
+        "",
+        "[keys]",
+        f'secret = "keys/{LH_PARTY}.key_secret"',
+        "insecure = false",
+        "",
+        "[keys.partners]",
+        *[f'{_toml_str(p)} = "keys/{p}.key"' for p in partners],
+        "",
+        "[session]",
+        "batch_size = 32",
+        "window = 2",
+        f"model = {_toml_str(MODEL)}",
+        "",
+        "[session.cut_widths]",
+        *[f"{_toml_str(p)} = {w}" for p, w in cut_widths.items()],
+        "",
+        "[timeouts]",
+        f"heartbeat = {heartbeat!r}",
+        f"peer = {peer!r}",
+        f"join = {join!r}",
+        "",
+        "[limits]",
+        *[f"{k} = {v}" for k, v in limits.items()],
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def node_command(template: Optional[str], config: Path) -> list[str]:
+    if template:
+        return [a.replace("{config}", str(config)) for a in shlex.split(template)]
+    return [sys.executable, "-m", "vfl", "node", "--config", str(config)]
+
+
+def start_node(cmd: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(
+            cmd, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+
+
+def stop_node(proc: subprocess.Popen, grace: float = 10.0) -> Optional[int]:
+    """SIGTERM, then SIGKILL after ``grace`` seconds. Returns the exit code seen after SIGTERM (None if killed)."""
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        proc.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        return None
+
+
+def build_local(workdir: Path, node_cmd: Optional[str]) -> Target:
+    """Keys, config and (not yet started) process description for the kit's own label holder."""
+    pristine = dict(IDLE_PARTIES)
+    expected = GENERAL + [v for v in ROLES.values() if v not in GENERAL] + list(pristine.values()) + [SPARE]
+    keys = make_keys(workdir / "keys", [LH_PARTY, *expected, OUTSIDER])
+    cut_widths = {p: (16 if p == "dh2" else 8) for p in expected}
+    session = {"cut_widths": cut_widths, "batch_size": 32, "window": 2, "model": MODEL}
+    port = free_port()
+    write_config(workdir / "node.toml", port=port, partners=expected + [OUTSIDER], cut_widths=cut_widths)
+    return Target(
+        address=f"tcp://127.0.0.1:{port}",
+        server_public=keys[LH_PARTY].public,
+        run=RUN,
+        session=session,
+        limits=dict(DEFAULT_LIMITS),
+        parties={p: keys[p] for p in expected if p != SPARE},
+        lh_party=LH_PARTY,
+        heartbeat_ms=int(HEARTBEAT_S * 1000),
+        peer_timeout_ms=int(PEER_TIMEOUT_S * 1000),
+        outsider=keys[OUTSIDER],
+        log_path=workdir / "node.log",
+        workdir=workdir,
+        pristine=pristine,
+    )
+
+
+def wait_ready(target: Target, ctx: zmq.Context, timeout: float = 60.0) -> None:
+    """Wait until the node completes a handshake (it may take a while to import its dependencies)."""
+    from .peer import Peer, config_digest
+
+    key = target.key("probe")
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while time.monotonic() < deadline:
+        attempt += 1
+        dead = target.alive()
+        if dead:
+            raise RuntimeError(f"the node under test did not start: {dead}")
+        p = Peer(ctx, target.address, server_public=target.server_public, public=key.public, secret=key.secret,
+                 routing_id=key.name.encode(), limits=target.limits)
+        try:
+            p.send("HELLO", {"version": [1, 0], "role": "data_holder", "party": key.name, "run": target.run,
+                             "config": target.session, "digest": config_digest(target.session)})
+            end = min(deadline, time.monotonic() + 2.0)
+            while time.monotonic() < end:
+                m = p.recv_app(end - time.monotonic())
+                if m is None:
+                    break
+                if m.type == "WELCOME":
+                    p.send("BYE", {"ok": True, "reason": "conformance kit: startup probe"})
+                    time.sleep(0.05)
+                    return
+                if m.type == "ERROR":
+                    raise RuntimeError(f"the node refused the kit's startup HELLO: {m.summary()}\n{target.log_tail()}")
+        finally:
+            p.close()
+    raise RuntimeError(f"the node did not answer a HELLO within {timeout} s\n{target.log_tail()}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# External node
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_external(opts) -> Target:
+    import pytest
+
+    if not (opts.target_key and opts.client_key and opts.party and opts.session):
+        pytest.exit("--target needs --target-key, --client-key, --party and --session", returncode=2)
+    if len(opts.client_key) != len(opts.party):
+        pytest.exit("give one --party per --client-key, in the same order", returncode=2)
+    server_public, _ = zmq.auth.load_certificate(opts.target_key)
+    parties = {}
+    for name, path in zip(opts.party, opts.client_key):
+        public, secret = zmq.auth.load_certificate(path)
+        if secret is None:
+            pytest.exit(f"--client-key {path} holds no secret key", returncode=2)
+        parties[name] = PartyKey(name, public, secret)
+    doc = tomllib.loads(Path(opts.session).read_text())
+    session = doc.get("session", doc)
+    session = {k: session[k] for k in ("cut_widths", "batch_size", "window", "model")}
+    run = opts.run or doc.get("run")
+    if not run:
+        pytest.exit("the --session file needs a top-level `run` (or pass --run)", returncode=2)
+    limits = dict(DEFAULT_LIMITS)
+    limits.update(doc.get("limits", {}))
+    timeouts = doc.get("timeouts", {})
+    return Target(
+        address=opts.target,
+        server_public=server_public,
+        run=run,
+        session=session,
+        limits=limits,
+        parties=parties,
+        lh_party=doc.get("party") if "session" in doc else None,
+        heartbeat_ms=int(timeouts["heartbeat"] * 1000) if "heartbeat" in timeouts else None,
+        peer_timeout_ms=int(timeouts["peer"] * 1000) if "peer" in timeouts else None,
+        external=True,
+    )

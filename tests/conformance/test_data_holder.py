@@ -1,0 +1,370 @@
+"""The data holder's side, with the kit as a raw label holder (a CURVE ROUTER written from the spec):
+[S1]/[S2] (its HELLO), [L3] (handshake timeout, refused key), [H7] (ERROR to HELLO is final), [L1] (it heartbeats
+a silent label holder at the announced heartbeat_ms) and its state table [T1].
+
+These start the node under test as a data holder (``--node-cmd`` or the bundled ``python -m vfl node``); against
+an external ``--target`` without ``--node-cmd`` they are skipped (there is no data holder to start)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from .peer import CODES, DH_TO_LH, Msg, config_digest, envelope, parse
+from .target import MODEL, RUN, _toml_str, make_keys, node_command, start_node
+
+DH = "dh1"
+LH = "bank"
+SESSION = {"cut_widths": {DH: 8, "dh2": 16}, "batch_size": 32, "window": 2, "model": MODEL}
+
+
+class RawLabelHolder:
+    """A ROUTER, CURVE server, bound on 127.0.0.1. deny_all: a ZAP handler that refuses every client key."""
+
+    def __init__(self, ctx: zmq.Context, server, deny_dir: Optional[Path] = None):
+        self.auth = None
+        if deny_dir is not None:
+            self.auth = ThreadAuthenticator(ctx)
+            self.auth.start()
+            deny_dir.mkdir(exist_ok=True)
+            self.auth.configure_curve(domain="*", location=str(deny_dir))  # an empty allow-list
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.curve_server = True
+        self.sock.curve_secretkey = server.secret
+        self.sock.curve_publickey = server.public
+        self.sock.zap_domain = b"vfl"
+        self.sock.sndtimeo = 2000
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.got: list[tuple[bytes, Msg]] = []
+        self.rid: Optional[bytes] = None
+
+    def recv(self, timeout: float, skip_heartbeats: bool = True) -> Optional[Msg]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                return None
+            rid, *frames = self.sock.recv_multipart()
+            m = parse(frames, allowed_types=DH_TO_LH)
+            self.got.append((rid, m))
+            self.rid = rid
+            assert not m.problems, f"the data holder sent a malformed message: {m.problems}"
+            if m.type == "HEARTBEAT" and skip_heartbeats:
+                continue
+            return m
+
+    def expect(self, type_: str, timeout: float, what: str = "") -> Msg:
+        m = self.recv(timeout)
+        assert m is not None, f"{what}: expected {type_} from the data holder, got nothing within {timeout} s"
+        assert m.type == type_, f"{what}: expected {type_} from the data holder, got {m.summary()}"
+        return m
+
+    def send(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart([self.rid, *frames])
+
+    def welcome(self, heartbeat_ms: int = 1000, peer_timeout_ms: int = 20000) -> None:
+        self.send(envelope("WELCOME", {"version": [1, 0], "party": LH, "run": RUN, "digest": config_digest(SESSION),
+                                       "heartbeat_ms": heartbeat_ms, "peer_timeout_ms": peer_timeout_ms,
+                                       "data_holders": sorted(SESSION["cut_widths"])}))
+
+    def answer_echo(self, m: Msg) -> None:
+        self.send(envelope("ECHO_REPLY", {"seq": m.get("seq")},
+                           [(n, np.frombuffer(b, dtype=_np_dtype(d)).reshape(s)) for n, d, s, b in m.tensors]))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+
+
+def _np_dtype(name):
+    from .peer import DTYPES
+
+    return DTYPES[name]
+
+
+class DataHolderEnv:
+    def __init__(self, workdir: Path, node_cmd: Optional[str]):
+        self.workdir = workdir
+        self.node_cmd = node_cmd
+        self.keys = make_keys(workdir / "keys", [LH, DH])
+        self.procs: list[subprocess.Popen] = []
+        self.n = 0
+
+    def start(self, port: int, *, handshake: float = 10.0, rounds: int = 2, hold: float = 0.0,
+              shape=(4, 8)) -> tuple[subprocess.Popen, Path]:
+        self.n += 1
+        cfg = self.workdir / f"dh-{self.n}.toml"
+        cw = "\n".join(f"{_toml_str(k)} = {v}" for k, v in SESSION["cut_widths"].items())
+        cfg.write_text(f"""role = "data_holder"
+party = {_toml_str(DH)}
+run = {_toml_str(RUN)}
+endpoint = "tcp://127.0.0.1:{port}"
+
+[keys]
+secret = "keys/{DH}.key_secret"
+
+[keys.partners]
+{LH} = "keys/{LH}.key"
+
+[session]
+batch_size = {SESSION['batch_size']}
+window = {SESSION['window']}
+model = {_toml_str(MODEL)}
+
+[session.cut_widths]
+{cw}
+
+[timeouts]
+heartbeat = 1.0
+peer = 20.0
+handshake = {handshake!r}
+
+[link_check]
+rounds = {rounds}
+shape = {list(shape)}
+dtype = "float32"
+hold = {hold!r}
+""")
+        log = self.workdir / f"dh-{self.n}.log"
+        proc = start_node(node_command(self.node_cmd, cfg), log, self.workdir)
+        self.procs.append(proc)
+        return proc, log
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+@pytest.fixture(scope="module")
+def dh_env(request, tmp_path_factory):
+    opts = request.config.option
+    if opts.target and not opts.node_cmd:
+        pytest.skip("data holder tests start a data holder: give --node-cmd to test another implementation's")
+    env = DataHolderEnv(tmp_path_factory.mktemp("vfl-dh"), opts.node_cmd)
+    yield env
+    env.cleanup()
+
+
+@pytest.fixture
+def lh_ctx():
+    c = zmq.Context()  # its own context: a ZAP handler must not see the kit's other sockets
+    yield c
+    c.destroy(linger=0)
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> Optional[int]:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _log(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _finish_link_check(lh: RawLabelHolder, proc, log, rounds: int, what: str) -> None:
+    for i in range(rounds):
+        lh.answer_echo(lh.expect("ECHO", 5.0, f"{what}: link check ECHO #{i + 1}"))
+    bye = lh.expect("BYE", 10.0, f"{what}: BYE after the link check")
+    assert bye.get("ok") is True, f"{what}: BYE after a successful link check must be ok: true, got {bye.summary()}"
+    rc = _wait(proc, 10.0)
+    assert rc == 0, f"{what}: the data holder must exit 0 after BYE {{ok: true}}, got {rc}\n{_log(log)[-2000:]}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_S2_data_holder_HELLO_is_conformant_and_session_completes(dh_env, lh_ctx):
+    """[S1] routing id = party id; [S2] first message HELLO with version [1, 0], role data_holder, party, run,
+    the config it was given and the section 6 digest of it; then WELCOME -> link check ECHOs ([E4] frames checked)
+    -> BYE {ok: true} -> exit 0."""
+    lh = RawLabelHolder(lh_ctx, dh_env.keys[LH])
+    try:
+        proc, log = dh_env.start(lh.port, rounds=2)
+        m = lh.recv(10.0, skip_heartbeats=False)
+        assert m is not None, f"no message from the data holder within 10 s\n{_log(log)[-2000:]}"
+        assert lh.rid == DH.encode(), f"[S1] routing id must be the party id {DH!r}, got {lh.rid!r}"
+        assert m.type == "HELLO", f"[S2] the first message must be HELLO, got {m.summary()}"
+        version = m.get("version")
+        assert isinstance(version, list) and len(version) == 2 and version[0] == 1, version
+        assert m.get("role") == "data_holder" and m.get("party") == DH and m.get("run") == RUN
+        assert m.get("config") == SESSION, f"HELLO config {m.get('config')} is not the session config {SESSION}"
+        assert m.get("digest") == config_digest(SESSION), (
+            f"section 6: HELLO digest {m.get('digest')!r} is not sha256(canonical msgpack) = {config_digest(SESSION)!r}"
+        )
+        lh.welcome()
+        _finish_link_check(lh, proc, log, 2, "happy path")
+    finally:
+        lh.close()
+
+
+def test_L3_data_holder_gives_up_without_WELCOME(dh_env, lh_ctx):
+    """[L3]: no WELCOME within the handshake timeout (1.5 s) -> non-zero exit, not much earlier or later."""
+    lh = RawLabelHolder(lh_ctx, dh_env.keys[LH])
+    try:
+        proc, log = dh_env.start(lh.port, handshake=1.5)
+        lh.expect("HELLO", 10.0)
+        t = time.monotonic()
+        rc = _wait(proc, 1.5 + 5.0)
+        took = time.monotonic() - t
+        assert rc is not None, "[L3] the data holder did not give up within handshake + 5 s"
+        assert rc != 0, f"[L3] giving up on the handshake must be a non-zero exit, got 0\n{_log(log)[-2000:]}"
+        assert took >= 1.0, f"[L3] gave up after {took:.2f} s, before its 1.5 s handshake timeout"
+    finally:
+        lh.close()
+
+
+def test_L3_data_holder_reports_a_refused_key_as_such(dh_env, lh_ctx, tmp_path):
+    """[L3]: the label holder's ZAP handler refuses the data holder's key -> the data holder exits non-zero within
+    its handshake timeout and says its key was refused (not just "timeout"). Three data holders are started at
+    once: how a node sees the refusal can depend on timing (before or after its HELLO is queued)."""
+    lh = RawLabelHolder(lh_ctx, dh_env.keys[LH], deny_dir=tmp_path / "allow-nobody")
+    try:
+        runs = [dh_env.start(lh.port, handshake=2.0) for _ in range(3)]
+        deadline = time.monotonic() + 2.0 + 3.0
+        problems = []
+        for i, (proc, log) in enumerate(runs):
+            rc = _wait(proc, max(0.1, deadline - time.monotonic()))
+            text = _log(log)
+            words = ("refused", "rejected", "denied", "not allowed", "allow-list", "allow list", "zap", "authenticat")
+            if rc is None:
+                problems.append(f"data holder #{i + 1} did not exit within its 2 s handshake timeout + 3 s "
+                                f"(still running); its output:\n{text[-1500:]}")
+            elif rc == 0:
+                problems.append(f"data holder #{i + 1} exited 0; its output:\n{text[-1500:]}")
+            elif not any(w in text.lower() for w in words):
+                problems.append(f"data holder #{i + 1} (exit {rc}) does not say that its key was refused; its "
+                                f"output:\n{text[-1500:]}")
+        assert not problems, "[L3] refused key:\n" + "\n".join(problems)
+        assert lh.recv(0.05) is None
+    finally:
+        lh.close()
+
+
+def test_H7_data_holder_treats_ERROR_to_HELLO_as_final(dh_env, lh_ctx):
+    """[H7]: ERROR CONFIG_MISMATCH (with diff) in answer to HELLO -> the data holder reports code, message and
+    diff, and exits non-zero (right away, not at its handshake timeout)."""
+    lh = RawLabelHolder(lh_ctx, dh_env.keys[LH])
+    try:
+        proc, log = dh_env.start(lh.port, handshake=30.0)
+        lh.expect("HELLO", 10.0)
+        lh.send(envelope("ERROR", {"code": CODES["CONFIG_MISMATCH"], "ref": "HELLO",
+                                   "message": "config differs: batch_size: label holder has 64, data holder has 32",
+                                   "diff": {"batch_size": [64, 32]}}))
+        rc = _wait(proc, 5.0)
+        text = _log(log)
+        assert rc is not None, f"[H7] the data holder did not exit within 5 s of ERROR to its HELLO\n{text[-2000:]}"
+        assert rc != 0, f"[H7] exit code must be non-zero, got 0\n{text[-2000:]}"
+        assert "CONFIG_MISMATCH" in text or "10" in text, f"[H7] the code is not reported:\n{text[-2000:]}"
+        assert "batch_size" in text and "64" in text and "32" in text, f"[H7] the diff is not reported:\n{text[-2000:]}"
+    finally:
+        lh.close()
+
+
+def test_L1_data_holder_heartbeats_at_the_announced_interval(dh_env, lh_ctx):
+    """[L1]: heartbeat_ms is the label holder's setting, announced in WELCOME (here 300 ms, the data holder's own
+    config says 1 s): a READY data holder that has sent nothing for 300 ms sends HEARTBEAT."""
+    lh = RawLabelHolder(lh_ctx, dh_env.keys[LH])
+    try:
+        proc, log = dh_env.start(lh.port, rounds=1, hold=1.3)
+        lh.expect("HELLO", 10.0)
+        lh.welcome(heartbeat_ms=300)
+        lh.answer_echo(lh.expect("ECHO", 5.0))
+        t = time.monotonic()
+        beats = []
+        while len(beats) < 2 and time.monotonic() - t < 1.5:
+            m = lh.recv(1.5 - (time.monotonic() - t), skip_heartbeats=False)
+            if m is None:
+                break
+            if m.type == "HEARTBEAT":
+                beats.append(time.monotonic() - t)
+        assert len(beats) == 2, f"[L1] expected 2 HEARTBEATs within 1.5 s at heartbeat_ms = 300, got {beats}"
+        assert beats[0] <= 0.6 + 0.2 and beats[1] - beats[0] <= 0.6 + 0.2, f"[L1] HEARTBEATs at {beats} s"
+        bye = lh.expect("BYE", 5.0)
+        assert bye.get("ok") is True
+        assert _wait(proc, 10.0) == 0
+    finally:
+        lh.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data holder's table: CONNECTING and READY rows (WELCOME/ERROR in CONNECTING are the tests above).
+
+U = CODES["UNEXPECTED_MESSAGE"]
+
+
+def _msg(kind: str) -> list[bytes]:
+    t = [("x", np.arange(3, dtype=np.float32))]
+    return {
+        "WELCOME": envelope("WELCOME", {"version": [1, 0], "party": LH, "run": RUN, "digest": config_digest(SESSION),
+                                        "heartbeat_ms": 1000, "peer_timeout_ms": 20000, "data_holders": [DH]}),
+        "ECHO_REPLY": envelope("ECHO_REPLY", {"seq": 987654321}, t),
+        "HEARTBEAT": envelope("HEARTBEAT"),
+        "HELLO": envelope("HELLO", {"version": [1, 0], "role": "data_holder", "party": "dh2", "run": RUN,
+                                    "config": SESSION, "digest": config_digest(SESSION)}),
+        "ECHO": envelope("ECHO", {"seq": 5}, t),
+        "ERROR": envelope("ERROR", {"code": CODES["BAD_FIELD"], "message": "conformance kit: a valid ERROR"}),
+        "BYE_not_ok": envelope("BYE", {"ok": False, "reason": "conformance kit says goodbye"}),
+    }[kind]
+
+
+DH_TABLE = {
+    ("CONNECTING", "ECHO_REPLY"): U,
+    ("CONNECTING", "HEARTBEAT"): U,
+    ("CONNECTING", "HELLO"): U,
+    ("CONNECTING", "ECHO"): U,
+    ("CONNECTING", "BYE_not_ok"): "CLOSED",
+    ("READY", "WELCOME"): U,
+    ("READY", "ECHO_REPLY"): U,  # an unknown seq
+    ("READY", "HEARTBEAT"): None,
+    ("READY", "HELLO"): U,
+    ("READY", "ECHO"): U,
+    ("READY", "ERROR"): None,  # log
+    ("READY", "BYE_not_ok"): "CLOSED",
+}
+
+
+@pytest.mark.parametrize("state,kind", list(DH_TABLE), ids=[f"{s}-{k}" for s, k in DH_TABLE])
+def test_T1_data_holder_state_table(dh_env, lh_ctx, state, kind):
+    """[T1] for the data holder: the tabled answer (error UNEXPECTED_MESSAGE, nothing, or CLOSED: a BYE
+    {ok: false} makes it exit non-zero with the reason); after an error or nothing the session goes on normally
+    (WELCOME accepted in CONNECTING; link check, BYE {ok: true}, exit 0 in READY)."""
+    want = DH_TABLE[(state, kind)]
+    lh = RawLabelHolder(lh_ctx, dh_env.keys[LH])
+    what = f"data holder, {kind} in {state}"
+    try:
+        proc, log = dh_env.start(lh.port, rounds=1, hold=0.4 if state == "READY" else 0.0)
+        lh.expect("HELLO", 10.0, what)
+        if state == "READY":
+            lh.welcome()
+            lh.answer_echo(lh.expect("ECHO", 5.0, what))  # the link check is done; it holds READY for 0.4 s
+        lh.send(_msg(kind))
+        if want == "CLOSED":
+            rc = _wait(proc, 5.0)
+            assert rc is not None and rc != 0, f"{what}: must exit non-zero, got {rc}"
+            assert "conformance kit says goodbye" in _log(log), f"{what}: the reason is not reported"
+            return
+        if want == U:
+            e = lh.expect("ERROR", 3.0, what)
+            assert e.get("code") == U, f"{what}: expected ERROR UNEXPECTED_MESSAGE, got {e.summary()}"
+        if state == "CONNECTING":
+            lh.welcome()
+            _finish_link_check(lh, proc, log, 1, what)
+        else:
+            bye = lh.expect("BYE", 5.0, what)  # nothing else (no ERROR for HEARTBEAT / ERROR) before its BYE
+            assert bye.get("ok") is True, f"{what}: {bye.summary()}"
+            assert _wait(proc, 10.0) == 0, f"{what}: exit code {proc.returncode}\n{_log(log)[-2000:]}"
+    finally:
+        lh.close()

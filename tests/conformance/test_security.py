@@ -1,0 +1,163 @@
+"""Section 2 [S3]/[S4] and section 8 [R3]: only allow-listed keys get anything delivered; identity is the key."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .kit import next_key
+from .peer import SIGNATURE, Peer, envelope
+
+QUIET = 1.0  # how long an unauthenticated connection listens for (there must be nothing)
+
+
+def _impostor_traffic(kit, p, party):
+    """A valid HELLO (as an allow-listed party), an ECHO and garbage: each would be answered if delivered."""
+    p.send_raw(kit.hello_frames(party), pace=False)
+    p.send_raw(envelope("ECHO", {"seq": 1}), pace=False)
+    p.send_raw([SIGNATURE, b"\xc1"], pace=False)
+    p.send_raw([b"garbage"], pace=False)
+
+
+def _handshake_events(p, duration, stop_at=("HANDSHAKE_FAILED_AUTH", "HANDSHAKE_SUCCEEDED")):
+    """Monitor events of p's socket within ``duration`` seconds: list of (event name, value)."""
+    out = []
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        if not p.monitor.poll(int(max(1, (deadline - time.monotonic()) * 1000))):
+            break
+        ev = recv_monitor_message(p.monitor)
+        out.append((zmq.Event(ev["event"]).name, ev["value"]))
+        if out[-1][0] in stop_at:
+            break
+    return out
+
+
+@pytest.mark.parametrize("routing_id", ["allow-listed", "own"])
+def test_S3_key_not_on_allow_list_gets_nothing_delivered(kit, routing_id):
+    """[S3]: a client with a CURVE key that is not on the allow-list (routing id = an allow-listed party's id, or
+    its own) sends a valid HELLO, an ECHO and garbage: it gets no answer at all, the party it claims is not made
+    READY, and a valid peer still completes the handshake."""
+    victim = next_key(kit)
+    public, secret = zmq.curve_keypair()
+    rid = victim.name.encode() if routing_id == "allow-listed" else b"stranger"
+    p = kit.peer(key=victim, public=public, secret=secret, routing_id=rid)
+    _impostor_traffic(kit, p, victim.name)
+    p.expect_nothing(QUIET, "[S3] unlisted key")
+    p.close()
+    v = kit.peer(key=victim)
+    kit.assert_not_ready(v, f"[S3] {victim.name} must not be READY after the impostor's HELLO")
+    kit.assert_healthy("after [S3]")
+
+
+def test_S3_unlisted_key_is_refused_in_the_CURVE_handshake(kit):
+    """[S3] via ZAP (domain vfl): the client sees its handshake fail with an authentication error (status 400),
+    which is what lets a data holder "report a key the label holder refused (ZAP failure) as such" ([L3])."""
+    public, secret = zmq.curve_keypair()
+    p = kit.peer(key=next_key(kit), public=public, secret=secret, routing_id=b"stranger", monitor=True)
+    p.send_raw(kit.hello_frames("stranger"), pace=False)
+    events = _handshake_events(p, 2.0)
+    names = [e for e, _ in events]
+    assert "HANDSHAKE_FAILED_AUTH" in names, (
+        f"[S3] an unlisted key must be refused by the ZAP handler (ZMQ_EVENT_HANDSHAKE_FAILED_AUTH on the client); "
+        f"client socket events: {events}"
+    )
+    assert "HANDSHAKE_SUCCEEDED" not in names, f"[S3] handshake of an unlisted key succeeded: {events}"
+    p.expect_nothing(0.2, "[S3]")
+    kit.assert_healthy("after [S3]")
+
+
+def test_S3_allow_listed_key_handshake_succeeds(kit):
+    """Control for the test above: an allow-listed key's CURVE handshake succeeds."""
+    p = kit.peer(key=next_key(kit), monitor=True)
+    kit.handshake(p)
+    events = _handshake_events(p, 0.3)
+    assert "HANDSHAKE_SUCCEEDED" in [e for e, _ in events], events
+    kit.bye(p)
+
+
+def test_R3_client_without_CURVE_gets_nothing(kit):
+    """[R3]/[S3]: a NULL-mechanism client (no CURVE at all) with an allow-listed party's routing id gets nothing,
+    and its HELLO does not make that party READY (a label holder must never fall back to --insecure)."""
+    victim = next_key(kit)
+    p = kit.peer(key=victim, curve=False)
+    _impostor_traffic(kit, p, victim.name)
+    p.expect_nothing(QUIET, "[R3] client without CURVE")
+    p.close()
+    v = kit.peer(key=victim)
+    kit.assert_not_ready(v, f"[R3] {victim.name} must not be READY after the NULL client's HELLO")
+    kit.assert_healthy("after [R3]")
+
+
+def test_R3_client_with_wrong_server_key_gets_nothing(kit):
+    """A client that expects another server key (allow-listed client key) cannot complete CURVE; nothing is
+    delivered either way, and the node keeps serving."""
+    key = next_key(kit)
+    other_public, _ = zmq.curve_keypair()
+    q = Peer(kit.ctx, kit.target.address, server_public=other_public, public=key.public, secret=key.secret,
+             routing_id=key.name.encode(), limits=kit.target.limits, label="wrong-server-key")
+    kit.peers.append(q)
+    _impostor_traffic(kit, q, key.name)
+    q.expect_nothing(1.0, "wrong server key")
+    q.maybe_ready = False
+    q.close()
+    kit.assert_healthy("after a client with the wrong server key")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_S4_routing_id_of_another_party_gets_IDENTITY_MISMATCH(kit):
+    """[S4]: key of A, routing id B (both allow-listed): every message (HELLO as A, HELLO as B, ECHO, BYE) gets
+    IDENTITY_MISMATCH and is otherwise ignored: neither A nor B becomes READY."""
+    a, b = kit.target.distinct(2)
+    p = kit.peer(key=a, routing_id=b.name.encode())
+    for frames, what in [
+        (kit.hello_frames(a.name), "HELLO party A"),
+        (kit.hello_frames(b.name), "HELLO party B"),
+        (envelope("ECHO", {"seq": 1}), "ECHO"),
+        (envelope("BYE", {"ok": True, "reason": "x"}), "BYE"),
+    ]:
+        p.send_raw(frames)
+        p.expect_error("IDENTITY_MISMATCH", kit.T, f"[S4] key {a.name}, routing id {b.name}: {what}")
+    p.maybe_ready = False
+    p.close()
+    for k in (a, b):
+        kit.assert_not_ready(kit.peer(key=k), f"[S4] {k.name} must not be READY")
+    kit.assert_healthy("after [S4]")
+
+
+@pytest.mark.parametrize("rid", ["none", "unknown", "case"])
+def test_S4_routing_id_not_the_key_party_gets_IDENTITY_MISMATCH(kit, rid):
+    """[S4]: no routing id at all (libzmq picks a random one), an unknown one, or the party id in another case:
+    a valid HELLO gets IDENTITY_MISMATCH."""
+    key = next_key(kit)
+    routing_id = {"none": False, "unknown": b"nobody-such", "case": key.name.upper().encode()}[rid]
+    p = kit.peer(key=key, routing_id=routing_id)
+    p.send_raw(kit.hello_frames(key.name))
+    p.expect_error("IDENTITY_MISMATCH", kit.T, f"[S4] routing id {rid}")
+    p.maybe_ready = False
+    p.close()
+    kit.assert_not_ready(kit.peer(key=key), f"[S4] {key.name} must not be READY")
+
+
+def test_S4_hijacked_routing_id_does_not_affect_the_real_session(kit):
+    """[S4]: A is READY; a connection with B's key and A's routing id sends ECHO and BYE as A: it gets
+    IDENTITY_MISMATCH, and once A's real data holder reconnects its session is still READY."""
+    a, b = kit.target.distinct(2)
+    pa = kit.peer(key=a)
+    kit.handshake(pa)
+    pa.maybe_ready = False
+    pa.close()
+    h = kit.peer(key=b, routing_id=a.name.encode())
+    h.send_raw(envelope("BYE", {"ok": True, "reason": "hijack"}))
+    h.expect_error("IDENTITY_MISMATCH", kit.T, "[S4] BYE with A's routing id and B's key")
+    h.send_raw(envelope("ECHO", {"seq": 1}))
+    h.expect_error("IDENTITY_MISMATCH", kit.T, "[S4] ECHO with A's routing id and B's key")
+    h.close()
+    pa2 = kit.peer(key=a)
+    kit.assert_ready(pa2, "[S4] A's session after the hijack attempt")
+    kit.bye(pa2)
