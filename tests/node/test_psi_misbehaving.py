@@ -261,3 +261,110 @@ def test_P4_the_data_holder_refuses_an_invalid_point_from_the_label_holder(tmp_p
             assert not (tmp_path / "dh1-aligned.csv").exists()
     finally:
         ctx.destroy(linger=0)
+
+
+class RawLabelHolder:
+    """An honest label holder written by hand around vfl.psi's exchange, which can break the rules on request."""
+
+    def __init__(self, ctx: zmq.Context, tmp_path: Path, endpoint: str):
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.curve_server = True
+        sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(tmp_path / "keys" / "bank.key_secret")
+        sock.bind(endpoint)
+        self.peer = RawPeer(sock, routing_id=b"?")
+
+    def welcome(self, nonce: str | None = "ab" * 16) -> Hello:
+        hello = self.peer.recv(timeout=30)
+        assert isinstance(hello, Hello)
+        self.peer.send(Welcome(version=(1, 1), party="bank", run=RUN, digest=hello.digest, heartbeat_ms=300,
+                               peer_timeout_ms=5000, data_holders=("dh1",), psi_nonce=nonce))
+        return hello
+
+    def run_psi(self, ids: list, nonce: str = "ab" * 16):
+        """The honest pairwise exchange, driven by vfl.psi.PsiReceiver; returns it once the result is checked."""
+        from vfl.protocol.psi_phase import to_core, to_wire
+        from vfl.psi import PsiEngine, PsiReceiver
+
+        engine = PsiEngine(workers=1)
+        receiver = PsiReceiver(encode_ids(ids), engine=engine, run_id=RUN, nonce=bytes.fromhex(nonce), chunk_size=64)
+        start = self.peer.recv_type(PsiStart)
+        receiver.receive(to_core(start))
+        self.peer.send(to_wire(receiver.start()))
+        for chunk in receiver.blinded_chunks():
+            self.peer.send(to_wire(chunk))
+        from vfl.protocol import PsiResult
+
+        deadline = time.monotonic() + 30
+        while not receiver.done and time.monotonic() < deadline:
+            msg = self.peer.recv(timeout=30)
+            for out in receiver.receive(to_core(msg)) if isinstance(msg, (PsiItems, PsiResult)) else []:
+                self.peer.send(to_wire(out))  # [P6]: the receiver checks every result chunk it is given
+        engine.close()
+        assert receiver.done
+        return receiver
+
+
+@pytest.fixture
+def raw_label_holder_session(tmp_path):
+    sets = {"bank": [f"id-{i}" for i in range(0, 50)], "dh1": [f"id-{i}" for i in range(20, 90)]}
+    configs = psi_session(tmp_path, sets)
+    endpoint = re.search(r'endpoint = "([^"]+)"', configs["bank"].read_text()).group(1)
+    ctx = zmq.Context()
+    try:
+        raw = RawLabelHolder(ctx, tmp_path, endpoint)
+        with Nodes(tmp_path) as nodes:
+            dh = nodes.start_command(["psi", "--config", str(configs["dh1"])], "dh1")
+            yield raw, dh, sets
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_P1_a_data_holder_gives_up_on_a_welcome_without_psi_nonce(tmp_path, raw_label_holder_session):
+    raw, dh, sets = raw_label_holder_session
+    raw.welcome(nonce=None)
+    assert dh.wait(timeout=20) == 1
+    assert "WELCOME without a valid psi_nonce" in dh.output
+
+
+def test_P1_the_label_holder_sends_a_fresh_psi_nonce_in_every_welcome(tmp_path, honest_label_holder):
+    lh, peer, cfg, sets = honest_label_holder
+    first = join(peer, cfg)
+    second = join(peer, cfg)  # a restart ([H6])
+    for w in (first, second):
+        assert len(w.psi_nonce) == 32 and bytes.fromhex(w.psi_nonce)
+    assert first.psi_nonce != second.psi_nonce
+
+
+def test_P2_P5_P8_the_data_holder_follows_the_exchange_and_checks_its_rows(tmp_path, raw_label_holder_session):
+    """A hand-written honest label holder: the data holder opens with PSI_START and its stream ([P2]), its result
+    passes the label holder's checks ([P5], checked by PsiReceiver as [P6] says), and it maps PSI_ROWS ([P8])."""
+    from vfl.psi.multiparty import rows_chunks
+    from vfl.protocol.psi_phase import to_wire
+
+    raw, dh, sets = raw_label_holder_session
+    raw.welcome()
+    receiver = raw.run_psi(sets["bank"])
+    assert sorted(sets["bank"][r] for r in receiver.rows) == [f"id-{i}" for i in range(20, 50)]
+    positions = np.arange(len(receiver.rows), dtype=np.uint32)[::-1].copy()  # any order the label holder picks
+    for chunk in rows_chunks(positions, 64):
+        raw.peer.send(to_wire(chunk))
+    assert dh.wait(timeout=30) == 0, dh.output
+    import csv
+
+    with open(tmp_path / "dh1-aligned.csv") as fh:
+        got = [row[1] for row in list(csv.reader(fh))[1:]]
+    assert got == [sets["bank"][r] for r in receiver.rows[positions.astype(np.int64)]]
+
+
+def test_P8_repeated_positions_in_PSI_ROWS_are_refused(tmp_path, raw_label_holder_session):
+    from vfl.protocol import PsiRows
+
+    raw, dh, sets = raw_label_holder_session
+    raw.welcome()
+    raw.run_psi(sets["bank"])
+    raw.peer.send(PsiRows(chunk=0, last=True, tensors=(Tensor("positions", np.array([0, 1, 1], dtype=np.uint32)),)))
+    err = raw.peer.recv_type(Error)
+    assert err.code == ErrorCode.PSI_FAILED and "repeat" in err.message
+    assert dh.wait(timeout=20) == 1
+    assert not (tmp_path / "dh1-aligned.csv").exists()

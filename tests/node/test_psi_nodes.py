@@ -54,7 +54,7 @@ def run_psi(tmp_path: Path, configs: dict[str, Path], timeout: float = 90) -> di
         return {"codes": codes, "output": {name: p.output for name, p in procs.items()}}
 
 
-def test_three_parties_learn_the_same_intersection_in_the_same_order(tmp_path):
+def test_P7_P8_three_parties_learn_the_same_intersection_in_the_same_order(tmp_path):
     rng = random.Random(7)
     universe = [f"cust-{i:05d}" for i in range(600)] + ["Zoë", "李雷", "x" * 300]
     sets = {
@@ -106,7 +106,7 @@ def test_dedupe_keeps_the_first_row_of_each_id(tmp_path):
     assert sorted(read_aligned(tmp_path / "dh1-aligned.csv")) == [(0, "a"), (1, "b"), (3, "c")]
 
 
-def test_an_empty_intersection_is_a_clear_error_at_every_party(tmp_path):
+def test_P7_an_empty_intersection_is_a_clear_error_at_every_party(tmp_path):
     sets = {"bank": ["a", "b"], "dh1": ["c", "d"]}
     configs = psi_session(tmp_path, sets)
     result = run_psi(tmp_path, configs)
@@ -114,3 +114,11 @@ def test_an_empty_intersection_is_a_clear_error_at_every_party(tmp_path):
     assert "the intersection across all parties has 0 rows" in result["output"]["bank"]
     assert "the intersection across all parties has 0 rows" in result["output"]["dh1"]
     assert not (tmp_path / "bank-aligned.csv").exists()
+
+
+def test_P7_fewer_rows_than_min_rows_ends_the_session(tmp_path):
+    sets = {"bank": [f"u{i}" for i in range(30)], "dh1": [f"u{i}" for i in range(25, 60)]}
+    configs = psi_session(tmp_path, sets, psi={"min_rows": 10})
+    result = run_psi(tmp_path, configs)
+    assert result["codes"] == {"bank": 1, "dh1": 1}, result["output"]
+    assert "has 5 rows, fewer than the 10 this session needs" in result["output"]["bank"]
