@@ -34,7 +34,7 @@ from ..protocol import (
 from ..protocol.codec import DTYPES
 from .alignment import PartyIds, load_ids, psi_plan, write_aligned
 from .config import NodeConfig
-from .transport import Transport
+from .transport import LINGER_MS, Transport
 
 MAX_SLEEP_S = 0.2
 FINAL_FLUSH_S = 2.0  # how long a finishing node keeps trying to hand its last messages (BYE, ERROR) to libzmq
@@ -119,7 +119,8 @@ class NodeRunner:
             self.log.info("%s %r (run %s) %s %s [%s]", role, cfg.party, cfg.run, verb, transport.endpoint, security)
             return self._loop(transport)
         finally:
-            transport.close()
+            # a peer that never answered (refused key, wrong address) gets nothing more: do not linger for it
+            transport.close(linger_ms=LINGER_MS if self.bytes_received else 0)
             if self.engine is not None:
                 self.engine.close()
             for s, handler in previous.items():
@@ -142,8 +143,13 @@ class NodeRunner:
             finished = self._execute(transport, pending)
             self._flush(transport)
             if finished is not None:
-                self._flush(transport, until=time.monotonic() + FINAL_FLUSH_S)
+                if self.bytes_received:  # someone is listening: give the last messages a moment to go out
+                    self._flush(transport, until=time.monotonic() + FINAL_FLUSH_S)
                 return self._report(finished)
+            if machine.has_work and not transport.has_input():
+                # our own PSI stream: compute one chunk now that the answers above are on their way
+                pending = machine.work(time.monotonic())
+                continue
             now = time.monotonic()
             if self.stop_requested:
                 pending = machine.close(f"stopped by {self.stop_requested}", now)
@@ -174,14 +180,15 @@ class NodeRunner:
                     now = time.monotonic()
                     self.bytes_received += sum(len(f) for f in received.frames)
                     if isinstance(machine, LabelHolderMachine):
-                        pending += machine.receive(received.routing_id, received.identity, received.frames, now)
+                        new = machine.receive(received.routing_id, received.identity, received.frames, now)
                     else:
-                        pending += machine.receive(received.frames, now)
-                    if machine.finished is not None:
+                        new = machine.receive(received.frames, now)
+                    pending += new
+                    # the node must act on an alignment before the next message is read; and while our own PSI
+                    # stream is waiting, answer one message at a time so that the two streams interleave
+                    if machine.finished is not None or machine.has_work or any(isinstance(o, Aligned) for o in new):
                         break
             pending += machine.handle_timer(time.monotonic())
-            if machine.finished is None and machine.has_work:
-                pending += machine.work(time.monotonic())
 
     def _execute(self, transport: Transport, outputs: Iterable[Output]) -> Finished | None:
         finished = None

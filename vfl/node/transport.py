@@ -169,11 +169,12 @@ class Transport:
                 break
         return events
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = LINGER_MS) -> None:
+        """``linger_ms``: how long libzmq may keep delivering queued messages (BYE, ERROR) after we close."""
         if self.monitor is not None:
             self.socket.disable_monitor()
             self.monitor.close(linger=0)
-        self.socket.close()  # LINGER_MS lets BYE/ERROR reach the peer
+        self.socket.close(linger=linger_ms)
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()

@@ -9,20 +9,6 @@
   ``train_central``, the centralised reference a ``W = 1`` distributed run must match.
 """
 
-from .central import (
-    CentralResult,
-    ComposedModel,
-    OptimizerSpec,
-    Schedule,
-    ScheduleError,
-    StepResult,
-    as_targets,
-    make_schedule,
-    predict,
-    split_step,
-    task_loss,
-    train_central,
-)
 from .data import TASKS, DataError, LabelEncoding, PartyTable, Standardizer, TableSpec, encode_labels, load_table
 from .metrics import (
     accuracy,
@@ -33,21 +19,30 @@ from .metrics import (
     rmse,
     roc_auc,
 )
-from .models import (
-    ACTIVATIONS,
-    COMBINE_MODES,
-    Combiner,
-    MlpSpec,
-    ModelError,
-    ModelSpec,
-    architecture,
-    build_mlp,
-    build_model,
-    canonical_json,
-    describe,
-    fingerprint,
-    resolve_factory,
-    spec_from_config,
-)
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in {"central", "data", "metrics", "models"}]
+# torch-backed parts load on first use: `vfl psi` reads tables through vfl.train.data and must not pay for torch
+_LAZY = {
+    "central": (
+        "CentralResult", "ComposedModel", "OptimizerSpec", "Schedule", "ScheduleError", "StepResult", "as_targets",
+        "make_schedule", "predict", "split_step", "task_loss", "train_central",
+    ),
+    "models": (
+        "ACTIVATIONS", "COMBINE_MODES", "Combiner", "MlpSpec", "ModelError", "ModelSpec", "architecture", "build_mlp",
+        "build_model", "canonical_json", "describe", "fingerprint", "resolve_factory", "spec_from_config",
+    ),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vfl.train' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+__all__ = sorted(
+    [name for name in dir() if not name.startswith("_") and name not in {"data", "metrics", "annotations"}] + list(_WHERE)
+)
