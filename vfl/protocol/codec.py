@@ -20,7 +20,7 @@ from .messages import MESSAGE_TYPES, Message, Tensor, check_field, is_wire_int
 
 SIGNATURE = b"VFL/1"
 SIGNATURE_PREFIX = b"VFL/"
-PROTOCOL_VERSION = (1, 1)
+PROTOCOL_VERSION = (1, 2)
 MAX_NDIM = 8
 MAX_TENSOR_NAME = 64
 

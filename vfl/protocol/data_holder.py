@@ -13,6 +13,7 @@ from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
 from .errors import ErrorCode, RemoteProtocolError
 from .events import Aligned, Finished, LinkChecked, Log, Output, Send
 from .messages import (
+    Backward,
     Bye,
     Echo,
     EchoReply,
@@ -24,10 +25,13 @@ from .messages import (
     PsiReply,
     PsiRows,
     PsiStart,
+    Schedule,
     Tensor,
     Welcome,
 )
+from .messages import Epoch as EpochMessage
 from .psi_phase import FinalRows, PairwisePsi, PsiPlan
+from .training_phase import BottomSegment, DataHolderTraining
 from .session import SessionConfig, describe_diff
 from .timers import PeerClock, TokenBucket
 
@@ -40,11 +44,16 @@ class DataHolderState(enum.Enum):
     READY = "READY"
     PSI = "PSI"
     ALIGNED = "ALIGNED"
+    TRAINING = "TRAINING"
     CLOSED = "CLOSED"
 
 
 #: states with a live session: heartbeats and the peer timeout apply, BYE is sent on leaving
-CONNECTED = frozenset({DataHolderState.READY, DataHolderState.PSI, DataHolderState.ALIGNED})
+CONNECTED = frozenset(
+    {DataHolderState.READY, DataHolderState.PSI, DataHolderState.ALIGNED, DataHolderState.TRAINING}
+)
+#: states in which the peer must keep the phase moving ([P10], [X?]): heartbeats alone do not count
+PROGRESSING = frozenset({DataHolderState.PSI, DataHolderState.TRAINING})
 
 
 Handler = Callable[["DataHolderMachine", Message, float], list[Output]]
@@ -96,6 +105,7 @@ class DataHolderMachine:
         self._final: FinalRows | None = None
         self._nonce: str | None = None
         self._last_progress = 0.0
+        self._train: DataHolderTraining | None = None
 
     def start(self, now: float) -> list[Output]:
         """The first message on the connection ([S2])."""
@@ -152,11 +162,12 @@ class DataHolderMachine:
             return []
         if self.state not in CONNECTED:
             return []
-        if self.state is DataHolderState.PSI and now >= self._last_progress + self.progress_timeout_s:
+        if self.state in PROGRESSING and now >= self._last_progress + self.progress_timeout_s:
+            phase = "PSI" if self.state is DataHolderState.PSI else "training"
             return self._finish(
                 1,
-                f"label holder {self.label_holder} made no progress in the PSI for {now - self._last_progress:.0f} s "
-                f"(progress timeout {self.progress_timeout_s:g} s)",
+                f"label holder {self.label_holder} made no progress in the {phase} for "
+                f"{now - self._last_progress:.0f} s (progress timeout {self.progress_timeout_s:g} s)",
             )
         if now >= self.clock.lost_at(self.peer_timeout_s):
             return self._finish(
@@ -180,7 +191,7 @@ class DataHolderMachine:
             times = [self.clock.heartbeat_due(self.heartbeat_s), self.clock.lost_at(self.peer_timeout_s)]
             if self._leave_at is not None:
                 times.append(self._leave_at)
-            if self.state is DataHolderState.PSI:
+            if self.state in PROGRESSING:
                 times.append(self._last_progress + self.progress_timeout_s)
             return min(times)
         return None
@@ -248,13 +259,50 @@ class DataHolderMachine:
 
     @property
     def has_work(self) -> bool:
-        return self.finished is None and self._psi is not None and self._psi.has_work
+        if self.finished is not None:
+            return False
+        if self._train is not None:
+            return self._train.has_work
+        return self._psi is not None and self._psi.has_work
 
     def work(self, now: float) -> list[Output]:
-        """Compute and send the next chunk of our own blinded stream."""
+        """Compute and send the next chunk of our own blinded stream, or the next FORWARD / EVAL_FORWARD."""
         if not self.has_work:
             return []
+        if self._train is not None:
+            return [self._send(m, now) for m in self._train.work()]
         return [self._send(m, now) for m in self._psi.work()]
+
+    def start_training(self, bottom: BottomSegment, n_rows: int, now: float) -> list[Output]:
+        """The node built the bottom segment over the aligned rows: wait for the label holder's SCHEDULE."""
+        if self.state is not DataHolderState.ALIGNED or not self.config.train:
+            return []
+        self._train = DataHolderTraining(
+            bottom,
+            n_rows=n_rows,
+            batch_size=self.config.batch_size,
+            window=self.config.window,
+            width=self.config.cut_widths[self.party],
+        )
+        return []
+
+    def _on_training_message(self, msg: Message, now: float) -> list[Output]:
+        self._last_progress = now
+        try:
+            if self._train is None:
+                raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{msg.TYPE} in a session without training", ref=msg.TYPE)
+            if isinstance(msg, Schedule):
+                self._train.on_schedule(msg)
+                self.state = DataHolderState.TRAINING
+                return [Log(level="INFO", text=f"training: {msg.epochs - msg.first_epoch} epoch(s) from step {msg.first_step}")]
+            if isinstance(msg, EpochMessage):
+                self._train.on_epoch(msg)
+                return []
+            self._train.on_backward(msg)
+            return []
+        except RemoteProtocolError as exc:
+            out: list[Output] = [self._send(Error(code=int(exc.code), message=exc.detail, ref=exc.ref), now)]
+            return out + self._finish(1, f"training with label holder {self.label_holder} failed: {exc}")
 
     def finish_aligned(self, ok: bool, reason: str, now: float) -> list[Output]:
         """The node has used the aligned rows (e.g. written them out): leave the session with ``ok``."""
@@ -382,6 +430,12 @@ _TABLE: dict[tuple[DataHolderState, str], Handler] = {
     (DataHolderState.PSI, Bye.TYPE): DataHolderMachine._on_bye,
     (DataHolderState.PSI, Error.TYPE): DataHolderMachine._on_error,
     (DataHolderState.ALIGNED, Heartbeat.TYPE): DataHolderMachine._on_heartbeat,
+    (DataHolderState.ALIGNED, Schedule.TYPE): DataHolderMachine._on_training_message,
+    (DataHolderState.TRAINING, EpochMessage.TYPE): DataHolderMachine._on_training_message,
+    (DataHolderState.TRAINING, Backward.TYPE): DataHolderMachine._on_training_message,
+    (DataHolderState.TRAINING, Heartbeat.TYPE): DataHolderMachine._on_heartbeat,
+    (DataHolderState.TRAINING, Bye.TYPE): DataHolderMachine._on_bye,
+    (DataHolderState.TRAINING, Error.TYPE): DataHolderMachine._on_error,
     (DataHolderState.ALIGNED, Bye.TYPE): DataHolderMachine._on_bye,
     (DataHolderState.ALIGNED, Error.TYPE): DataHolderMachine._on_error,
 }

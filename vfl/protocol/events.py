@@ -58,6 +58,13 @@ class Aligned:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EpochDone:
+    """The label holder finished an epoch: its training and validation metrics."""
+
+    metrics: dict
+
+
+@dataclass(frozen=True, kw_only=True)
 class Finished:
     """The session is over. ``exit_code``: 0 ok, 1 protocol/peer failure, 3 peer lost, 4 join/handshake timeout."""
 
@@ -65,4 +72,4 @@ class Finished:
     reason: str
 
 
-Output = Send | Log | PeerReady | PeerLeft | LinkChecked | Aligned | Finished
+Output = Send | Log | PeerReady | PeerLeft | LinkChecked | Aligned | EpochDone | Finished

@@ -14,12 +14,14 @@ from typing import Callable, Sequence
 
 from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
 from .errors import ErrorCode, RemoteProtocolError
-from .events import Aligned, Finished, Log, Output, PeerLeft, PeerReady, Send
+from .events import Aligned, EpochDone, Finished, Log, Output, PeerLeft, PeerReady, Send
 from .messages import (
     Bye,
     Echo,
     EchoReply,
     Error,
+    EvalForward,
+    Forward,
     Heartbeat,
     Hello,
     Message,
@@ -29,6 +31,7 @@ from .messages import (
     Welcome,
 )
 from .psi_phase import PairwisePsi, PsiPlan, combine, final_rows_messages, new_nonce, positions_for
+from .training_phase import LabelHolderTraining, TopSegment, TrainPlan
 from .session import SessionConfig, config_diff, describe_diff, digest_of
 from .timers import PeerClock, TokenBucket
 
@@ -43,11 +46,14 @@ class PartyState(enum.Enum):
     PSI = "PSI"
     PSI_DONE = "PSI_DONE"
     ALIGNED = "ALIGNED"
+    TRAINING = "TRAINING"
     DONE = "DONE"
 
 
 #: states with a live session: heartbeats and the peer timeout apply, BYE is expected on leaving
-CONNECTED = frozenset({PartyState.READY, PartyState.PSI, PartyState.PSI_DONE, PartyState.ALIGNED})
+CONNECTED = frozenset(
+    {PartyState.READY, PartyState.PSI, PartyState.PSI_DONE, PartyState.ALIGNED, PartyState.TRAINING}
+)
 
 
 @dataclass
@@ -96,6 +102,7 @@ class LabelHolderMachine:
         #: the label holder's own rows in the final order, once every pairwise PSI is done
         self.final_rows = None
         self._work_turn = 0
+        self.training: LabelHolderTraining | None = None
         self.parties = {name: _Party(name) for name in config.data_holders}
         self.finished: Finished | None = None
         self._wire_config = config.to_wire()
@@ -163,11 +170,12 @@ class LabelHolderMachine:
         for p in self.parties.values():
             if p.state not in CONNECTED:
                 continue
-            if p.state is PartyState.PSI and now >= p.last_progress + self.progress_timeout_s:
+            if p.state in (PartyState.PSI, PartyState.TRAINING) and now >= p.last_progress + self.progress_timeout_s:
+                phase = "PSI" if p.state is PartyState.PSI else "training"
                 return self._finish(
                     1,
-                    f"data holder {p.name!r} made no progress in the PSI for {now - p.last_progress:.0f} s (progress "
-                    f"timeout {self.progress_timeout_s:g} s)",
+                    f"data holder {p.name!r} made no progress in the {phase} for {now - p.last_progress:.0f} s "
+                    f"(progress timeout {self.progress_timeout_s:g} s)",
                     now,
                 )
             if now >= p.clock.lost_at(self.peer_timeout_s):
@@ -190,7 +198,11 @@ class LabelHolderMachine:
         live = [p for p in self.parties.values() if p.state in CONNECTED]
         times = [p.clock.heartbeat_due(self.heartbeat_s) for p in live]
         times += [p.clock.lost_at(self.peer_timeout_s) for p in live]
-        times += [p.last_progress + self.progress_timeout_s for p in live if p.state is PartyState.PSI]
+        times += [
+            p.last_progress + self.progress_timeout_s
+            for p in live
+            if p.state in (PartyState.PSI, PartyState.TRAINING)
+        ]
         if any(not p.joined for p in self.parties.values()):
             times.append(self.join_deadline)
         return min(times) if times else None
@@ -325,6 +337,8 @@ class LabelHolderMachine:
         return []
 
     def _on_bye(self, p: _Party, msg: Bye, now: float) -> list[Output]:
+        if self.config.train and p.state is not PartyState.DONE:
+            return self._finish(1, f"data holder {p.name!r} left during the session: {msg.reason}", now, lost=p.name)
         if self.psi is not None and p.state is not PartyState.ALIGNED:
             return self._finish(
                 1, f"data holder {p.name!r} left before the rows were aligned: {msg.reason}", now, lost=p.name
@@ -426,6 +440,52 @@ class LabelHolderMachine:
             out.append(Aligned(rows=self.final_rows))
         return out
 
+    # ------------------------------------------------------------------------------------------------ training
+
+    def start_training(self, top: TopSegment, plan: TrainPlan, now: float, first_step: int = 0) -> list[Output]:
+        """The node built the top segment over the aligned rows: send every data holder the schedule."""
+        if self.final_rows is None or not self.config.train or self.training is not None:
+            return []
+        parties = self.config.data_holders
+        self.training = LabelHolderTraining(
+            top,
+            plan,
+            parties=parties,
+            widths=self.config.cut_widths,
+            batch_size=self.config.batch_size,
+            window=self.config.window,
+            n_rows=len(self.final_rows),
+            first_step=first_step,
+        )
+        opening = self.training.start()
+        out: list[Output] = []
+        for name in parties:
+            p = self.parties[name]
+            p.state, p.last_progress = PartyState.TRAINING, now
+            out += [self._send(p, m, now) for m in opening]
+        return out
+
+    def _on_training_message(self, p: _Party, msg: Message, now: float) -> list[Output]:
+        p.last_progress = now
+        try:
+            if isinstance(msg, Forward):
+                per_party, metrics = self.training.on_forward(p.name, msg)
+            else:
+                per_party, metrics = self.training.on_eval(p.name, msg)
+        except RemoteProtocolError as exc:
+            err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref)
+            return [self._send(p, err, now)] + self._finish(1, f"training with data holder {p.name!r} failed: {exc}", now)
+        out: list[Output] = []
+        for name, msgs in per_party.items():
+            q = self.parties[name]
+            out += [self._send(q, m, now) for m in msgs]
+        out += [EpochDone(metrics=m) for m in metrics]
+        if self.training.done:
+            last = self.training.history[-1] if self.training.history else {}
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith("val_") and isinstance(v, float))
+            out += self._finish(0, f"training finished after {self.training.epoch} epoch(s)" + (f": {summary}" if summary else ""), now)
+        return out
+
 
 _TABLE: dict[tuple[PartyState, str], Handler] = {
     (PartyState.IDLE, Hello.TYPE): LabelHolderMachine._on_hello,
@@ -446,5 +506,9 @@ _TABLE: dict[tuple[PartyState, str], Handler] = {
     (PartyState.ALIGNED, Heartbeat.TYPE): LabelHolderMachine._on_heartbeat,
     (PartyState.ALIGNED, Hello.TYPE): LabelHolderMachine._on_hello,
     (PartyState.ALIGNED, Bye.TYPE): LabelHolderMachine._on_bye,
+    (PartyState.TRAINING, Forward.TYPE): LabelHolderMachine._on_training_message,
+    (PartyState.TRAINING, EvalForward.TYPE): LabelHolderMachine._on_training_message,
+    (PartyState.TRAINING, Heartbeat.TYPE): LabelHolderMachine._on_heartbeat,
+    (PartyState.TRAINING, Bye.TYPE): LabelHolderMachine._on_bye,
 }
 """(state, message type) -> transition. Every pair not listed is UNEXPECTED_MESSAGE ([T1]); ERROR never gets here."""

@@ -275,7 +275,80 @@ class PsiRows(_PsiChunk):
     TYPE: ClassVar[str] = "PSI_ROWS"
 
 
+# ------------------------------------------------------------------------------------------- training (v1.2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule(Message):
+    """The label holder's explicit training plan: which aligned rows train and which validate, for how long."""
+
+    TYPE: ClassVar[str] = "SCHEDULE"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
+        "epochs": (FieldKind.INT, True),
+        "first_epoch": (FieldKind.INT, True),
+        "first_step": (FieldKind.INT, True),
+    }
+    CARRIES_TENSORS: ClassVar[bool] = True
+    epochs: int
+    first_epoch: int
+    first_step: int
+    tensors: tuple[Tensor, ...] = field(default=())  # "validation": int64 [n_val], positions in the aligned rows
+
+
+@dataclass(frozen=True, kw_only=True)
+class Epoch(Message):
+    """One epoch's batch order: step ``first_step + i`` uses rows ``order[i*B:(i+1)*B]`` (positions, int64)."""
+
+    TYPE: ClassVar[str] = "EPOCH"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
+        "epoch": (FieldKind.INT, True),
+        "first_step": (FieldKind.INT, True),
+    }
+    CARRIES_TENSORS: ClassVar[bool] = True
+    epoch: int
+    first_step: int
+    tensors: tuple[Tensor, ...] = field(default=())  # "order": int64 [n_train]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Forward(Message):
+    """A data holder's cut-layer activations for one training step: tensor ``activations`` float32 [b, width]."""
+
+    TYPE: ClassVar[str] = "FORWARD"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"step": (FieldKind.INT, True)}
+    CARRIES_TENSORS: ClassVar[bool] = True
+    step: int
+    tensors: tuple[Tensor, ...] = field(default=())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backward(Message):
+    """The gradient of the loss w.r.t. one data holder's activations of a step: tensor ``gradient``."""
+
+    TYPE: ClassVar[str] = "BACKWARD"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"step": (FieldKind.INT, True)}
+    CARRIES_TENSORS: ClassVar[bool] = True
+    step: int
+    tensors: tuple[Tensor, ...] = field(default=())
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalForward(Message):
+    """Activations of validation batch ``batch`` after epoch ``epoch`` (no gradient comes back)."""
+
+    TYPE: ClassVar[str] = "EVAL_FORWARD"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"epoch": (FieldKind.INT, True), "batch": (FieldKind.INT, True)}
+    CARRIES_TENSORS: ClassVar[bool] = True
+    epoch: int
+    batch: int
+    tensors: tuple[Tensor, ...] = field(default=())
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Welcome, Error, Heartbeat, Echo, EchoReply, Bye, PsiStart, PsiItems, PsiReply, PsiResult, PsiRows)
+    for cls in (
+        Hello, Welcome, Error, Heartbeat, Echo, EchoReply, Bye,
+        PsiStart, PsiItems, PsiReply, PsiResult, PsiRows,
+        Schedule, Epoch, Forward, Backward, EvalForward,
+    )
 }

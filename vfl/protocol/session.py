@@ -72,6 +72,7 @@ class SessionConfig:
     window: int
     model: str
     psi: bool = False  # the session aligns rows with a private set intersection (v1.1)
+    train: bool = False  # after the PSI, the session trains the split network (v1.2)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cut_widths", MappingProxyType(dict(self.cut_widths)))
@@ -93,8 +94,10 @@ class SessionConfig:
             return "window must be an integer >= 1"
         if type(self.model) is not str or not (1 <= len(self.model) <= MAX_MODEL_FINGERPRINT):
             return f"model must be a string of 1..{MAX_MODEL_FINGERPRINT} characters"
-        if type(self.psi) is not bool:
-            return "psi must be true or false"
+        if type(self.psi) is not bool or type(self.train) is not bool:
+            return "psi and train must be true or false"
+        if self.train and not self.psi:
+            return "train = true needs psi = true (training runs on the aligned rows)"
         return None
 
     @property
@@ -110,6 +113,8 @@ class SessionConfig:
         }
         if self.psi:  # absent means false, so a session without PSI has the same digest as in v1.0
             wire["psi"] = True
+        if self.train:
+            wire["train"] = True
         return wire
 
     @property
@@ -131,6 +136,7 @@ class SessionConfig:
                 window=value.get("window"),
                 model=value.get("model"),
                 psi=value.get("psi", False),
+                train=value.get("train", False),
             )
         except ValueError as exc:
             raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"HELLO.config: {exc}", ref="HELLO") from None

@@ -1,0 +1,306 @@
+"""The training phase of a session (PROTOCOL.md section 11), sans-I/O and free of torch.
+
+The machines own the rules — schedule, step order, the credit window, epoch boundaries, validation — and call a
+*segment* for the arithmetic: the node passes in objects that run the bottom model (data holder) or the top model and
+loss (label holder); tests pass in numpy fakes. So the pipeline logic is tested in memory and the node stays a thin
+loop.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .errors import ErrorCode, RemoteProtocolError
+from .messages import Backward, Epoch, EvalForward, Forward, Message, Schedule, Tensor
+
+
+class BottomSegment(Protocol):
+    """A data holder's bottom model over its feature rows in the aligned order."""
+
+    def forward(self, step: int, rows: np.ndarray, train: bool) -> np.ndarray:
+        """Cut-layer activations float32 [len(rows), width]. ``train``: keep what ``backward(step)`` needs."""
+
+    def backward(self, step: int, gradient: np.ndarray) -> None:
+        """Apply the gradient of step ``step`` (to the weights its forward used) and step the optimizer."""
+
+
+class TopSegment(Protocol):
+    """The label holder's top model, loss and metrics (and its own bottom, if it holds features)."""
+
+    def train_step(self, step: int, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One step on every party's activations; returns each data holder's gradient; records training metrics."""
+
+    def eval_batch(self, epoch: int, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> None:
+        """Record the validation outputs of one batch."""
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """The epoch's training and validation metrics; resets the accumulators."""
+
+
+@dataclass(frozen=True, eq=False)
+class TrainPlan:
+    """What the label holder sends: validation positions and each epoch's order of training positions."""
+
+    validation: np.ndarray
+    epoch_orders: Sequence[np.ndarray]
+    first_epoch: int = 0
+
+    @property
+    def epochs(self) -> int:
+        return len(self.epoch_orders)
+
+
+def _int_positions(msg: Message, name: str, n_rows: int) -> np.ndarray:
+    tensors = {t.name: t.array for t in msg.tensor_list}
+    arr = tensors.get(name)
+    if arr is None or arr.dtype != np.int64 or arr.ndim != 1:
+        raise RemoteProtocolError(ErrorCode.BAD_TENSOR, f"{msg.TYPE} needs tensor {name!r}: int64 [n]", ref=msg.TYPE)
+    if len(arr) and (int(arr.min()) < 0 or int(arr.max()) >= n_rows):
+        raise RemoteProtocolError(
+            ErrorCode.BAD_TENSOR, f"{msg.TYPE}.{name} has a position outside the {n_rows} aligned rows", ref=msg.TYPE
+        )
+    if len(np.unique(arr)) != len(arr):
+        raise RemoteProtocolError(ErrorCode.BAD_TENSOR, f"{msg.TYPE}.{name} repeats a row", ref=msg.TYPE)
+    return arr
+
+
+def _activations(msg: Message, name: str, rows: int, width: int) -> np.ndarray:
+    tensors = {t.name: t.array for t in msg.tensor_list}
+    arr = tensors.get(name)
+    if arr is None or arr.dtype != np.float32 or arr.shape != (rows, width):
+        got = "none" if arr is None else f"{arr.dtype}{list(arr.shape)}"
+        raise RemoteProtocolError(
+            ErrorCode.BAD_TENSOR, f"{msg.TYPE} needs {name!r} float32 [{rows}, {width}], got {got}", ref=msg.TYPE
+        )
+    if not np.isfinite(arr).all():
+        raise RemoteProtocolError(ErrorCode.BAD_TENSOR, f"{msg.TYPE}.{name} holds NaN or infinity", ref=msg.TYPE)
+    return arr
+
+
+def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ------------------------------------------------------------------------------------------------- data holder
+
+
+class DataHolderTraining:
+    """A data holder's pipeline: up to ``window`` FORWARDs ahead of their BACKWARDs, validation after each epoch."""
+
+    def __init__(self, bottom: BottomSegment, *, n_rows: int, batch_size: int, window: int, width: int):
+        self.bottom = bottom
+        self.n_rows = n_rows
+        self.batch_size = batch_size
+        self.window = window
+        self.width = width
+        self.epochs: int | None = None
+        self.validation: list[np.ndarray] = []
+        self.epoch: int | None = None
+        self._steps: deque[tuple[int, np.ndarray]] = deque()  # (step, rows) not yet forwarded
+        self._in_flight: deque[tuple[int, int]] = deque()  # (step, batch rows) forwarded, awaiting BACKWARD
+        self._eval: deque[int] = deque()  # validation batches still to send for self.epoch
+        self._epoch_done = True
+        self.finished_epochs = 0
+
+    def on_schedule(self, msg: Schedule) -> None:
+        if self.epochs is not None:
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a second SCHEDULE", ref=msg.TYPE)
+        self.epochs = msg.epochs
+        self.validation = batches(_int_positions(msg, "validation", self.n_rows), self.batch_size)
+        self.finished_epochs = msg.first_epoch
+        self.next_step = msg.first_step
+
+    def on_epoch(self, msg: Epoch) -> None:
+        if self.epochs is None or not self._epoch_done:
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "EPOCH before the previous one ended", ref=msg.TYPE)
+        if msg.epoch != self.finished_epochs or msg.epoch >= self.epochs or msg.first_step != self.next_step:
+            raise RemoteProtocolError(
+                ErrorCode.BAD_FIELD,
+                f"EPOCH {msg.epoch} from step {msg.first_step}: expected epoch {self.finished_epochs} from step "
+                f"{self.next_step}",
+                ref=msg.TYPE,
+            )
+        order = _int_positions(msg, "order", self.n_rows)
+        self.epoch = msg.epoch
+        self._epoch_done = False
+        for i, rows in enumerate(batches(order, self.batch_size)):
+            self._steps.append((msg.first_step + i, rows))
+        self.next_step = msg.first_step + len(self._steps)
+
+    @property
+    def has_work(self) -> bool:
+        if self._steps and len(self._in_flight) < self.window:
+            return True
+        return bool(self._eval)
+
+    def work(self) -> list[Message]:
+        """The next FORWARD if the window allows, else the next validation batch once the epoch's steps are done."""
+        if self._steps and len(self._in_flight) < self.window:
+            step, rows = self._steps.popleft()
+            acts = self.bottom.forward(step, rows, True)
+            self._in_flight.append((step, len(rows)))
+            return [Forward(step=step, tensors=(Tensor("activations", acts),))]
+        if self._eval:
+            batch = self._eval.popleft()
+            acts = self.bottom.forward(-1, self.validation[batch], False)
+            out: list[Message] = [EvalForward(epoch=self.epoch, batch=batch, tensors=(Tensor("activations", acts),))]
+            if not self._eval:
+                self._close_epoch()
+            return out
+        return []
+
+    def on_backward(self, msg: Backward) -> None:
+        if not self._in_flight or msg.step != self._in_flight[0][0]:
+            expected = self._in_flight[0][0] if self._in_flight else "none"
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE, f"BACKWARD for step {msg.step}; the oldest step in flight is {expected}",
+                ref=msg.TYPE,
+            )
+        step, rows = self._in_flight[0]
+        grad = _activations(msg, "gradient", rows, self.width)
+        self.bottom.backward(step, grad)
+        self._in_flight.popleft()
+        if not self._steps and not self._in_flight and not self._epoch_done:
+            self._eval.extend(range(len(self.validation)))  # validate on the weights after the epoch's last step
+            if not self._eval:
+                self._close_epoch()
+
+    def _close_epoch(self) -> None:
+        self._epoch_done = True
+        self.finished_epochs += 1
+
+
+# ------------------------------------------------------------------------------------------------- label holder
+
+
+@dataclass
+class _Inbox:
+    forwards: dict[int, np.ndarray] = field(default_factory=dict)
+    next_forward: int = 0
+    evals: dict[int, np.ndarray] = field(default_factory=dict)
+    next_eval: int = 0
+
+
+class LabelHolderTraining:
+    """The label holder's pipeline: steps strictly in order, each once every data holder's activations are in."""
+
+    def __init__(
+        self,
+        top: TopSegment,
+        plan: TrainPlan,
+        *,
+        parties: Sequence[str],
+        widths: Mapping[str, int],
+        batch_size: int,
+        window: int,
+        n_rows: int,
+        first_step: int = 0,
+    ):
+        self.top = top
+        self.plan = plan
+        self.parties = tuple(parties)
+        self.widths = dict(widths)
+        self.batch_size = batch_size
+        self.window = window
+        self.n_rows = n_rows
+        self.validation = batches(np.asarray(plan.validation, dtype=np.int64), batch_size)
+        self.epoch = plan.first_epoch
+        self.step = first_step  # the next step to process
+        self._inbox = {p: _Inbox(next_forward=first_step) for p in self.parties}
+        self._steps: dict[int, np.ndarray] = {}
+        self._epoch_end_step = first_step
+        self._evaluating = False
+        self._eval_next = 0
+        self.done = False
+        self.history: list[dict[str, float]] = []
+
+    def start(self) -> list[Message]:
+        """SCHEDULE, then the first EPOCH (the same for every data holder)."""
+        sched = Schedule(
+            epochs=self.plan.first_epoch + self.plan.epochs,
+            first_epoch=self.plan.first_epoch,
+            first_step=self.step,
+            tensors=(Tensor("validation", np.asarray(self.plan.validation, dtype=np.int64)),),
+        )
+        return [sched] + self._open_epoch()
+
+    def _open_epoch(self) -> list[Message]:
+        order = np.asarray(self.plan.epoch_orders[self.epoch - self.plan.first_epoch], dtype=np.int64)
+        for i, rows in enumerate(batches(order, self.batch_size)):
+            self._steps[self.step + i] = rows
+        self._epoch_end_step = self.step + len(self._steps)
+        self._evaluating = False
+        return [Epoch(epoch=self.epoch, first_step=self.step, tensors=(Tensor("order", order),))]
+
+    def on_forward(self, party: str, msg: Forward) -> tuple[dict[str, list[Message]], list[dict]]:
+        """Returns (messages per party, finished-epoch metrics)."""
+        box = self._inbox[party]
+        if msg.step != box.next_forward or msg.step not in self._steps:
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE, f"FORWARD for step {msg.step}; expected step {box.next_forward}",
+                ref=msg.TYPE,
+            )
+        if msg.step >= self.step + self.window:
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"FORWARD for step {msg.step} exceeds the window {self.window} (step {self.step} is unanswered)",
+                ref=msg.TYPE,
+            )
+        box.forwards[msg.step] = _activations(msg, "activations", len(self._steps[msg.step]), self.widths[party])
+        box.next_forward += 1
+        return self._advance()
+
+    def on_eval(self, party: str, msg: EvalForward) -> tuple[dict[str, list[Message]], list[dict]]:
+        box = self._inbox[party]
+        if not self._evaluating or msg.epoch != self.epoch or msg.batch != box.next_eval:
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"EVAL_FORWARD epoch {msg.epoch} batch {msg.batch}; expected "
+                + (f"epoch {self.epoch} batch {box.next_eval}" if self._evaluating else "no validation now"),
+                ref=msg.TYPE,
+            )
+        box.evals[msg.batch] = _activations(msg, "activations", len(self.validation[msg.batch]), self.widths[party])
+        box.next_eval += 1
+        return self._advance()
+
+    def _advance(self) -> tuple[dict[str, list[Message]], list[dict]]:
+        out: dict[str, list[Message]] = {p: [] for p in self.parties}
+        metrics: list[dict] = []
+        while not self.done:
+            if not self._evaluating:
+                if not all(self.step in self._inbox[p].forwards for p in self.parties):
+                    break
+                acts = {p: self._inbox[p].forwards.pop(self.step) for p in self.parties}
+                grads = self.top.train_step(self.step, self._steps.pop(self.step), acts)
+                for p in self.parties:
+                    out[p].append(Backward(step=self.step, tensors=(Tensor("gradient", grads[p]),)))
+                self.step += 1
+                if self.step == self._epoch_end_step:
+                    self._evaluating, self._eval_next = True, 0
+                    for p in self.parties:
+                        self._inbox[p].next_eval = 0
+                continue
+            while self._eval_next < len(self.validation) and all(
+                self._eval_next in self._inbox[p].evals for p in self.parties
+            ):
+                b = self._eval_next
+                self.top.eval_batch(self.epoch, self.validation[b], {p: self._inbox[p].evals.pop(b) for p in self.parties})
+                self._eval_next += 1
+            if self._eval_next < len(self.validation):
+                break
+            result = {"epoch": self.epoch, "step": self.step, **self.top.end_epoch(self.epoch)}
+            self.history.append(result)
+            metrics.append(result)
+            self.epoch += 1
+            if self.epoch - self.plan.first_epoch >= self.plan.epochs:
+                self.done = True
+                break
+            opening = self._open_epoch()
+            for p in self.parties:
+                out[p].extend(opening)
+        return out, metrics
