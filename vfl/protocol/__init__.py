@@ -14,7 +14,7 @@ from .errors import (
     SessionFailed,
     VflError,
 )
-from .events import Aligned, Finished, LinkChecked, Log, Output, PeerLeft, PeerReady, Send
+from .events import Aligned, EpochDone, Finished, LinkChecked, Log, Output, PeerLeft, PeerReady, Send
 from .label_holder import LabelHolderMachine, PartyState
 from .messages import (
     MESSAGE_TYPES,
@@ -33,6 +33,7 @@ from .messages import (
     Tensor,
     Welcome,
 )
+from .messages import Backward, Epoch, EvalForward, Forward, Schedule
 from .session import SessionConfig, config_diff, describe_diff, digest_of
 
 __all__ = [name for name in dir() if not name.startswith("_")]

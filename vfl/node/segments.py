@@ -1,0 +1,158 @@
+"""The torch side of training: a data holder's bottom segment and the label holder's top segment.
+
+They implement ``vfl.protocol.training_phase.BottomSegment`` / ``TopSegment``; the protocol machines decide when to
+call them. A bottom keeps, per step in flight, the activations *and the weights they were computed with* (weight
+stashing, as in PipeDream): with a window ``W > 1`` the optimizer updates the live weights while later steps are
+still in flight, and the gradient of a step must be taken through the weights its forward used. With ``W = 1`` this
+is exactly ordinary synchronous SGD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..train.central import as_targets, task_loss
+from ..train.metrics import evaluate
+from ..train.models import Combiner
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A float32 torch tensor over a received (read-only) array; copied, because torch wants writable memory."""
+    return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+
+
+class TorchBottom:
+    """A data holder's bottom model over its features in the aligned row order."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, features: np.ndarray):
+        self.model = model
+        self.optimizer = optimizer
+        self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        self._names = [name for name, _ in model.named_parameters()]
+        self._stash: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def forward(self, step: int, rows: np.ndarray, train: bool) -> np.ndarray:
+        x = self.features[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+        if not train:
+            self.model.eval()
+            with torch.no_grad():
+                return self.model(x).numpy()
+        self.model.train()
+        stashed = [p.detach().clone().requires_grad_(True) for p in self.model.parameters()]
+        params = dict(zip(self._names, stashed))
+        acts = functional_call(self.model, (params, dict(self.model.named_buffers())), (x,))
+        self._stash[step] = (acts, stashed)
+        return acts.detach().numpy()
+
+    def backward(self, step: int, gradient: np.ndarray) -> None:
+        acts, stashed = self._stash.pop(step)
+        grads = torch.autograd.grad(acts, stashed, grad_outputs=_tensor(gradient), allow_unused=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(self.model.parameters(), grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        self.optimizer.step()
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+
+class TorchTop:
+    """The label holder's top model, loss and metrics; optionally also its own bottom over its own features."""
+
+    def __init__(
+        self,
+        *,
+        top: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        combiner: Combiner,
+        order: Sequence[str],
+        task: str,
+        targets: np.ndarray,
+        own: TorchBottom | None = None,
+        own_name: str | None = None,
+    ):
+        self.top = top
+        self.optimizer = optimizer
+        self.combiner = combiner
+        self.order = list(order)  # party order at the cut layer (the combiner's)
+        self.task = task
+        self.targets = as_targets(task, targets)
+        self.loss_fn = task_loss(task)
+        self.own = own
+        self.own_name = own_name
+        self._train_out: list[np.ndarray] = []
+        self._train_rows: list[np.ndarray] = []
+        self._val_out: list[np.ndarray] = []
+        self._val_rows: list[np.ndarray] = []
+
+    def _combined(self, rows: np.ndarray, activations: Mapping[str, np.ndarray], train: bool):
+        pieces, own_acts = [], None
+        for name in self.order:
+            if name == self.own_name:
+                own_acts = self._own_forward(rows, train)
+                pieces.append(own_acts.detach())
+            else:
+                pieces.append(_tensor(activations[name]))
+        return self.combiner.combine(pieces), own_acts
+
+    def _own_forward(self, rows: np.ndarray, train: bool) -> torch.Tensor:
+        x = self.own.features[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+        self.own.model.train(train)
+        if train:
+            return self.own.model(x)
+        with torch.no_grad():
+            return self.own.model(x)
+
+    def train_step(self, step: int, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.own is not None:
+            self.own.optimizer.zero_grad(set_to_none=True)
+        combined, own_acts = self._combined(rows, activations, True)
+        combined.requires_grad_(True)
+        self.top.train()
+        outputs = self.top(combined)
+        loss = self.loss_fn(outputs, self.targets[torch.from_numpy(np.asarray(rows, dtype=np.int64))])
+        loss.backward()
+        self.optimizer.step()
+        grads = dict(zip(self.order, self.combiner.split(combined.grad)))
+        if own_acts is not None:
+            own_acts.backward(grads.pop(self.own_name))
+            self.own.optimizer.step()
+        self._train_out.append(outputs.detach().numpy().copy())
+        self._train_rows.append(np.asarray(rows))
+        return {name: np.ascontiguousarray(g.numpy(), dtype=np.float32) for name, g in grads.items()}
+
+    def eval_batch(self, epoch: int, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> None:
+        combined, _ = self._combined(rows, activations, False)
+        self.top.eval()
+        with torch.no_grad():
+            self._val_out.append(self.top(combined).numpy().copy())
+        self._val_rows.append(np.asarray(rows))
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for prefix, outs, rows in (("train", self._train_out, self._train_rows), ("val", self._val_out, self._val_rows)):
+            if not outs:
+                continue
+            idx = np.concatenate(rows)
+            for key, value in evaluate(self.task, np.concatenate(outs), self.targets.numpy()[idx]).items():
+                metrics[f"{prefix}_{key}"] = float(value)
+        self._train_out, self._train_rows, self._val_out, self._val_rows = [], [], [], []
+        return metrics
+
+    def predict(self, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> np.ndarray:
+        combined, _ = self._combined(rows, activations, False)
+        self.top.eval()
+        with torch.no_grad():
+            return self.top(combined).numpy()
+
+    def state(self) -> dict:
+        out = {"top": self.top.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.own is not None:
+            out["own"] = self.own.state()
+        return out
