@@ -58,12 +58,13 @@ def _run_node(command: str, cfg, verbose: bool) -> int:
     """Run a checked config; every expected failure becomes one line and an exit code, never a traceback."""
     from .node import KeyFileError, NodeRunner
     from .node.alignment import AlignmentError, load_ids
+    from .node.training import TrainingSetupError
 
     log = _setup_logging(cfg.party, verbose)
     try:
         ids = load_ids(cfg) if cfg.session.psi else None
         return NodeRunner(cfg, log, ids=ids).run()
-    except (KeyFileError, AlignmentError) as exc:
+    except (KeyFileError, AlignmentError, TrainingSetupError) as exc:
         click.echo(f"{command}: {cfg.path}: {exc}", err=True)
         return 2
     except Exception as exc:  # noqa: BLE001 - report and exit 1, never a bare traceback for an OSError or zmq error

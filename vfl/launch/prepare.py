@@ -42,6 +42,8 @@ def _toml_value(value: object) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -65,11 +67,15 @@ def prepare_session(
     psi: dict | None = None,
     limits: dict | None = None,
     insecure: bool = False,
+    tables: dict[str, dict[str, dict]] | None = None,
+    cut_widths: dict[str, int] | None = None,
 ) -> dict[str, Path]:
     """Keys in ``out/keys`` and one ``NAME.toml`` per node; returns {party: config path}, label holder first.
 
     ``data`` maps a party to its ``[data]`` table (path relative to ``out``, id_column); giving it turns PSI on.
-    ``psi`` and ``limits`` are ``[psi]`` and ``[limits]`` tables written for every node.
+    ``psi`` and ``limits`` are ``[psi]`` and ``[limits]`` tables written for every node. ``tables`` adds per-party
+    tables ({party: {"model": {...}, "train": {...}}}); a ``train`` table anywhere turns training on. ``data`` entries
+    may carry more ``[data]`` keys (features, label_column, standardize).
     """
     out.mkdir(parents=True, exist_ok=True)
     keys = out / "keys"
@@ -80,8 +86,11 @@ def prepare_session(
     session_fields = {"batch_size": batch_size, "window": window, "model": model}
     if data:
         session_fields["psi"] = True
+    if tables and any("train" in t for t in tables.values()):
+        session_fields["train"] = True
     session = _table("session", session_fields)
-    session += _table("session.cut_widths", {name: cut_width for name in data_holders})
+    widths = cut_widths or {name: cut_width for name in data_holders}
+    session += _table("session.cut_widths", {name: widths[name] for name in data_holders})
     common = session + (_table("timeouts", timeouts) if timeouts else "")
     common += _table("limits", limits) if limits else ""
     configs: dict[str, Path] = {}
@@ -100,6 +109,7 @@ def prepare_session(
             + common
             + (_table("data", data[name]) if data else "")
             + (_table("psi", {**(psi or {}), "output": f"{name}-aligned.csv"}) if data else "")
+            + "".join(_table(section, values) for section, values in ((tables or {}).get(name) or {}).items())
             + extra
         )
         path = out / f"{name}.toml"

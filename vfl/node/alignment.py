@@ -18,7 +18,7 @@ import pyarrow.csv as pacsv
 from ..psi import DuplicateIdError, InvalidIdError, PsiEngine, encode_ids
 from ..psi.exchange import prepare_items
 from ..protocol.psi_phase import PsiPlan
-from ..train.data import DataError, TableSpec, load_table
+from ..train.data import DataError, PartyTable, TableSpec, load_table
 from .config import NodeConfig
 
 
@@ -34,13 +34,21 @@ class PartyIds:
     column: str
     ids: list
     items: list[bytes]
+    table: PartyTable | None = None  # the whole table (features, labels) when the session trains
 
 
 def load_ids(cfg: NodeConfig) -> PartyIds:
     """Read the configured ID column; duplicates are an error (count and an example) unless ``[psi].dedupe``."""
     data = cfg.data
+    train = cfg.session.train
+    spec = TableSpec(
+        path=data.path,
+        id_column=data.id_column,
+        feature_columns=data.features if train else (),
+        label_column=data.label_column if train else None,
+    )
     try:
-        table = load_table(TableSpec(path=data.path, id_column=data.id_column, feature_columns=()))
+        table = load_table(spec)
         items = encode_ids(table.ids)
     except DataError as exc:
         raise AlignmentError(str(exc)) from None
@@ -54,7 +62,7 @@ def load_ids(cfg: NodeConfig) -> PartyIds:
             f"{exc.example.decode('utf-8', 'replace')[2:]!r}; remove them or set [psi].dedupe = true "
             "(keeps the first row of each ID)"
         ) from None
-    return PartyIds(path=data.path, column=data.id_column, ids=table.ids, items=items)
+    return PartyIds(path=data.path, column=data.id_column, ids=table.ids, items=items, table=table if train else None)
 
 
 def psi_plan(cfg: NodeConfig, ids: PartyIds, engine: PsiEngine) -> PsiPlan:

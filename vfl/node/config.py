@@ -39,6 +39,26 @@ class Timeouts:
 class DataSource:
     path: Path
     id_column: str
+    features: tuple[str, ...] | None = None  # None: every column but the ID and label columns
+    label_column: str | None = None  # label holder only
+    standardize: bool = False
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """[model] and [train]: this party's segment, its optimizer, and (label holder) the task and schedule."""
+
+    bottom: dict | None = None  # MLP spec {widths, activation, dropout} or {factory = "module:function"}
+    top: dict | None = None  # label holder only
+    combine: str = "concat"
+    seed: int = 0
+    task: str | None = None  # label holder: multiclass, binary, regression
+    epochs: int = 1
+    validation_fraction: float = 0.2
+    schedule_seed: int = 0
+    optimizer: dict = field(default_factory=lambda: {"kind": "adam", "lr": 0.001})
+    threads: int = 1
+    output: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,7 @@ class NodeConfig:
     link_check: LinkCheck = field(default_factory=LinkCheck)
     data: DataSource | None = None
     psi: PsiSettings = field(default_factory=PsiSettings)
+    train: TrainSettings | None = None
 
     @property
     def is_label_holder(self) -> bool:
@@ -95,8 +116,31 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "link_check": (dict, False, {}),
         "data": (dict, False, None),
         "psi": (dict, False, {}),
+        "model": (dict, False, None),
+        "train": (dict, False, None),
     },
-    "data": {"path": (str, True, None), "id_column": (str, True, None)},
+    "data": {
+        "path": (str, True, None),
+        "id_column": (str, True, None),
+        "features": (list, False, None),
+        "label_column": (str, False, None),
+        "standardize": (bool, False, False),
+    },
+    "model": {
+        "bottom": (dict, False, None),
+        "top": (dict, False, None),
+        "combine": (str, False, "concat"),
+        "seed": (int, False, 0),
+    },
+    "train": {
+        "task": (str, False, None),
+        "epochs": (int, False, 1),
+        "validation_fraction": ((int, float), False, 0.2),
+        "seed": (int, False, 0),
+        "optimizer": (dict, False, None),
+        "threads": (int, False, 1),
+        "output": (str, False, None),
+    },
     "psi": {
         "chunk_size": (int, False, PsiSettings.chunk_size),
         "dedupe": (bool, False, PsiSettings.dedupe),
@@ -111,6 +155,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "window": (int, True, None),
         "model": (str, True, None),
         "psi": (bool, False, False),
+        "train": (bool, False, False),
     },
     "timeouts": {
         "heartbeat": ((int, float), False, Timeouts.heartbeat),
@@ -217,7 +262,12 @@ def load_config(path: str | Path) -> NodeConfig:
     s = _table(top["session"], "session", where)
     try:
         session = SessionConfig(
-            cut_widths=s["cut_widths"], batch_size=s["batch_size"], window=s["window"], model=s["model"], psi=s["psi"]
+            cut_widths=s["cut_widths"],
+            batch_size=s["batch_size"],
+            window=s["window"],
+            model=s["model"],
+            psi=s["psi"],
+            train=s["train"],
         )
     except ValueError as exc:
         raise ConfigError(f"{where}: [session] {exc}") from None
@@ -262,7 +312,18 @@ def load_config(path: str | Path) -> NodeConfig:
         path = (base / d["path"]).resolve()
         if not path.is_file():
             raise ConfigError(f"{where}: [data].path = {d['path']!r}: no such file ({path})")
-        data = DataSource(path=path, id_column=d["id_column"])
+        features = d["features"]
+        if features is not None and not all(isinstance(c, str) for c in features):
+            raise ConfigError(f"{where}: [data].features must be a list of column names")
+        if d["label_column"] is not None and role != "label_holder":
+            raise ConfigError(f"{where}: [data].label_column belongs in the label holder's config only")
+        data = DataSource(
+            path=path,
+            id_column=d["id_column"],
+            features=tuple(features) if features is not None else None,
+            label_column=d["label_column"],
+            standardize=d["standardize"],
+        )
     if session.psi and data is None:
         raise ConfigError(f"{where}: [session].psi = true needs a [data] table with path and id_column")
     p = _table(top["psi"], "psi", where)
@@ -280,6 +341,11 @@ def load_config(path: str | Path) -> NodeConfig:
         output=(base / p["output"]).resolve() if p["output"] else None,
     )
 
+    train = _train_settings(top, role, session, data, base, where) if session.train else None
+    for section in ("model", "train"):
+        if top[section] is not None and not session.train:
+            raise ConfigError(f"{where}: [{section}] is set but [session].train is not true")
+
     return NodeConfig(
         path=path,
         role=role,
@@ -296,4 +362,72 @@ def load_config(path: str | Path) -> NodeConfig:
         link_check=link,
         data=data,
         psi=psi,
+        train=train,
+    )
+
+
+TASKS = ("multiclass", "binary", "regression")
+
+
+def _train_settings(top: dict, role: str, session: SessionConfig, data, base: Path, where: str) -> TrainSettings:
+    """[model] and [train] of a training session, checked against the role and the session config."""
+    m = _table(top["model"] or {}, "model", where)
+    t = _table(top["train"] or {}, "train", where)
+    is_lh = role == "label_holder"
+    if m["bottom"] is None and not is_lh:
+        raise ConfigError(f"{where}: [model].bottom is required: the data holder's bottom model")
+    if is_lh and m["top"] is None:
+        raise ConfigError(f"{where}: [model].top is required at the label holder")
+    if not is_lh and m["top"] is not None:
+        raise ConfigError(f"{where}: [model].top belongs in the label holder's config only")
+    if m["combine"] not in ("concat", "sum"):
+        raise ConfigError(f"{where}: [model].combine must be 'concat' or 'sum'")
+    for key in ("bottom", "top"):
+        spec = m[key]
+        if spec is None:
+            continue
+        if "factory" in spec:
+            if set(spec) != {"factory"} or not isinstance(spec["factory"], str):
+                raise ConfigError(f"{where}: [model].{key} = {{factory = \"module:function\"}} takes nothing else")
+        elif not isinstance(spec.get("widths"), list) or not spec["widths"]:
+            raise ConfigError(f"{where}: [model].{key} needs widths = [..] (layer widths) or factory = \"module:fn\"")
+    if not is_lh:
+        spec = m["bottom"]
+        width = session.cut_widths.get(top["party"])
+        if "widths" in spec and spec["widths"][-1] != width:
+            raise ConfigError(
+                f"{where}: [model].bottom ends with width {spec['widths'][-1]} but [session.cut_widths] says {width}"
+            )
+    if is_lh:
+        if t["task"] not in TASKS:
+            raise ConfigError(f"{where}: [train].task must be one of {', '.join(TASKS)}")
+        if data is None or data.label_column is None:
+            raise ConfigError(f"{where}: the label holder needs [data].label_column")
+        if t["epochs"] < 1:
+            raise ConfigError(f"{where}: [train].epochs must be >= 1")
+        if not 0 <= t["validation_fraction"] < 1:
+            raise ConfigError(f"{where}: [train].validation_fraction must be in [0, 1)")
+    elif t["task"] is not None or "epochs" in (top["train"] or {}):
+        raise ConfigError(f"{where}: [train].task and .epochs are the label holder's to set")
+    if t["threads"] < 1:
+        raise ConfigError(f"{where}: [train].threads must be >= 1")
+    optimizer = t["optimizer"] or {"kind": "adam", "lr": 0.001}
+    try:
+        from ..train.central import OptimizerSpec
+
+        OptimizerSpec.from_dict(optimizer)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: [train].optimizer: {exc}") from None
+    return TrainSettings(
+        bottom=m["bottom"],
+        top=m["top"],
+        combine=m["combine"],
+        seed=m["seed"],
+        task=t["task"],
+        epochs=t["epochs"],
+        validation_fraction=float(t["validation_fraction"]),
+        schedule_seed=t["seed"],
+        optimizer=dict(optimizer),
+        threads=t["threads"],
+        output=(base / t["output"]).resolve() if t["output"] else None,
     )

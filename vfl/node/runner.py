@@ -20,6 +20,7 @@ import zmq
 from ..protocol import (
     Aligned,
     DataHolderMachine,
+    EpochDone,
     Finished,
     LabelHolderMachine,
     LinkChecked,
@@ -53,6 +54,12 @@ def _link_check_tensor(cfg: NodeConfig) -> list[Tensor]:
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 256, size=int(np.prod(lc.shape)) * DTYPES[lc.dtype].itemsize, dtype=np.uint8)
     return [Tensor("link_check", arr.view(DTYPES[lc.dtype]).reshape(lc.shape))]
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine | DataHolderMachine:
@@ -94,6 +101,7 @@ class NodeRunner:
         self.cfg = cfg
         self.ids = ids
         self.engine = None
+        self.segment = None  # this party's torch segment, once training starts
         self.log = log or logging.getLogger(f"vfl.node.{cfg.party}")
         self.stop_requested: str | None = None
         self.bytes_sent = 0
@@ -110,6 +118,11 @@ class NodeRunner:
             self.log.warning(INSECURE_WARNING)
         if cfg.session.psi and self.ids is None:
             self.ids = load_ids(cfg)
+        if cfg.session.train:
+            from .training import check_segment
+
+            torch_threads(cfg.train.threads)
+            check_segment(cfg, self.ids.table)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         transport = Transport(cfg)
         try:
@@ -203,8 +216,12 @@ class NodeRunner:
                 self._report_link(out)
             elif isinstance(out, Aligned):
                 finished = self._aligned(out, transport) or finished
+            elif isinstance(out, EpochDone):
+                self._epoch_done(out.metrics)
             elif isinstance(out, Finished):
                 finished = out
+                if out.exit_code == 0 and self.segment is not None:
+                    self._save_segment()
         return finished
 
     def _flush(self, transport: Transport, until: float | None = None) -> None:
@@ -238,12 +255,55 @@ class NodeRunner:
             except OSError as exc:
                 ok, reason = False, f"cannot write the aligned IDs to {out}: {exc.strerror}"
                 self.log.error("%s", reason)
-        if isinstance(machine, DataHolderMachine):
-            return self._execute(transport, machine.finish_aligned(ok, reason, now))
-        if not ok:  # the label holder cannot deliver what the session is for: end it for everyone
+        if not ok:  # this party cannot deliver what the session is for
+            if isinstance(machine, DataHolderMachine):
+                return self._execute(transport, machine.finish_aligned(ok, reason, now))
             self._execute(transport, machine.close(reason, now))
             return Finished(exit_code=1, reason=reason)
+        if self.cfg.session.train:
+            return self._start_training(aligned.rows, transport, now)
+        if isinstance(machine, DataHolderMachine):
+            return self._execute(transport, machine.finish_aligned(ok, reason, now))
         return None
+
+    def _start_training(self, rows, transport: Transport, now: float) -> Finished | None:
+        from .training import TrainingSetupError, build_bottom, build_top, make_plan
+
+        machine = self.machine
+        try:
+            if isinstance(machine, DataHolderMachine):
+                self.segment = build_bottom(self.cfg, self.ids.table, rows)
+                return self._execute(transport, machine.start_training(self.segment, len(rows), now))
+            plan = make_plan(self.cfg, len(rows))
+            self.segment = build_top(self.cfg, self.ids.table, rows, plan)
+            self.log.info(
+                "training on %d aligned rows (%d for validation), %d epoch(s), window %d",
+                len(rows), len(plan.validation), plan.epochs, self.cfg.session.window,
+            )
+            return self._execute(transport, machine.start_training(self.segment, plan, now))
+        except TrainingSetupError as exc:
+            reason = f"cannot build this party's model: {exc}"
+            self.log.error("%s", reason)
+            self._execute(transport, machine.close(reason, now))
+            return Finished(exit_code=1, reason=reason)
+
+    def _epoch_done(self, metrics: dict) -> None:
+        from .training import append_metrics
+
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        self.log.info("epoch %d: %s", metrics["epoch"], shown)
+        append_metrics(self.cfg, metrics)
+
+    def _save_segment(self) -> None:
+        from .training import save_segment
+
+        try:
+            path = save_segment(self.cfg, self.segment.state())
+        except OSError as exc:
+            self.log.error("could not save this party's segment: %s", exc)
+            return
+        if path is not None:
+            self.log.info("saved this party's segment to %s", path)
 
     def _report_link(self, lc: LinkChecked) -> None:
         if not lc.rtts:

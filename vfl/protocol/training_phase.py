@@ -111,7 +111,11 @@ class DataHolderTraining:
         if self.epochs is not None:
             raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a second SCHEDULE", ref=msg.TYPE)
         self.epochs = msg.epochs
-        self.validation = batches(_int_positions(msg, "validation", self.n_rows), self.batch_size)
+        validation = _int_positions(msg, "validation", self.n_rows)
+        self.validation = batches(validation, self.batch_size)
+        prepare = getattr(self.bottom, "prepare", None)
+        if prepare is not None:  # e.g. standardisation fitted on this party's own training rows only
+            prepare(np.setdiff1d(np.arange(self.n_rows), validation))
         self.finished_epochs = msg.first_epoch
         self.next_step = msg.first_step
 

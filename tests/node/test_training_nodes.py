@@ -1,0 +1,116 @@
+"""Split training between real node processes on loopback: exactness at W = 1, learning at W > 1."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vfl.launch import prepare_session
+from vfl.train.central import OptimizerSpec, make_schedule, train_central
+from vfl.train.models import Combiner, MlpSpec, build_mlp
+
+from .procs import Nodes
+
+FAST = {"heartbeat": 0.5, "peer": 20.0, "handshake": 30.0, "join": 60.0, "progress": 60.0}
+OPT = {"kind": "sgd", "lr": 0.1, "momentum": 0.9}
+
+
+def write_table(path: Path, ids: list[str], columns: dict[str, np.ndarray]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", *columns])
+        for i, key in enumerate(ids):
+            w.writerow([key, *(repr(float(c[i])) if c.dtype.kind == "f" else int(c[i]) for c in columns.values())])
+
+
+def synthetic(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    x1 = rng.normal(size=(n, 5)).astype(np.float32)
+    x2 = rng.normal(size=(n, 7)).astype(np.float32)
+    y = np.argmax(np.concatenate([x1, x2], 1) @ rng.normal(size=(12, 3)), axis=1)
+    return x1, x2, y
+
+
+def training_session(tmp_path: Path, window: int, epochs: int = 3, opt: dict = OPT):
+    x1, x2, y = synthetic()
+    ids = [f"person-{i:04d}" for i in range(len(y))]
+    rng = np.random.default_rng(1)
+    keep = {p: np.sort(rng.choice(len(ids), size=len(ids) - 20, replace=False)) for p in ("bank", "dh1", "dh2")}
+    write_table(tmp_path / "bank.csv", [ids[i] for i in keep["bank"]], {"label": y[keep["bank"]]})
+    write_table(tmp_path / "dh1.csv", [ids[i] for i in keep["dh1"]],
+                {f"a{j}": x1[keep["dh1"], j] for j in range(5)})
+    write_table(tmp_path / "dh2.csv", [ids[i] for i in keep["dh2"]],
+                {f"b{j}": x2[keep["dh2"], j] for j in range(7)})
+    out = str(tmp_path / "model")
+    tables = {
+        "bank": {"model": {"top": {"widths": [16, 3]}, "seed": 3},
+                 "train": {"task": "multiclass", "epochs": epochs, "validation_fraction": 0.25, "seed": 5,
+                           "optimizer": opt, "output": out}},
+        "dh1": {"model": {"bottom": {"widths": [6, 4]}, "seed": 1}, "train": {"optimizer": opt, "output": out}},
+        "dh2": {"model": {"bottom": {"widths": [6, 4]}, "seed": 2}, "train": {"optimizer": opt, "output": out}},
+    }
+    data = {
+        "bank": {"path": "bank.csv", "id_column": "id", "label_column": "label", "features": []},
+        "dh1": {"path": "dh1.csv", "id_column": "id"},
+        "dh2": {"path": "dh2.csv", "id_column": "id"},
+    }
+    configs = prepare_session(tmp_path, data_holders=["dh1", "dh2"], run="train-test", timeouts=FAST,
+                              link_check={"rounds": 0}, data=data, psi={"workers": 1}, tables=tables,
+                              cut_width=4, batch_size=32, window=window)
+    return configs, (x1, x2, y, ids)
+
+
+def run_nodes(tmp_path: Path, configs: dict[str, Path], timeout: float = 180) -> dict[str, str]:
+    with Nodes(tmp_path) as nodes:
+        procs = {name: nodes.start(path) for name, path in configs.items()}
+        codes = {name: p.wait(timeout=timeout) for name, p in procs.items()}
+        outputs = {name: p.output for name, p in procs.items()}
+    assert codes == {name: 0 for name in configs}, outputs
+    return outputs
+
+
+def aligned_ids(path: Path) -> list[str]:
+    with open(path) as fh:
+        return [row[1] for row in list(csv.reader(fh))[1:]]
+
+
+def test_window_1_between_processes_equals_central_training(tmp_path):
+    configs, (x1, x2, y, ids) = training_session(tmp_path, window=1)
+    outputs = run_nodes(tmp_path, configs)
+    order = aligned_ids(tmp_path / "bank-aligned.csv")
+    assert order == aligned_ids(tmp_path / "dh1-aligned.csv") == aligned_ids(tmp_path / "dh2-aligned.csv")
+    index = {key: i for i, key in enumerate(ids)}
+    rows = np.array([index[k] for k in order])
+    schedule = make_schedule(len(rows), 32, 3, 5, 0.25)
+    torch.set_num_threads(1)
+    opt = OptimizerSpec.from_dict(OPT)
+    central = train_central(
+        [x1[rows], x2[rows]], y[rows],
+        [build_mlp(5, MlpSpec(widths=(6, 4)), seed=1), build_mlp(7, MlpSpec(widths=(6, 4)), seed=2)],
+        build_mlp(8, MlpSpec(widths=(16, 3)), seed=4),
+        combiner=Combiner([4, 4]), task="multiclass", schedule=schedule, bottom_optimizers=opt, top_optimizer=opt,
+    )
+    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=False) for p in configs}
+    worst = 0.0
+    for got, want in [(saved["dh1"]["model"], central.bottom_states[0]), (saved["dh2"]["model"], central.bottom_states[1]),
+                      (saved["bank"]["top"], central.top_state)]:
+        for k in want:
+            worst = max(worst, torch.max(torch.abs(got[k] - want[k])).item())
+    assert worst <= 1e-5, worst
+    metrics = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert "training finished after 3 epoch(s)" in outputs["bank"]
+
+
+@pytest.mark.parametrize("window", [4])
+def test_a_pipelined_run_between_processes_learns(tmp_path, window):
+    configs, _ = training_session(tmp_path, window=window, epochs=20, opt={"kind": "adam", "lr": 0.01})
+    run_nodes(tmp_path, configs)
+    metrics = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 20 and metrics[-1]["train_loss"] < 0.7 * metrics[0]["train_loss"], metrics[-1]
+    assert max(m["val_accuracy"] for m in metrics[-3:]) > 0.6, metrics[-1]
