@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from vfl.node.checkpoints import Checkpointer
 from vfl.node.segments import TorchBottom, TorchTop
 from vfl.protocol import (
     Aligned,
@@ -50,7 +51,11 @@ def make_data(n=240, d1=5, d2=7, classes=3, seed=0):
     return x1, x2, y
 
 
-def run_split(window: int, epochs: int = 3, seed: int = 0):
+def run_split(window: int, epochs: int = 3, seed: int = 0, tmp=None):
+    import tempfile
+    from pathlib import Path
+
+    tmp = Path(tempfile.mkdtemp(prefix="vfl-pipeline-"))
     x1, x2, y = make_data()
     n = len(y)
     ids = [f"p{i}" for i in range(n)]
@@ -80,13 +85,15 @@ def run_split(window: int, epochs: int = 3, seed: int = 0):
             rows = out.rows
             top = build_mlp(8, MlpSpec(widths=(16, 3)), seed=3)
             seg = TorchTop(top=top, optimizer=opt.build(top.parameters()), combiner=Combiner([4, 4]),
-                           order=["dh1", "dh2"], task="multiclass", targets=y[rows])
+                           order=["dh1", "dh2"], task="multiclass", targets=y[rows],
+                           checkpointer=Checkpointer(tmp, "bank", "r", "m"))
             top_holder["top"], top_holder["rows"] = top, rows
             tp = TrainPlan(validation=schedule.validation, epoch_orders=[np.concatenate(e) for e in schedule.epochs])
             return [("bank", o) for o in lh.start_training(seg, tp, 0.0)]
         model = build_mlp(features[origin].shape[1], MlpSpec(widths=(6, 4)), seed=1 if origin == "dh1" else 2)
         bottoms[origin] = (model, out.rows)
-        bottom = TorchBottom(model, opt.build(model.parameters()), features[origin][out.rows])
+        bottom = TorchBottom(model, opt.build(model.parameters()), features[origin][out.rows],
+                             Checkpointer(tmp, origin, "r", "m"))
         return [(origin, o) for o in dhs[origin].start_training(bottom, len(out.rows), 0.0)]
 
     for _ in range(200_000):
@@ -99,6 +106,9 @@ def run_split(window: int, epochs: int = 3, seed: int = 0):
         origin, out = queue.pop(0)
         queue += deliver(origin, out)
     engine.close()
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     assert lh.finished is not None and lh.finished.exit_code == 0, lh.finished
     assert all(d.finished is not None and d.finished.exit_code == 0 for d in dhs.values())
     return bottoms, top_holder, history, (x1, x2, y, schedule, opt)

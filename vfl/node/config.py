@@ -33,6 +33,7 @@ class Timeouts:
     handshake: float = 60.0
     join: float = 600.0
     progress: float = 600.0
+    rejoin: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class TrainSettings:
     optimizer: dict = field(default_factory=lambda: {"kind": "adam", "lr": 0.001})
     threads: int = 1
     output: Path | None = None
+    checkpoint_dir: Path = Path("checkpoints")
+    checkpoint_every: int = 0  # label holder: steps between checkpoints inside an epoch (0: each epoch's start)
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "optimizer": (dict, False, None),
         "threads": (int, False, 1),
         "output": (str, False, None),
+        "checkpoint_dir": (str, False, None),
+        "checkpoint_every": (int, False, 0),
     },
     "psi": {
         "chunk_size": (int, False, PsiSettings.chunk_size),
@@ -163,6 +168,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "handshake": ((int, float), False, Timeouts.handshake),
         "join": ((int, float), False, Timeouts.join),
         "progress": ((int, float), False, Timeouts.progress),
+        "rejoin": ((int, float), False, Timeouts.rejoin),
     },
     "limits": {
         "max_header_bytes": (int, False, Limits.max_header_bytes),
@@ -411,6 +417,15 @@ def _train_settings(top: dict, role: str, session: SessionConfig, data, base: Pa
         raise ConfigError(f"{where}: [train].task and .epochs are the label holder's to set")
     if t["threads"] < 1:
         raise ConfigError(f"{where}: [train].threads must be >= 1")
+    if t["checkpoint_every"] < 0:
+        raise ConfigError(f"{where}: [train].checkpoint_every must be >= 0")
+    if t["checkpoint_every"] and not is_lh:
+        raise ConfigError(f"{where}: [train].checkpoint_every is the label holder's to set")
+    output = (base / t["output"]).resolve() if t["output"] else None
+    if t["checkpoint_dir"] is not None:
+        checkpoint_dir = (base / t["checkpoint_dir"]).resolve()
+    else:
+        checkpoint_dir = (output or base) / "checkpoints"
     optimizer = t["optimizer"] or {"kind": "adam", "lr": 0.001}
     try:
         from ..train.central import OptimizerSpec
@@ -429,5 +444,7 @@ def _train_settings(top: dict, role: str, session: SessionConfig, data, base: Pa
         schedule_seed=t["seed"],
         optimizer=dict(optimizer),
         threads=t["threads"],
-        output=(base / t["output"]).resolve() if t["output"] else None,
+        output=output,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=t["checkpoint_every"],
     )

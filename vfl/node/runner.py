@@ -74,6 +74,7 @@ def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine |
             peer_timeout_s=t.peer,
             join_timeout_s=t.join,
             progress_timeout_s=t.progress,
+            rejoin_timeout_s=t.rejoin,
             limits=cfg.limits,
             psi=psi,
         )
@@ -267,6 +268,7 @@ class NodeRunner:
         return None
 
     def _start_training(self, rows, transport: Transport, now: float) -> Finished | None:
+        from ..protocol.training_phase import CheckpointError
         from .training import TrainingSetupError, build_bottom, build_top, make_plan
 
         machine = self.machine
@@ -280,7 +282,19 @@ class NodeRunner:
                 "training on %d aligned rows (%d for validation), %d epoch(s), window %d",
                 len(rows), len(plan.validation), plan.epochs, self.cfg.session.window,
             )
-            return self._execute(transport, machine.start_training(self.segment, plan, now))
+            first_step, digests = 0, {}
+            manifest = self.segment.checkpointer.latest()
+            if manifest is not None and manifest["step"] > 0:  # this run was interrupted: resume it
+                first_step = manifest["step"]
+                digests = {p: d for p, d in manifest["digests"].items() if p}
+                self.segment.restore(first_step)
+                self.log.warning("resuming from the checkpoint at step %d (epoch %d)", first_step, manifest["epoch"])
+            return self._execute(transport, machine.start_training(self.segment, plan, now, first_step, digests))
+        except CheckpointError as exc:
+            reason = f"cannot resume: {exc}"
+            self.log.error("%s", reason)
+            self._execute(transport, machine.close(reason, now))
+            return Finished(exit_code=1, reason=reason)
         except TrainingSetupError as exc:
             reason = f"cannot build this party's model: {exc}"
             self.log.error("%s", reason)

@@ -29,9 +29,10 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 class TorchBottom:
     """A data holder's bottom model over its features in the aligned row order."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, features: np.ndarray):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, features: np.ndarray, checkpointer=None):
         self.model = model
         self.optimizer = optimizer
+        self.checkpointer = checkpointer
         self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         self._names = [name for name, _ in model.named_parameters()]
         self._stash: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
@@ -60,6 +61,23 @@ class TorchBottom:
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def checkpoint(self, step: int, epoch: int) -> str:
+        return self.checkpointer.save(self._checkpoint_state(), step, epoch)
+
+    def _checkpoint_state(self) -> dict:
+        return self.state()
+
+    def restore(self, step: int, digest: str | None) -> None:
+        self._stash.clear()
+        self._restore_state(self.checkpointer.load(step, digest))
+
+    def _restore_state(self, state: dict) -> None:
+        self.load_state(state)
+
 
 class TorchTop:
     """The label holder's top model, loss and metrics; optionally also its own bottom over its own features."""
@@ -75,7 +93,9 @@ class TorchTop:
         targets: np.ndarray,
         own: TorchBottom | None = None,
         own_name: str | None = None,
+        checkpointer=None,
     ):
+        self.checkpointer = checkpointer
         self.top = top
         self.optimizer = optimizer
         self.combiner = combiner
@@ -156,3 +176,19 @@ class TorchTop:
         if self.own is not None:
             out["own"] = self.own.state()
         return out
+
+    def checkpoint(self, step: int, epoch: int) -> str:
+        return self.checkpointer.save(self.state(), step, epoch)
+
+    def commit(self, step: int, epoch: int, digests: Mapping[str, str]) -> None:
+        self.checkpointer.commit(step, epoch, dict(digests))
+
+    def restore(self, step: int) -> None:
+        manifest = self.checkpointer.latest() or {}
+        digest = manifest.get("digests", {}).get("") if manifest.get("step") == step else None
+        state = self.checkpointer.load(step, digest)
+        self.top.load_state_dict(state["top"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.own is not None:
+            self.own.load_state(state["own"])
+        self._train_out, self._train_rows, self._val_out, self._val_rows = [], [], [], []

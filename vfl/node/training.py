@@ -19,8 +19,13 @@ from ..protocol.training_phase import TrainPlan
 from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
 from ..train.models import Combiner, ModelError, build_model
+from .checkpoints import Checkpointer
 from .config import NodeConfig
 from .segments import TorchBottom, TorchTop
+
+
+def checkpointer(cfg: NodeConfig) -> Checkpointer:
+    return Checkpointer(cfg.train.checkpoint_dir, cfg.party, cfg.run, cfg.session.model)
 
 
 class TrainingSetupError(Exception):
@@ -47,8 +52,9 @@ class PreparedBottom(TorchBottom):
 
     def prepare(self, train_rows: np.ndarray) -> None:
         if self.standardize:
-            raw = self.features.numpy()
-            self.features = torch.from_numpy(_standardized(raw, train_rows, True))
+            if not hasattr(self, "_raw"):
+                self._raw = self.features.numpy()
+            self.features = torch.from_numpy(_standardized(self._raw, train_rows, True))
 
 
 def build_bottom(cfg: NodeConfig, table: PartyTable, rows: np.ndarray) -> PreparedBottom:
@@ -60,7 +66,7 @@ def build_bottom(cfg: NodeConfig, table: PartyTable, rows: np.ndarray) -> Prepar
     except ModelError as exc:
         raise TrainingSetupError(f"[model].bottom: {exc}") from None
     optimizer = OptimizerSpec.from_dict(t.optimizer).build(model.parameters())
-    return PreparedBottom(model, optimizer, features, standardize=cfg.data.standardize)
+    return PreparedBottom(model, optimizer, features, checkpointer(cfg), standardize=cfg.data.standardize)
 
 
 def check_segment(cfg: NodeConfig, table: PartyTable) -> None:
@@ -114,13 +120,18 @@ def build_top(cfg: NodeConfig, table: PartyTable, rows: np.ndarray, plan: TrainP
         targets=targets[rows],
         own=own,
         own_name=cfg.party if own is not None else None,
+        checkpointer=checkpointer(cfg),
     )
 
 
 def make_plan(cfg: NodeConfig, n_rows: int) -> TrainPlan:
     t = cfg.train
     schedule = make_schedule(n_rows, cfg.session.batch_size, t.epochs, t.schedule_seed, t.validation_fraction)
-    return TrainPlan(validation=schedule.validation, epoch_orders=[np.concatenate(e) for e in schedule.epochs])
+    return TrainPlan(
+        validation=schedule.validation,
+        epoch_orders=[np.concatenate(e) for e in schedule.epochs],
+        checkpoint_every=t.checkpoint_every,
+    )
 
 
 def label_encoding(cfg: NodeConfig, table: PartyTable) -> LabelEncoding:

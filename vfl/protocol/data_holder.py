@@ -15,6 +15,8 @@ from .events import Aligned, Finished, LinkChecked, Log, Output, Send
 from .messages import (
     Backward,
     Bye,
+    Checkpoint,
+    Rollback,
     Echo,
     EchoReply,
     Error,
@@ -31,7 +33,7 @@ from .messages import (
 )
 from .messages import Epoch as EpochMessage
 from .psi_phase import FinalRows, PairwisePsi, PsiPlan
-from .training_phase import BottomSegment, DataHolderTraining
+from .training_phase import BottomSegment, CheckpointError, DataHolderTraining
 from .session import SessionConfig, describe_diff
 from .timers import PeerClock, TokenBucket
 
@@ -277,14 +279,18 @@ class DataHolderMachine:
         """The node built the bottom segment over the aligned rows: wait for the label holder's SCHEDULE."""
         if self.state is not DataHolderState.ALIGNED or not self.config.train:
             return []
-        self._train = DataHolderTraining(
-            bottom,
-            n_rows=n_rows,
+        self._bottom, self._n_rows = bottom, n_rows
+        self._train = self._new_pipeline()
+        return []
+
+    def _new_pipeline(self) -> DataHolderTraining:
+        return DataHolderTraining(
+            self._bottom,
+            n_rows=self._n_rows,
             batch_size=self.config.batch_size,
             window=self.config.window,
             width=self.config.cut_widths[self.party],
         )
-        return []
 
     def _on_training_message(self, msg: Message, now: float) -> list[Output]:
         self._last_progress = now
@@ -292,14 +298,26 @@ class DataHolderMachine:
             if self._train is None:
                 raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{msg.TYPE} in a session without training", ref=msg.TYPE)
             if isinstance(msg, Schedule):
+                if self._train.epochs is not None:  # a resume without ROLLBACK first
+                    self._train = self._new_pipeline()
                 self._train.on_schedule(msg)
                 self.state = DataHolderState.TRAINING
                 return [Log(level="INFO", text=f"training: {msg.epochs - msg.first_epoch} epoch(s) from step {msg.first_step}")]
             if isinstance(msg, EpochMessage):
                 self._train.on_epoch(msg)
                 return []
+            if isinstance(msg, Checkpoint):
+                return [self._send(self._train.on_checkpoint(msg), now)]
+            if isinstance(msg, Rollback):  # another party restarted: drop the pipeline, acknowledge, await SCHEDULE
+                self._train = self._new_pipeline()
+                return [
+                    self._send(Rollback(step=msg.step), now),
+                    Log(level="WARNING", text=f"a party restarted: rolling back to the checkpoint at step {msg.step}"),
+                ]
             self._train.on_backward(msg)
             return []
+        except CheckpointError as exc:
+            return self._finish(1, f"checkpoint: {exc}")
         except RemoteProtocolError as exc:
             out: list[Output] = [self._send(Error(code=int(exc.code), message=exc.detail, ref=exc.ref), now)]
             return out + self._finish(1, f"training with label holder {self.label_holder} failed: {exc}")
@@ -433,6 +451,9 @@ _TABLE: dict[tuple[DataHolderState, str], Handler] = {
     (DataHolderState.ALIGNED, Schedule.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, EpochMessage.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, Backward.TYPE): DataHolderMachine._on_training_message,
+    (DataHolderState.TRAINING, Checkpoint.TYPE): DataHolderMachine._on_training_message,
+    (DataHolderState.TRAINING, Rollback.TYPE): DataHolderMachine._on_training_message,
+    (DataHolderState.TRAINING, Schedule.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, Heartbeat.TYPE): DataHolderMachine._on_heartbeat,
     (DataHolderState.TRAINING, Bye.TYPE): DataHolderMachine._on_bye,
     (DataHolderState.TRAINING, Error.TYPE): DataHolderMachine._on_error,

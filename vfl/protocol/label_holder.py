@@ -17,6 +17,7 @@ from .errors import ErrorCode, RemoteProtocolError
 from .events import Aligned, EpochDone, Finished, Log, Output, PeerLeft, PeerReady, Send
 from .messages import (
     Bye,
+    CheckpointDone,
     Echo,
     EchoReply,
     Error,
@@ -28,10 +29,11 @@ from .messages import (
     PsiItems,
     PsiResult,
     PsiStart,
+    Rollback,
     Welcome,
 )
 from .psi_phase import PairwisePsi, PsiPlan, combine, final_rows_messages, new_nonce, positions_for
-from .training_phase import LabelHolderTraining, TopSegment, TrainPlan
+from .training_phase import CheckpointError, LabelHolderTraining, TopSegment, TrainPlan
 from .session import SessionConfig, config_diff, describe_diff, digest_of
 from .timers import PeerClock, TokenBucket
 
@@ -47,6 +49,7 @@ class PartyState(enum.Enum):
     PSI_DONE = "PSI_DONE"
     ALIGNED = "ALIGNED"
     TRAINING = "TRAINING"
+    LOST = "LOST"  # stopped answering during training: it may restart and rejoin within the rejoin timeout
     DONE = "DONE"
 
 
@@ -66,6 +69,8 @@ class _Party:
     nonce: str | None = None
     psi: PairwisePsi | None = None
     last_progress: float = 0.0
+    lost_at: float = 0.0
+    rolling_back: bool = False  # ROLLBACK sent, its echo not yet back: drop the party's stale pipeline messages
 
 
 Handler = Callable[["LabelHolderMachine", _Party, Message, float], list[Output]]
@@ -85,6 +90,7 @@ class LabelHolderMachine:
         peer_timeout_s: float = 30.0,
         join_timeout_s: float = 600.0,
         progress_timeout_s: float = 600.0,
+        rejoin_timeout_s: float = 120.0,
         limits: Limits = DEFAULT_LIMITS,
         psi: PsiPlan | None = None,
     ):
@@ -95,6 +101,7 @@ class LabelHolderMachine:
         self.peer_timeout_s = peer_timeout_s
         self.join_deadline = now + join_timeout_s
         self.progress_timeout_s = progress_timeout_s
+        self.rejoin_timeout_s = rejoin_timeout_s
         self.limits = limits
         if config.psi and psi is None:
             raise ValueError("the session config says psi = true: give the label holder a PsiPlan")
@@ -168,6 +175,16 @@ class LabelHolderMachine:
                 now,
             )
         for p in self.parties.values():
+            if p.state is PartyState.LOST and now >= p.lost_at + self.rejoin_timeout_s:
+                step = self.training.latest_checkpoint if self.training is not None else None
+                where = f"from the checkpoint at step {step}" if step is not None else "from the start"
+                return self._finish(
+                    3,
+                    f"data holder {p.name!r} stopped answering and did not come back within {self.rejoin_timeout_s:g} s; "
+                    f"to resume {where}, start every node again with its same `vfl node --config ...` command",
+                    now,
+                    lost=p.name,
+                )
             if p.state not in CONNECTED:
                 continue
             if p.state in (PartyState.PSI, PartyState.TRAINING) and now >= p.last_progress + self.progress_timeout_s:
@@ -178,6 +195,17 @@ class LabelHolderMachine:
                     f"(progress timeout {self.progress_timeout_s:g} s)",
                     now,
                 )
+            if now >= p.clock.lost_at(self.peer_timeout_s) and p.state is PartyState.TRAINING:
+                p.state, p.lost_at = PartyState.LOST, now  # training can resume if it comes back
+                out.append(self._send(p, Bye(ok=False, reason="you were declared lost; restart to rejoin"), now))
+                out.append(
+                    Log(
+                        level="WARNING",
+                        text=f"data holder {p.name!r} has sent nothing for {now - p.clock.last_received:.1f} s: "
+                        f"waiting up to {self.rejoin_timeout_s:g} s for it to restart and rejoin",
+                    )
+                )
+                continue
             if now >= p.clock.lost_at(self.peer_timeout_s):
                 silent = now - p.clock.last_received
                 return self._finish(
@@ -205,6 +233,7 @@ class LabelHolderMachine:
         ]
         if any(not p.joined for p in self.parties.values()):
             times.append(self.join_deadline)
+        times += [p.lost_at + self.rejoin_timeout_s for p in self.parties.values() if p.state is PartyState.LOST]
         return min(times) if times else None
 
     def close(self, reason: str, now: float) -> list[Output]:
@@ -407,7 +436,11 @@ class LabelHolderMachine:
         """Once every pairwise PSI is done: the final rows, and each data holder's positions in the final order."""
         parties = [self.parties[name] for name in self.config.data_holders]
         first_time = self.final_rows is None
-        settled = (PartyState.PSI_DONE, PartyState.ALIGNED) if first_time else (PartyState.PSI_DONE, PartyState.ALIGNED, PartyState.DONE)
+        settled = (
+            (PartyState.PSI_DONE, PartyState.ALIGNED)
+            if first_time
+            else (PartyState.PSI_DONE, PartyState.ALIGNED, PartyState.DONE, PartyState.TRAINING)
+        )
         if any(q.state not in settled for q in parties):
             return []
         out: list[Output] = []
@@ -438,40 +471,86 @@ class LabelHolderMachine:
         if first_time:
             out.append(Log(level="INFO", text=f"rows aligned: {len(self.final_rows)} shared by every party"))
             out.append(Aligned(rows=self.final_rows))
+        elif self.training is not None:
+            out += self._resume(now)
         return out
 
     # ------------------------------------------------------------------------------------------------ training
 
-    def start_training(self, top: TopSegment, plan: TrainPlan, now: float, first_step: int = 0) -> list[Output]:
-        """The node built the top segment over the aligned rows: send every data holder the schedule."""
+    def start_training(
+        self,
+        top: TopSegment,
+        plan: TrainPlan,
+        now: float,
+        first_step: int = 0,
+        resume_digests: dict[str, str] | None = None,
+    ) -> list[Output]:
+        """The node built the top segment over the aligned rows: send every data holder the schedule.
+
+        ``first_step`` > 0 resumes from the checkpoint every party holds at that step (``resume_digests``: the
+        digest each data holder reported for it).
+        """
         if self.final_rows is None or not self.config.train or self.training is not None:
             return []
-        parties = self.config.data_holders
+        self._top, self._plan = top, plan
+        return self._begin(first_step, resume_digests or {}, now)
+
+    def _begin(self, first_step: int, digests: dict[str, str], now: float, rollback: bool = False) -> list[Output]:
         self.training = LabelHolderTraining(
-            top,
-            plan,
-            parties=parties,
+            self._top,
+            self._plan,
+            parties=self.config.data_holders,
             widths=self.config.cut_widths,
             batch_size=self.config.batch_size,
             window=self.config.window,
             n_rows=len(self.final_rows),
             first_step=first_step,
+            resume_digests=digests,
         )
-        opening = self.training.start()
         out: list[Output] = []
-        for name in parties:
+        for name, msgs in self.training.start().items():
             p = self.parties[name]
+            if rollback and p.state is PartyState.TRAINING:
+                p.rolling_back = True
+                out.append(self._send(p, Rollback(step=first_step), now))
             p.state, p.last_progress = PartyState.TRAINING, now
-            out += [self._send(p, m, now) for m in opening]
+            out += [self._send(p, m, now) for m in msgs]
         return out
+
+    def _resume(self, now: float) -> list[Output]:
+        """A data holder restarted mid-training and has its rows again: everyone goes back to the latest checkpoint."""
+        if any(q.state not in (PartyState.ALIGNED, PartyState.TRAINING) for q in self.parties.values()):
+            return []  # someone else is still rejoining
+        step = self.training.latest_checkpoint
+        if step is None:
+            return self._finish(1, "a data holder restarted before the first checkpoint was complete", now)
+        digests = self.training.latest_digests
+        try:
+            self._top.restore(step)
+        except CheckpointError as exc:
+            return self._finish(1, f"cannot resume: {exc}", now)
+        out: list[Output] = [Log(level="WARNING", text=f"resuming every party from the checkpoint at step {step}")]
+        return out + self._begin(step, digests, now, rollback=True)
 
     def _on_training_message(self, p: _Party, msg: Message, now: float) -> list[Output]:
         p.last_progress = now
+        if isinstance(msg, Rollback):
+            if not p.rolling_back:
+                return self._unexpected(p.name.encode(), msg, "TRAINING (no rollback pending)", now)
+            p.rolling_back = False
+            return []
+        if p.rolling_back:  # sent before it saw our ROLLBACK: belongs to the abandoned pipeline
+            return [Log(level="DEBUG", text=f"dropped a stale {msg.TYPE} from {p.name!r} (rollback pending)")]
         try:
             if isinstance(msg, Forward):
                 per_party, metrics = self.training.on_forward(p.name, msg)
+            elif isinstance(msg, CheckpointDone):
+                self.training.on_checkpoint_done(p.name, msg)
+                per_party, metrics = {}, []
             else:
                 per_party, metrics = self.training.on_eval(p.name, msg)
+        except CheckpointError as exc:
+            return self._finish(1, f"checkpoint: {exc}", now)
         except RemoteProtocolError as exc:
             err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref)
             return [self._send(p, err, now)] + self._finish(1, f"training with data holder {p.name!r} failed: {exc}", now)
@@ -510,5 +589,9 @@ _TABLE: dict[tuple[PartyState, str], Handler] = {
     (PartyState.TRAINING, EvalForward.TYPE): LabelHolderMachine._on_training_message,
     (PartyState.TRAINING, Heartbeat.TYPE): LabelHolderMachine._on_heartbeat,
     (PartyState.TRAINING, Bye.TYPE): LabelHolderMachine._on_bye,
+    (PartyState.TRAINING, CheckpointDone.TYPE): LabelHolderMachine._on_training_message,
+    (PartyState.TRAINING, Rollback.TYPE): LabelHolderMachine._on_training_message,
+    (PartyState.TRAINING, Hello.TYPE): LabelHolderMachine._on_hello,
+    (PartyState.LOST, Hello.TYPE): LabelHolderMachine._on_hello,
 }
 """(state, message type) -> transition. Every pair not listed is UNEXPECTED_MESSAGE ([T1]); ERROR never gets here."""

@@ -287,12 +287,15 @@ class Schedule(Message):
         "epochs": (FieldKind.INT, True),
         "first_epoch": (FieldKind.INT, True),
         "first_step": (FieldKind.INT, True),
+        "resume_digest": (FieldKind.STR, False),
     }
     CARRIES_TENSORS: ClassVar[bool] = True
     epochs: int
     first_epoch: int
     first_step: int
     tensors: tuple[Tensor, ...] = field(default=())  # "validation": int64 [n_val], positions in the aligned rows
+    #: when ``first_step > 0``: the digest of the receiver's own checkpoint at ``first_step`` to resume from
+    resume_digest: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -344,11 +347,40 @@ class EvalForward(Message):
     tensors: tuple[Tensor, ...] = field(default=())
 
 
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint(Message):
+    """Save your segment as it is after ``step`` steps (every BACKWARD before ``step`` applied) and confirm."""
+
+    TYPE: ClassVar[str] = "CHECKPOINT"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"step": (FieldKind.INT, True), "epoch": (FieldKind.INT, True)}
+    step: int
+    epoch: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointDone(Message):
+    """A data holder saved its checkpoint at ``step``; ``digest`` is the SHA-256 of the file it wrote."""
+
+    TYPE: ClassVar[str] = "CHECKPOINT_DONE"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"step": (FieldKind.INT, True), "digest": (FieldKind.STR, True)}
+    step: int
+    digest: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rollback(Message):
+    """A data holder restarted: drop the pipeline, and wait for a SCHEDULE that resumes from a checkpoint."""
+
+    TYPE: ClassVar[str] = "ROLLBACK"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"step": (FieldKind.INT, True)}
+    step: int
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Error, Heartbeat, Echo, EchoReply, Bye,
         PsiStart, PsiItems, PsiReply, PsiResult, PsiRows,
-        Schedule, Epoch, Forward, Backward, EvalForward,
+        Schedule, Epoch, Forward, Backward, EvalForward, Checkpoint, CheckpointDone, Rollback,
     )
 }

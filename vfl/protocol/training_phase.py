@@ -15,8 +15,12 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ErrorCode, RemoteProtocolError
-from .messages import Backward, Epoch, EvalForward, Forward, Message, Schedule, Tensor
+from .errors import ErrorCode, RemoteProtocolError, VflError
+from .messages import Backward, Checkpoint, CheckpointDone, Epoch, EvalForward, Forward, Message, Schedule, Tensor
+
+
+class CheckpointError(VflError):
+    """This party cannot save or load a checkpoint (missing file, wrong digest, disk full). Ends the session."""
 
 
 class BottomSegment(Protocol):
@@ -27,6 +31,12 @@ class BottomSegment(Protocol):
 
     def backward(self, step: int, gradient: np.ndarray) -> None:
         """Apply the gradient of step ``step`` (to the weights its forward used) and step the optimizer."""
+
+    def checkpoint(self, step: int, epoch: int) -> str:
+        """Save the segment after ``step`` steps (atomically); returns the SHA-256 of what was written."""
+
+    def restore(self, step: int, digest: str | None) -> None:
+        """Load the checkpoint at ``step`` (checking ``digest`` when given); drop every step in flight."""
 
 
 class TopSegment(Protocol):
@@ -41,18 +51,40 @@ class TopSegment(Protocol):
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """The epoch's training and validation metrics; resets the accumulators."""
 
+    def checkpoint(self, step: int, epoch: int) -> str:
+        """Save the top (and own bottom) after ``step`` steps; returns the SHA-256 of what was written."""
+
+    def commit(self, step: int, epoch: int, digests: Mapping[str, str]) -> None:
+        """Every party saved step ``step``: record it as the checkpoint to resume from (atomically)."""
+
+    def restore(self, step: int) -> None:
+        """Load this party's checkpoint at ``step``."""
+
 
 @dataclass(frozen=True, eq=False)
 class TrainPlan:
-    """What the label holder sends: validation positions and each epoch's order of training positions."""
+    """The whole schedule: validation positions and every epoch's order of training positions."""
 
     validation: np.ndarray
     epoch_orders: Sequence[np.ndarray]
-    first_epoch: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: only at each epoch's start)
 
     @property
     def epochs(self) -> int:
         return len(self.epoch_orders)
+
+    def steps_in(self, epoch: int, batch_size: int) -> int:
+        return -(-len(self.epoch_orders[epoch]) // batch_size)
+
+    def epoch_of(self, step: int, batch_size: int) -> tuple[int, int]:
+        """(epoch, the epoch's first step) of global step ``step``."""
+        first = 0
+        for e in range(self.epochs):
+            n = self.steps_in(e, batch_size)
+            if step < first + n:
+                return e, first
+            first += n
+        return self.epochs, first
 
 
 def _int_positions(msg: Message, name: str, n_rows: int) -> np.ndarray:
@@ -106,10 +138,16 @@ class DataHolderTraining:
         self._eval: deque[int] = deque()  # validation batches still to send for self.epoch
         self._epoch_done = True
         self.finished_epochs = 0
+        self.applied = 0  # steps whose BACKWARD has been applied: the segment is "after `applied` steps"
+        self._resuming = False
 
     def on_schedule(self, msg: Schedule) -> None:
         if self.epochs is not None:
             raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a second SCHEDULE", ref=msg.TYPE)
+        if msg.first_step > 0:  # resume: every party goes back to its checkpoint at first_step
+            self.bottom.restore(msg.first_step, msg.resume_digest)
+        self.applied = msg.first_step
+        self._resuming = msg.first_step > 0
         self.epochs = msg.epochs
         validation = _int_positions(msg, "validation", self.n_rows)
         self.validation = batches(validation, self.batch_size)
@@ -122,7 +160,10 @@ class DataHolderTraining:
     def on_epoch(self, msg: Epoch) -> None:
         if self.epochs is None or not self._epoch_done:
             raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "EPOCH before the previous one ended", ref=msg.TYPE)
-        if msg.epoch != self.finished_epochs or msg.epoch >= self.epochs or msg.first_step != self.next_step:
+        resumed_mid_epoch = self._resuming and msg.first_step <= self.next_step
+        if msg.epoch != self.finished_epochs or msg.epoch >= self.epochs or (
+            msg.first_step != self.next_step and not resumed_mid_epoch
+        ):
             raise RemoteProtocolError(
                 ErrorCode.BAD_FIELD,
                 f"EPOCH {msg.epoch} from step {msg.first_step}: expected epoch {self.finished_epochs} from step "
@@ -132,9 +173,11 @@ class DataHolderTraining:
         order = _int_positions(msg, "order", self.n_rows)
         self.epoch = msg.epoch
         self._epoch_done = False
+        self._resuming = False
         for i, rows in enumerate(batches(order, self.batch_size)):
-            self._steps.append((msg.first_step + i, rows))
-        self.next_step = msg.first_step + len(self._steps)
+            if msg.first_step + i >= self.next_step:  # on a resume, steps before the checkpoint are done
+                self._steps.append((msg.first_step + i, rows))
+        self.next_step = msg.first_step + len(batches(order, self.batch_size))
 
     @property
     def has_work(self) -> bool:
@@ -169,6 +212,7 @@ class DataHolderTraining:
         grad = _activations(msg, "gradient", rows, self.width)
         self.bottom.backward(step, grad)
         self._in_flight.popleft()
+        self.applied = step + 1
         if not self._steps and not self._in_flight and not self._epoch_done:
             self._eval.extend(range(len(self.validation)))  # validate on the weights after the epoch's last step
             if not self._eval:
@@ -177,6 +221,16 @@ class DataHolderTraining:
     def _close_epoch(self) -> None:
         self._epoch_done = True
         self.finished_epochs += 1
+
+    def on_checkpoint(self, msg: Checkpoint) -> CheckpointDone:
+        """Save after ``msg.step`` steps: every BACKWARD before it has arrived (they come first on the socket)."""
+        if msg.step != self.applied:
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"CHECKPOINT at step {msg.step}, but this data holder has applied {self.applied} steps",
+                ref=msg.TYPE,
+            )
+        return CheckpointDone(step=msg.step, digest=self.bottom.checkpoint(msg.step, msg.epoch))
 
 
 # ------------------------------------------------------------------------------------------------- label holder
@@ -204,16 +258,19 @@ class LabelHolderTraining:
         window: int,
         n_rows: int,
         first_step: int = 0,
+        resume_digests: Mapping[str, str] | None = None,
     ):
         self.top = top
         self.plan = plan
+        self.resume_digests = dict(resume_digests or {})
         self.parties = tuple(parties)
         self.widths = dict(widths)
         self.batch_size = batch_size
         self.window = window
         self.n_rows = n_rows
         self.validation = batches(np.asarray(plan.validation, dtype=np.int64), batch_size)
-        self.epoch = plan.first_epoch
+        self.first_step = first_step
+        self.epoch, self._epoch_first_step = plan.epoch_of(first_step, batch_size)
         self.step = first_step  # the next step to process
         self._inbox = {p: _Inbox(next_forward=first_step) for p in self.parties}
         self._steps: dict[int, np.ndarray] = {}
@@ -222,24 +279,60 @@ class LabelHolderTraining:
         self._eval_next = 0
         self.done = False
         self.history: list[dict[str, float]] = []
+        self._pending: dict[int, dict[str, str]] = {}  # checkpoint step -> digests received so far
+        self.latest_checkpoint: int | None = None
+        self.latest_digests: dict[str, str] = {}
 
-    def start(self) -> list[Message]:
-        """SCHEDULE, then the first EPOCH (the same for every data holder)."""
-        sched = Schedule(
-            epochs=self.plan.first_epoch + self.plan.epochs,
-            first_epoch=self.plan.first_epoch,
-            first_step=self.step,
-            tensors=(Tensor("validation", np.asarray(self.plan.validation, dtype=np.int64)),),
-        )
-        return [sched] + self._open_epoch()
+    def start(self) -> dict[str, list[Message]]:
+        """Per data holder: SCHEDULE (with its resume digest when resuming), then the first EPOCH."""
+        validation = Tensor("validation", np.asarray(self.plan.validation, dtype=np.int64))
+        opening = self._open_epoch(first=True)
+        return {
+            p: [
+                Schedule(
+                    epochs=self.plan.epochs,
+                    first_epoch=self.epoch,
+                    first_step=self.step,
+                    tensors=(validation,),
+                    resume_digest=self.resume_digests.get(p) if self.step > 0 else None,
+                )
+            ]
+            + opening
+            for p in self.parties
+        }
 
-    def _open_epoch(self) -> list[Message]:
-        order = np.asarray(self.plan.epoch_orders[self.epoch - self.plan.first_epoch], dtype=np.int64)
+    def _open_epoch(self, first: bool = False) -> list[Message]:
+        """Checkpoint at the epoch's start (not when resuming from exactly there), then EPOCH."""
+        out: list[Message] = []
+        if not (first and self.step > 0):
+            out += self._checkpoint(self.step)
+        order = np.asarray(self.plan.epoch_orders[self.epoch], dtype=np.int64)
+        start = self._epoch_first_step
         for i, rows in enumerate(batches(order, self.batch_size)):
-            self._steps[self.step + i] = rows
-        self._epoch_end_step = self.step + len(self._steps)
+            if start + i >= self.step:
+                self._steps[start + i] = rows
+        self._epoch_end_step = start + self.plan.steps_in(self.epoch, self.batch_size)
         self._evaluating = False
-        return [Epoch(epoch=self.epoch, first_step=self.step, tensors=(Tensor("order", order),))]
+        return out + [Epoch(epoch=self.epoch, first_step=start, tensors=(Tensor("order", order),))]
+
+    def _checkpoint(self, step: int) -> list[Message]:
+        self._pending[step] = {"": self.top.checkpoint(step, self.epoch)}
+        return [Checkpoint(step=step, epoch=self.epoch)]
+
+    def on_checkpoint_done(self, party: str, msg: CheckpointDone) -> None:
+        digests = self._pending.get(msg.step)
+        if digests is None or party in digests:
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE, f"CHECKPOINT_DONE for step {msg.step} that was not asked for", ref=msg.TYPE
+            )
+        digests[party] = msg.digest
+        if len(digests) == len(self.parties) + 1:
+            own = digests.pop("")
+            epoch, _ = self.plan.epoch_of(msg.step, self.batch_size)
+            self.top.commit(msg.step, epoch, {**digests, "": own})
+            self.latest_checkpoint = msg.step
+            self.latest_digests = dict(digests)
+            del self._pending[msg.step]
 
     def on_forward(self, party: str, msg: Forward) -> tuple[dict[str, list[Message]], list[dict]]:
         """Returns (messages per party, finished-epoch metrics)."""
@@ -284,6 +377,11 @@ class LabelHolderTraining:
                 for p in self.parties:
                     out[p].append(Backward(step=self.step, tensors=(Tensor("gradient", grads[p]),)))
                 self.step += 1
+                every = self.plan.checkpoint_every
+                if every and self.step % every == 0 and self.step < self._epoch_end_step:
+                    ask = self._checkpoint(self.step)  # after BACKWARD(step - 1) on every socket
+                    for p in self.parties:
+                        out[p].extend(ask)
                 if self.step == self._epoch_end_step:
                     self._evaluating, self._eval_next = True, 0
                     for p in self.parties:
@@ -301,7 +399,8 @@ class LabelHolderTraining:
             self.history.append(result)
             metrics.append(result)
             self.epoch += 1
-            if self.epoch - self.plan.first_epoch >= self.plan.epochs:
+            self._epoch_first_step = self.step
+            if self.epoch >= self.plan.epochs:
                 self.done = True
                 break
             opening = self._open_epoch()
