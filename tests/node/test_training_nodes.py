@@ -114,3 +114,109 @@ def test_a_pipelined_run_between_processes_learns(tmp_path, window):
     metrics = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 20 and metrics[-1]["train_loss"] < 0.7 * metrics[0]["train_loss"], metrics[-1]
     assert max(m["val_accuracy"] for m in metrics[-3:]) > 0.6, metrics[-1]
+
+
+def resumable_session(tmp_path: Path, epochs: int = 4):
+    """Enough steps per epoch (batch 8) to kill a node in the middle of one; checkpoints every 5 steps."""
+    x1, x2, y = synthetic(n=900)
+    ids = [f"person-{i:04d}" for i in range(len(y))]
+    write_table(tmp_path / "bank.csv", ids, {"label": y})
+    write_table(tmp_path / "dh1.csv", ids, {f"a{j}": x1[:, j] for j in range(5)})
+    write_table(tmp_path / "dh2.csv", ids, {f"b{j}": x2[:, j] for j in range(7)})
+    out = str(tmp_path / "model")
+    opt = {"kind": "sgd", "lr": 0.05, "momentum": 0.5}
+    tables = {
+        "bank": {"model": {"top": {"widths": [16, 3]}, "seed": 3},
+                 "train": {"task": "multiclass", "epochs": epochs, "validation_fraction": 0.25, "seed": 5,
+                           "optimizer": opt, "output": out, "checkpoint_every": 5}},
+        "dh1": {"model": {"bottom": {"widths": [6, 4]}, "seed": 1}, "train": {"optimizer": opt, "output": out}},
+        "dh2": {"model": {"bottom": {"widths": [6, 4]}, "seed": 2}, "train": {"optimizer": opt, "output": out}},
+    }
+    data = {
+        "bank": {"path": "bank.csv", "id_column": "id", "label_column": "label", "features": []},
+        "dh1": {"path": "dh1.csv", "id_column": "id"},
+        "dh2": {"path": "dh2.csv", "id_column": "id"},
+    }
+    timeouts = {**FAST, "peer": 3.0, "heartbeat": 0.3, "rejoin": 60.0}
+    return prepare_session(tmp_path, data_holders=["dh1", "dh2"], run="resume-test", timeouts=timeouts,
+                           link_check={"rounds": 0}, data=data, psi={"workers": 1}, tables=tables,
+                           cut_width=4, batch_size=8, window=1)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_completes(tmp_path):
+    """kill -9 a data holder in the second epoch and start it again with the same command: every party rolls back
+    to the last checkpoint and the run completes. At W = 1 the resumed run must end exactly where an uninterrupted
+    run on the same aligned rows ends, and an uninterrupted run is, step for step, central training (the exactness
+    test above): so the central reference on this run's aligned order is the uninterrupted run, to 1e-5."""
+    import os
+    import signal
+    import time
+
+    configs = resumable_session(tmp_path)
+    with Nodes(tmp_path) as nodes:
+        lh = nodes.start(configs["bank"])
+        dh2 = nodes.start(configs["dh2"])
+        dh1 = nodes.start(configs["dh1"])
+        lh.wait_for("epoch 0:", timeout=120)
+        time.sleep(0.3)  # well into the second epoch (each has 85 steps)
+        os.kill(dh1.proc.pid, signal.SIGKILL)
+        dh1.wait(timeout=10)
+        assert "epoch 1:" not in lh.output, "the kill came too late to be mid-epoch 2"
+        restarted = nodes.start(configs["dh1"])  # the same command
+        codes = {"bank": lh.wait(timeout=180), "dh2": dh2.wait(timeout=60), "dh1": restarted.wait(timeout=60)}
+        assert codes == {"bank": 0, "dh1": 0, "dh2": 0}, (lh.output, restarted.output, dh2.output)
+        assert "resuming every party from the checkpoint at step" in lh.output
+        assert "rolling back to the checkpoint" in dh2.output
+    got = read_metrics(tmp_path / "model" / "metrics.jsonl")
+    assert [m["epoch"] for m in got] == [0, 1, 2, 3]
+
+    x1, x2, y = synthetic(n=900)
+    order = [int(k.split("-")[1]) for k in aligned_ids(tmp_path / "bank-aligned.csv")]
+    assert order == [int(k.split("-")[1]) for k in aligned_ids(tmp_path / "dh1-aligned.csv")]
+    rows = np.array(order)
+    torch.set_num_threads(1)
+    opt = OptimizerSpec.from_dict({"kind": "sgd", "lr": 0.05, "momentum": 0.5})
+    schedule = make_schedule(len(rows), 8, 4, 5, 0.25)
+    central = train_central(
+        [x1[rows], x2[rows]], y[rows],
+        [build_mlp(5, MlpSpec(widths=(6, 4)), seed=1), build_mlp(7, MlpSpec(widths=(6, 4)), seed=2)],
+        build_mlp(8, MlpSpec(widths=(16, 3)), seed=4),
+        combiner=Combiner([4, 4]), task="multiclass", schedule=schedule, bottom_optimizers=opt, top_optimizer=opt,
+        validation=schedule.validation,
+    )
+    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=False) for p in configs}
+    worst = max(
+        torch.max(torch.abs(got_state[k] - want[k])).item()
+        for got_state, want in [(saved["dh1"]["model"], central.bottom_states[0]),
+                                (saved["dh2"]["model"], central.bottom_states[1]), (saved["bank"]["top"], central.top_state)]
+        for k in want
+    )
+    assert worst <= 1e-5, worst
+    assert abs(got[-1]["val_accuracy"] - central.history[-1]["val_accuracy"]) <= 0.005
+
+
+def test_a_data_holder_killed_and_not_restarted_makes_the_others_exit_non_zero_naming_it(tmp_path):
+    import os
+    import signal
+    import time
+
+    configs = resumable_session(tmp_path, epochs=6)
+    text = configs["bank"].read_text().replace("rejoin = 60.0", "rejoin = 4.0")
+    configs["bank"].write_text(text)
+    with Nodes(tmp_path) as nodes:
+        lh = nodes.start(configs["bank"])
+        dh2 = nodes.start(configs["dh2"])
+        dh1 = nodes.start(configs["dh1"])
+        lh.wait_for("epoch 0:", timeout=120)
+        os.kill(dh1.proc.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert lh.wait(timeout=30) == 3
+        assert dh2.wait(timeout=30) != 0
+        assert time.monotonic() - killed_at < 3.0 + 4.0 + 10
+    assert "data holder 'dh1' stopped answering and did not come back within 4 s" in lh.output
+    assert "vfl node --config" in lh.output and "to resume from the checkpoint at step" in lh.output
+    assert "data holder 'dh1' stopped answering" in dh2.output

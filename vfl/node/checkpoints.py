@@ -48,7 +48,8 @@ class Checkpointer:
 
     def save(self, state: dict, step: int, epoch: int) -> str:
         buf = io.BytesIO()
-        torch.save({"party": self.party, "run": self.run, "model": self.model, "step": step, "epoch": epoch, **state}, buf)
+        meta = {"vfl_party": self.party, "vfl_run": self.run, "vfl_model": self.model, "vfl_step": step, "vfl_epoch": epoch}
+        torch.save({**state, **meta}, buf)
         data = buf.getvalue()
         try:
             _atomic_write_bytes(self.path(step), data)
@@ -78,8 +79,8 @@ class Checkpointer:
         if digest is not None and hashlib.sha256(data).hexdigest() != digest:
             raise CheckpointError(f"{path} does not match the digest recorded for step {step}: it was changed")
         state = torch.load(io.BytesIO(data), weights_only=False)
-        if state.get("run") != self.run or state.get("model") != self.model:
-            raise CheckpointError(f"{path} belongs to run {state.get('run')!r} / model {state.get('model')!r}")
+        if state.get("vfl_run") != self.run or state.get("vfl_model") != self.model:
+            raise CheckpointError(f"{path} belongs to run {state.get('vfl_run')!r} / model {state.get('vfl_model')!r}")
         return state
 
     def commit(self, step: int, epoch: int, digests: dict[str, str]) -> None:

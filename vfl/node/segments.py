@@ -21,6 +21,11 @@ from ..train.metrics import evaluate
 from ..train.models import Combiner
 
 
+def _index(rows: np.ndarray) -> torch.Tensor:
+    """Row positions as a torch index (copied: received arrays are read-only views of the wire)."""
+    return torch.tensor(np.asarray(rows, dtype=np.int64))
+
+
 def _tensor(array: np.ndarray) -> torch.Tensor:
     """A float32 torch tensor over a received (read-only) array; copied, because torch wants writable memory."""
     return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
@@ -38,7 +43,7 @@ class TorchBottom:
         self._stash: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     def forward(self, step: int, rows: np.ndarray, train: bool) -> np.ndarray:
-        x = self.features[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+        x = self.features[_index(rows)]
         if not train:
             self.model.eval()
             with torch.no_grad():
@@ -121,7 +126,7 @@ class TorchTop:
         return self.combiner.combine(pieces), own_acts
 
     def _own_forward(self, rows: np.ndarray, train: bool) -> torch.Tensor:
-        x = self.own.features[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+        x = self.own.features[_index(rows)]
         self.own.model.train(train)
         if train:
             return self.own.model(x)
@@ -136,7 +141,7 @@ class TorchTop:
         combined.requires_grad_(True)
         self.top.train()
         outputs = self.top(combined)
-        loss = self.loss_fn(outputs, self.targets[torch.from_numpy(np.asarray(rows, dtype=np.int64))])
+        loss = self.loss_fn(outputs, self.targets[_index(rows)])
         loss.backward()
         self.optimizer.step()
         grads = dict(zip(self.order, self.combiner.split(combined.grad)))
