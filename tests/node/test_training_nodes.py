@@ -79,7 +79,7 @@ def aligned_ids(path: Path) -> list[str]:
         return [row[1] for row in list(csv.reader(fh))[1:]]
 
 
-def test_window_1_between_processes_equals_central_training(tmp_path):
+def test_X3_X10_window_1_between_processes_equals_central_training(tmp_path):
     configs, (x1, x2, y, ids) = training_session(tmp_path, window=1)
     outputs = run_nodes(tmp_path, configs)
     order = aligned_ids(tmp_path / "bank-aligned.csv")
@@ -108,7 +108,7 @@ def test_window_1_between_processes_equals_central_training(tmp_path):
 
 
 @pytest.mark.parametrize("window", [4])
-def test_a_pipelined_run_between_processes_learns(tmp_path, window):
+def test_X4_a_pipelined_run_between_processes_learns(tmp_path, window):
     configs, _ = training_session(tmp_path, window=window, epochs=20, opt={"kind": "adam", "lr": 0.01})
     run_nodes(tmp_path, configs)
     metrics = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
@@ -147,7 +147,7 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_completes(tmp_path):
+def test_X8_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_completes(tmp_path):
     """kill -9 a data holder in the second epoch and start it again with the same command: every party rolls back
     to the last checkpoint and the run completes. At W = 1 the resumed run must end exactly where an uninterrupted
     run on the same aligned rows ends, and an uninterrupted run is, step for step, central training (the exactness
@@ -199,7 +199,7 @@ def test_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_comp
     assert abs(got[-1]["val_accuracy"] - central.history[-1]["val_accuracy"]) <= 0.005
 
 
-def test_a_data_holder_killed_and_not_restarted_makes_the_others_exit_non_zero_naming_it(tmp_path):
+def test_X9_a_data_holder_killed_and_not_restarted_makes_the_others_exit_non_zero_naming_it(tmp_path):
     import os
     import signal
     import time
