@@ -105,6 +105,52 @@ def psi(config_path: str, out_path: str | None, verbose: bool) -> None:
     sys.exit(_run_node("vfl psi", cfg, verbose))
 
 
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The node's TOML config of the training run (same [session], [model] and keys).")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="This party's table for the rows to predict: the ID column and (data holders) the same features.")
+@click.option("--segment", "segment_path", type=click.Path(exists=True, dir_okay=False),
+              help="This party's trained segment. Default: OUTPUT/PARTY-segment.pt of [train].output.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Label holder: where to write predictions.csv. Default: [train].output/predictions.csv.")
+@click.option("-v", "--verbose", is_flag=True, help="Log protocol details.")
+def predict(config_path: str, data_path: str, segment_path: str | None, out_path: str | None, verbose: bool) -> None:
+    """Predict with a trained split model: every party runs this with its own config and data file.
+
+    The parties first find the IDs present at every party (private set intersection, as in training), then each
+    runs its own trained segment forward; only the label holder sees the predictions, which it writes as a CSV
+    (id, prediction, and class probabilities or the score). No party's weights or features leave it.
+    """
+    import dataclasses
+
+    from .node import ConfigError, load_config
+
+    try:
+        cfg = load_config(config_path)
+        if not cfg.session.train:
+            raise ConfigError(f"{config_path}: vfl predict needs the config of a training run ([session].train = true)")
+    except ConfigError as exc:
+        click.echo(f"vfl predict: {exc}", err=True)
+        sys.exit(2)
+    train = cfg.train
+    if segment_path is not None:
+        seg = Path(segment_path).resolve()
+        if seg.name != f"{cfg.party}-segment.pt":
+            click.echo(f"vfl predict: --segment must be this party's {cfg.party}-segment.pt", err=True)
+            sys.exit(2)
+        train = dataclasses.replace(train, output=seg.parent)
+    train = dataclasses.replace(train, predictions=Path(out_path).resolve() if out_path else None)
+    cfg = dataclasses.replace(
+        cfg,
+        session=dataclasses.replace(cfg.session, predict=True),
+        data=dataclasses.replace(cfg.data, path=Path(data_path).resolve()),
+        psi=dataclasses.replace(cfg.psi, output=None),
+        train=train,
+    )
+    sys.exit(_run_node("vfl predict", cfg, verbose))
+
+
 @main.group()
 def keys() -> None:
     """CurveZMQ key pairs: every node has one; partners exchange the public halves."""

@@ -220,3 +220,40 @@ def test_X9_a_data_holder_killed_and_not_restarted_makes_the_others_exit_non_zer
     assert "data holder 'dh1' stopped answering and did not come back within 4 s" in lh.output
     assert "vfl node --config" in lh.output and "to resume from the checkpoint at step" in lh.output
     assert "data holder 'dh1' stopped answering" in dh2.output
+
+
+def test_predict_gives_the_label_holder_predictions_for_rows_present_at_every_party(tmp_path):
+    configs, (x1, x2, y, ids) = training_session(tmp_path, window=1)
+    run_nodes(tmp_path, configs)
+    # new rows: 40 known people and 10 unknown ones, at each party in its own order; one party lacks 5 of them
+    rng = np.random.default_rng(9)
+    pick = rng.choice(len(ids), size=40, replace=False)
+    new_ids = [ids[i] for i in pick] + [f"stranger-{i}" for i in range(10)]
+    feats1 = np.concatenate([x1[pick], rng.normal(size=(10, 5)).astype(np.float32)])
+    feats2 = np.concatenate([x2[pick], rng.normal(size=(10, 7)).astype(np.float32)])
+    write_table(tmp_path / "bank-new.csv", new_ids[5:], {})
+    write_table(tmp_path / "dh1-new.csv", new_ids[::-1], {f"a{j}": feats1[::-1, j] for j in range(5)})
+    write_table(tmp_path / "dh2-new.csv", new_ids, {f"b{j}": feats2[:, j] for j in range(7)})
+    with Nodes(tmp_path) as nodes:
+        procs = {p: nodes.start_command(["predict", "--config", str(configs[p]), "--data", str(tmp_path / f"{p}-new.csv")], p)
+                 for p in configs}
+        codes = {p: proc.wait(timeout=120) for p, proc in procs.items()}
+        assert codes == {"bank": 0, "dh1": 0, "dh2": 0}, {p: proc.output for p, proc in procs.items()}
+    with open(tmp_path / "model" / "predictions.csv") as fh:
+        got = list(csv.DictReader(fh))
+    expected_ids = set(new_ids[5:])  # the strangers are at every party too: 45 rows
+    assert {r["id"] for r in got} == expected_ids
+    # the same composed model, centrally, on the same features
+    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=False) for p in configs}
+    b1, b2 = build_mlp(5, MlpSpec(widths=(6, 4))), build_mlp(7, MlpSpec(widths=(6, 4)))
+    top = build_mlp(8, MlpSpec(widths=(16, 3)))
+    b1.load_state_dict(saved["dh1"]["model"]), b2.load_state_dict(saved["dh2"]["model"])
+    top.load_state_dict(saved["bank"]["top"])
+    where = {k: i for i, k in enumerate(new_ids)}
+    for r in got:
+        i = where[r["id"]]
+        with torch.no_grad():
+            logits = top(torch.cat([b1(torch.from_numpy(feats1[i:i + 1])), b2(torch.from_numpy(feats2[i:i + 1]))], 1))
+        probs = torch.softmax(logits, 1)[0].numpy()
+        assert int(r["prediction"]) == int(probs.argmax())
+        assert abs(float(r["p_0"]) - probs[0]) < 1e-5

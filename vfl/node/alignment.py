@@ -45,7 +45,7 @@ def load_ids(cfg: NodeConfig) -> PartyIds:
         path=data.path,
         id_column=data.id_column,
         feature_columns=data.features if train else (),
-        label_column=data.label_column if train else None,
+        label_column=data.label_column if train and not cfg.session.predict else None,
     )
     try:
         table = load_table(spec)

@@ -62,6 +62,7 @@ class TrainSettings:
     output: Path | None = None
     checkpoint_dir: Path = Path("checkpoints")
     checkpoint_every: int = 0  # label holder: steps between checkpoints inside an epoch (0: each epoch's start)
+    predictions: Path | None = None  # vfl predict: where the label holder writes predictions.csv
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,14 @@ class NodeRunner:
             verb = "listening on" if cfg.is_label_holder else "connecting to"
             security = "insecure" if cfg.insecure else "CurveZMQ"
             self.log.info("%s %r (run %s) %s %s [%s]", role, cfg.party, cfg.run, verb, transport.endpoint, security)
-            return self._loop(transport)
+            try:
+                return self._loop(transport)
+            except Exception as exc:  # a bug or a local failure: tell the peers before dying, so nobody waits for us
+                machine = getattr(self, "machine", None)
+                if machine is not None and machine.finished is None:
+                    self._execute(transport, machine.close(f"internal error at {cfg.party!r}: {type(exc).__name__}", time.monotonic()))
+                    self._flush(transport, until=time.monotonic() + FINAL_FLUSH_S)
+                raise
         finally:
             # a peer that never answered (refused key, wrong address) gets nothing more: do not linger for it
             transport.close(linger_ms=LINGER_MS if self.bytes_received else 0)
@@ -222,7 +229,7 @@ class NodeRunner:
             elif isinstance(out, Finished):
                 finished = out
                 if out.exit_code == 0 and self.segment is not None:
-                    self._save_segment()
+                    finished = self._finish_segment(out)
         return finished
 
     def _flush(self, transport: Transport, until: float | None = None) -> None:
@@ -269,13 +276,31 @@ class NodeRunner:
 
     def _start_training(self, rows, transport: Transport, now: float) -> Finished | None:
         from ..protocol.training_phase import CheckpointError
-        from .training import TrainingSetupError, build_bottom, build_top, make_plan
+        from .training import (
+            TrainingSetupError,
+            build_bottom,
+            build_top,
+            load_trained,
+            make_plan,
+            prediction_plan,
+            trained_encoding,
+        )
+
+        predict = self.cfg.session.predict
 
         machine = self.machine
         try:
             if isinstance(machine, DataHolderMachine):
                 self.segment = build_bottom(self.cfg, self.ids.table, rows)
+                if predict:
+                    load_trained(self.cfg, self.segment)
                 return self._execute(transport, machine.start_training(self.segment, len(rows), now))
+            if predict:
+                self.aligned = rows
+                self.segment = build_top(self.cfg, self.ids.table, rows, None, trained_encoding(self.cfg))
+                load_trained(self.cfg, self.segment)
+                self.log.info("predicting %d aligned rows", len(rows))
+                return self._execute(transport, machine.start_training(self.segment, prediction_plan(len(rows)), now))
             plan = make_plan(self.cfg, len(rows))
             self.segment = build_top(self.cfg, self.ids.table, rows, plan)
             self.log.info(
@@ -307,6 +332,23 @@ class NodeRunner:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         self.log.info("epoch %d: %s", metrics["epoch"], shown)
         append_metrics(self.cfg, metrics)
+
+    def _finish_segment(self, finished: Finished) -> Finished:
+        """After a successful session: save the trained segment, or (prediction) write the predictions."""
+        if not self.cfg.session.predict:
+            self._save_segment()
+            return finished
+        if not self.cfg.is_label_holder:
+            return finished
+        from .training import write_predictions
+
+        path = self.cfg.train.predictions or (self.cfg.train.output or self.cfg.path.parent) / "predictions.csv"
+        try:
+            n = write_predictions(path, self.ids.ids, self.aligned, self.segment)
+        except OSError as exc:
+            return Finished(exit_code=1, reason=f"cannot write the predictions to {path}: {exc.strerror}")
+        self.log.info("wrote %d predictions to %s", n, path)
+        return finished
 
     def _save_segment(self) -> None:
         from .training import save_segment

@@ -180,6 +180,9 @@ class TorchTop:
         out = {"top": self.top.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.own is not None:
             out["own"] = self.own.state()
+        encoding = getattr(self, "label_encoding", None)
+        if encoding is not None:
+            out["labels"] = encoding.to_dict()
         return out
 
     def checkpoint(self, step: int, epoch: int) -> str:

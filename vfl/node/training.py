@@ -71,20 +71,30 @@ def build_bottom(cfg: NodeConfig, table: PartyTable, rows: np.ndarray) -> Prepar
 
 def check_segment(cfg: NodeConfig, table: PartyTable) -> None:
     """Build the segment once on the whole table to catch spec/data mismatches before connecting."""
+    rows = np.arange(min(table.n_rows, 2))
     if cfg.is_label_holder:
-        build_top(cfg, table, np.arange(min(table.n_rows, 2)), TrainPlan(np.empty(0, np.int64), []))
+        encoding = trained_encoding(cfg) if cfg.session.predict else None
+        segment = build_top(cfg, table, rows, TrainPlan(np.empty(0, np.int64), []), encoding)
     else:
         if table.n_features == 0:
             raise TrainingSetupError(f"{table.path}: no feature columns for the bottom model")
-        build_bottom(cfg, table, np.arange(min(table.n_rows, 2)))
+        segment = build_bottom(cfg, table, rows)
+    if cfg.session.predict:
+        load_trained(cfg, segment)
 
 
-def build_top(cfg: NodeConfig, table: PartyTable, rows: np.ndarray, plan: TrainPlan) -> TorchTop:
+def build_top(
+    cfg: NodeConfig, table: PartyTable, rows: np.ndarray, plan: TrainPlan, encoding: LabelEncoding | None = None
+) -> TorchTop:
+    """The label holder's segment; for prediction (no labels) ``encoding`` comes from the trained segment file."""
     t = cfg.train
-    try:
-        targets, encoding = encode_labels(table.labels, t.task)
-    except (DataError, ValueError) as exc:
-        raise TrainingSetupError(f"{table.path}: label column {table.label_column!r}: {exc}") from None
+    if encoding is None:
+        try:
+            targets, encoding = encode_labels(table.labels, t.task)
+        except (DataError, ValueError) as exc:
+            raise TrainingSetupError(f"{table.path}: label column {table.label_column!r}: {exc}") from None
+    else:
+        targets = np.zeros(table.n_rows, dtype=np.int64 if t.task == "multiclass" else np.float32)
     widths = dict(cfg.session.cut_widths)
     own = None
     if t.bottom is not None:
@@ -111,7 +121,8 @@ def build_top(cfg: NodeConfig, table: PartyTable, rows: np.ndarray, plan: TrainP
         top = build_model(combiner.out_features, t.top.get("factory", t.top), out_features=out_width, seed=t.seed + 1)
     except ModelError as exc:
         raise TrainingSetupError(f"[model].top: {exc} (the {t.task} task needs {out_width} output(s))") from None
-    return TorchTop(
+    cls = PredictingTop if cfg.session.predict else TorchTop
+    segment = cls(
         top=top,
         optimizer=OptimizerSpec.from_dict(t.optimizer).build(top.parameters()),
         combiner=combiner,
@@ -122,6 +133,91 @@ def build_top(cfg: NodeConfig, table: PartyTable, rows: np.ndarray, plan: TrainP
         own_name=cfg.party if own is not None else None,
         checkpointer=checkpointer(cfg),
     )
+    segment.label_encoding = encoding
+    return segment
+
+
+class PredictingTop(TorchTop):
+    """The top of a prediction session: keeps every output by row instead of scoring it against labels."""
+
+    predictions: dict
+
+    def eval_batch(self, epoch: int, rows: np.ndarray, activations) -> None:
+        if not hasattr(self, "predictions"):
+            self.predictions = {}
+        for row, out in zip(np.asarray(rows).tolist(), self.predict(rows, activations)):
+            self.predictions[row] = out
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        return {"predicted_rows": float(len(getattr(self, "predictions", {})))}
+
+
+def segment_path(cfg: NodeConfig) -> Path:
+    out = cfg.train.output if cfg.train.output is not None else cfg.path.parent
+    return out / f"{cfg.party}-segment.pt"
+
+
+def load_trained(cfg: NodeConfig, segment, path: Path | None = None) -> None:
+    """Put the weights of this party's trained segment (written by its training run) into ``segment``."""
+    path = path or segment_path(cfg)
+    try:
+        state = torch.load(path, weights_only=False)
+    except (OSError, RuntimeError) as exc:
+        raise TrainingSetupError(f"cannot read the trained segment {path}: {exc}") from None
+    if state.get("vfl_party") != cfg.party or state.get("vfl_model") != cfg.session.model:
+        raise TrainingSetupError(
+            f"{path} is party {state.get('vfl_party')!r}'s segment for model {state.get('vfl_model')!r}, not this node's"
+        )
+    try:
+        if isinstance(segment, TorchTop):
+            segment.top.load_state_dict(state["top"])
+            if segment.own is not None:
+                segment.own.model.load_state_dict(state["own"]["model"])
+        else:
+            segment.model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise TrainingSetupError(f"{path} does not fit the model in this config: {exc}") from None
+
+
+def trained_encoding(cfg: NodeConfig, path: Path | None = None) -> LabelEncoding:
+    path = path or segment_path(cfg)
+    try:
+        state = torch.load(path, weights_only=False)
+        return LabelEncoding.from_dict(state["labels"])
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise TrainingSetupError(f"cannot read the label encoding from {path}: {exc}") from None
+
+
+def prediction_plan(n_rows: int) -> TrainPlan:
+    """One epoch without training rows whose 'validation' is every aligned row: forward passes only."""
+    return TrainPlan(
+        validation=np.arange(n_rows, dtype=np.int64), epoch_orders=[np.empty(0, dtype=np.int64)], checkpoints=False
+    )
+
+
+def write_predictions(path: Path, ids: list, aligned: np.ndarray, top: "PredictingTop") -> int:
+    """``id, prediction`` (+ class probabilities / score) for every aligned row, atomically; returns the row count."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    enc, task = top.label_encoding, top.task
+    rows = sorted(top.predictions)
+    outs = np.stack([top.predictions[r] for r in rows]) if rows else np.empty((0, 1), np.float32)
+    columns = {"id": pa.array([ids[int(aligned[r])] for r in rows])}
+    if task == "multiclass":
+        probs = torch.softmax(torch.from_numpy(outs), dim=1).numpy()
+        columns["prediction"] = pa.array([enc.classes[int(k)] for k in probs.argmax(1)])
+        for k, cls in enumerate(enc.classes):
+            columns[f"p_{cls}"] = pa.array(probs[:, k])
+    elif task == "binary":
+        p1 = torch.sigmoid(torch.from_numpy(outs[:, 0])).numpy()
+        columns["prediction"] = pa.array([enc.classes[int(v >= 0.5)] for v in p1])
+        columns["probability"] = pa.array(p1)
+    else:
+        columns["prediction"] = pa.array(outs[:, 0])
+    table = pa.table(columns)
+    _atomic_write(path, lambda tmp: pacsv.write_csv(table, tmp))
+    return len(rows)
 
 
 def make_plan(cfg: NodeConfig, n_rows: int) -> TrainPlan:
@@ -158,7 +254,7 @@ def save_segment(cfg: NodeConfig, state: dict, extra: dict | None = None) -> Pat
     if cfg.train.output is None:
         return None
     path = cfg.train.output / f"{cfg.party}-segment.pt"
-    payload = {"party": cfg.party, "run": cfg.run, "model": cfg.session.model, **state, **(extra or {})}
+    payload = {**state, **(extra or {}), "vfl_party": cfg.party, "vfl_run": cfg.run, "vfl_model": cfg.session.model}
     _atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 

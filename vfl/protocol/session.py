@@ -73,6 +73,7 @@ class SessionConfig:
     model: str
     psi: bool = False  # the session aligns rows with a private set intersection (v1.1)
     train: bool = False  # after the PSI, the session trains the split network (v1.2)
+    predict: bool = False  # ... or, with train, only runs trained segments forward on the aligned rows (v1.2)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cut_widths", MappingProxyType(dict(self.cut_widths)))
@@ -98,6 +99,8 @@ class SessionConfig:
             return "psi and train must be true or false"
         if self.train and not self.psi:
             return "train = true needs psi = true (training runs on the aligned rows)"
+        if type(self.predict) is not bool or (self.predict and not self.train):
+            return "predict must be true or false, and needs train = true"
         return None
 
     @property
@@ -115,6 +118,8 @@ class SessionConfig:
             wire["psi"] = True
         if self.train:
             wire["train"] = True
+        if self.predict:
+            wire["predict"] = True
         return wire
 
     @property
@@ -137,6 +142,7 @@ class SessionConfig:
                 model=value.get("model"),
                 psi=value.get("psi", False),
                 train=value.get("train", False),
+                predict=value.get("predict", False),
             )
         except ValueError as exc:
             raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"HELLO.config: {exc}", ref="HELLO") from None

@@ -68,6 +68,7 @@ class TrainPlan:
     validation: np.ndarray
     epoch_orders: Sequence[np.ndarray]
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: only at each epoch's start)
+    checkpoints: bool = True  # False: a prediction session, which saves nothing
 
     @property
     def epochs(self) -> int:
@@ -81,7 +82,7 @@ class TrainPlan:
         first = 0
         for e in range(self.epochs):
             n = self.steps_in(e, batch_size)
-            if step < first + n:
+            if step < first + n or (n == 0 and step == first):  # an epoch without training steps starts here too
                 return e, first
             first += n
         return self.epochs, first
@@ -178,6 +179,10 @@ class DataHolderTraining:
             if msg.first_step + i >= self.next_step:  # on a resume, steps before the checkpoint are done
                 self._steps.append((msg.first_step + i, rows))
         self.next_step = msg.first_step + len(batches(order, self.batch_size))
+        if not self._steps and not self._in_flight:  # nothing to train (prediction): straight to evaluation
+            self._eval.extend(range(len(self.validation)))
+            if not self._eval:
+                self._close_epoch()
 
     @property
     def has_work(self) -> bool:
@@ -304,7 +309,7 @@ class LabelHolderTraining:
     def _open_epoch(self, first: bool = False) -> list[Message]:
         """Checkpoint at the epoch's start (not when resuming from exactly there), then EPOCH."""
         out: list[Message] = []
-        if not (first and self.step > 0):
+        if self.plan.checkpoints and not (first and self.step > 0):
             out += self._checkpoint(self.step)
         order = np.asarray(self.plan.epoch_orders[self.epoch], dtype=np.int64)
         start = self._epoch_first_step
@@ -312,7 +317,10 @@ class LabelHolderTraining:
             if start + i >= self.step:
                 self._steps[start + i] = rows
         self._epoch_end_step = start + self.plan.steps_in(self.epoch, self.batch_size)
-        self._evaluating = False
+        self._evaluating = self.step == self._epoch_end_step  # an epoch without training rows (prediction)
+        self._eval_next = 0
+        for box in self._inbox.values():
+            box.next_eval = 0
         return out + [Epoch(epoch=self.epoch, first_step=start, tensors=(Tensor("order", order),))]
 
     def _checkpoint(self, step: int) -> list[Message]:
@@ -378,7 +386,7 @@ class LabelHolderTraining:
                     out[p].append(Backward(step=self.step, tensors=(Tensor("gradient", grads[p]),)))
                 self.step += 1
                 every = self.plan.checkpoint_every
-                if every and self.step % every == 0 and self.step < self._epoch_end_step:
+                if self.plan.checkpoints and every and self.step % every == 0 and self.step < self._epoch_end_step:
                     ask = self._checkpoint(self.step)  # after BACKWARD(step - 1) on every socket
                     for p in self.parties:
                         out[p].extend(ask)
