@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 
 $(BIN)/vfl: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,demo]'
 	touch $@
 
 demo: $(BIN)/vfl

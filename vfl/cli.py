@@ -178,30 +178,54 @@ def keys_generate(names: tuple[str, ...], out_dir: str, overwrite: bool) -> None
 
 
 @main.command()
-@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--data-holders", "n_data_holders", default=2, show_default=True, type=click.IntRange(1, 8))
-@click.option("--prepare-only", is_flag=True, help="Write keys and configs, print the per-node commands, start nothing.")
-def demo(out_dir: str, n_data_holders: int, prepare_only: bool) -> None:
-    """Start a label holder and N data holders on this machine over CurveZMQ.
+@click.argument("dataset", type=click.Choice(["breast", "digits"]), default="breast")
+@click.option("--data-holders", "n_data_holders", default=1, show_default=True, type=click.IntRange(1, 8),
+              help="digits: how many data holders share the image columns (breast always has 1).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run folder. Default: runs/demo-DATASET.")
+@click.option("--window", default=2, show_default=True, type=click.IntRange(1, 64), help="Pipeline window W.")
+@click.option("--prepare-only", is_flag=True, help="Write data, keys and configs; print the per-node commands.")
+def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int, prepare_only: bool) -> None:
+    """Zero set-up: partition a data set that scikit-learn ships across parties, then PSI + split training.
 
-    Today the demo runs the session layer: handshake with config check, a link check (ECHO round trips of a
-    128x256 float32 tensor) and an orderly goodbye. Private set intersection and training arrive with their issues.
+    breast: breast cancer, split as FATE's hetero demo (the label holder has the label and 10 features, one data
+    holder the other 20). digits: 8x8 digit images, column slices across N data holders. Each party's IDs are
+    shuffled and some rows are missing, so the private set intersection matters. Every node runs as its own
+    process over CurveZMQ; results land in the run folder (model/metrics.jsonl, summary.json, per-node logs).
     """
-    from .launch import launch, prepare_session
+    import json as _json
+    import shutil
 
-    out = Path(out_dir)
-    names = [f"dh{i + 1}" for i in range(n_data_holders)]
-    configs = prepare_session(out, data_holders=names, run="demo")
+    from .launch import launch
+    from .launch.demo import DemoError, prepare_demo, summarize
+
+    out = Path(out_dir or f"runs/demo-{dataset}")
+    if out.exists() and not prepare_only:
+        shutil.rmtree(out / "model", ignore_errors=True)  # a fresh run, not a resume of the last one
+    try:
+        d = prepare_demo(dataset, out, data_holders=n_data_holders, window=window)
+    except DemoError as exc:
+        click.echo(f"vfl demo: {exc}", err=True)
+        sys.exit(2)
     if prepare_only:
-        click.echo(f"wrote keys and configs to {out}; start each node in its own terminal:")
-        for name, path in configs.items():
+        click.echo(f"wrote data, keys and configs to {out}; start each node in its own terminal:")
+        for path in d.configs.values():
             click.echo(f"  vfl node --config {path}")
         return
-    result = launch(list(configs.items()))
-    for name, code in result.exit_codes.items():
-        click.echo(f"{name}: exit {code}", err=True)
-    click.echo(f"demo finished in {result.wall_s:.1f} s" + (f"; failed: {', '.join(result.failed)}" if result.failed else ""))
-    sys.exit(1 if result.failed else 0)
+    result = launch(list(d.configs.items()))
+    logs_dir = out / "logs"
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    for name, lines in result.logs.items():
+        (logs_dir / f"{name}.log").write_text("".join(lines))
+    summary = summarize(d, result.wall_s, result.logs, result.exit_codes)
+    final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items() if k.startswith("val_"))
+    click.echo(f"demo {dataset}: {'ok' if summary['ok'] else 'FAILED'} in {summary['wall_seconds']} s; "
+               f"{summary['aligned_rows']} aligned rows; {final}")
+    click.echo(f"summary: {out / 'summary.json'}")
+    if result.failed:
+        click.echo(f"vfl demo: failed: {', '.join(f'{n} (exit {result.exit_codes[n]})' for n in result.failed)}; "
+                   f"logs in {logs_dir}", err=True)
+        sys.exit(1)
+    del _json
 
 
 @main.command(name="launch")

@@ -44,6 +44,7 @@ def _pump(node: NodeProcess, stream: IO[str], write: Callable[[str], None], pref
 class LaunchResult:
     exit_codes: dict[str, int]
     wall_s: float
+    logs: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[str]:
@@ -101,7 +102,9 @@ def launch(
     for n in nodes:
         if n.pump is not None:
             n.pump.join(timeout=2)
-    return LaunchResult({n.name: n.proc.returncode for n in nodes}, time.monotonic() - started)
+    return LaunchResult(
+        {n.name: n.proc.returncode for n in nodes}, time.monotonic() - started, {n.name: n.lines for n in nodes}
+    )
 
 
 def stop_all(nodes: list[NodeProcess], write: Callable[[str], None]) -> None:
