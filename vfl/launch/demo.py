@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .prepare import LABEL_HOLDER, prepare_session, write_atomic
+from ..files import atomic_write_text
+from .prepare import LABEL_HOLDER, prepare_session
 
 DATASETS = ("breast", "digits")
 DROP_FRACTION = 0.03  # rows missing at each party
@@ -166,5 +167,5 @@ def summarize(demo: Demo, wall_s: float, logs: dict[str, list[str]], exit_codes:
         "samples_per_second": round(train_rows * len(epochs) / wall_s, 1) if train_rows and wall_s else None,
         "traffic": traffic,
     }
-    write_atomic(demo.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(demo.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary

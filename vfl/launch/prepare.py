@@ -6,11 +6,10 @@ each host its own ``.toml``, its own ``.key_secret`` and the partners' ``.key`` 
 
 from __future__ import annotations
 
-import os
 import socket
-import tempfile
 from pathlib import Path
 
+from ..files import atomic_write_text
 from ..node.keys import generate_keypair
 
 LABEL_HOLDER = "bank"
@@ -21,18 +20,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write then rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _toml_value(value: object) -> str:
@@ -113,7 +100,7 @@ def prepare_session(
             + extra
         )
         path = out / f"{name}.toml"
-        write_atomic(path, text)
+        atomic_write_text(path, text)
         configs[name] = path
 
     node(LABEL_HOLDER, "label_holder", data_holders, "")

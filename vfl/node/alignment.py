@@ -6,8 +6,6 @@ the rows (writing), so a bad file is reported as one line and never half-written
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from ..files import atomic_write
 from ..psi import DuplicateIdError, InvalidIdError, PsiEngine, encode_ids
 from ..psi.exchange import prepare_items
 from ..protocol.psi_phase import PsiPlan
@@ -74,15 +73,4 @@ def psi_plan(cfg: NodeConfig, ids: PartyIds, engine: PsiEngine) -> PsiPlan:
 def write_aligned(path: Path, ids: PartyIds, rows: np.ndarray) -> None:
     """``row`` (0-based data row in the party's own file) and the ID, in the agreed order; written atomically."""
     table = pa.table({"row": pa.array(rows, type=pa.int64()), ids.column: pa.array([ids.ids[r] for r in rows.tolist()])})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pacsv.write_csv(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: pacsv.write_csv(table, tmp))

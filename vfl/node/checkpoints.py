@@ -10,30 +10,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..files import atomic_write_bytes
 from ..protocol.training_phase import CheckpointError
 
 KEEP = 3  # checkpoint files kept per party (the manifest's step is always among them)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Checkpointer:
@@ -52,7 +36,7 @@ class Checkpointer:
         torch.save({**state, **meta}, buf)
         data = buf.getvalue()
         try:
-            _atomic_write_bytes(self.path(step), data)
+            atomic_write_bytes(self.path(step), data)
         except OSError as exc:
             raise CheckpointError(f"cannot write {self.path(step)}: {exc.strerror}") from None
         self._prune(step)
@@ -86,7 +70,7 @@ class Checkpointer:
     def commit(self, step: int, epoch: int, digests: dict[str, str]) -> None:
         manifest = {"run": self.run, "model": self.model, "step": step, "epoch": epoch, "digests": digests}
         try:
-            _atomic_write_bytes(self.dir / "manifest.json", json.dumps(manifest, sort_keys=True, indent=1).encode())
+            atomic_write_bytes(self.dir / "manifest.json", json.dumps(manifest, sort_keys=True, indent=1).encode())
         except OSError as exc:
             raise CheckpointError(f"cannot write {self.dir / 'manifest.json'}: {exc.strerror}") from None
 

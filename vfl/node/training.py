@@ -8,13 +8,12 @@ activity, so a wrong column or width is one line and exit 2, not a failure an ho
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from ..protocol.training_phase import TrainPlan
 from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
@@ -216,7 +215,7 @@ def write_predictions(path: Path, ids: list, aligned: np.ndarray, top: "Predicti
     else:
         columns["prediction"] = pa.array(outs[:, 0])
     table = pa.table(columns)
-    _atomic_write(path, lambda tmp: pacsv.write_csv(table, tmp))
+    atomic_write(path, lambda tmp: pacsv.write_csv(table, tmp))
     return len(rows)
 
 
@@ -234,28 +233,13 @@ def label_encoding(cfg: NodeConfig, table: PartyTable) -> LabelEncoding:
     return encode_labels(table.labels, cfg.train.task)[1]
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_segment(cfg: NodeConfig, state: dict, extra: dict | None = None) -> Path | None:
     """This party's trained segment (and nothing of anyone else's) as ``OUTPUT/PARTY-segment.pt``."""
     if cfg.train.output is None:
         return None
     path = cfg.train.output / f"{cfg.party}-segment.pt"
     payload = {**state, **(extra or {}), "vfl_party": cfg.party, "vfl_run": cfg.run, "vfl_model": cfg.session.model}
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
