@@ -103,6 +103,7 @@ class NodeRunner:
         self.ids = ids
         self.engine = None
         self.segment = None  # this party's torch segment, once training starts
+        self.progress = None  # the label holder's progress display
         self.log = log or logging.getLogger(f"vfl.node.{cfg.party}")
         self.stop_requested: str | None = None
         self.bytes_sent = 0
@@ -210,6 +211,7 @@ class NodeRunner:
                     if machine.finished is not None or machine.has_work or any(isinstance(o, Aligned) for o in new):
                         break
             pending += machine.handle_timer(time.monotonic())
+            self._show_progress(machine)
 
     def _execute(self, transport: Transport, outputs: Iterable[Output]) -> Finished | None:
         finished = None
@@ -325,6 +327,17 @@ class NodeRunner:
             self.log.error("%s", reason)
             self._execute(transport, machine.close(reason, now))
             return Finished(exit_code=1, reason=reason)
+
+    def _show_progress(self, machine) -> None:
+        training = getattr(machine, "training", None)
+        if training is None or training.done or self.cfg.session.predict:
+            return
+        if self.progress is None:
+            from .progress import Progress
+
+            self.progress = Progress(batch_size=self.cfg.session.batch_size)
+        epoch, done, total = training.epoch_progress
+        self.progress.update(epoch, done, total, getattr(self.segment, "last_loss", None))
 
     def _epoch_done(self, metrics: dict) -> None:
         from .training import append_metrics

@@ -148,6 +148,7 @@ class TorchTop:
         if own_acts is not None:
             own_acts.backward(grads.pop(self.own_name))
             self.own.optimizer.step()
+        self.last_loss = float(loss.detach())
         self._train_out.append(outputs.detach().numpy().copy())
         self._train_rows.append(np.asarray(rows))
         return {name: np.ascontiguousarray(g.numpy(), dtype=np.float32) for name, g in grads.items()}

@@ -323,6 +323,11 @@ class LabelHolderTraining:
             box.next_eval = 0
         return out + [Epoch(epoch=self.epoch, first_step=start, tensors=(Tensor("order", order),))]
 
+    @property
+    def epoch_progress(self) -> tuple[int, int, int]:
+        """(epoch, steps done in it, steps in it), for a progress display."""
+        return self.epoch, self.step - self._epoch_first_step, self._epoch_end_step - self._epoch_first_step
+
     def _checkpoint(self, step: int) -> list[Message]:
         self._pending[step] = {"": self.top.checkpoint(step, self.epoch)}
         return [Checkpoint(step=step, epoch=self.epoch)]
