@@ -6,6 +6,7 @@ Exit codes: 0 ok; 1 protocol or peer failure; 2 bad config or usage; 3 a peer wa
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -63,7 +64,13 @@ def _run_node(command: str, cfg, verbose: bool) -> int:
     log = _setup_logging(cfg.party, verbose)
     try:
         ids = load_ids(cfg) if cfg.session.psi else None
-        return NodeRunner(cfg, log, ids=ids).run()
+        runner = NodeRunner(cfg, log, ids=ids)
+        code = runner.run()
+        if not runner.clean_exit:  # a stalled libzmq context would keep the interpreter from exiting
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except (KeyFileError, AlignmentError, TrainingSetupError) as exc:
         click.echo(f"{command}: {cfg.path}: {exc}", err=True)
         return 2
@@ -254,3 +261,26 @@ def launch_cmd(folder: str) -> None:
         click.echo(f"vfl launch: failed: {', '.join(f'{n} (exit {result.exit_codes[n]})' for n in result.failed)}", err=True)
         sys.exit(1)
     click.echo(f"vfl launch: every node finished in {result.wall_s:.1f} s", err=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Where to write the PNG. Default: RUN_DIR/learning-curves.png.")
+def plot(run_dir: str, out_path: str | None) -> None:
+    """Learning curves of a run as a PNG: loss, and accuracy/AUC or RMSE, training vs validation, per epoch.
+
+    Reads RUN_DIR/model/metrics.jsonl (the label holder's one line per epoch). Needs matplotlib:
+    pip install 'vfl[plot]'.
+    """
+    from .launch.plot import PlotError, plot_run
+
+    try:
+        path = plot_run(run_dir, out_path)
+    except PlotError as exc:
+        click.echo(f"vfl plot: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        click.echo(f"vfl plot: cannot write {out_path or 'the PNG'}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {path}")

@@ -161,11 +161,11 @@ def test_X8_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_c
         lh = nodes.start(configs["bank"])
         dh2 = nodes.start(configs["dh2"])
         dh1 = nodes.start(configs["dh1"])
-        lh.wait_for("epoch 0:", timeout=120)
+        lh.wait_for("epoch 1 of 4 done", timeout=120)
         time.sleep(0.3)  # well into the second epoch (each has 85 steps)
         os.kill(dh1.proc.pid, signal.SIGKILL)
         dh1.wait(timeout=10)
-        assert "epoch 1:" not in lh.output, "the kill came too late to be mid-epoch 2"
+        assert "epoch 2 of 4 done" not in lh.output, "the kill came too late to be mid-epoch 2"
         restarted = nodes.start(configs["dh1"])  # the same command
         codes = {"bank": lh.wait(timeout=180), "dh2": dh2.wait(timeout=60), "dh1": restarted.wait(timeout=60)}
         assert codes == {"bank": 0, "dh1": 0, "dh2": 0}, (lh.output, restarted.output, dh2.output)
@@ -211,7 +211,7 @@ def test_X9_a_data_holder_killed_and_not_restarted_makes_the_others_exit_non_zer
         lh = nodes.start(configs["bank"])
         dh2 = nodes.start(configs["dh2"])
         dh1 = nodes.start(configs["dh1"])
-        lh.wait_for("epoch 0:", timeout=120)
+        lh.wait_for("epoch 1 of 6 done", timeout=120)
         os.kill(dh1.proc.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         assert lh.wait(timeout=30) == 3

@@ -92,7 +92,7 @@ def test_check6_missing_or_non_string_type_is_BAD_FIELD(header):
 
 
 def test_check7_unknown_type_is_UNKNOWN_TYPE():
-    assert code_of(frames_of({"type": "FORWARD", "step": 1})) is ErrorCode.UNKNOWN_TYPE
+    assert code_of(frames_of({"type": "TRAIN_STEP", "step": 1})) is ErrorCode.UNKNOWN_TYPE
 
 
 @pytest.mark.parametrize(

@@ -133,4 +133,4 @@ def test_window_1_equals_central_training_exactly():
 @pytest.mark.parametrize("window", [1, 2, 4])
 def test_every_window_finishes_and_learns(window):
     _, _, history, _ = run_split(window=window, epochs=25)
-    assert len(history) == 25 and max(h["val_accuracy"] for h in history[-3:]) > 0.75, history[-1]
+    assert len(history) == 25 and max(h["val_accuracy"] for h in history[-3:]) > 0.7, history[-1]

@@ -104,6 +104,7 @@ class NodeRunner:
         self.engine = None
         self.segment = None  # this party's torch segment, once training starts
         self.progress = None  # the label holder's progress display
+        self.clean_exit = True  # False: libzmq did not shut down; the process must exit hard
         self.log = log or logging.getLogger(f"vfl.node.{cfg.party}")
         self.stop_requested: str | None = None
         self.bytes_sent = 0
@@ -142,7 +143,7 @@ class NodeRunner:
                 raise
         finally:
             # a peer that never answered (refused key, wrong address) gets nothing more: do not linger for it
-            transport.close(linger_ms=LINGER_MS if self.bytes_received else 0)
+            self.clean_exit = transport.close(linger_ms=LINGER_MS if self.bytes_received else 0)
             if self.engine is not None:
                 self.engine.close()
             for s, handler in previous.items():
@@ -343,7 +344,8 @@ class NodeRunner:
         from .training import append_metrics
 
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        self.log.info("epoch %d: %s", metrics["epoch"], shown)
+        total = self.cfg.train.epochs if not self.cfg.session.predict else 1
+        self.log.info("epoch %d of %d done: %s", metrics["epoch"] + 1, total, shown)
         append_metrics(self.cfg, metrics)
 
     def _finish_segment(self, finished: Finished) -> Finished:

@@ -9,6 +9,7 @@ is their party id. Sends and receives are zero-copy for large frames.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -23,6 +24,7 @@ from .keys import load_public_key, load_secret_key
 ZAP_DOMAIN = "vfl"
 HWM_MIN, HWM_MAX = 16, 100_000
 LINGER_MS = 2_000  # flush BYE and ERROR on close, but never hang on exit
+TERM_GRACE_S = 3.0
 
 log = logging.getLogger("vfl.transport")
 
@@ -169,7 +171,7 @@ class Transport:
                 break
         return events
 
-    def close(self, linger_ms: int = LINGER_MS) -> None:
+    def close(self, linger_ms: int = LINGER_MS) -> bool:
         """``linger_ms``: how long libzmq may keep delivering queued messages (BYE, ERROR) after we close."""
         if self.monitor is not None:
             self.socket.disable_monitor()
@@ -177,7 +179,15 @@ class Transport:
         self.socket.close(linger=linger_ms)
         if self.auth is not None:
             self.auth.stop()
-        self.ctx.term()
+        # libzmq's shutdown has been seen to stall on a loaded machine after a refused CURVE handshake: never let
+        # it keep a finished node alive. True when it finished in time.
+        done = threading.Thread(target=self.ctx.term, name="zmq-term", daemon=True)
+        done.start()
+        done.join(linger_ms / 1000 + TERM_GRACE_S)
+        if done.is_alive():
+            log.warning("libzmq did not shut down within %.0f s; exiting anyway", linger_ms / 1000 + TERM_GRACE_S)
+            return False
+        return True
 
 
 def _received_frame(buf: Any) -> Any:
