@@ -66,11 +66,6 @@ def _run_node(command: str, cfg, verbose: bool) -> int:
         ids = load_ids(cfg) if cfg.session.psi else None
         runner = NodeRunner(cfg, log, ids=ids)
         code = runner.run()
-        if not runner.clean_exit:  # a stalled libzmq context would keep the interpreter from exiting
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        return code
     except (KeyFileError, AlignmentError, TrainingSetupError) as exc:
         click.echo(f"{command}: {cfg.path}: {exc}", err=True)
         return 2
@@ -79,6 +74,13 @@ def _run_node(command: str, cfg, verbose: bool) -> int:
             raise
         click.echo(f"{command}: {type(exc).__name__}: {exc} (run with -v for a traceback)", err=True)
         return 1
+    # Everything this node writes is closed and fsynced by now. Exit at once: tearing down torch and libzmq takes
+    # seconds on a busy machine (and a stalled libzmq context would never finish), which a launcher's Ctrl-C or a
+    # peer waiting on our exit should not have to wait for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @main.command()

@@ -11,15 +11,16 @@ every party, and reads ``model/metrics.jsonl`` written by the label holder:
   accuracy >= 0.95;
 - diabetes (regression on the raw target, two data holders with 5 columns each): validation RMSE <= 0.9 x the
   standard deviation of the validation targets (the RMSE of the best constant prediction on those rows);
-- the window W in {1, 2, 4, 8} on the digits split (slow): every W completes, and the default window's accuracy is
-  within 0.5 percentage points of W = 1's on the same held-out rows, averaged over repeated runs (see
-  ``window_sweep``). ``bench/window.py`` runs the same sweep and prints a table.
+- the window W in {1, 2, 4, 8} on the digits split (slow, about 4 minutes): every W completes and converges, and the
+  default window's accuracy is within 0.5 percentage points of W = 1's, both measured on the same held-out rows and
+  averaged over 6 runs (see ``window_sweep``). ``bench/window.py`` runs the same sweep and prints a table.
 
 Run-to-run noise: the PSI's final row order is a fresh random permutation in every session (PROTOCOL.md section 10,
 [P7]), and ``[train].seed`` draws the validation split and the batches as *positions* in that order. So two runs
 with identical configs and data validate on different rows and see different batches; only the model
-initialisation is reproducible. The window comparison therefore scores the saved segments on a fixed held-out set
-that no party holds, and averages over repeats.
+initialisation is reproducible (and dropout is not: it draws from each node's unseeded torch RNG, so these models
+have none). The window comparison therefore scores the saved segments on a fixed held-out set that no party holds,
+and averages over repeats.
 """
 
 from __future__ import annotations
@@ -262,13 +263,13 @@ def digits_parties() -> list[Party]:
     """Image columns 0-3 at dh1, 4-7 at dh2 (32 pixels each); the label holder has only the label."""
     left = [r * 8 + c for r in range(8) for c in range(4)]
     right = [r * 8 + c for r in range(8) for c in range(4, 8)]
-    bottom = {"widths": [32, 16]}
+    bottom = {"widths": [64, 32]}
     return [Party(LABEL_HOLDER, [], seed=3), Party("dh1", left, bottom, seed=1), Party("dh2", right, bottom, seed=2)]
 
 
 #: The digits model and schedule shared by the digits tests and bench/window.py.
-DIGITS = {"task": "multiclass", "top": {"widths": [32, 10], "dropout": 0.2}, "epochs": 20,
-          "optimizer": {"kind": "adam", "lr": 0.003}, "batch_size": 32}
+DIGITS = {"task": "multiclass", "top": {"widths": [64, 10]}, "epochs": 20,
+          "optimizer": {"kind": "adam", "lr": 0.003, "weight_decay": 1e-4}, "batch_size": 32}
 
 
 def run_digits(tmp_path: Path, **overrides) -> Run:
@@ -279,41 +280,58 @@ def run_digits(tmp_path: Path, **overrides) -> Run:
 # ------------------------------------------------------------------------------------------------- the window sweep
 
 WINDOWS = (1, 2, 4, 8)
-LAST_EPOCHS = 5  # "validation accuracy" of a run below: the mean over its last 5 epochs
+#: runs per window: W = 1 and the default window are compared, so they get more (the other windows must only converge)
+PAIRED_REPEATS = 6
+OTHER_REPEATS = 2
+TOLERANCE_PP = 0.5
 
 
-def held_out_rows(n: int, y: np.ndarray, fraction: float = 0.25, seed: int = 11) -> tuple[np.ndarray, np.ndarray]:
+def held_out_rows(y: np.ndarray, fraction: float = 0.25, seed: int = 11) -> tuple[np.ndarray, np.ndarray]:
     """(rows the parties get, held-out rows nobody gets): a fixed stratified split of the data set rows."""
     rng = np.random.default_rng(seed)
     test = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: round(fraction * np.sum(y == c))]
                            for c in np.unique(y)])
-    return np.setdiff1d(np.arange(n), test), np.sort(test)
+    return np.setdiff1d(np.arange(len(y)), test), np.sort(test)
 
 
-def window_sweep(folder: Path, windows=WINDOWS, repeats: int = 3, log=print) -> dict:
-    """Train the digits split at every window ``repeats`` times, interleaved (W=1, 2, 4, 8, W=1, 2, ...), each run
-    on the same rows with the same seeds. Per run: the mean validation accuracy over the last ``LAST_EPOCHS``
-    epochs, and the accuracy of the saved model on a fixed held-out quarter of the data set (the same rows for
-    every run, so the comparison between windows does not depend on which rows a session happened to validate on).
+def window_repeats(windows=WINDOWS, paired: int = PAIRED_REPEATS, others: int = OTHER_REPEATS) -> dict[int, int]:
+    return {w: paired if w in (1, DEFAULT_WINDOW) else others for w in windows}
+
+
+def window_sweep(folder: Path, repeats: dict[int, int], log=print, config: dict | None = None) -> dict:
+    """Train the digits split ``repeats[W]`` times at every window W, interleaved (W = 1, 2, 4, 8, 1, 2, ...), each
+    run on the same rows with the same seeds, and score each run's saved segments on a fixed held-out quarter of the
+    data set that no party holds (450 rows).
+
+    Why not the validation accuracy the label holder logs: each session's PSI picks a new random row order, so
+    ``[train].seed`` puts different rows into each run's validation set, and on ~440 rows that alone moves the
+    accuracy by about 1 percentage point from run to run. Here every run trains on all its aligned rows
+    (``validation_fraction = 0``) and is scored on the same held-out rows. What still differs between runs is the
+    batch order (again the PSI's random row order); it moves one run's held-out accuracy by about 0.2-0.3 points, so
+    the accuracy of a window is the mean over its runs.
     """
     x, y, names = digits()
-    train_rows, test_rows = held_out_rows(len(x), y)
-    runs: dict[int, list[dict]] = {w: [] for w in windows}
-    for r in range(repeats):
-        for w in windows:
+    train_rows, test_rows = held_out_rows(y)
+    runs: dict[int, list[dict]] = {w: [] for w in repeats}
+    for r in range(max(repeats.values())):
+        for w, n in repeats.items():
+            if r >= n:
+                continue
             run = run_split(folder / f"w{w}-r{r}", x, y, names, digits_parties(), rows=train_rows, window=w,
-                            validation_fraction=0.2, **DIGITS)
-            held_out = float(np.mean(predict_saved(run, test_rows).argmax(1) == y[test_rows]))
-            val = run.series("val_accuracy")
-            runs[w].append({"val_final": val[-1], "val_last": statistics.fmean(val[-LAST_EPOCHS:]),
-                            "held_out": held_out, "wall_s": run.wall_s})
-            log(f"W={w} repeat {r}: held-out accuracy {held_out:.4f}, validation accuracy final {val[-1]:.4f} / "
-                f"mean of last {LAST_EPOCHS} epochs {statistics.fmean(val[-LAST_EPOCHS:]):.4f}, {run.wall_s:.1f} s")
+                            validation_fraction=0.0, **(config or DIGITS))
+            accuracy = float(np.mean(predict_saved(run, test_rows).argmax(1) == y[test_rows]))
+            runs[w].append({"accuracy": accuracy, "wall_s": run.wall_s, "train_loss": run.metrics[-1]["train_loss"]})
+            log(f"W={w} run {r}: held-out accuracy {accuracy:.4f}, final train loss "
+                f"{run.metrics[-1]['train_loss']:.4f}, {run.wall_s:.1f} s")
     table = {}
     for w, rs in runs.items():
-        table[w] = {k: statistics.fmean(r[k] for r in rs) for k in ("held_out", "val_last", "val_final", "wall_s")}
-        table[w]["held_out_runs"] = [r["held_out"] for r in rs]
-    return {"windows": table, "n_test": len(test_rows), "repeats": repeats}
+        acc = [r["accuracy"] for r in rs]
+        table[w] = {"accuracy": statistics.fmean(acc), "runs": acc,
+                    "std": statistics.stdev(acc) if len(acc) > 1 else float("nan"),
+                    "wall_s": statistics.fmean(r["wall_s"] for r in rs), "wall_min_s": min(r["wall_s"] for r in rs)}
+    delta_pp = 100 * (table[DEFAULT_WINDOW]["accuracy"] - table[1]["accuracy"])
+    return {"windows": table, "n_held_out": len(test_rows), "n_parties_rows": len(train_rows),
+            "default_minus_w1_pp": delta_pp}
 
 
 # ------------------------------------------------------------------------------------------------------------ tests
@@ -323,8 +341,9 @@ def test_breast_cancer_split_as_fates_hetero_demo_reaches_auc_0_97(tmp_path):
     x, y, names = breast_cancer()
     bottom = {"widths": [16], "final_activation": True}
     parties = [Party(LABEL_HOLDER, list(range(10)), bottom, seed=3), Party("dh1", list(range(10, 30)), bottom, seed=1)]
-    run = run_split(tmp_path, x, y, names, parties, task="binary", top={"widths": [1]}, epochs=25,
-                    optimizer={"kind": "adam", "lr": 0.01}, batch_size=32)
+    # Adam at lr 0.01 for 25 epochs overfits: the final AUC drifts from ~0.995 down to ~0.98 on some row orders
+    run = run_split(tmp_path, x, y, names, parties, task="binary", top={"widths": [1]}, epochs=20,
+                    optimizer={"kind": "adam", "lr": 0.003, "weight_decay": 1e-3}, batch_size=32)
     print(summary(run, "val_auc"))
     print(summary(run, "val_accuracy"))
     assert 569 - 2 * 8 <= run.n_aligned < 569
@@ -360,12 +379,11 @@ def test_diabetes_regression_beats_the_constant_prediction(tmp_path):
 
 @pytest.mark.slow
 def test_every_window_converges_and_the_default_stays_within_half_a_point_of_w1(tmp_path):
-    repeats = int(os.environ.get("VFL_WINDOW_REPEATS", "3"))
-    result = window_sweep(tmp_path, repeats=repeats)
+    paired = int(os.environ.get("VFL_WINDOW_REPEATS", PAIRED_REPEATS))
+    result = window_sweep(tmp_path, window_repeats(paired=paired))
     table = result["windows"]
     for w, row in table.items():
-        print(f"W={w}: held-out {row['held_out']:.4f} {row['held_out_runs']}, val (last {LAST_EPOCHS}) "
-              f"{row['val_last']:.4f}, {row['wall_s']:.1f} s per run")
-        assert row["held_out"] >= 0.93, (w, row)
-    delta_pp = 100 * (table[DEFAULT_WINDOW]["held_out"] - table[1]["held_out"])
-    assert abs(delta_pp) <= 0.5, (DEFAULT_WINDOW, delta_pp, table)
+        print(f"W={w}: held-out accuracy {row['accuracy']:.4f} (runs {', '.join(f'{a:.4f}' for a in row['runs'])}), "
+              f"{row['wall_s']:.1f} s per run")
+        assert min(row["runs"]) >= 0.95, (w, row)
+    assert abs(result["default_minus_w1_pp"]) <= TOLERANCE_PP, result

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable
 
-STOP_GRACE_S = 5.0
+STOP_GRACE_S = 3.0  # then SIGKILL: a Ctrl-C never takes the launcher more than a few seconds
 COLOURS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m"]
 RESET = "\033[0m"
 
@@ -94,6 +94,10 @@ def launch(
             if timeout_s is not None and time.monotonic() - started > timeout_s:
                 write(f"launcher: timeout after {timeout_s:g} s, stopping every node\n")
                 break
+            failed = [n for n in nodes if n.proc.poll() not in (None, 0)]
+            if failed:  # the session cannot complete without it: do not leave the others waiting for their timeouts
+                write(f"launcher: {failed[0].name} failed (exit {failed[0].proc.returncode}), stopping every node\n")
+                break
             stop.wait(0.05)
     finally:
         stop_all(nodes, write)
@@ -120,3 +124,4 @@ def stop_all(nodes: list[NodeProcess], write: Callable[[str], None]) -> None:
         except subprocess.TimeoutExpired:
             write(f"launcher: {n.name} did not stop within {STOP_GRACE_S:g} s, killing it\n")
             n.proc.kill()
+            n.proc.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from ..files import atomic_write
@@ -125,7 +126,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, dpi: int = 1
 
     # the node writes 0-based epochs; people count from 1
     xs = [r["epoch"] + 1 if isinstance(r.get("epoch"), int) else i + 1 for i, r in enumerate(epochs)]
-    quality = [(k, label, colour) for k, label, colour in QUALITY if _has(epochs, f"val_{k}") or _has(epochs, f"train_{k}")]
+    quality = [(k, label, colour) for k, label, colour in QUALITY
+               if _has(epochs, f"val_{k}") or _has(epochs, f"train_{k}")]
     regression = any(k == "rmse" for k, _, _ in quality)
 
     final = []
@@ -134,7 +136,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, dpi: int = 1
         if v is not None:
             final.append(f"{label} {v:.4f}")
     title = _run_name(run_dir, metrics_path)
-    subtitle = f"{len(epochs)} epoch{'s' if len(epochs) != 1 else ''}; final validation: " + (", ".join(final) if final else "none recorded")
+    subtitle = (f"{len(epochs)} epoch{'s' if len(epochs) != 1 else ''}; final validation: "
+                + (", ".join(final) if final else "none recorded"))
 
     fig = Figure(figsize=(12, 5.2), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
@@ -174,5 +177,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, dpi: int = 1
             ax.legend(fontsize=10, loc="best", framealpha=0.9)
     fig.text(0.5, -0.01, "training: every batch's outputs before its update, pooled over the epoch; "
              "validation: the held-out rows after the epoch", ha="center", va="top", fontsize=9, color="0.35")
-    atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight", pad_inches=0.15))
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", bbox_inches="tight", pad_inches=0.15)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a picture to share: the usual mode, not the temporary file's 0600
+
+    atomic_write(out_path, write)
     return out_path

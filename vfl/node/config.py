@@ -316,16 +316,16 @@ def load_config(path: str | Path) -> NodeConfig:
     data = None
     if top["data"] is not None:
         d = _table(top["data"], "data", where)
-        path = (base / d["path"]).resolve()
-        if not path.is_file():
-            raise ConfigError(f"{where}: [data].path = {d['path']!r}: no such file ({path})")
+        data_path = (base / d["path"]).resolve()
+        if not data_path.is_file():
+            raise ConfigError(f"{where}: [data].path = {d['path']!r}: no such file ({data_path})")
         features = d["features"]
         if features is not None and not all(isinstance(c, str) for c in features):
             raise ConfigError(f"{where}: [data].features must be a list of column names")
         if d["label_column"] is not None and role != "label_holder":
             raise ConfigError(f"{where}: [data].label_column belongs in the label holder's config only")
         data = DataSource(
-            path=path,
+            path=data_path,
             id_column=d["id_column"],
             features=tuple(features) if features is not None else None,
             label_column=d["label_column"],

@@ -1,0 +1,132 @@
+"""`vfl demo`: the configs it writes run by hand (one `vfl node` per party), and the breast demo end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ..node.procs import Nodes
+from .test_launcher import Launcher, launchers  # noqa: F401 - launchers is a fixture
+
+pytest.importorskip("sklearn", reason="the demo data sets come from scikit-learn")
+
+RUN_TIMEOUT_S = 300.0  # PSI + 20 epochs take ~10 s; generous for a busy box
+
+
+PARTIES = ("bank", "dh1", "dh2")
+
+
+def aligned_ids(run: Path, party: str) -> list[str]:
+    """The IDs of PARTY-aligned.csv ("row","id"), in the order shared by every party."""
+    with open(run / f"{party}-aligned.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["row", "id"], rows[:1]
+    return [r[1] for r in rows[1:]]
+
+
+def final_metrics(run: Path) -> dict:
+    lines = (run / "model" / "metrics.jsonl").read_text().splitlines()
+    assert lines, f"no epochs in {run / 'model' / 'metrics.jsonl'}"
+    return json.loads(lines[-1])
+
+
+def prepare_only(out: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vfl", "demo", "digits", "--data-holders", "2", "--prepare-only", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in PARTIES:
+        assert (out / f"{name}.toml").is_file() and f"vfl node --config {out / name}.toml" in done.stdout
+        assert (out / "keys" / f"{name}.key_secret").is_file() and (out / "data" / f"{name}.csv").is_file()
+    assert not (out / "model").exists()  # prepared, not run
+
+
+@pytest.mark.slow  # two full digits runs: 54-63 s on this 2-core box at load 5-7 (~35 s expected when idle)
+def test_prepared_digits_configs_train_as_separate_nodes_like_the_launcher(tmp_path, launchers):  # noqa: F811
+    """The label holder and both data holders as separate `vfl node` processes (CurveZMQ on 127.0.0.1) reach the
+    result of a `vfl launch` run of a second folder prepared the same way (same data, same seed).
+
+    Exact: every party's aligned IDs are the same set in both runs (same data), each party's aligned file lists the
+    IDs in the order shared by all parties, and both runs train the configured 20 epochs.
+
+    Not exact: the PSI keys are fresh in every session and the shared order is the order of pseudorandom joint
+    tokens, so the aligned row order -- and with it the label holder's train/validation split and batch order --
+    differs between any two runs, and so do the final validation accuracies. Measured over 11 runs of this demo on
+    this machine: 0.949 to 0.988, mean 0.971, standard deviation 0.012. A bound of 0.95 and 2 percentage points
+    apart would fail about one run in three; the bounds below (both >= 0.93, within 5 points: about 3 standard
+    deviations of a difference) fail about one run in 300.
+    """
+    by_hand, launched = tmp_path / "by-hand", tmp_path / "launched"
+    prepare_only(by_hand)
+    prepare_only(launched)
+
+    started = time.monotonic()
+    with Nodes(tmp_path) as nodes:
+        procs = {name: nodes.start(by_hand / f"{name}.toml") for name in PARTIES}
+        for name, node in procs.items():
+            code = node.wait(timeout=RUN_TIMEOUT_S)
+            assert code == 0, f"{name} exited {code}:\n{node.output}"
+        assert "[CurveZMQ]" in procs["bank"].output and "insecure" not in procs["bank"].output
+        assert "training finished" in procs["bank"].output
+    by_hand_s = time.monotonic() - started
+
+    launcher = launchers(launched)
+    code = launcher.wait(timeout=RUN_TIMEOUT_S)
+    assert code == 0, f"vfl launch exited {code}:\n{launcher.output}"
+
+    for run in (by_hand, launched):
+        orders = {name: aligned_ids(run, name) for name in PARTIES}
+        assert orders["bank"] == orders["dh1"] == orders["dh2"], f"{run}: the parties' aligned orders differ"
+    assert set(aligned_ids(by_hand, "bank")) == set(aligned_ids(launched, "bank"))
+
+    a, b = final_metrics(by_hand), final_metrics(launched)
+    assert a["epoch"] == b["epoch"] == 19  # 20 epochs, 0-based
+    acc_a, acc_b = a["val_accuracy"], b["val_accuracy"]
+    print(f"\nfinal val_accuracy: separate nodes {acc_a:.4f} ({by_hand_s:.1f} s), vfl launch {acc_b:.4f}")
+    assert acc_a >= 0.93 and acc_b >= 0.93, (acc_a, acc_b)
+    assert abs(acc_a - acc_b) <= 0.05, f"separate nodes {acc_a:.4f} vs launcher {acc_b:.4f}"
+
+
+@pytest.fixture(scope="module")
+def breast_run(tmp_path_factory):
+    """`vfl demo breast --out DIR`, once for the tests below: (exit code, output, DIR, seconds)."""
+    out = tmp_path_factory.mktemp("demo") / "breast"
+    launcher = Launcher(None, out.parent / "demo-breast.log", ["demo", "breast", "--out", str(out)])
+    started = time.monotonic()
+    try:
+        code = launcher.wait(timeout=RUN_TIMEOUT_S)
+        yield code, launcher.output, out, time.monotonic() - started
+    finally:
+        launcher.close()
+
+
+def test_demo_breast_end_to_end(breast_run):
+    code, output, out, took = breast_run
+    assert code == 0, output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is True and summary["demo"] == "breast", summary
+    assert summary["final"]["val_auc"] >= 0.97, summary["final"]
+    assert summary["epochs"] == 25 and summary["aligned_rows"] and summary["aligned_rows"] < summary["rows"]
+    assert set(summary["exit_codes"]) == {"bank", "dh1"} and not any(summary["exit_codes"].values())
+    assert "demo breast: ok in" in output
+    for name in ("bank", "dh1"):
+        assert (out / "logs" / f"{name}.log").is_file() and (out / "model" / f"{name}-segment.pt").is_file()
+    # the issue's goal is <= 10 s wall for `vfl demo breast`; on a busy box it is not met, so this only reports it
+    print(f"\nvfl demo breast: wall_seconds {summary['wall_seconds']} (launcher), {took:.1f} s for the whole command")
+
+
+def test_plot_of_the_breast_demo(breast_run):
+    pytest.importorskip("matplotlib", reason="vfl plot needs matplotlib (pip install 'vfl[plot]')")
+    code, output, out, _ = breast_run
+    assert code == 0, output
+    done = subprocess.run([sys.executable, "-m", "vfl", "plot", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    png = (out / "learning-curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
