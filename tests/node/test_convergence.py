@@ -178,7 +178,8 @@ def run_split(
     data = {LABEL_HOLDER: {"path": f"{LABEL_HOLDER}.csv", "id_column": "id", "label_column": "label",
                            "features": [names[c] for c in lh.columns], "standardize": standardize}}
     for p in holders:
-        tables[p.name] = {"model": {"bottom": p.bottom, "seed": p.seed}, "train": {"optimizer": optimizer, "output": out}}
+        tables[p.name] = {"model": {"bottom": p.bottom, "seed": p.seed},
+                          "train": {"optimizer": optimizer, "output": out}}
         data[p.name] = {"path": f"{p.name}.csv", "id_column": "id", "standardize": standardize}
     configs = prepare_session(
         tmp_path, data_holders=[p.name for p in holders], run="convergence", timeouts=FAST, link_check={"rounds": 0},
