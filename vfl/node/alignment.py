@@ -6,6 +6,7 @@ the rows (writing), so a bad file is reported as one line and never half-written
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,13 @@ def load_ids(cfg: NodeConfig) -> PartyIds:
         label_column=data.label_column if train and not cfg.session.predict else None,
     )
     try:
-        table = load_table(spec)
+        if cfg.session.predict and data.label_column and data.features is None:
+            try:  # a prediction file may still hold the label column: it must not become a feature
+                table = load_table(dataclasses.replace(spec, label_column=data.label_column))
+            except DataError:
+                table = load_table(spec)
+        else:
+            table = load_table(spec)
         items = encode_ids(table.ids)
     except DataError as exc:
         raise AlignmentError(str(exc)) from None

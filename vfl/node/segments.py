@@ -184,6 +184,9 @@ class TorchTop:
         encoding = getattr(self, "label_encoding", None)
         if encoding is not None:
             out["labels"] = encoding.to_dict()
+        scaler = getattr(self, "own_scaler", None)
+        if scaler is not None:
+            out["own_scaler"] = scaler.to_dict()
         return out
 
     def checkpoint(self, step: int, epoch: int) -> str:

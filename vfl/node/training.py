@@ -35,11 +35,15 @@ def _output_width(task: str, n_classes: int) -> int:
     return n_classes if task == "multiclass" else 1
 
 
-def _standardized(features: np.ndarray, train_rows: np.ndarray | None, enabled: bool) -> np.ndarray:
+def _standardizer(features: np.ndarray, train_rows: np.ndarray | None, enabled: bool) -> Standardizer | None:
+    """Fitted on this party's own training rows; None when standardisation is off."""
     if not enabled or features.shape[1] == 0:
-        return features
-    fit_on = features if train_rows is None else features[train_rows]
-    return Standardizer.fit(fit_on).transform(features)
+        return None
+    return Standardizer.fit(features if train_rows is None else features[train_rows])
+
+
+def _standardized(features: np.ndarray, scaler: Standardizer | None) -> np.ndarray:
+    return features if scaler is None else scaler.transform(features)
 
 
 class PreparedBottom(TorchBottom):
@@ -48,12 +52,26 @@ class PreparedBottom(TorchBottom):
     def __init__(self, *args, standardize: bool, **kwargs):
         super().__init__(*args, **kwargs)
         self.standardize = standardize
+        self.scaler: Standardizer | None = None
+        self.frozen = False  # prediction: the trained segment's scaler applies, nothing is fitted again
 
     def prepare(self, train_rows: np.ndarray) -> None:
-        if self.standardize:
+        if self.standardize and not self.frozen:
             if not hasattr(self, "_raw"):
                 self._raw = self.features.numpy()
-            self.features = torch.from_numpy(_standardized(self._raw, train_rows, True))
+            self.scaler = _standardizer(self._raw, train_rows, True)
+            self.features = torch.from_numpy(_standardized(self._raw, self.scaler))
+
+    def use_scaler(self, scaler: Standardizer | None) -> None:
+        """Prediction: standardise with the scaler the segment was trained with."""
+        self.frozen, self.scaler = True, scaler
+        self.features = torch.from_numpy(_standardized(self.features.numpy(), scaler))
+
+    def state(self) -> dict:
+        out = super().state()
+        if self.scaler is not None:
+            out["scaler"] = self.scaler.to_dict()  # needed to use the segment on new rows
+        return out
 
 
 def build_bottom(cfg: NodeConfig, table: PartyTable, rows: np.ndarray) -> PreparedBottom:
@@ -104,7 +122,9 @@ def build_top(
             raise TrainingSetupError("[model].bottom of the label holder must be an MLP table (widths = [...])")
         widths[cfg.party] = own_width
         train_rows = None if plan is None else np.setdiff1d(np.arange(len(rows)), plan.validation)
-        features = _standardized(table.features[rows], train_rows, cfg.data.standardize)
+        # prediction (plan None): the trained segment's scaler is applied by load_trained instead
+        own_scaler = _standardizer(table.features[rows], train_rows, cfg.data.standardize and plan is not None)
+        features = _standardized(table.features[rows], own_scaler)
         try:
             model = build_model(features.shape[1], t.bottom, out_features=own_width, seed=t.seed)
         except ModelError as exc:
@@ -133,6 +153,7 @@ def build_top(
         checkpointer=checkpointer(cfg),
     )
     segment.label_encoding = encoding
+    segment.own_scaler = own_scaler if own is not None else None
     return segment
 
 
@@ -172,8 +193,12 @@ def load_trained(cfg: NodeConfig, segment, path: Path | None = None) -> None:
             segment.top.load_state_dict(state["top"])
             if segment.own is not None:
                 segment.own.model.load_state_dict(state["own"]["model"])
+                if "own_scaler" in state:
+                    scaler = Standardizer.from_dict(state["own_scaler"])
+                    segment.own.features = torch.from_numpy(scaler.transform(segment.own.features.numpy()))
         else:
             segment.model.load_state_dict(state["model"])
+            segment.use_scaler(Standardizer.from_dict(state["scaler"]) if "scaler" in state else None)
     except (KeyError, RuntimeError) as exc:
         raise TrainingSetupError(f"{path} does not fit the model in this config: {exc}") from None
 
