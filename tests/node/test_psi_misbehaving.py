@@ -210,16 +210,16 @@ def test_P6_a_result_with_a_token_the_label_holder_never_computed_is_refused(tmp
     ids = sets["dh1"]
     peer.send(PsiStart(n_items=len(ids), chunk_size=len(ids)))
     peer.send(PsiItems(chunk=0, last=True, tensors=(Tensor("points", blinded(ids, welcome)),)))
-    reply = peer.recv_type(PsiReply)
-    assert reply.last
     fake = np.sort(np.frombuffer(np.random.default_rng(0).bytes(16 * 5), np.uint8).reshape(5, 16).view("S16"), axis=0)
     tokens = fake.view(np.uint8).reshape(5, 16)
-    # wait for the label holder's whole stream first (the result may only follow it)
-    deadline = time.monotonic() + 20
-    last_seen = False
-    while not last_seen and time.monotonic() < deadline:
-        msg = peer.recv(skip=(Heartbeat,))
-        last_seen = isinstance(msg, PsiItems) and msg.last
+    # wait for our reply and for the label holder's whole stream (the result may only follow it), in any order
+    deadline = time.monotonic() + 30
+    reply_seen = last_seen = False
+    while not (reply_seen and last_seen) and time.monotonic() < deadline:
+        msg = peer.recv(timeout=max(0.1, deadline - time.monotonic()), skip=(Heartbeat,))
+        reply_seen = reply_seen or (isinstance(msg, PsiReply) and msg.last)
+        last_seen = last_seen or (isinstance(msg, PsiItems) and msg.last)
+    assert reply_seen and last_seen
     positions = np.arange(5, dtype=np.uint32)
     peer.send(PsiResult(chunk=0, last=True, tensors=(Tensor("tokens", tokens), Tensor("positions", positions))))
     err = peer.recv_type(Error)
