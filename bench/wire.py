@@ -103,7 +103,6 @@ def node_socket_options(cfg: Any) -> dict[str, int]:
         "HEARTBEAT_IVL": max(1, int(t.heartbeat * 1000)),
         "HEARTBEAT_TIMEOUT": max(1, int(t.peer * 1000)),
         "HEARTBEAT_TTL": max(1, int(t.peer * 1000)),
-        "SNDTIMEO": max(1, int(t.peer * 1000)),
     }
 
 
