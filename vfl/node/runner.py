@@ -218,7 +218,10 @@ class NodeRunner:
         finished = None
         for out in outputs:
             if isinstance(out, Send):
-                self.outbox.append((encode(out.message, self.cfg.limits), out.to, out.message.TYPE))
+                frames = encode(out.message, self.cfg.limits)
+                if not self.outbox and self._try_send(transport, frames, out.to, out.message.TYPE):
+                    continue  # the common case: libzmq took it at once
+                self.outbox.append((frames, out.to, out.message.TYPE))
             elif isinstance(out, Log):
                 self.log.log(logging.getLevelName(out.level), out.text)
             elif isinstance(out, (PeerReady, PeerLeft)):
@@ -234,6 +237,19 @@ class NodeRunner:
                 if out.exit_code == 0 and self.segment is not None:
                     finished = self._finish_segment(out)
         return finished
+
+    def _try_send(self, transport: Transport, frames, to: bytes | None, mtype: str) -> bool:
+        """Hand one message to libzmq now; False if it must wait in the outbox (no connection, full queue)."""
+        try:
+            transport.send(frames, to)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; liveness rules deal with it
+            who = to.decode("utf-8", "replace") if to else "the label holder"
+            self.log.warning("could not send %s to %s: %s", mtype, who, exc.strerror)
+            return True
+        self.bytes_sent += sum(f.nbytes if hasattr(f, "nbytes") else len(f) for f in frames)
+        return True
 
     def _flush(self, transport: Transport, until: float | None = None) -> None:
         """Hand queued messages to libzmq in order, without blocking (or, with ``until``, retrying until then)."""
