@@ -40,6 +40,7 @@ from .transport import LINGER_MS, Transport
 MAX_SLEEP_S = 0.2
 FINAL_FLUSH_S = 2.0  # how long a finishing node keeps trying to hand its last messages (BYE, ERROR) to libzmq
 MAX_BATCH = 256  # messages handled per wake-up before timers get a turn
+HOUSEKEEPING_S = 0.01  # while messages keep arriving, timers and progress are looked at this often, not per message
 
 INSECURE_WARNING = (
     "INSECURE MODE: CurveZMQ is off. Anyone who can reach this port can connect and claim any party id, and all "
@@ -162,31 +163,46 @@ class NodeRunner:
         for sock in transport.poll_items():
             poller.register(sock, zmq.POLLIN)
         pending: list[Output] = machine.start(time.monotonic()) if isinstance(machine, DataHolderMachine) else []
+        poll_flags = zmq.POLLIN
+        housekeeping_at = 0.0  # timers and the progress display: at most every HOUSEKEEPING_S while messages flow
         while True:
             finished = self._execute(transport, pending)
-            self._flush(transport)
+            if self.outbox:
+                self._flush(transport)
             if finished is not None:
                 if self.bytes_received:  # someone is listening: give the last messages a moment to go out
                     self._flush(transport, until=time.monotonic() + FINAL_FLUSH_S)
                 return self._report(finished)
-            if machine.has_work and not transport.has_input():
-                # our own PSI stream: compute one chunk now that the answers above are on their way
-                pending = machine.work(time.monotonic())
-                continue
             now = time.monotonic()
+            if now >= housekeeping_at:
+                housekeeping_at = now + HOUSEKEEPING_S
+                self._show_progress(machine)
+                pending = machine.handle_timer(now)
+                if pending:
+                    continue
             if self.stop_requested:
                 pending = machine.close(f"stopped by {self.stop_requested}", now)
                 if not pending:  # nothing left to say: the machine had already finished
                     return 0
                 continue
-            if transport.has_input():  # messages already waiting: no need to ask the poller
+            waiting = transport.has_input()
+            if not waiting and machine.has_work:
+                # our own PSI stream: compute one chunk now that the answers above are on their way
+                pending = machine.work(now)
+                continue
+            if waiting:  # messages already waiting: no need to ask the poller
                 ready = {transport.socket: zmq.POLLIN}
             else:
                 deadline = machine.next_timer()
+                if deadline is not None and housekeeping_at - HOUSEKEEPING_S < deadline <= now:
+                    housekeeping_at = 0.0  # a timer fell due since the timers were last looked at: look now
+                    pending = []
+                    continue
                 sleep = MAX_SLEEP_S if deadline is None else min(MAX_SLEEP_S, max(0.0, deadline - now))
-                if machine.has_work:  # our own PSI stream is waiting to be computed: do not sleep
-                    sleep = 0.0
-                poller.modify(transport.socket, zmq.POLLIN | (zmq.POLLOUT if self.outbox else 0))
+                flags = zmq.POLLIN | zmq.POLLOUT if self.outbox else zmq.POLLIN
+                if flags != poll_flags:
+                    poller.modify(transport.socket, flags)
+                    poll_flags = flags
                 ready = dict(poller.poll(int(sleep * 1000)))
             pending = []
             if transport.monitor is not None and transport.monitor in ready:
@@ -196,23 +212,22 @@ class NodeRunner:
                     else:
                         self.log.warning("CURVE handshake with %s failed (protocol error %s)", transport.endpoint, event["value"])
             if transport.socket in ready:
+                is_label_holder = isinstance(machine, LabelHolderMachine)
                 for _ in range(MAX_BATCH):
                     received = transport.recv()
                     if received is None:
                         break
                     now = time.monotonic()
                     self.bytes_received += sum(len(f) for f in received.frames)
-                    if isinstance(machine, LabelHolderMachine):
+                    if is_label_holder:
                         new = machine.receive(received.routing_id, received.identity, received.frames, now)
                     else:
                         new = machine.receive(received.frames, now)
                     pending += new
                     # the node must act on an alignment before the next message is read; and while our own PSI
                     # stream is waiting, answer one message at a time so that the two streams interleave
-                    if machine.finished is not None or machine.has_work or any(isinstance(o, Aligned) for o in new):
+                    if machine.finished is not None or machine.has_work or any(type(o) is Aligned for o in new):
                         break
-            pending += machine.handle_timer(time.monotonic())
-            self._show_progress(machine)
 
     def _execute(self, transport: Transport, outputs: Iterable[Output]) -> Finished | None:
         finished = None

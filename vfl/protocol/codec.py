@@ -9,6 +9,7 @@ activation costs no allocation here. ``encode`` hands out the arrays' own buffer
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -16,7 +17,7 @@ import msgpack
 import numpy as np
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .messages import MESSAGE_TYPES, Message, Tensor, check_field, is_wire_int
+from .messages import MAX_INT, MESSAGE_TYPES, Message, Tensor, check_field
 
 SIGNATURE = b"VFL/1"
 SIGNATURE_PREFIX = b"VFL/"
@@ -76,6 +77,17 @@ def wire_dtype(dtype: np.dtype) -> str | None:
 
 # --------------------------------------------------------------------------------------------------- encode
 
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """One reusable packer per thread: building a Packer costs as much as packing a small header."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
 
 def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
     """Frames for ``msg``: signature, header, then each tensor's buffer (no copy when already C-contiguous LE)."""
@@ -98,23 +110,25 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
     buffers = []
     seen = set()
     for t in tensors:
-        name = wire_dtype(t.array.dtype)
+        arr = t.array
+        name = _WIRE_NAME.get(arr.dtype) or wire_dtype(arr.dtype)  # the first lookup finds every native dtype
         if name is None:
-            raise LocalProtocolError(ErrorCode.BAD_TENSOR, f"tensor {t.name!r}: dtype {t.array.dtype} not allowed")
+            raise LocalProtocolError(ErrorCode.BAD_TENSOR, f"tensor {t.name!r}: dtype {arr.dtype} not allowed")
         if not (1 <= len(t.name) <= MAX_TENSOR_NAME) or t.name in seen:
             raise LocalProtocolError(ErrorCode.BAD_FIELD, f"tensor name {t.name!r} empty, too long or repeated")
-        if t.array.ndim > MAX_NDIM:
-            raise LocalProtocolError(ErrorCode.BAD_FIELD, f"tensor {t.name!r} has {t.array.ndim} > 8 dimensions")
-        if t.array.nbytes > limits.max_tensor_bytes:
-            raise LocalProtocolError(ErrorCode.TOO_LARGE, f"tensor {t.name!r} is {t.array.nbytes} bytes")
+        if arr.ndim > MAX_NDIM:
+            raise LocalProtocolError(ErrorCode.BAD_FIELD, f"tensor {t.name!r} has {arr.ndim} > 8 dimensions")
+        if arr.nbytes > limits.max_tensor_bytes:
+            raise LocalProtocolError(ErrorCode.TOO_LARGE, f"tensor {t.name!r} is {arr.nbytes} bytes")
         seen.add(t.name)
-        arr = np.asarray(t.array, dtype=DTYPES[name], order="C")  # a no-op for C-contiguous little-endian arrays
+        if not arr.flags.c_contiguous or arr.dtype.byteorder == ">":
+            arr = np.asarray(arr, dtype=DTYPES[name], order="C")
         descriptors.append({"name": t.name, "dtype": name, "shape": list(arr.shape)})
         buffers.append(arr.reshape(-1).view(np.uint8) if arr.size else b"")
     header = {"type": msg.TYPE, **fields}
     if descriptors:
         header["tensors"] = descriptors
-    packed = msgpack.packb(header, use_bin_type=True)
+    packed = _packer().pack(header)
     if len(packed) > limits.max_header_bytes:
         raise LocalProtocolError(ErrorCode.TOO_LARGE, f"{msg.TYPE} header is {len(packed)} bytes")
     return [SIGNATURE, packed, *buffers]
@@ -150,8 +164,10 @@ def _string_keys(pairs: list[tuple[Any, Any]]) -> dict:
     return out
 
 
-def _check_descriptors(raw: Any, limits: Limits, ref: str) -> list[tuple[str, np.dtype | None, tuple[int, ...], str]]:
-    """Check 8 (shape of the ``tensors`` list) and collect (name, dtype or None, shape, wire dtype)."""
+def _check_descriptors(
+    raw: Any, limits: Limits, ref: str
+) -> list[tuple[str, np.dtype | None, tuple[int, ...], str, int]]:
+    """Check 8 (shape of the ``tensors`` list) and collect (name, dtype or None, shape, wire dtype, element count)."""
     if raw is _ABSENT:
         return []
     if type(raw) is not list:
@@ -168,10 +184,15 @@ def _check_descriptors(raw: Any, limits: Limits, ref: str) -> list[tuple[str, np
             raise _fail(ErrorCode.BAD_FIELD, f"tensors[{i}].name must be a unique string of 1-64 chars", ref)
         if type(dtype) is not str:
             raise _fail(ErrorCode.BAD_FIELD, f"tensors[{i}].dtype must be a string", ref)
-        if type(shape) is not list or len(shape) > MAX_NDIM or not all(is_wire_int(s) for s in shape):
+        if type(shape) is not list or len(shape) > MAX_NDIM:
             raise _fail(ErrorCode.BAD_FIELD, f"tensors[{i}].shape must be a list of at most 8 integers >= 0", ref)
+        count = 1
+        for dim in shape:  # is_wire_int, inlined: this runs for every tensor of every message
+            if type(dim) is not int or not 0 <= dim < MAX_INT:
+                raise _fail(ErrorCode.BAD_FIELD, f"tensors[{i}].shape must be a list of at most 8 integers >= 0", ref)
+            count *= dim
         names.add(name)
-        out.append((name, DTYPES.get(dtype), tuple(shape), dtype))
+        out.append((name, DTYPES.get(dtype), tuple(shape), dtype, count))
     return out
 
 
@@ -218,7 +239,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         raise _fail(ErrorCode.UNKNOWN_TYPE, f"unknown message type {mtype[:40]!r}", mtype[:40])
     # 8, 9: tensor descriptors and dtypes
     descriptors = _check_descriptors(header.get("tensors", _ABSENT), limits, mtype)
-    for name, dt, _, wire in descriptors:
+    for name, dt, _, wire, _ in descriptors:
         if dt is None:
             raise _fail(ErrorCode.BAD_TENSOR, f"tensor {name!r}: dtype {wire[:20]!r} is not allowed", mtype)
     # 10: frame count matches
@@ -230,14 +251,14 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         )
     # 11: sizes of every tensor, before anything is built from them. The product of the non-zero dimensions is
     # bounded too, so that a zero-size tensor with absurd other dimensions cannot overflow numpy's shape arithmetic.
-    for name, dt, shape, _ in descriptors:
-        nbytes = math.prod(shape) * dt.itemsize
-        extent = math.prod(d for d in shape if d) * dt.itemsize
-        if max(nbytes, extent) > limits.max_tensor_bytes:
-            raise _fail(ErrorCode.TOO_LARGE, f"tensor {name!r} {list(shape)} exceeds {limits.max_tensor_bytes} bytes", mtype)
+    max_bytes = limits.max_tensor_bytes
+    for name, dt, shape, _, count in descriptors:
+        nbytes = count * dt.itemsize
+        if nbytes > max_bytes or (not nbytes and math.prod(d for d in shape if d) * dt.itemsize > max_bytes):
+            raise _fail(ErrorCode.TOO_LARGE, f"tensor {name!r} {list(shape)} exceeds {max_bytes} bytes", mtype)
     # 12: each frame holds exactly its tensor
-    for (name, dt, shape, _), view in zip(descriptors, views[2:]):
-        nbytes = math.prod(shape) * dt.itemsize
+    for (name, dt, shape, _, count), view in zip(descriptors, views[2:]):
+        nbytes = count * dt.itemsize
         if view.nbytes != nbytes:
             raise _fail(
                 ErrorCode.BAD_TENSOR,
@@ -260,7 +281,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
             raise _fail(ErrorCode.BAD_FIELD, f"{mtype}.{fname} {exc}", mtype) from None
     if cls.CARRIES_TENSORS:
         values["tensors"] = tuple(
-            Tensor(name, _view(view, dt, shape)) for (name, dt, shape, _), view in zip(descriptors, views[2:])
+            Tensor(name, _view(view, dt, shape)) for (name, dt, shape, _, _), view in zip(descriptors, views[2:])
         )
     return cls(**values)
 
