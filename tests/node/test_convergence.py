@@ -16,11 +16,11 @@ every party, and reads ``model/metrics.jsonl`` written by the label holder:
   averaged over 6 runs (see ``window_sweep``). ``bench/window.py`` runs the same sweep and prints a table.
 
 Run-to-run noise: the PSI's final row order is a fresh random permutation in every session (PROTOCOL.md section 10,
-[P7]), and ``[train].seed`` draws the validation split and the batches as *positions* in that order. So two runs
-with identical configs and data validate on different rows and see different batches; only the model
-initialisation is reproducible (and dropout is not: it draws from each node's unseeded torch RNG, so these models
-have none). The window comparison therefore scores the saved segments on a fixed held-out set that no party holds,
-and averages over repeats.
+[P7]), but the label holder draws the validation split and the batches over a canonical order of its own IDs (a
+keyed hash, ``vfl.node.training.canonical_order``), so two runs with identical configs and data validate on the same
+rows and see the same batches; at W = 1 they give the same model (``test_reproducibility.py``). With W > 1 how stale
+a step's weights are depends on timing, so runs still differ a little. The window comparison scores the saved
+segments on a fixed held-out set that no party holds, and averages over repeats that differ in ``[train].seed``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import pytest
 import torch
 
 from vfl.launch import prepare_session
+from vfl.node.training import canonical_order
 from vfl.train.central import make_schedule
 from vfl.train.data import Standardizer
 from vfl.train.metrics import roc_auc
@@ -202,9 +203,11 @@ def run_split(
         assert read_aligned_ids(tmp_path / f"{p.name}-aligned.csv") == order
     index = {key: i for i, key in enumerate(ids)}
     aligned = np.array([index[k] for k in order])
+    # the label holder draws over the canonical order of its aligned IDs and maps the positions back
+    canonical = canonical_order(order, schedule_seed, "convergence")
     schedule = make_schedule(len(aligned), batch_size, epochs, schedule_seed, validation_fraction)
     settings = {"task": task, "top": top, "standardize": standardize, "parties": parties, "x": x}
-    return Run(folder=tmp_path, metrics=metrics, rows=aligned, validation=np.asarray(schedule.validation), y=y,
+    return Run(folder=tmp_path, metrics=metrics, rows=aligned, validation=canonical[schedule.validation], y=y,
                wall_s=wall, outputs=outputs, settings=settings)
 
 
@@ -301,15 +304,13 @@ def window_repeats(windows=WINDOWS, paired: int = PAIRED_REPEATS, others: int = 
 
 def window_sweep(folder: Path, repeats: dict[int, int], log=print, config: dict | None = None) -> dict:
     """Train the digits split ``repeats[W]`` times at every window W, interleaved (W = 1, 2, 4, 8, 1, 2, ...), each
-    run on the same rows with the same seeds, and score each run's saved segments on a fixed held-out quarter of the
-    data set that no party holds (450 rows).
+    run on the same rows with the same model seeds, and score each run's saved segments on a fixed held-out quarter
+    of the data set that no party holds (450 rows).
 
-    Why not the validation accuracy the label holder logs: each session's PSI picks a new random row order, so
-    ``[train].seed`` puts different rows into each run's validation set, and on ~440 rows that alone moves the
-    accuracy by about 1 percentage point from run to run. Here every run trains on all its aligned rows
-    (``validation_fraction = 0``) and is scored on the same held-out rows. What still differs between runs is the
-    batch order (again the PSI's random row order); it moves one run's held-out accuracy by about 0.2-0.3 points, so
-    the accuracy of a window is the mean over its runs.
+    Every run trains on all its aligned rows (``validation_fraction = 0``) and is scored on the same held-out rows.
+    Repeat ``r`` uses ``[train].seed = 5 + r`` at every window: the batch order moves one run's held-out accuracy by
+    about 0.2-0.3 points, so the accuracy of a window is the mean over its runs, and every window sees the same batch
+    orders (a schedule is reproducible: the same seed gives the same batches in every session).
     """
     x, y, names = digits()
     train_rows, test_rows = held_out_rows(y)
@@ -319,7 +320,7 @@ def window_sweep(folder: Path, repeats: dict[int, int], log=print, config: dict 
             if r >= n:
                 continue
             run = run_split(folder / f"w{w}-r{r}", x, y, names, digits_parties(), rows=train_rows, window=w,
-                            validation_fraction=0.0, **(config or DIGITS))
+                            validation_fraction=0.0, schedule_seed=5 + r, **(config or DIGITS))
             accuracy = float(np.mean(predict_saved(run, test_rows).argmax(1) == y[test_rows]))
             runs[w].append({"accuracy": accuracy, "wall_s": run.wall_s, "train_loss": run.metrics[-1]["train_loss"]})
             log(f"W={w} run {r}: held-out accuracy {accuracy:.4f}, final train loss "

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vfl.launch import prepare_session
+from vfl.node.training import canonical_order
 from vfl.train.central import OptimizerSpec, make_schedule, train_central
 from vfl.train.models import Combiner, MlpSpec, build_mlp
 
@@ -85,7 +86,8 @@ def test_X3_X10_window_1_between_processes_equals_central_training(tmp_path):
     order = aligned_ids(tmp_path / "bank-aligned.csv")
     assert order == aligned_ids(tmp_path / "dh1-aligned.csv") == aligned_ids(tmp_path / "dh2-aligned.csv")
     index = {key: i for i, key in enumerate(ids)}
-    rows = np.array([index[k] for k in order])
+    # the label holder draws the schedule over the canonical order of its aligned IDs, then maps it back
+    rows = np.array([index[k] for k in order])[canonical_order(order, 5, "train-test")]
     schedule = make_schedule(len(rows), 32, 3, 5, 0.25)
     torch.set_num_threads(1)
     opt = OptimizerSpec.from_dict(OPT)
@@ -175,9 +177,10 @@ def test_X8_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_c
     assert [m["epoch"] for m in got] == [0, 1, 2, 3]
 
     x1, x2, y = synthetic(n=900)
-    order = [int(k.split("-")[1]) for k in aligned_ids(tmp_path / "bank-aligned.csv")]
+    aligned = aligned_ids(tmp_path / "bank-aligned.csv")
+    order = [int(k.split("-")[1]) for k in aligned]
     assert order == [int(k.split("-")[1]) for k in aligned_ids(tmp_path / "dh1-aligned.csv")]
-    rows = np.array(order)
+    rows = np.array(order)[canonical_order(aligned, 5, "resume-test")]
     torch.set_num_threads(1)
     opt = OptimizerSpec.from_dict({"kind": "sgd", "lr": 0.05, "momentum": 0.5})
     schedule = make_schedule(len(rows), 8, 4, 5, 0.25)

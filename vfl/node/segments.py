@@ -5,10 +5,15 @@ call them. A bottom keeps, per step in flight, the activations *and the weights 
 stashing, as in PipeDream): with a window ``W > 1`` the optimizer updates the live weights while later steps are
 still in flight, and the gradient of a step must be taken through the weights its forward used. With ``W = 1`` this
 is exactly ordinary synchronous SGD.
+
+Randomness in training mode (dropout) draws from torch's default CPU generator, which each segment reseeds before
+every training step with a seed derived from its ``dropout_seed`` (from ``[model].seed``) and the step number: a rerun
+with the same seeds repeats every mask, whatever the window, and a resumed run draws what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -31,11 +36,30 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
 
 
+def step_seed(base: int, step: int) -> int:
+    """The seed of training step ``step`` of a segment whose dropout seed is ``base`` (63 bits)."""
+    digest = hashlib.sha256(b"vfl step seed\0%d\0%d" % (base, step)).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _seed_step(base: int | None, step: int) -> None:
+    if base is not None:  # about 2 us: the default generator alone (torch.manual_seed also visits every device)
+        torch.default_generator.manual_seed(step_seed(base, step))
+
+
 class TorchBottom:
     """A data holder's bottom model over its features in the aligned row order."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, features: np.ndarray, checkpointer=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        features: np.ndarray,
+        checkpointer=None,
+        dropout_seed: int | None = None,
+    ):
         self.model = model
+        self.dropout_seed = dropout_seed  # None: training-mode randomness comes from wherever the global RNG is
         self.optimizer = optimizer
         self.checkpointer = checkpointer
         self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
@@ -49,6 +73,7 @@ class TorchBottom:
             with torch.no_grad():
                 return self.model(x).numpy()
         self.model.train()
+        _seed_step(self.dropout_seed, step)
         stashed = [p.detach().clone().requires_grad_(True) for p in self.model.parameters()]
         params = dict(zip(self._names, stashed))
         acts = functional_call(self.model, (params, dict(self.model.named_buffers())), (x,))
@@ -99,8 +124,10 @@ class TorchTop:
         own: TorchBottom | None = None,
         own_name: str | None = None,
         checkpointer=None,
+        dropout_seed: int | None = None,
     ):
         self.checkpointer = checkpointer
+        self.dropout_seed = dropout_seed  # the top's and the own bottom's dropout, reseeded every step
         self.top = top
         self.optimizer = optimizer
         self.combiner = combiner
@@ -137,6 +164,7 @@ class TorchTop:
         self.optimizer.zero_grad(set_to_none=True)
         if self.own is not None:
             self.own.optimizer.zero_grad(set_to_none=True)
+        _seed_step(self.dropout_seed, step)
         combined, own_acts = self._combined(rows, activations, True)
         combined.requires_grad_(True)
         self.top.train()

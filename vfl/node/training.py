@@ -3,17 +3,28 @@
 Called by the runner when the PSI phase hands over the aligned rows. Everything that can be checked without the
 peers (the table, the model spec against the data) is checked at start-up by ``check_segment``, before any network
 activity, so a wrong column or width is one line and exit 2, not a failure an hour into a run.
+
+Reproducibility: the PSI's agreed row order is sorted by tokens of fresh keys, so it is a new permutation in every
+run. The label holder therefore draws its schedule (``make_plan``) over a *canonical* order of the aligned rows, the
+order of a keyed hash of its own IDs (``canonical_order``), and maps it back to aligned row positions before anything
+is sent (``build_top``): the same IDs, seed and run id give the same split and batches in every run. The hash never
+leaves the node; the wire carries row positions, as before. Standardisation is fitted on the training rows in file
+order, and dropout is reseeded every step from ``[model].seed`` (``dropout_seed``), so a rerun gives the same model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..files import atomic_write
+from ..psi import encode_ids
 from ..protocol.training_phase import TrainPlan
 from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
@@ -35,11 +46,20 @@ def _output_width(task: str, n_classes: int) -> int:
     return n_classes if task == "multiclass" else 1
 
 
-def _standardizer(features: np.ndarray, train_rows: np.ndarray | None, enabled: bool) -> Standardizer | None:
-    """Fitted on this party's own training rows; None when standardisation is off."""
+def _standardizer(
+    features: np.ndarray, train_rows: np.ndarray | None, enabled: bool, file_rows: np.ndarray | None = None
+) -> Standardizer | None:
+    """Fitted on this party's own training rows; None when standardisation is off.
+
+    ``features[i]`` is the row ``file_rows[i]`` of the party's file: the training rows are taken in file order, so
+    the fit (a float sum) does not depend on the run's aligned order."""
     if not enabled or features.shape[1] == 0:
         return None
-    return Standardizer.fit(features if train_rows is None else features[train_rows])
+    if train_rows is None:
+        return Standardizer.fit(features)
+    if file_rows is not None:
+        train_rows = train_rows[np.argsort(np.asarray(file_rows)[train_rows], kind="stable")]
+    return Standardizer.fit(features[train_rows])
 
 
 def _standardized(features: np.ndarray, scaler: Standardizer | None) -> np.ndarray:
@@ -49,9 +69,10 @@ def _standardized(features: np.ndarray, scaler: Standardizer | None) -> np.ndarr
 class PreparedBottom(TorchBottom):
     """A bottom whose features are standardised on its own training rows once the schedule names them."""
 
-    def __init__(self, *args, standardize: bool, **kwargs):
+    def __init__(self, *args, standardize: bool, file_rows: np.ndarray | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.standardize = standardize
+        self.file_rows = file_rows  # the file row of each aligned row
         self.scaler: Standardizer | None = None
         self.frozen = False  # prediction: the trained segment's scaler applies, nothing is fitted again
 
@@ -59,7 +80,7 @@ class PreparedBottom(TorchBottom):
         if self.standardize and not self.frozen:
             if not hasattr(self, "_raw"):
                 self._raw = self.features.numpy()
-            self.scaler = _standardizer(self._raw, train_rows, True)
+            self.scaler = _standardizer(self._raw, np.asarray(train_rows), True, self.file_rows)
             self.features = torch.from_numpy(_standardized(self._raw, self.scaler))
 
     def use_scaler(self, scaler: Standardizer | None) -> None:
@@ -74,6 +95,12 @@ class PreparedBottom(TorchBottom):
         return out
 
 
+def dropout_seed(cfg: NodeConfig) -> int:
+    """The base of this party's per-step dropout seeds: from ``[model].seed`` and the party id (parties differ)."""
+    digest = hashlib.sha256(b"vfl dropout\0%d\0" % cfg.train.seed + cfg.party.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def build_bottom(cfg: NodeConfig, table: PartyTable, rows: np.ndarray) -> PreparedBottom:
     t = cfg.train
     width = cfg.session.cut_widths[cfg.party]
@@ -83,7 +110,15 @@ def build_bottom(cfg: NodeConfig, table: PartyTable, rows: np.ndarray) -> Prepar
     except ModelError as exc:
         raise TrainingSetupError(f"[model].bottom: {exc}") from None
     optimizer = OptimizerSpec.from_dict(t.optimizer).build(model.parameters())
-    return PreparedBottom(model, optimizer, features, checkpointer(cfg), standardize=cfg.data.standardize)
+    return PreparedBottom(
+        model,
+        optimizer,
+        features,
+        checkpointer(cfg),
+        dropout_seed=dropout_seed(cfg),
+        standardize=cfg.data.standardize,
+        file_rows=np.asarray(rows),
+    )
 
 
 def check_segment(cfg: NodeConfig, table: PartyTable) -> None:
@@ -103,8 +138,13 @@ def check_segment(cfg: NodeConfig, table: PartyTable) -> None:
 def build_top(
     cfg: NodeConfig, table: PartyTable, rows: np.ndarray, plan: TrainPlan, encoding: LabelEncoding | None = None
 ) -> TorchTop:
-    """The label holder's segment; for prediction (no labels) ``encoding`` comes from the trained segment file."""
+    """The label holder's segment; for prediction (no labels) ``encoding`` comes from the trained segment file.
+
+    ``plan`` as ``make_plan`` drew it is over canonical positions: it is mapped onto the aligned rows here, in place,
+    before anything uses it (the own bottom's standardisation below, and the machine that sends it)."""
     t = cfg.train
+    if isinstance(plan, DrawnPlan):
+        plan.place(canonical_order([table.ids[r] for r in np.asarray(rows).tolist()], t.schedule_seed, cfg.run))
     if encoding is None:
         try:
             targets, encoding = encode_labels(table.labels, t.task)
@@ -123,13 +163,14 @@ def build_top(
         widths[cfg.party] = own_width
         train_rows = None if plan is None else np.setdiff1d(np.arange(len(rows)), plan.validation)
         # prediction (plan None): the trained segment's scaler is applied by load_trained instead
-        own_scaler = _standardizer(table.features[rows], train_rows, cfg.data.standardize and plan is not None)
+        own_scaler = _standardizer(table.features[rows], train_rows, cfg.data.standardize and plan is not None, rows)
         features = _standardized(table.features[rows], own_scaler)
         try:
             model = build_model(features.shape[1], t.bottom, out_features=own_width, seed=t.seed)
         except ModelError as exc:
             raise TrainingSetupError(f"[model].bottom: {exc}") from None
-        own = TorchBottom(model, OptimizerSpec.from_dict(t.optimizer).build(model.parameters()), features)
+        own = TorchBottom(model, OptimizerSpec.from_dict(t.optimizer).build(model.parameters()), features,
+                          dropout_seed=None)  # its forward runs inside the top's step, which seeds it
     order = sorted(widths)
     try:
         combiner = Combiner([widths[p] for p in order], t.combine)
@@ -151,6 +192,7 @@ def build_top(
         own=own,
         own_name=cfg.party if own is not None else None,
         checkpointer=checkpointer(cfg),
+        dropout_seed=dropout_seed(cfg),
     )
     segment.label_encoding = encoding
     segment.own_scaler = own_scaler if own is not None else None
@@ -244,12 +286,53 @@ def write_predictions(path: Path, ids: list, aligned: np.ndarray, top: "Predicti
     return len(rows)
 
 
-def make_plan(cfg: NodeConfig, n_rows: int) -> TrainPlan:
+def schedule_key(seed: int, run: str) -> bytes:
+    """The HMAC key of the canonical order: from the label holder's ``[train].seed`` and the run id."""
+    return hashlib.sha256(b"vfl schedule order\0%d\0" % seed + run.encode("utf-8")).digest()
+
+
+def canonical_order(ids: list, seed: int, run: str) -> np.ndarray:
+    """The aligned rows in canonical order: ``order[c]`` is the aligned position of canonical row ``c``.
+
+    ``ids[i]`` is the ID of aligned row ``i``. Rows are sorted by HMAC-SHA256(``schedule_key(seed, run)``, the ID's
+    PSI encoding), which does not depend on the PSI's keys: the same IDs give the same order in every run. The
+    hashes stay in this process (about 1 s per million IDs)."""
+    key = schedule_key(seed, run)
+    digests = b"".join(hmac.digest(key, item, "sha256") for item in encode_ids(ids))
+    words = np.frombuffer(digests, dtype=">u8").reshape(len(ids), 4)
+    return np.lexsort(words.T[::-1]).astype(np.int64)  # by the 256-bit digest, most significant word first
+
+
+@dataclass(frozen=True, eq=False)
+class DrawnPlan(TrainPlan):
+    """A plan as ``make_plan`` draws it: over canonical positions until ``place`` maps it onto aligned rows."""
+
+    _placed: list = field(default_factory=list, repr=False)
+
+    @property
+    def placed(self) -> bool:
+        return bool(self._placed)
+
+    def place(self, order: np.ndarray) -> None:
+        """Canonical position ``c`` becomes aligned row ``order[c]``, in every array (in place, once). Validation
+        rows stay in canonical order, so the evaluation batches are the same rows in every run."""
+        if self._placed:
+            raise RuntimeError("the plan is already placed on the aligned rows")
+        order = np.asarray(order, dtype=np.int64)
+        for arr in (self.validation, *self.epoch_orders):
+            arr[:] = order[arr]
+        self._placed.append(True)
+
+
+def make_plan(cfg: NodeConfig, n_rows: int) -> DrawnPlan:
+    """The label holder's schedule over the canonical order of its ``n_rows`` aligned rows (see ``canonical_order``):
+    ``[train].seed`` draws the split and every epoch's permutation (``make_schedule``). ``build_top`` maps it onto
+    the aligned rows before it is used or sent."""
     t = cfg.train
     schedule = make_schedule(n_rows, cfg.session.batch_size, t.epochs, t.schedule_seed, t.validation_fraction)
-    return TrainPlan(
-        validation=schedule.validation,
-        epoch_orders=[np.concatenate(e) for e in schedule.epochs],
+    return DrawnPlan(
+        validation=np.array(schedule.validation, dtype=np.int64),
+        epoch_orders=[np.concatenate(e) if e else np.empty(0, np.int64) for e in schedule.epochs],
         checkpoint_every=t.checkpoint_every,
     )
 
