@@ -48,7 +48,10 @@ def _seed_step(base: int | None, step: int) -> None:
 
 
 class TorchBottom:
-    """A data holder's bottom model over its features in the aligned row order."""
+    """A data holder's bottom model over its features.
+
+    ``features`` are the party's rows as they are in its file (not copied) and ``rows[i]`` the file row of aligned
+    row ``i``; without ``rows`` the features are already in the aligned order."""
 
     def __init__(
         self,
@@ -57,8 +60,10 @@ class TorchBottom:
         features: np.ndarray,
         checkpointer=None,
         dropout_seed: int | None = None,
+        rows: np.ndarray | None = None,
     ):
         self.model = model
+        self.rows = None if rows is None else torch.from_numpy(np.array(rows, dtype=np.int64))
         self.dropout_seed = dropout_seed  # None: training-mode randomness comes from wherever the global RNG is
         self.optimizer = optimizer
         self.checkpointer = checkpointer
@@ -66,8 +71,13 @@ class TorchBottom:
         self._names = [name for name, _ in model.named_parameters()]
         self._stash: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
+    def inputs(self, rows: np.ndarray) -> torch.Tensor:
+        """The features of aligned rows ``rows``."""
+        index = _index(rows)
+        return self.features[index if self.rows is None else self.rows[index]]
+
     def forward(self, step: int, rows: np.ndarray, train: bool) -> np.ndarray:
-        x = self.features[_index(rows)]
+        x = self.inputs(rows)
         if not train:
             self.model.eval()
             with torch.no_grad():
@@ -153,7 +163,7 @@ class TorchTop:
         return self.combiner.combine(pieces), own_acts
 
     def _own_forward(self, rows: np.ndarray, train: bool) -> torch.Tensor:
-        x = self.own.features[_index(rows)]
+        x = self.own.inputs(rows)
         self.own.model.train(train)
         if train:
             return self.own.model(x)

@@ -46,20 +46,13 @@ def _output_width(task: str, n_classes: int) -> int:
     return n_classes if task == "multiclass" else 1
 
 
-def _standardizer(
-    features: np.ndarray, train_rows: np.ndarray | None, enabled: bool, file_rows: np.ndarray | None = None
-) -> Standardizer | None:
-    """Fitted on this party's own training rows; None when standardisation is off.
+def _standardizer(features: np.ndarray, train_rows: np.ndarray, enabled: bool) -> Standardizer | None:
+    """Fitted on this party's own training rows (rows of its file); None when standardisation is off.
 
-    ``features[i]`` is the row ``file_rows[i]`` of the party's file: the training rows are taken in file order, so
-    the fit (a float sum) does not depend on the run's aligned order."""
+    The rows are taken in file order, so the fit (a float sum) does not depend on the run's aligned order."""
     if not enabled or features.shape[1] == 0:
         return None
-    if train_rows is None:
-        return Standardizer.fit(features)
-    if file_rows is not None:
-        train_rows = train_rows[np.argsort(np.asarray(file_rows)[train_rows], kind="stable")]
-    return Standardizer.fit(features[train_rows])
+    return Standardizer.fit(features[np.sort(np.asarray(train_rows))])
 
 
 def _standardized(features: np.ndarray, scaler: Standardizer | None) -> np.ndarray:
@@ -69,10 +62,9 @@ def _standardized(features: np.ndarray, scaler: Standardizer | None) -> np.ndarr
 class PreparedBottom(TorchBottom):
     """A bottom whose features are standardised on its own training rows once the schedule names them."""
 
-    def __init__(self, *args, standardize: bool, file_rows: np.ndarray | None = None, **kwargs):
+    def __init__(self, *args, standardize: bool, **kwargs):
         super().__init__(*args, **kwargs)
         self.standardize = standardize
-        self.file_rows = file_rows  # the file row of each aligned row
         self.scaler: Standardizer | None = None
         self.frozen = False  # prediction: the trained segment's scaler applies, nothing is fitted again
 
@@ -80,7 +72,8 @@ class PreparedBottom(TorchBottom):
         if self.standardize and not self.frozen:
             if not hasattr(self, "_raw"):
                 self._raw = self.features.numpy()
-            self.scaler = _standardizer(self._raw, np.asarray(train_rows), True, self.file_rows)
+            file_rows = np.asarray(train_rows) if self.rows is None else self.rows.numpy()[train_rows]
+            self.scaler = _standardizer(self._raw, file_rows, True)
             self.features = torch.from_numpy(_standardized(self._raw, self.scaler))
 
     def use_scaler(self, scaler: Standardizer | None) -> None:
@@ -104,7 +97,7 @@ def dropout_seed(cfg: NodeConfig) -> int:
 def build_bottom(cfg: NodeConfig, table: PartyTable, rows: np.ndarray) -> PreparedBottom:
     t = cfg.train
     width = cfg.session.cut_widths[cfg.party]
-    features = table.features[rows]
+    features = table.features  # the whole table, not a copy: the segment reads it through ``rows``
     try:
         model = build_model(features.shape[1], t.bottom.get("factory", t.bottom), out_features=width, seed=t.seed)
     except ModelError as exc:
@@ -117,7 +110,7 @@ def build_bottom(cfg: NodeConfig, table: PartyTable, rows: np.ndarray) -> Prepar
         checkpointer(cfg),
         dropout_seed=dropout_seed(cfg),
         standardize=cfg.data.standardize,
-        file_rows=np.asarray(rows),
+        rows=rows,
     )
 
 
@@ -161,16 +154,17 @@ def build_top(
         if own_width is None:
             raise TrainingSetupError("[model].bottom of the label holder must be an MLP table (widths = [...])")
         widths[cfg.party] = own_width
-        train_rows = None if plan is None else np.setdiff1d(np.arange(len(rows)), plan.validation)
-        # prediction (plan None): the trained segment's scaler is applied by load_trained instead
-        own_scaler = _standardizer(table.features[rows], train_rows, cfg.data.standardize and plan is not None, rows)
-        features = _standardized(table.features[rows], own_scaler)
+        own_scaler = None
+        if plan is not None:  # prediction (plan None): the trained segment's scaler is applied by load_trained
+            train_rows = np.setdiff1d(np.arange(len(rows)), plan.validation)
+            own_scaler = _standardizer(table.features, np.asarray(rows)[train_rows], cfg.data.standardize)
+        features = _standardized(table.features, own_scaler)
         try:
             model = build_model(features.shape[1], t.bottom, out_features=own_width, seed=t.seed)
         except ModelError as exc:
             raise TrainingSetupError(f"[model].bottom: {exc}") from None
         own = TorchBottom(model, OptimizerSpec.from_dict(t.optimizer).build(model.parameters()), features,
-                          dropout_seed=None)  # its forward runs inside the top's step, which seeds it
+                          dropout_seed=None, rows=rows)  # its forward runs inside the top's step, which seeds it
     order = sorted(widths)
     try:
         combiner = Combiner([widths[p] for p in order], t.combine)
