@@ -42,9 +42,7 @@ for _k in _BLAS_VARS:
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import ctypes  # noqa: E402
 import hashlib  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
@@ -72,6 +70,8 @@ from vfl.launch.prepare import prepare_session  # noqa: E402
 from vfl.psi import curve  # noqa: E402
 from vfl.psi.engine import DEFAULT_TASK_ITEMS, encode_ids  # noqa: E402
 
+from _children import CLK_TCK, bench_main, die_with_parent, process_kind, read_text, sample_tree  # noqa: E402
+
 LABEL_HOLDER = "bank"
 DATA_HOLDER = "dh1"
 PARTIES = (LABEL_HOLDER, DATA_HOLDER)
@@ -87,8 +87,6 @@ GOAL_VS_OPENMINED = 2.5
 GOAL_RSS_MB = 1024.0
 IMPORTS = "import vfl.cli, vfl.node, vfl.node.alignment, vfl.node.runner, vfl.psi, vfl.protocol, pyarrow.csv"
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 # Log lines (vfl/node/runner.py, vfl/protocol/*_holder.py) whose first appearance marks a phase, per party.
 MARKERS: dict[str, dict[str, str]] = {
@@ -214,12 +212,6 @@ def measure_ops(items: list[bytes], reps: int) -> dict[str, list[float]]:
 # ------------------------------------------------------------------------------------------------- processes
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL if the bench dies without running its finally blocks (Linux)."""
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     for k, v in _CALLER_ENV.items():  # undo this process's BLAS setting
@@ -230,45 +222,6 @@ def _child_env() -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as fh:
-            return fh.read()
-    except OSError:
-        return None
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
-    for tid in tasks:
-        text = _read(f"/proc/{pid}/task/{tid}/children")
-        if text:
-            kids += [int(x) for x in text.split()]
-    return kids
-
-
-def _proc_sample(pid: int) -> tuple[int, float, int, int] | None:
-    """(start time, CPU seconds, VmHWM kB, VmRSS kB) of one process, or None if it is gone."""
-    stat = _read(f"/proc/{pid}/stat")
-    status = _read(f"/proc/{pid}/status")
-    if stat is None or status is None:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    start = int(fields[19])
-    hwm = rss = 0
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            hwm = int(line.split()[1])
-        elif line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
-    return start, cpu, hwm, rss
 
 
 class Party:
@@ -296,7 +249,7 @@ class Party:
             env=_child_env(),
             cwd=cwd,
             start_new_session=True,  # own process group: Ctrl-C reaches the bench only; stop() ends the whole group
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.pgid = self.proc.pid
 
@@ -318,27 +271,7 @@ class Party:
 
     def sample(self, now: float) -> None:
         """Walk the process tree once: per process the latest CPU time and VmHWM; the tree's current total RSS."""
-        seen: list[tuple[int, bool]] = [(self.proc.pid, True)]
-        stack = [self.proc.pid]
-        for _ in range(1000):  # bounded walk
-            if not stack:
-                break
-            for kid in _children(stack.pop()):
-                seen.append((kid, False))
-                stack.append(kid)
-        rss_total = 0
-        for pid, is_main in seen:
-            s = _proc_sample(pid)
-            if s is None:
-                continue
-            start, cpu, hwm, rss = s
-            rec = self.procs.get((pid, start))
-            if rec is None:
-                cmd = (_read(f"/proc/{pid}/cmdline") or "").replace("\0", " ").strip()
-                rec = self.procs[(pid, start)] = {"main": is_main, "cpu": 0.0, "hwm_kb": 0, "cmd": cmd[:120]}
-            rec["cpu"] = max(rec["cpu"], cpu)
-            rec["hwm_kb"] = max(rec["hwm_kb"], hwm)
-            rss_total += rss
+        rss_total = sum(rss for _, _, rss in sample_tree(self.proc.pid, self.procs))
         self.tree_rss_peak_kb = max(self.tree_rss_peak_kb, rss_total)
         main_cpu = sum(r["cpu"] for r in self.procs.values() if r["main"])
         kids_cpu = sum(r["cpu"] for r in self.procs.values() if not r["main"])
@@ -415,16 +348,9 @@ class Party:
         return True
 
 
-def _kind(cmd: str) -> str:
-    for key in ("forkserver", "resource_tracker", "spawn_main"):
-        if key in cmd:
-            return key
-    return cmd.split(" ")[-1][:40] or "?"
-
-
 def read_cpu_stat() -> tuple[float, float, float]:
     """(busy, steal, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    fields = [int(x) for x in (_read("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]]
+    fields = [int(x) for x in (read_text("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]]
     fields += [0] * (8 - len(fields))
     user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
     busy = user + nice + system + irq + softirq
@@ -608,7 +534,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # 2. the interpreter + import part of a node's start-up
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", IMPORTS], check=True, env=_child_env(), timeout=120,
-                       stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                       stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         import_s = time.perf_counter() - t
 
         # 3. per-op costs
@@ -636,7 +562,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds = res["seconds"]
         print(f"vfl psi finished in {seconds:.2f} s", flush=True)
         for p in parties.values():
-            kinds = sorted({_kind(r["cmd"]) for r in p.procs.values() if not r["main"]})
+            kinds = sorted({process_kind(r["cmd"]) for r in p.procs.values() if not r["main"]})
             n_kids = sum(1 for r in p.procs.values() if not r["main"])
             print(f"  {p.name}: {n_kids} descendant processes seen ({', '.join(kinds)})"
                   + ("; SOME WERE STILL ALIVE AFTER IT EXITED" if p.left_over else "") + "; its log:")
@@ -825,23 +751,7 @@ def main() -> int:
     if threading.active_count() != 1:
         print("warning: the bench has threads; preexec_fn is not fork-safe then", file=sys.stderr)
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (a `cmd &` job)
-    try:
-        r = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; child processes stopped, temporary files removed", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"psi bench failed: {exc}", file=sys.stderr)
-        return 1
-    report(r)
-    print(json.dumps(r, separators=(",", ":")))
-    return 0
-
+    return bench_main("psi", lambda: run(args), report, BenchError, "child processes stopped, temporary files removed")
 
 if __name__ == "__main__":
     sys.exit(main())

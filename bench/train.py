@@ -63,7 +63,6 @@ for _k in _BLAS_VARS:
     os.environ[_k] = "1"
 
 import argparse  # noqa: E402
-import ctypes  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -111,9 +110,9 @@ GOAL_RSS_SLACK_MB = 200.0
 MB = 2**20  # every *_mb figure is MiB
 MODEL_DIR = "model"  # [train].output of every node, relative to the session folder
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
+
+from _children import CLK_TCK, bench_main, die_with_parent, process_kind, read_text, sample_tree  # noqa: E402
 
 class BenchError(Exception):
     pass
@@ -231,7 +230,7 @@ def central_main(spec: dict) -> int:
 
 
 def _own_hwm_mb() -> float:
-    for line in (_read("/proc/self/status") or "").splitlines():
+    for line in (read_text("/proc/self/status") or "").splitlines():
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) / 1024, 1)
     return float("nan")
@@ -321,12 +320,6 @@ def proxy_main(spec: dict) -> int:
 # ---------------------------------------------------------------------------------------------------------- processes
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL if the bench dies without running its finally blocks (Linux)."""
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     for k, v in _CALLER_ENV.items():  # undo this process's BLAS setting
@@ -338,44 +331,6 @@ def _child_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([SRC, *filter(None, [env.get("PYTHONPATH")])])
     env["VFL_BENCH_SRC"] = SRC
     return env
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as fh:
-            return fh.read()
-    except OSError:
-        return None
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
-    for tid in tasks:
-        text = _read(f"/proc/{pid}/task/{tid}/children")
-        if text:
-            kids += [int(x) for x in text.split()]
-    return kids
-
-
-def _proc_sample(pid: int) -> tuple[int, float, int, int] | None:
-    """(start time, CPU seconds, VmHWM kB, VmRSS kB) of one process, or None if it is gone."""
-    stat = _read(f"/proc/{pid}/stat")
-    status = _read(f"/proc/{pid}/status")
-    if stat is None or status is None:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    hwm = rss = 0
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            hwm = int(line.split()[1])
-        elif line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
-    return int(fields[19]), cpu, hwm, rss
 
 
 class Child:
@@ -394,7 +349,7 @@ class Child:
         self.exit_time: float | None = None
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=_child_env(), cwd=cwd,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         self.pgid = self.proc.pid
 
@@ -417,26 +372,7 @@ class Child:
         return next((t for t, line in self.lines if text in line), None)
 
     def sample(self, now: float) -> None:
-        seen: list[tuple[int, bool]] = [(self.proc.pid, True)]
-        stack = [self.proc.pid]
-        for _ in range(1000):  # bounded walk of the process tree
-            if not stack:
-                break
-            for kid in _children(stack.pop()):
-                seen.append((kid, False))
-                stack.append(kid)
-        for pid, is_main in seen:
-            s = _proc_sample(pid)
-            if s is None:
-                continue
-            start, cpu, hwm, rss = s
-            rec = self.procs.get((pid, start))
-            if rec is None:
-                cmd = (_read(f"/proc/{pid}/cmdline") or "").replace("\0", " ")
-                kind = next((k for k in ("forkserver", "resource_tracker", "spawn_main") if k in cmd), "other")
-                rec = self.procs[(pid, start)] = {"main": is_main, "cpu": 0.0, "hwm_kb": 0, "kind": kind}
-            rec["cpu"] = max(rec["cpu"], cpu)
-            rec["hwm_kb"] = max(rec["hwm_kb"], hwm)
+        for _, is_main, rss in sample_tree(self.proc.pid, self.procs):
             if is_main:
                 self.rss_trace.append((now - self.t0, rss))
 
@@ -452,7 +388,7 @@ class Child:
         kids_mb = sum(r["hwm_kb"] for r in kids) / 1024
         by_kind: dict[str, list[float]] = {}
         for r in kids:
-            by_kind.setdefault(r["kind"], []).append(round(r["hwm_kb"] / 1024, 1))
+            by_kind.setdefault(process_kind(r["cmd"]), []).append(round(r["hwm_kb"] / 1024, 1))
         return {"main": round(main, 1), "children": round(kids_mb, 1), "sum": round(main + kids_mb, 1),
                 "children_count": len(kids), "children_mb": by_kind}
 
@@ -529,7 +465,7 @@ def _group_alive(pgid: int) -> bool:
 
 def read_cpu_stat() -> float:
     """Busy CPU seconds of the whole machine since boot (user, nice, system, irq, softirq; from /proc/stat)."""
-    fields = [int(x) for x in (_read("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]]
+    fields = [int(x) for x in (read_text("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]]
     fields += [0] * (8 - len(fields))
     return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / CLK_TCK
 
@@ -1195,24 +1131,8 @@ def main() -> int:
     if threading.active_count() != 1:
         print("warning: the bench has threads; preexec_fn is not fork-safe then", file=sys.stderr)
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (a `cmd &` job)
-    try:
-        s = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; child processes stopped, temporary files removed", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"train bench failed: {exc}", file=sys.stderr)
-        return 1
-    if not args.rss_only:
-        report(s)
-    print(json.dumps(s, separators=(",", ":")))
-    return 0
-
+    return bench_main("train", lambda: run(args), None if args.rss_only else report, BenchError,
+                      "child processes stopped, temporary files removed")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,6 @@ The last line of stdout is one JSON object (built by ``summarise``); everything 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -45,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from _children import CLK_TCK, bench_main, die_with_parent  # noqa: E402
 from vfl.launch.prepare import prepare_session  # noqa: E402 - after the sys.path fix-up
 from vfl.node import load_config  # noqa: E402
 from vfl.node.transport import LINGER_MS, Transport, hwm_for, largest_message_bytes  # noqa: E402
@@ -73,14 +73,23 @@ START_TIMEOUT_S = 30.0
 SERVER_POLL_MS = 200  # the bare echo server wakes as often as a vfl node (runner.MAX_SLEEP_S)
 NODE_TIMEOUTS = {"heartbeat": 10.0, "peer": 1800.0, "handshake": 60.0, "join": 600.0}  # longer than any run
 
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL if the bench dies without running its finally blocks (Linux)."""
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+# `vfl node` under cProfile. The node ends with os._exit (it skips torch's and libzmq's slow teardown), which would
+# also skip cProfile's dump: write the profile first.
+PROFILED_NODE = """
+import cProfile, os, sys
+out, sys.argv = sys.argv[1], ["vfl", *sys.argv[2:]]
+prof, real_exit = cProfile.Profile(), os._exit
+def _exit(code):
+    prof.disable()
+    prof.dump_stats(out)
+    real_exit(code)
+os._exit = _exit
+from vfl.cli import main
+prof.enable()
+main()
+"""
 
 
 class BenchError(Exception):
@@ -166,7 +175,7 @@ class Child:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             cwd=REPO,
             start_new_session=True,  # Ctrl-C reaches the bench only; the bench stops its children itself
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.pump: threading.Thread | None = None
 
@@ -461,13 +470,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bare_ports = {mode: free_port() for mode in ("plain", "curve")}
 
         # -- every child is forked before this process starts any thread (preexec_fn is then safe) ------------------
-        node_argv_prefix = [sys.executable]
-        if args.profile:
-            node_argv_prefix += ["-m", "cProfile", "-o", str(tmp / "label_holder_plain.prof")]
         for mode in ("plain", "curve"):
             argv = [sys.executable, "-m", "vfl", "node", "--config", str(cfg_paths[mode]["bank"])]
             if args.profile and mode == "plain":
-                argv = node_argv_prefix + ["-m", "vfl", "node", "--config", str(cfg_paths[mode]["bank"])]
+                argv = [sys.executable, "-c", PROFILED_NODE, str(tmp / "label_holder_plain.prof"),
+                        "node", "--config", str(cfg_paths[mode]["bank"])]
             children.append(Child(f"vfl-lh-{mode}", argv))
             spec = {
                 "endpoint": f"tcp://{HOST}:{bare_ports[mode]}",
@@ -716,26 +723,13 @@ def main() -> int:
     if args.reps < 1 or args.batch_seconds <= 0:
         ap.error("--reps and --batch-seconds must be positive")
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def report_all(s: dict[str, Any]) -> None:
+        profile_text = s.pop("_profile", None)
+        report(s)
+        if profile_text:
+            print(profile_text)
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (a `cmd &` job)
-    try:
-        s = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; child processes stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"wire bench failed: {exc}", file=sys.stderr)
-        return 1
-    profile_text = s.pop("_profile", None)
-    report(s)
-    if profile_text:
-        print(profile_text)
-    print(json.dumps(s, separators=(",", ":")))
-    return 0
-
+    return bench_main("wire", lambda: run(args), report_all, BenchError)
 
 if __name__ == "__main__":
     sys.exit(main())
