@@ -14,6 +14,7 @@ from vfl.train.central import (
     ScheduleError,
     as_targets,
     make_schedule,
+    pullback,
     split_step,
     task_loss,
     train_central,
@@ -250,3 +251,19 @@ def test_train_central_argument_errors():
     with pytest.raises(ValueError, match="unknown optimizer"):
         OptimizerSpec("rmsprop")
     assert OptimizerSpec.from_dict(OPTIMIZERS["adam"].to_dict()) == OPTIMIZERS["adam"]
+
+
+def test_pullback_gives_the_gradients_of_backward_with_grad_bit_for_bit():
+    gen = torch.Generator().manual_seed(11)
+    for scale in (1e-3, 1.0, 1e3):
+        x = torch.randn(17, 5, generator=gen) * scale
+        g = torch.randn(17, 4, generator=gen) / scale
+        a, b, c = (build_mlp(5, MlpSpec(widths=(8, 4), activation="tanh"), seed=2) for _ in range(3))
+        a(x).backward(g)
+        pullback(b(x), g).backward()
+        out = c(x)
+        grads = torch.autograd.grad(pullback(out, g), list(c.parameters()))
+        for pa, pb, gc in zip(a.parameters(), b.parameters(), grads):
+            assert torch.equal(pa.grad, pb.grad) and torch.equal(pa.grad, gc)
+    with pytest.raises(ValueError, match="shape"):
+        pullback(torch.ones(3, 4, requires_grad=True), torch.ones(1, 4))  # would broadcast

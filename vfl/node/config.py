@@ -17,6 +17,7 @@ import numpy as np
 
 from ..protocol import DTYPES, Limits, SessionConfig
 from ..protocol.messages import is_party_id
+from ..train.specs import OptimizerSpec
 
 ROLES = ("label_holder", "data_holder")
 ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5}|\*)")
@@ -429,8 +430,6 @@ def _train_settings(top: dict, role: str, session: SessionConfig, data, base: Pa
         checkpoint_dir = (output or base) / "checkpoints"
     optimizer = t["optimizer"] or {"kind": "adam", "lr": 0.001}
     try:
-        from ..train.central import OptimizerSpec
-
         OptimizerSpec.from_dict(optimizer)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: [train].optimizer: {exc}") from None

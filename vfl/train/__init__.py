@@ -5,6 +5,8 @@
 - :mod:`vfl.train.models`: built-in MLP segments or ``"module:factory"`` models, the architecture fingerprint, and
   the ``Combiner`` at the cut layer.
 - :mod:`vfl.train.metrics`: losses, accuracy, exact ROC AUC, RMSE (numpy).
+- :mod:`vfl.train.specs`: the torch-free ``OptimizerSpec`` and architecture ``fingerprint`` (config checks use them).
+- :mod:`vfl.train.optim`: SGD and Adam with torch's single-tensor arithmetic, without ``torch.optim``'s start-up.
 - :mod:`vfl.train.central`: the explicit batch schedule, ``split_step`` (one step as the nodes run it) and
   ``train_central``, the centralised reference a ``W = 1`` distributed run must match.
 """
@@ -19,16 +21,17 @@ from .metrics import (
     rmse,
     roc_auc,
 )
+from .specs import OptimizerSpec, canonical_json, fingerprint
 
 # torch-backed parts load on first use: `vfl psi` reads tables through vfl.train.data and must not pay for torch
 _LAZY = {
     "central": (
-        "CentralResult", "ComposedModel", "OptimizerSpec", "Schedule", "ScheduleError", "StepResult", "as_targets",
-        "make_schedule", "predict", "split_step", "task_loss", "train_central",
+        "CentralResult", "ComposedModel", "Schedule", "ScheduleError", "StepResult", "as_targets",
+        "make_schedule", "predict", "pullback", "split_step", "task_loss", "train_central",
     ),
     "models": (
         "ACTIVATIONS", "COMBINE_MODES", "Combiner", "MlpSpec", "ModelError", "ModelSpec", "architecture", "build_mlp",
-        "build_model", "canonical_json", "describe", "fingerprint", "resolve_factory", "spec_from_config",
+        "build_model", "describe", "resolve_factory", "spec_from_config",
     ),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
@@ -44,5 +47,5 @@ def __getattr__(name: str):
 
 
 __all__ = sorted(
-    [name for name in dir() if not name.startswith("_") and name not in {"data", "metrics", "annotations"}] + list(_WHERE)
+    [name for name in dir() if not name.startswith("_") and name not in {"data", "metrics", "specs", "annotations"}] + list(_WHERE)
 )

@@ -8,7 +8,7 @@ distributed run matches only in distribution.)
 
 ``split_step`` is the same step written the way the nodes run it: activations cross the cut as detached tensors, the
 label holder backpropagates to the combined cut-layer input, splits that gradient per holder with
-``Combiner.split``, and each holder calls ``activations.backward(grad)``.
+``Combiner.split``, and each holder backpropagates that gradient (``pullback(activations, grad).backward()``).
 
 ``make_schedule`` fixes the train/validation split and every epoch's batches as plain int64 arrays of row positions
 in the agreed (post-PSI) row order. The label holder makes it and sends the arrays; nobody else uses the RNG.
@@ -30,6 +30,8 @@ from torch import nn
 from .data import TASKS
 from .metrics import evaluate
 from .models import Combiner
+from .optim import Optimizer
+from .specs import OptimizerSpec
 
 __all__ = [
     "CentralResult",
@@ -41,6 +43,7 @@ __all__ = [
     "as_targets",
     "make_schedule",
     "predict",
+    "pullback",
     "split_step",
     "task_loss",
     "train_central",
@@ -155,50 +158,6 @@ def make_schedule(n_rows: int, batch_size: int, epochs: int, seed: int, validati
     return Schedule(n_rows=n_rows, train=train, validation=validation, epochs=tuple(all_epochs))
 
 
-# --------------------------------------------------------------------------------------------------------- optimizers
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """One segment's optimizer: ``sgd`` (lr, momentum, weight_decay, nesterov) or ``adam`` (lr, betas, eps,
-    weight_decay as L2, like ``torch.optim.Adam``). Built with ``foreach=False`` so every node uses the same
-    single-tensor implementation."""
-
-    kind: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-
-    def __post_init__(self):
-        if self.kind not in ("sgd", "adam"):
-            raise ValueError(f"unknown optimizer {self.kind!r}; use 'sgd' or 'adam'")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-
-    def build(self, params) -> torch.optim.Optimizer:
-        params = list(params)
-        if self.kind == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                                   nesterov=self.nesterov, foreach=False)
-        return torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps,
-                                weight_decay=self.weight_decay, foreach=False)
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
-                "nesterov": self.nesterov, "betas": list(self.betas), "eps": self.eps}
-
-    @classmethod
-    def from_dict(cls, data) -> OptimizerSpec:
-        data = dict(data)
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
-        return cls(**data)
-
-
 # ------------------------------------------------------------------------------------------------------ loss, targets
 
 
@@ -279,6 +238,18 @@ def predict(model: ComposedModel, features: Sequence[np.ndarray], rows: np.ndarr
 # ---------------------------------------------------------------------------------------------------------- one step
 
 
+def pullback(activations: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A scalar whose gradient w.r.t. ``activations`` is exactly ``grad``: ``pullback(a, g).backward()`` gives every
+    parameter behind ``a`` bit for bit the gradient ``a.backward(g)`` gives (the factor reaching ``a`` is ``1.0 * g``).
+
+    Use it, not ``a.backward(g)`` or ``torch.autograd.grad(a, ..., grad_outputs=g)``: those check ``g``'s shape through
+    ``torch.fx``'s symbolic shapes, whose first use imports sympy (half a second per process). The shape is checked
+    here instead (``*`` would broadcast)."""
+    if grad.shape != activations.shape:
+        raise ValueError(f"gradient of shape {tuple(grad.shape)} for activations of shape {tuple(activations.shape)}")
+    return (activations * grad).sum()
+
+
 @dataclass(frozen=True, eq=False)
 class StepResult:
     loss: float  # the batch-mean loss before the update
@@ -289,7 +260,7 @@ class StepResult:
 def split_step(bottoms: Sequence[nn.Module], top: nn.Module, combiner: Combiner,
                x_slices: Sequence[torch.Tensor], y: torch.Tensor,
                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
-               optimizers: Sequence[torch.optim.Optimizer] | None = None) -> StepResult:
+               optimizers: Sequence[Optimizer] | None = None) -> StepResult:
     """One training step as the nodes do it. With ``optimizers`` (one per bottom, then the top's), gradients are
     zeroed first and every segment steps after its backward; without, gradients are only accumulated."""
     if len(bottoms) != len(x_slices):
@@ -312,7 +283,7 @@ def split_step(bottoms: Sequence[nn.Module], top: nn.Module, combiner: Combiner,
         optimizers[-1].step()
     # data holders: backward from the received gradient, step
     for i, (a, g) in enumerate(zip(activations, cut_grads)):
-        a.backward(g)
+        pullback(a, g).backward()
         if optimizers is not None:
             optimizers[i].step()
     return StepResult(loss=float(loss.detach()), outputs=outputs.detach(), cut_grads=cut_grads)

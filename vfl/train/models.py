@@ -10,9 +10,7 @@ only its ``"module:factory"`` name is hashed).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .specs import canonical_json, fingerprint
 
 __all__ = [
     "ACTIVATIONS",
@@ -134,6 +134,16 @@ def _init_linear(layer: nn.Linear, gen: torch.Generator) -> None:
     nn.init.uniform_(layer.bias, -bound, bound, generator=gen)
 
 
+def _empty_linear(in_features: int, out_features: int) -> nn.Linear:
+    """An ``nn.Linear`` with uninitialised weights: built on the meta device (no draw from the global RNG), then given
+    real storage with ``torch.empty``. (``nn.utils.skip_init`` does the same through ``to_empty``, whose first call
+    imports sympy via torch's reference ops: a third of a second per process.)"""
+    layer = nn.Linear(in_features, out_features, device="meta")
+    layer.weight = nn.Parameter(torch.empty(out_features, in_features))
+    layer.bias = nn.Parameter(torch.empty(out_features))
+    return layer
+
+
 def _generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     if seed is None:
@@ -154,7 +164,7 @@ def build_mlp(in_features: int, spec: MlpSpec | Mapping, *, seed: int | None = N
     prev = in_features
     last = len(spec.widths) - 1
     for i, width in enumerate(spec.widths):
-        layer = nn.utils.skip_init(nn.Linear, prev, width)  # no draw from the global RNG
+        layer = _empty_linear(prev, width)
         with torch.no_grad():
             _init_linear(layer, gen)
         layers.append(layer)
@@ -278,40 +288,6 @@ def architecture(bottoms: Mapping[str, ModelSpec | Mapping], top: ModelSpec | Ma
         "combine": combine,
         "order": order,
     }
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, MlpSpec):
-        return value.to_dict()
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"fingerprint keys must be strings, got {k!r}")
-            out[k] = _canonical(v)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise TypeError(f"fingerprint values must be finite, got {value!r}")
-        return value
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _canonical(value.item())
-    raise TypeError(f"cannot fingerprint a {type(value).__name__}: {value!r}")
-
-
-def canonical_json(description: Mapping) -> bytes:
-    """UTF-8 JSON with sorted keys, no whitespace; tuples become lists, MlpSpecs their ``to_dict()``."""
-    return json.dumps(_canonical(description), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
-
-
-def fingerprint(description: Mapping) -> str:
-    """Lowercase hex SHA-256 of :func:`canonical_json` (independent of dict key order, dependent on list order)."""
-    return hashlib.sha256(canonical_json(description)).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------- combiner
