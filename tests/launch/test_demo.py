@@ -115,11 +115,14 @@ def test_demo_breast_end_to_end(breast_run):
     assert summary["final"]["val_auc"] >= 0.97, summary["final"]
     assert summary["epochs"] == 25 and summary["aligned_rows"] and summary["aligned_rows"] < summary["rows"]
     assert set(summary["exit_codes"]) == {"bank", "dh1"} and not any(summary["exit_codes"].values())
-    assert "demo breast: ok in" in output
+    assert f"demo breast: ok in {summary['wall_seconds']} s (nodes {summary['launch_seconds']} s)" in output
+    # wall_seconds is the whole command up to summary.json, the nodes' launch is part of it
+    assert 0 < summary["launch_seconds"] <= summary["wall_seconds"] <= took, (summary, took)
     for name in ("bank", "dh1"):
         assert (out / "logs" / f"{name}.log").is_file() and (out / "model" / f"{name}-segment.pt").is_file()
-    # the issue's goal is <= 10 s wall for `vfl demo breast`; on a busy box it is not met, so this only reports it
-    print(f"\nvfl demo breast: wall_seconds {summary['wall_seconds']} (launcher), {took:.1f} s for the whole command")
+    # the issue's goal is <= 10 s wall for `vfl demo breast`; a unit test has no wall-clock bound, so this reports it
+    print(f"\nvfl demo breast: wall_seconds {summary['wall_seconds']} (command up to summary.json), launch_seconds "
+          f"{summary['launch_seconds']} (nodes), {took:.1f} s for the whole process")
 
 
 def test_plot_of_the_breast_demo(breast_run):

@@ -9,14 +9,18 @@ missing at each, so the private set intersection has real work to do.
 from __future__ import annotations
 
 import csv
+import gzip
+import importlib.util
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..files import atomic_write_text
+from ..train.specs import fingerprint
 from .prepare import LABEL_HOLDER, prepare_session
 
 DATASETS = ("breast", "digits")
@@ -35,18 +39,46 @@ class Demo:
     rows: int
 
 
-def _load(name: str):
-    try:
-        from sklearn import datasets
-    except ImportError:
-        raise DemoError("the demo data sets come from scikit-learn: pip install 'vfl[demo]'") from None
-    if name == "breast":
-        d = datasets.load_breast_cancer()
-    elif name == "digits":
-        d = datasets.load_digits()
-    else:
+# the files scikit-learn ships as package data (what its load_breast_cancer / load_digits read)
+_FILES = {"breast": "breast_cancer.csv", "digits": "digits.csv.gz"}
+
+
+def _load(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """float32 features and int64 labels of a data set scikit-learn ships, read from its package data: importing
+    scikit-learn itself takes seconds, which a demo that only needs two small CSV files should not pay."""
+    if name not in _FILES:
         raise DemoError(f"unknown demo {name!r}; choose one of {', '.join(DATASETS)}")
-    return d.data.astype(np.float32), d.target.astype(np.int64)
+    path = _sklearn_data() / _FILES[name]
+    try:
+        if name == "breast":  # a "n_samples,n_features,class names" line, then features and the class per row
+            with open(path, encoding="utf-8") as fh:
+                n, d = (int(v) for v in fh.readline().split(",")[:2])
+                table = np.loadtxt(fh, delimiter=",", dtype=np.float64, ndmin=2)
+        else:  # 64 pixels and the digit per row
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                table = np.loadtxt(fh, delimiter=",", dtype=np.float64, ndmin=2)
+            n, d = len(table), table.shape[1] - 1
+    except (OSError, ValueError, EOFError) as exc:
+        raise DemoError(f"cannot read scikit-learn's {_FILES[name]} ({path}): {exc}") from None
+    if table.shape != (n, d + 1):
+        raise DemoError(f"scikit-learn's {_FILES[name]} ({path}) has shape {table.shape}, expected ({n}, {d + 1})")
+    return table[:, :-1].astype(np.float32), table[:, -1].astype(np.int64)
+
+
+def _sklearn_data() -> Path:
+    """scikit-learn's ``datasets/data`` folder, found without importing scikit-learn."""
+    missing = DemoError("the demo data sets come from scikit-learn: pip install 'vfl[demo]'")
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        raise missing from None
+    if spec is None or not spec.submodule_search_locations:
+        raise missing
+    for root in spec.submodule_search_locations:
+        folder = Path(root) / "datasets" / "data"
+        if folder.is_dir():
+            return folder
+    raise missing
 
 
 def _write_party(path: Path, ids: list[str], keep: np.ndarray, columns: dict[str, np.ndarray], rng) -> None:
@@ -116,8 +148,6 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
                       "optimizer": opt, "output": out_model},
         }
         batch = 32
-    from ..train.models import fingerprint
-
     model = "demo-" + name + "-" + fingerprint({"tables": tables, "widths": widths})[:16]
     configs = prepare_session(
         out,
@@ -138,8 +168,14 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
 _SENT = re.compile(r"\(exit (-?\d+); sent (\d+) bytes, received (\d+) bytes\)")
 
 
-def summarize(demo: Demo, wall_s: float, logs: dict[str, list[str]], exit_codes: dict[str, int]) -> dict:
-    """summary.json: final metrics, wall time, bytes per party, samples/s; written atomically into the run folder."""
+def summarize(demo: Demo, launch_s: float, logs: dict[str, list[str]], exit_codes: dict[str, int], *,
+              started: float | None = None) -> dict:
+    """summary.json: final metrics, wall times, bytes per party, samples/s; written atomically into the run folder.
+
+    ``wall_seconds`` is the whole command's wall time, from ``started`` (a ``time.monotonic()`` taken when the
+    command began) to this summary (without ``started``: the nodes' part); ``launch_seconds`` only the nodes' part,
+    from starting them to the last exit.
+    """
     metrics_path = demo.out / "model" / "metrics.jsonl"
     epochs = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     traffic = {}
@@ -159,12 +195,13 @@ def summarize(demo: Demo, wall_s: float, logs: dict[str, list[str]], exit_codes:
         "demo": demo.name,
         "ok": all(code == 0 for code in exit_codes.values()),
         "exit_codes": exit_codes,
-        "wall_seconds": round(wall_s, 2),
+        "wall_seconds": round(time.monotonic() - started if started is not None else launch_s, 2),
+        "launch_seconds": round(launch_s, 2),
         "rows": demo.rows,
         "aligned_rows": aligned,
         "epochs": len(epochs),
         "final": {k: v for k, v in final.items() if k not in ("epoch", "step")},
-        "samples_per_second": round(train_rows * len(epochs) / wall_s, 1) if train_rows and wall_s else None,
+        "samples_per_second": round(train_rows * len(epochs) / launch_s, 1) if train_rows and launch_s else None,
         "traffic": traffic,
     }
     atomic_write_text(demo.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
