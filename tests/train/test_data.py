@@ -281,6 +281,169 @@ def test_table_spec_is_frozen_and_normalised(tmp_path):
         TableSpec("x.csv", "id", feature_columns="a")
 
 
+# ---------------------------------------------------------------------------------------------- streaming (big tables)
+# load_table fills the float32 matrix a few columns (Parquet, .npz) or a block of CSV rows at a time. These tests make
+# the groups, tiles and blocks tiny so small files take every path: several row groups, several column groups, and
+# the fall-back to column-by-column checks when something is wrong.
+
+
+@pytest.fixture
+def tiny_groups(monkeypatch):
+    from vfl.train import data
+
+    monkeypatch.setattr(data, "_GROUP_COLUMNS", 3)
+    monkeypatch.setattr(data, "_TILE_ROWS", 4)
+    monkeypatch.setattr(data, "_SLICE", 5)
+    monkeypatch.setattr(data._CsvColumns, "_BLOCK_BYTES", 256)
+
+
+def mixed_columns(n, rng):
+    """Every numeric type a feature column may have, with the float32 values loading must give (through float64)."""
+    import decimal
+
+    f64 = rng.normal(size=n) * 1e3
+    big = rng.integers(-2**62, 2**62, size=n)  # needs more than float32 (and float64) precision
+    cols = {
+        "f32": pa.array(rng.normal(size=n).astype(np.float32)),
+        "f64": pa.array(f64),
+        "i64": pa.array(big),
+        "u64": pa.array(rng.integers(0, 2**63, size=n).astype(np.uint64) * np.uint64(2)),
+        "i8": pa.array(rng.integers(-128, 128, size=n).astype(np.int8)),
+        "i32": pa.array(rng.integers(-2**31, 2**31, size=n).astype(np.int32)),
+        "flag": pa.array(rng.random(n) < 0.5),
+        "half": pa.array(rng.normal(size=n).astype(np.float16)),
+        "dict": pa.array(np.round(f64[:n] / 7, 1)).dictionary_encode(),
+        "dec": pa.array([decimal.Decimal(f"{v:.3f}") for v in f64], pa.decimal128(12, 3)),
+        "text": pa.array([repr(float(v)) for v in f64]),
+    }
+    expect = {}
+    for name, arr in cols.items():
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.cast(arr.type.value_type)
+        if pa.types.is_string(arr.type):
+            expect[name] = np.array([float(v) for v in arr.to_pylist()]).astype(np.float32)
+        elif pa.types.is_decimal(arr.type):
+            expect[name] = np.array([float(v) for v in arr.to_pylist()]).astype(np.float32)
+        else:
+            expect[name] = arr.to_numpy(zero_copy_only=False).astype(np.float64).astype(np.float32)
+    return cols, expect
+
+
+def test_parquet_row_groups_and_column_groups_give_the_column_by_column_values(tmp_path, tiny_groups):
+    rng = np.random.default_rng(3)
+    n = 23
+    cols, expect = mixed_columns(n, rng)
+    p = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": pa.array([f"r{i}" for i in range(n)]), **cols,
+                             "y": pa.array(rng.integers(0, 3, size=n))}), p, row_group_size=5)
+    assert pq.ParquetFile(p).num_row_groups == 5
+    t = load_table(TableSpec(p, "id", label_column="y"))
+    assert t.feature_names == tuple(cols) and t.features.flags.c_contiguous and t.features.dtype == np.float32
+    np.testing.assert_array_equal(t.features, np.column_stack([expect[c] for c in cols]))
+    assert t.ids == [f"r{i}" for i in range(n)] and t.labels.dtype == np.int64
+    # a column subset in another order
+    t2 = load_table(TableSpec(p, "id", feature_columns=["text", "f32", "i64"]))
+    np.testing.assert_array_equal(t2.features, np.column_stack([expect[c] for c in ("text", "f32", "i64")]))
+
+
+def test_npz_column_groups_and_compressed_archive(tmp_path, tiny_groups):
+    rng = np.random.default_rng(4)
+    n = 11
+    arrays = {"f32": rng.normal(size=n).astype(np.float32), "f64": rng.normal(size=n) * 1e40,
+              "i64": rng.integers(-2**62, 2**62, size=n), "b": rng.random(n) < 0.5, "u8": np.arange(n, dtype=np.uint8),
+              "s": np.array([str(v) for v in rng.normal(size=n)])}
+    arrays["f64"] = np.clip(arrays["f64"], -1e38, 1e38)
+    expect = np.column_stack([np.asarray(v).astype(np.float64).astype(np.float32) for v in arrays.values()])
+    for save in (np.savez, np.savez_compressed):
+        p = tmp_path / "t.npz"
+        save(p, id=np.arange(n), **arrays)
+        t = load_table(TableSpec(p, "id"))
+        np.testing.assert_array_equal(t.features, expect)
+        assert t.ids == list(range(n))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "npz", "csv"])
+def test_first_bad_value_is_named_in_column_order_whatever_the_grouping(tmp_path, tiny_groups, fmt):
+    n = 30
+    good = np.arange(n, dtype=np.float64) / 4
+    b = good.copy()
+    b[[3, 12]] = [np.inf, np.nan]  # a NaN anywhere in a column wins over an infinity before it
+    c = good.copy()
+    c[0] = np.nan  # a later column: not reached
+    over = good.copy()
+    over[17] = 1e39  # float64 fine, float32 overflows
+    cases = [
+        ({"a": good, "b": b, "c": c}, r"column 'b', row 13: NaN value"),
+        ({"a": good, "x": good, "y": good, "z": good, "o": over, "c": c},
+         r"column 'o', row 18: non-finite value 1e\+39 \(infinite or outside the float32 range\)"),
+        ({"a": good, "i": np.where(np.arange(n) == 25, np.inf, good)}, r"column 'i', row 26: non-finite value inf"),
+    ]
+    for cols, message in cases:
+        p = tmp_path / f"t.{fmt}"
+        if fmt == "parquet":
+            pq.write_table(pa.table({"id": np.arange(n), **cols}), p, row_group_size=7)
+        elif fmt == "npz":
+            np.savez(p, id=np.arange(n), **cols)
+        else:
+            names = list(cols)
+            p.write_text("id," + ",".join(names) + "\n" + "".join(
+                f"{i}," + ",".join(repr(float(cols[k][i])) for k in names) + "\n" for i in range(n)))
+        if fmt == "csv":
+            message = message.replace("NaN value", "missing")  # 'nan' in a CSV is a missing value (NA)
+        with pytest.raises(DataError, match=rf"t\.{fmt}: {message}"):
+            load_table(TableSpec(p, "id"))
+
+
+def test_csv_streamed_in_blocks_gives_the_values_of_a_full_read(tmp_path, tiny_groups):
+    rng = np.random.default_rng(5)
+    n = 120  # many 256-byte blocks
+    f = rng.normal(size=n) * 1e3
+    rows = [f"{'0' if i % 2 else ''}{i},{float(f[i])!r},{i * 3},{f[i] / 3:.12g},{'yes' if i % 3 else 'no'}\n"
+            for i in range(n)]
+    p = write_csv(tmp_path / "t.csv", "id,a,b,c,label\n" + "".join(rows))
+    t = load_table(TableSpec(p, "id", label_column="label"))
+    assert t.ids == [f"{'0' if i % 2 else ''}{i}" for i in range(n)]  # "01" keeps the column text
+    expect = np.column_stack([f, np.arange(n) * 3.0, [float(f"{v / 3:.12g}") for v in f]]).astype(np.float32)
+    np.testing.assert_array_equal(t.features, expect)
+    assert list(t.labels) == ["yes" if i % 3 else "no" for i in range(n)]
+    # text as float64 first, then float32: 1 + 2**-24 is a float32 tie, which rounds to even (1.0), not up
+    q = write_csv(tmp_path / "tie.csv", "id,a\n1,1.0000000596046448\n2,1.5\n")
+    np.testing.assert_array_equal(load_table(TableSpec(q, "id")).features[:, 0], np.float32([1.0, 1.5]))
+
+
+@pytest.mark.parametrize("cell, message", [
+    ("abc", r"column 'b', row 100: non-numeric value 'abc'"),
+    ("", r"column 'b', row 100: missing"),
+    ("NA", r"column 'b', row 100: missing"),
+    ("1e39", r"column 'b', row 100: non-finite value 1e\+39"),
+    ("-inf", r"column 'b', row 100: non-finite value -inf"),
+])
+def test_csv_bad_cell_in_a_late_block_is_named(tmp_path, tiny_groups, cell, message):
+    n = 120
+    rows = [f"{i},{i},{cell if i == 99 else i / 2},1\n" for i in range(n)]
+    p = write_csv(tmp_path / "t.csv", "id,a,b,c\n" + "".join(rows))
+    with pytest.raises(DataError, match=message):
+        load_table(TableSpec(p, "id"))
+
+
+def test_csv_booleans_and_integers_through_the_general_read(tmp_path, tiny_groups):
+    n = 50
+    p = write_csv(tmp_path / "t.csv", "id,flag,k\n" + "".join(f"{i},{'true' if i % 2 else 'false'},{i}\n"
+                                                               for i in range(n)))
+    t = load_table(TableSpec(p, "id"))
+    np.testing.assert_array_equal(t.features, np.column_stack([np.arange(n) % 2, np.arange(n)]).astype(np.float32))
+
+
+def test_fill_tiles_with_pieces_not_aligned_across_columns():
+    from vfl.train.data import _Columns
+
+    a = np.arange(10, dtype=np.float64)
+    block = np.empty((10, 2), np.float32)
+    assert _Columns._fill_tiles([[a[:3], a[3:]], [a[:6] * 2, a[6:] * 2]], block)
+    np.testing.assert_array_equal(block, np.column_stack([a, a * 2]))
+    assert not _Columns._fill_tiles([[a], [np.where(a == 4, np.nan, a)]], block)
+
+
 # -------------------------------------------------------------------------------------------------------------- labels
 
 
