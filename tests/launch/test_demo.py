@@ -133,3 +133,23 @@ def test_plot_of_the_breast_demo(breast_run):
     assert done.returncode == 0, done.stderr
     png = (out / "learning-curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+@pytest.mark.parametrize("name", ["breast", "digits"])
+def test_demo_data_equals_scikit_learns_without_importing_it(name):
+    """The demo reads scikit-learn's bundled files itself (importing scikit-learn costs seconds): same arrays."""
+    code = ("import sys, numpy as np; from vfl.launch.demo import _load; "
+            f"x, y = _load({name!r}); assert 'sklearn' not in sys.modules; "
+            "from sklearn import datasets; "
+            f"d = datasets.load_{'breast_cancer' if name == 'breast' else 'digits'}(); "
+            "assert x.dtype == np.float32 and y.dtype == np.int64; "
+            "assert np.array_equal(x, d.data.astype(np.float32)) and np.array_equal(y, d.target)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_demo_without_scikit_learn_says_what_to_install(monkeypatch):
+    from vfl.launch import demo
+
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(demo.DemoError, match=r"pip install 'vfl\[demo\]'"):
+        demo._load("breast")
