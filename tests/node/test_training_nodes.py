@@ -156,7 +156,6 @@ def test_X8_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_c
     test above): so the central reference on this run's aligned order is the uninterrupted run, to 1e-5."""
     import os
     import signal
-    import time
 
     configs = resumable_session(tmp_path)
     with Nodes(tmp_path) as nodes:
@@ -164,7 +163,7 @@ def test_X8_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_c
         dh2 = nodes.start(configs["dh2"])
         dh1 = nodes.start(configs["dh1"])
         lh.wait_for("epoch 1 of 4 done", timeout=120)
-        time.sleep(0.3)  # well into the second epoch (each has 85 steps)
+        lh.wait_for("epoch 2: ", timeout=120)  # the progress line at a quarter of the second epoch (85 steps)
         os.kill(dh1.proc.pid, signal.SIGKILL)
         dh1.wait(timeout=10)
         assert "epoch 2 of 4 done" not in lh.output, "the kill came too late to be mid-epoch 2"

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..train.central import as_targets, task_loss
+from ..train.central import as_targets, pullback, task_loss
 from ..train.metrics import evaluate
 from ..train.models import Combiner
+from ..train.optim import Optimizer
 
 
 def _index(rows: np.ndarray) -> torch.Tensor:
@@ -56,7 +57,7 @@ class TorchBottom:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizer,
         features: np.ndarray,
         checkpointer=None,
         dropout_seed: int | None = None,
@@ -92,7 +93,7 @@ class TorchBottom:
 
     def backward(self, step: int, gradient: np.ndarray) -> None:
         acts, stashed = self._stash.pop(step)
-        grads = torch.autograd.grad(acts, stashed, grad_outputs=_tensor(gradient), allow_unused=True)
+        grads = torch.autograd.grad(pullback(acts, _tensor(gradient)), stashed, allow_unused=True)
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.model.parameters(), grads):
             p.grad = torch.zeros_like(p) if g is None else g
@@ -126,7 +127,7 @@ class TorchTop:
         self,
         *,
         top: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizer,
         combiner: Combiner,
         order: Sequence[str],
         task: str,
@@ -184,7 +185,7 @@ class TorchTop:
         self.optimizer.step()
         grads = dict(zip(self.order, self.combiner.split(combined.grad)))
         if own_acts is not None:
-            own_acts.backward(grads.pop(self.own_name))
+            pullback(own_acts, grads.pop(self.own_name)).backward()
             self.own.optimizer.step()
         self.last_loss = float(loss.detach())
         self._train_out.append(outputs.detach().numpy().copy())
