@@ -62,7 +62,7 @@ def _run_node(command: str, cfg, verbose: bool) -> int:
     """Run a checked config; every expected failure becomes one line and an exit code, never a traceback."""
     from .node import KeyFileError, NodeRunner
     from .node.alignment import AlignmentError, load_ids
-    from .node.training import TrainingSetupError
+    from .node.config import TrainingSetupError
 
     log = _setup_logging(cfg.party, verbose)
     try:

@@ -27,6 +27,12 @@ class ConfigError(Exception):
     """A node config is wrong. ``str(exc)`` is one line meant for the user; the CLI exits 2 with it."""
 
 
+class TrainingSetupError(Exception):
+    """This party's data and model settings do not fit together. One line for the user.
+
+    Defined here, not in ``training``, so that catching it does not import torch (``vfl psi`` never needs it)."""
+
+
 @dataclass(frozen=True)
 class Timeouts:
     heartbeat: float = 1.0

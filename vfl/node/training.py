@@ -30,16 +30,12 @@ from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
 from ..train.models import Combiner, ModelError, build_model
 from .checkpoints import Checkpointer
-from .config import NodeConfig
+from .config import NodeConfig, TrainingSetupError
 from .segments import TorchBottom, TorchTop
 
 
 def checkpointer(cfg: NodeConfig) -> Checkpointer:
     return Checkpointer(cfg.train.checkpoint_dir, cfg.party, cfg.run, cfg.session.model)
-
-
-class TrainingSetupError(Exception):
-    """This party's data and model settings do not fit together. One line for the user."""
 
 
 def _output_width(task: str, n_classes: int) -> int:
