@@ -10,8 +10,9 @@ on 127.0.0.1, with the same seeds at every W. A fixed stratified quarter of the 
 party; the parties get the other 1347 rows (each drops 8 of its own), train on all of their aligned rows, and each
 run's saved segments are scored on the held-out rows, so every run of every W is compared on the same rows.
 W = 1 and the default window get ``--repeats`` runs, the other windows ``--others`` runs, interleaved
-(1, 2, 4, 8, 1, 2, ...). The PSI's row order, hence the batch order, is random in every session: one run's
-accuracy moves by about 0.2-0.3 percentage points (standard deviation), so the comparison averages runs.
+(1, 2, 4, 8, 1, 2, ...). Repeat ``r`` uses ``[train].seed = 5 + r`` at every window: the label holder draws its
+schedule over a keyed-hash order of its own IDs, so a seed gives the same batches in every session, and every W is
+averaged over the same batch orders (the batch order alone moves one run's accuracy by about 0.2-0.3 points).
 
 Output: one line per run, a table, and as the last line one JSON object: ``accuracy`` (mean held-out accuracy per
 W), ``accuracy_runs`` (per run), ``wall_s`` (mean wall time of one run per W: first node started to last node
