@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from vfl.launch import prepare_session
-from vfl.node.training import DrawnPlan, canonical_order, schedule_key
+from vfl.node import load_config
+from vfl.node.training import canonical_order, make_plan, schedule_key
 
 from .procs import Nodes
 from .test_training_nodes import FAST, write_table
@@ -126,10 +127,13 @@ def test_canonical_order_depends_on_the_ids_seed_and_run_not_on_their_order():
     assert sorted(canonical_order(ints, 5, RUN).tolist()) == ints
 
 
-def test_a_drawn_plan_is_placed_on_the_aligned_rows_once():
-    plan = DrawnPlan(validation=np.array([0, 2]), epoch_orders=[np.array([3, 1, 4])])
-    plan.place(np.array([4, 3, 2, 1, 0]))
-    assert plan.placed
-    assert plan.validation.tolist() == [4, 2] and plan.epoch_orders[0].tolist() == [1, 3, 0]
-    with pytest.raises(RuntimeError):
-        plan.place(np.arange(5))
+def test_the_plan_puts_the_same_ids_in_the_same_batches_whatever_the_aligned_order(tmp_path):
+    configs = session(tmp_path / "s", dropout=0.0)
+    cfg = load_config(configs["bank"])
+    ids = [f"id-{i}" for i in range(60)]
+    shuffled = list(np.random.default_rng(0).permutation(ids))
+    a, b = make_plan(cfg, ids), make_plan(cfg, shuffled)
+    assert [ids[i] for i in a.validation] == [shuffled[i] for i in b.validation]
+    for ea, eb in zip(a.epoch_orders, b.epoch_orders, strict=True):
+        assert [ids[i] for i in ea] == [shuffled[i] for i in eb]
+    assert sorted([*a.validation.tolist(), *a.epoch_orders[0].tolist()]) == list(range(60))

@@ -47,11 +47,21 @@ def training_session(tmp_path: Path, window: int, epochs: int = 3, opt: dict = O
                 {f"a{j}": x1[keep["dh1"], j] for j in range(5)})
     write_table(tmp_path / "dh2.csv", [ids[i] for i in keep["dh2"]],
                 {f"b{j}": x2[keep["dh2"], j] for j in range(7)})
+    configs = session_configs(tmp_path, run="train-test", epochs=epochs, opt=opt, timeouts=FAST, batch_size=32,
+                              window=window)
+    return configs, (x1, x2, y, ids)
+
+
+def session_configs(tmp_path: Path, *, run: str, epochs: int, opt: dict, timeouts: dict, batch_size: int, window: int,
+                    checkpoint_every: int | None = None) -> dict[str, Path]:
+    """The configs of the three parties over bank.csv (labels only), dh1.csv (a0..a4) and dh2.csv (b0..b6)."""
     out = str(tmp_path / "model")
+    top_train = {"task": "multiclass", "epochs": epochs, "validation_fraction": 0.25, "seed": 5, "optimizer": opt,
+                 "output": out}
+    if checkpoint_every is not None:
+        top_train["checkpoint_every"] = checkpoint_every
     tables = {
-        "bank": {"model": {"top": {"widths": [16, 3]}, "seed": 3},
-                 "train": {"task": "multiclass", "epochs": epochs, "validation_fraction": 0.25, "seed": 5,
-                           "optimizer": opt, "output": out}},
+        "bank": {"model": {"top": {"widths": [16, 3]}, "seed": 3}, "train": top_train},
         "dh1": {"model": {"bottom": {"widths": [6, 4]}, "seed": 1}, "train": {"optimizer": opt, "output": out}},
         "dh2": {"model": {"bottom": {"widths": [6, 4]}, "seed": 2}, "train": {"optimizer": opt, "output": out}},
     }
@@ -60,10 +70,9 @@ def training_session(tmp_path: Path, window: int, epochs: int = 3, opt: dict = O
         "dh1": {"path": "dh1.csv", "id_column": "id"},
         "dh2": {"path": "dh2.csv", "id_column": "id"},
     }
-    configs = prepare_session(tmp_path, data_holders=["dh1", "dh2"], run="train-test", timeouts=FAST,
-                              link_check={"rounds": 0}, data=data, psi={"workers": 1}, tables=tables,
-                              cut_width=4, batch_size=32, window=window)
-    return configs, (x1, x2, y, ids)
+    return prepare_session(tmp_path, data_holders=["dh1", "dh2"], run=run, timeouts=timeouts,
+                           link_check={"rounds": 0}, data=data, psi={"workers": 1}, tables=tables,
+                           cut_width=4, batch_size=batch_size, window=window)
 
 
 def run_nodes(tmp_path: Path, configs: dict[str, Path], timeout: float = 180) -> dict[str, str]:
@@ -125,24 +134,9 @@ def resumable_session(tmp_path: Path, epochs: int = 4):
     write_table(tmp_path / "bank.csv", ids, {"label": y})
     write_table(tmp_path / "dh1.csv", ids, {f"a{j}": x1[:, j] for j in range(5)})
     write_table(tmp_path / "dh2.csv", ids, {f"b{j}": x2[:, j] for j in range(7)})
-    out = str(tmp_path / "model")
-    opt = {"kind": "sgd", "lr": 0.05, "momentum": 0.5}
-    tables = {
-        "bank": {"model": {"top": {"widths": [16, 3]}, "seed": 3},
-                 "train": {"task": "multiclass", "epochs": epochs, "validation_fraction": 0.25, "seed": 5,
-                           "optimizer": opt, "output": out, "checkpoint_every": 5}},
-        "dh1": {"model": {"bottom": {"widths": [6, 4]}, "seed": 1}, "train": {"optimizer": opt, "output": out}},
-        "dh2": {"model": {"bottom": {"widths": [6, 4]}, "seed": 2}, "train": {"optimizer": opt, "output": out}},
-    }
-    data = {
-        "bank": {"path": "bank.csv", "id_column": "id", "label_column": "label", "features": []},
-        "dh1": {"path": "dh1.csv", "id_column": "id"},
-        "dh2": {"path": "dh2.csv", "id_column": "id"},
-    }
     timeouts = {**FAST, "peer": 3.0, "heartbeat": 0.3, "rejoin": 60.0}
-    return prepare_session(tmp_path, data_holders=["dh1", "dh2"], run="resume-test", timeouts=timeouts,
-                           link_check={"rounds": 0}, data=data, psi={"workers": 1}, tables=tables,
-                           cut_width=4, batch_size=8, window=1)
+    return session_configs(tmp_path, run="resume-test", epochs=epochs, opt={"kind": "sgd", "lr": 0.05, "momentum": 0.5},
+                           timeouts=timeouts, batch_size=8, window=1, checkpoint_every=5)
 
 
 def read_metrics(path: Path) -> list[dict]:

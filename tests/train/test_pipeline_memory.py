@@ -30,12 +30,7 @@ from vfl.train.central import OptimizerSpec, make_schedule, train_central
 from vfl.train.models import Combiner, MlpSpec, build_mlp
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def wire(msg):

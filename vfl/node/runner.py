@@ -335,7 +335,8 @@ class NodeRunner:
                 load_trained(self.cfg, self.segment)
                 self.log.info("predicting %d aligned rows", len(rows))
                 return self._execute(transport, machine.start_training(self.segment, prediction_plan(len(rows)), now))
-            plan = make_plan(self.cfg, len(rows))
+            table = self.ids.table
+            plan = make_plan(self.cfg, [table.ids[r] for r in np.asarray(rows).tolist()])
             self.segment = build_top(self.cfg, self.ids.table, rows, plan)
             self.log.info(
                 "training on %d aligned rows (%d for validation), %d epoch(s), window %d",

@@ -7,7 +7,7 @@ activity, so a wrong column or width is one line and exit 2, not a failure an ho
 Reproducibility: the PSI's agreed row order is sorted by tokens of fresh keys, so it is a new permutation in every
 run. The label holder therefore draws its schedule (``make_plan``) over a *canonical* order of the aligned rows, the
 order of a keyed hash of its own IDs (``canonical_order``), and maps it back to aligned row positions before anything
-is sent (``build_top``): the same IDs, seed and run id give the same split and batches in every run. The hash never
+is sent: the same IDs, seed and run id give the same split and batches in every run. The hash never
 leaves the node; the wire carries row positions, as before. Standardisation is fitted on the training rows in file
 order, and dropout is reseeded every step from ``[model].seed`` (``dropout_seed``), so a rerun gives the same model.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -127,13 +126,8 @@ def check_segment(cfg: NodeConfig, table: PartyTable) -> None:
 def build_top(
     cfg: NodeConfig, table: PartyTable, rows: np.ndarray, plan: TrainPlan, encoding: LabelEncoding | None = None
 ) -> TorchTop:
-    """The label holder's segment; for prediction (no labels) ``encoding`` comes from the trained segment file.
-
-    ``plan`` as ``make_plan`` drew it is over canonical positions: it is mapped onto the aligned rows here, in place,
-    before anything uses it (the own bottom's standardisation below, and the machine that sends it)."""
+    """The label holder's segment; for prediction (no labels) ``encoding`` comes from the trained segment file."""
     t = cfg.train
-    if isinstance(plan, DrawnPlan):
-        plan.place(canonical_order([table.ids[r] for r in np.asarray(rows).tolist()], t.schedule_seed, cfg.run))
     if encoding is None:
         try:
             targets, encoding = encode_labels(table.labels, t.task)
@@ -293,36 +287,20 @@ def canonical_order(ids: list, seed: int, run: str) -> np.ndarray:
     return np.lexsort(words.T[::-1]).astype(np.int64)  # by the 256-bit digest, most significant word first
 
 
-@dataclass(frozen=True, eq=False)
-class DrawnPlan(TrainPlan):
-    """A plan as ``make_plan`` draws it: over canonical positions until ``place`` maps it onto aligned rows."""
+def make_plan(cfg: NodeConfig, aligned_ids: list) -> TrainPlan:
+    """The label holder's schedule of its aligned rows (``aligned_ids[i]`` is the ID of aligned row ``i``).
 
-    _placed: list = field(default_factory=list, repr=False)
-
-    @property
-    def placed(self) -> bool:
-        return bool(self._placed)
-
-    def place(self, order: np.ndarray) -> None:
-        """Canonical position ``c`` becomes aligned row ``order[c]``, in every array (in place, once). Validation
-        rows stay in canonical order, so the evaluation batches are the same rows in every run."""
-        if self._placed:
-            raise RuntimeError("the plan is already placed on the aligned rows")
-        order = np.asarray(order, dtype=np.int64)
-        for arr in (self.validation, *self.epoch_orders):
-            arr[:] = order[arr]
-        self._placed.append(True)
-
-
-def make_plan(cfg: NodeConfig, n_rows: int) -> DrawnPlan:
-    """The label holder's schedule over the canonical order of its ``n_rows`` aligned rows (see ``canonical_order``):
-    ``[train].seed`` draws the split and every epoch's permutation (``make_schedule``). ``build_top`` maps it onto
-    the aligned rows before it is used or sent."""
+    ``[train].seed`` draws the split and every epoch's permutation (``make_schedule``) over canonical positions
+    (``canonical_order``), which are then mapped onto aligned row positions: the same IDs give the same batches in
+    every run, whatever order the PSI agreed. Validation rows stay in canonical order, so the evaluation batches are
+    the same rows in every run too."""
     t = cfg.train
-    schedule = make_schedule(n_rows, cfg.session.batch_size, t.epochs, t.schedule_seed, t.validation_fraction)
-    return DrawnPlan(
-        validation=np.array(schedule.validation, dtype=np.int64),
-        epoch_orders=[np.concatenate(e) if e else np.empty(0, np.int64) for e in schedule.epochs],
+    order = canonical_order(aligned_ids, t.schedule_seed, cfg.run)  # canonical position -> aligned position
+    schedule = make_schedule(len(aligned_ids), cfg.session.batch_size, t.epochs, t.schedule_seed,
+                             t.validation_fraction)
+    return TrainPlan(
+        validation=order[np.asarray(schedule.validation, dtype=np.int64)],
+        epoch_orders=[order[np.concatenate(e)] if e else np.empty(0, np.int64) for e in schedule.epochs],
         checkpoint_every=t.checkpoint_every,
     )
 
