@@ -48,14 +48,23 @@ def node(config_path: str, verbose: bool) -> None:
     The config is checked before any network activity; a problem is reported as one line naming the key and the
     file (exit code 2).
     """
+    cfg = _checked_config("vfl node", config_path)
+    sys.exit(_run_node("vfl node", cfg, verbose))
+
+
+def _checked_config(command: str, config_path: str, needs: str | None = None, why: str = ""):
+    """The node config at ``config_path``, or one line on stderr and exit 2. ``needs``: a [session] flag that must
+    be true for this command (``why`` says what the command needs it for)."""
     from .node import ConfigError, load_config
 
     try:
         cfg = load_config(config_path)
+        if needs is not None and not getattr(cfg.session, needs):
+            raise ConfigError(f"{config_path}: {command} needs {why}")
     except ConfigError as exc:
-        click.echo(f"vfl node: {exc}", err=True)
+        click.echo(f"{command}: {exc}", err=True)
         sys.exit(2)
-    sys.exit(_run_node("vfl node", cfg, verbose))
+    return cfg
 
 
 def _run_node(command: str, cfg, verbose: bool) -> int:
@@ -100,15 +109,7 @@ def psi(config_path: str, out_path: str | None, verbose: bool) -> None:
     """
     import dataclasses
 
-    from .node import ConfigError, load_config
-
-    try:
-        cfg = load_config(config_path)
-        if not cfg.session.psi:
-            raise ConfigError(f"{config_path}: vfl psi needs [session].psi = true (and the same at every party)")
-    except ConfigError as exc:
-        click.echo(f"vfl psi: {exc}", err=True)
-        sys.exit(2)
+    cfg = _checked_config("vfl psi", config_path, "psi", "[session].psi = true (and the same at every party)")
     if out_path is not None:
         cfg = dataclasses.replace(cfg, psi=dataclasses.replace(cfg.psi, output=Path(out_path).resolve()))
     if cfg.psi.output is None:
@@ -136,15 +137,7 @@ def predict(config_path: str, data_path: str, segment_path: str | None, out_path
     """
     import dataclasses
 
-    from .node import ConfigError, load_config
-
-    try:
-        cfg = load_config(config_path)
-        if not cfg.session.train:
-            raise ConfigError(f"{config_path}: vfl predict needs the config of a training run ([session].train = true)")
-    except ConfigError as exc:
-        click.echo(f"vfl predict: {exc}", err=True)
-        sys.exit(2)
+    cfg = _checked_config("vfl predict", config_path, "train", "the config of a training run ([session].train = true)")
     train = cfg.train
     if segment_path is not None:
         seg = Path(segment_path).resolve()
