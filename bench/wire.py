@@ -10,7 +10,12 @@ Variants, all measured side by side in one run (repetitions interleaved, medians
   (``python -m vfl node --config ...``, configured by ``prepare_session``); the client decodes the ``ECHO_REPLY``
   with ``vfl.protocol.decode``. The session ends with BYE and the node must exit 0.
 
-each with CurveZMQ ``on`` (``curve``) and ``off`` (``plain``). Throughput is MB/s (1 MB = 10^6 bytes) of
+each with CurveZMQ ``on`` (``curve``) and ``off`` (``plain``), and one diagnostic variant, CurveZMQ off:
+
+* ``codec`` - the ``vfl`` client (codec + ``Transport``, no handshake) against ``--echo-server`` in codec mode: it
+  decodes every message with ``vfl.protocol.decode`` and answers with ``encode(EchoReply(...))``, with no node loop
+  and no state machine. It splits vfl's cost into the codec's part (codec / bare) and the node's part (vfl / codec).
+ Throughput is MB/s (1 MB = 10^6 bytes) of
 ``payload bytes x 2 directions / round-trip time``. Every reply is checked for its type/seq; its bytes are compared
 with what was sent in the untimed warm-up round and on the last timed round of every batch (after the clock stops).
 
@@ -22,6 +27,7 @@ The last line of stdout is one JSON object (built by ``summarise``); everything 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -47,7 +53,7 @@ if str(REPO) not in sys.path:
 from _children import CLK_TCK, bench_main, die_with_parent  # noqa: E402
 from vfl.launch.prepare import prepare_session  # noqa: E402 - after the sys.path fix-up
 from vfl.node import load_config  # noqa: E402
-from vfl.node.transport import LINGER_MS, Transport, hwm_for, largest_message_bytes  # noqa: E402
+from vfl.node.transport import LINGER_MS, Transport, _received_frame, hwm_for, largest_message_bytes  # noqa: E402
 from vfl.protocol import (  # noqa: E402
     PROTOCOL_VERSION,
     Bye,
@@ -55,6 +61,7 @@ from vfl.protocol import (  # noqa: E402
     EchoReply,
     Heartbeat,
     Hello,
+    Limits,
     RemoteProtocolError,
     Tensor,
     Welcome,
@@ -64,7 +71,7 @@ from vfl.protocol import (  # noqa: E402
 
 HOST = "127.0.0.1"
 SIZES: list[tuple[str, tuple[int, int]]] = [("128k", (128, 256)), ("1mib", (512, 512)), ("16mib", (4096, 1024))]
-VARIANTS = ["bare_plain", "vfl_plain", "bare_curve", "vfl_curve"]
+VARIANTS = ["bare_plain", "codec_plain", "vfl_plain", "bare_curve", "vfl_curve"]
 DH_PARTY = "dh1"
 TENSOR_NAME = "x"
 MAX_TENSOR_BYTES = 64 * 2**20  # [limits].max_tensor_bytes of both nodes: room for the 16 MiB tensor
@@ -123,9 +130,23 @@ def apply_options(sock: zmq.Socket, opts: dict[str, int]) -> None:
 # ------------------------------------------------------------------------------------------------ bare echo server
 
 
+def codec_echo(limits_spec: dict[str, int]) -> Any:
+    """``--echo-server`` in codec mode: (routing id, frames) -> the frames of the ``ECHO_REPLY``, through the codec."""
+    limits = Limits(**limits_spec)
+
+    def answer(frames: list[zmq.Frame]) -> list[Any]:
+        msg = decode(frames[1:], limits)  # a RemoteProtocolError ends the server: the bench only sends ECHOs
+        if type(msg) is not Echo:
+            raise BenchError(f"codec echo server: expected ECHO, got {msg.TYPE}")
+        return [frames[0], *map(_received_frame, encode(EchoReply(seq=msg.seq, tensors=msg.tensors), limits))]
+
+    return answer
+
+
 def echo_server_main() -> int:
-    """Child process: a ROUTER that sends every message straight back, zero-copy both ways."""
+    """Child process: a ROUTER that sends every message straight back, zero-copy both ways (or through the codec)."""
     spec = json.loads(os.environ["VFL_BENCH_ECHO"])
+    answer = codec_echo(spec["codec_limits"]) if spec.get("codec_limits") else None
     parent = os.getppid()
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
@@ -150,7 +171,7 @@ def echo_server_main() -> int:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                sock.send_multipart(frames, copy=False)
+                sock.send_multipart(frames if answer is None else answer(frames), copy=False)
     finally:
         sock.close(linger=0)
         ctx.term()
@@ -468,6 +489,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dh_cfg = {mode: load_config(p[DH_PARTY]) for mode, p in cfg_paths.items()}
         bare_server_keys = zmq.curve_keypair()
         bare_ports = {mode: free_port() for mode in ("plain", "curve")}
+        codec_endpoint = f"tcp://{HOST}:{free_port()}"
 
         # -- every child is forked before this process starts any thread (preexec_fn is then safe) ------------------
         for mode in ("plain", "curve"):
@@ -486,12 +508,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 Child(f"bare-echo-{mode}", [sys.executable, str(Path(__file__).resolve()), "--echo-server"],
                       env={"VFL_BENCH_ECHO": json.dumps(spec)})
             )
+            if mode == "plain":  # the codec-only echo: the plain label holder's socket options and limits
+                lim = lh_cfg[mode].limits
+                spec = {**spec, "endpoint": codec_endpoint, "codec_limits": {
+                    "max_header_bytes": lim.max_header_bytes, "max_tensors": lim.max_tensors,
+                    "max_tensor_bytes": lim.max_tensor_bytes}}
+                children.append(
+                    Child("codec-echo-plain", [sys.executable, str(Path(__file__).resolve()), "--echo-server"],
+                          env={"VFL_BENCH_ECHO": json.dumps(spec)})
+                )
         for c in children:
             c.start_pump()
         by_name = {c.name: c for c in children}
         for mode in ("plain", "curve"):
             by_name[f"vfl-lh-{mode}"].wait_for_line("listening on", START_TIMEOUT_S)
             by_name[f"bare-echo-{mode}"].wait_for_line("READY", START_TIMEOUT_S)
+        by_name["codec-echo-plain"].wait_for_line("READY", START_TIMEOUT_S)
 
         # -- clients: vfl handshakes first, then the bare sockets with the same options as the vfl Transport ---------
         handshake_s = {}
@@ -508,7 +540,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"tcp://{HOST}:{bare_ports[mode]}", opts, bare_server_keys[0] if mode == "curve" else None,
                 by_name[f"bare-echo-{mode}"],
             )
-        print(f"started 2 label-holder nodes + 2 bare echo servers on {HOST}; vfl handshakes "
+        # the codec-only variant: a data holder's Transport and codec, no handshake (its server is no node)
+        clients["codec_plain"] = VflClient(dataclasses.replace(dh_cfg["plain"], endpoint=codec_endpoint),
+                                           by_name["codec-echo-plain"])
+        print(f"started 2 label-holder nodes + 3 echo servers (bare x 2, codec) on {HOST}; vfl handshakes "
               + ", ".join(f"{m} {s * 1000:.1f} ms" for m, s in handshake_s.items()), flush=True)
 
         rng = np.random.default_rng(12345)
@@ -535,7 +570,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # -- interleaved repetitions -----------------------------------------------------------------------------
         samples: dict[str, dict[str, list[float]]] = {v: {lab: [] for lab, _ in SIZES} for v in VARIANTS}
-        server_of = {v: by_name[("vfl-lh-" if v.startswith("vfl") else "bare-echo-") + v.split("_")[1]] for v in VARIANTS}
+        server_of = {v: by_name[{"vfl": "vfl-lh-", "bare": "bare-echo-", "codec": "codec-echo-"}[v.split("_")[0]]
+                                + v.split("_")[1]] for v in VARIANTS}
         cpu = {v: {lab: [0.0, 0.0, 0] for lab, _ in SIZES} for v in VARIANTS}  # client s, server s, round trips
         verified = {v: {lab: 0 for lab, _ in SIZES} for v in VARIANTS}
         for rep in range(args.reps):
@@ -642,6 +678,9 @@ def summarise(args, samples, n_rounds, verified, arrays, lh_exit, heartbeats, el
     for mode, suffix in (("plain", ""), ("curve", "_curve")):
         for lab, _ in SIZES:
             s[f"codec_vs_bare_ratio_{lab}{suffix}"] = round(med[f"vfl_{mode}"][lab] / med[f"bare_{mode}"][lab], 4)
+    for lab, _ in SIZES:  # the diagnostic split of vfl/bare: codec/bare x node/codec
+        s[f"codec_only_vs_bare_ratio_{lab}"] = round(med["codec_plain"][lab] / med["bare_plain"][lab], 4)
+        s[f"node_vs_codec_only_ratio_{lab}"] = round(med["vfl_plain"][lab] / med["codec_plain"][lab], 4)
     s["header_overhead_pct"] = round(head_pct, 4)
     s["header_bytes"] = head_bytes
     s["curve_cost_ratio"] = round(med["vfl_curve"]["1mib"] / med["vfl_plain"]["1mib"], 4)
@@ -649,9 +688,11 @@ def summarise(args, samples, n_rounds, verified, arrays, lh_exit, heartbeats, el
         s[f"curve_cost_ratio_{lab}"] = round(med["vfl_curve"][lab] / med["vfl_plain"][lab], 4)
         s[f"curve_cost_ratio_bare_{lab}"] = round(med["bare_curve"][lab] / med["bare_plain"][lab], 4)
     s["paired_ratio_medians"] = {  # median over reps of the per-rep ratio (drift cancels); a cross-check
-        f"codec_vs_bare_{lab}{suffix}": round(median_ratio(samples[f"vfl_{m}"][lab], samples[f"bare_{m}"][lab]), 4)
-        for m, suffix in (("plain", ""), ("curve", "_curve"))
-        for lab, _ in SIZES
+        **{f"codec_vs_bare_{lab}{suffix}": round(median_ratio(samples[f"vfl_{m}"][lab], samples[f"bare_{m}"][lab]), 4)
+           for m, suffix in (("plain", ""), ("curve", "_curve"))
+           for lab, _ in SIZES},
+        **{f"codec_only_vs_bare_{lab}": round(median_ratio(samples["codec_plain"][lab], samples["bare_plain"][lab]), 4)
+           for lab, _ in SIZES},
     }
     s["mbps_median"] = {v: {lab: round(x, 1) for lab, x in med[v].items()} for v in VARIANTS}
     s["mbps_samples"] = {v: {lab: [round(x, 1) for x in xs] for lab, xs in samples[v].items()} for v in VARIANTS}
@@ -689,6 +730,9 @@ def report(s: dict[str, Any]) -> None:
           f"{'met' if s['goals']['codec_vs_bare_ratio_1mib>=0.9'] else 'NOT met'}")
     pr = s["paired_ratio_medians"]
     print("  paired per-rep ratio medians: " + ", ".join(f"{k} {v:.3f}" for k, v in pr.items()))
+    print("diagnostic split, CURVE off: codec only / bare = " + ", ".join(
+        f"{lab} {s[f'codec_only_vs_bare_ratio_{lab}']:.3f}" for lab, _ in SIZES)
+        + ";  node / codec only = " + ", ".join(f"{lab} {s[f'node_vs_codec_only_ratio_{lab}']:.3f}" for lab, _ in SIZES))
     print(f"header_overhead_pct = {s['header_overhead_pct']:.4f} % ({s['header_bytes']} bytes of frames 0+1 for "
           f"{s['tensor_bytes']['128k']} tensor bytes)   goal <= 1: {'met' if s['goals']['header_overhead_pct<=1'] else 'NOT met'}")
     print("curve_cost_ratio (vfl CURVE on / off): " + ", ".join(
@@ -710,7 +754,7 @@ def main() -> int:
     if "--echo-server" in sys.argv[1:]:
         return echo_server_main()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter repetitions (about 20 s in all; the default run takes about 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter repetitions (about 20 s in all; the default run takes about 2.5 minutes)")
     ap.add_argument("--reps", type=int, help="interleaved repetitions per size and variant")
     ap.add_argument("--batch-seconds", type=float, help="target duration of one timed batch")
     ap.add_argument("--profile", action="store_true",
