@@ -12,10 +12,15 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+STOP_GRACE_S = 5.0  # after SIGTERM, how long a child's process group gets before SIGKILL
+_BLAS_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
@@ -123,3 +128,106 @@ def process_kind(cmd: str) -> str:
         if key in cmd:
             return key
     return cmd.split(" ")[-1][:40] or "?"
+
+
+# ---------------------------------------------------------------------------------------------------- node processes
+
+
+def read_appended(path: Path, pos: int) -> bytes:
+    """What a growing file holds from byte ``pos`` on (b"" if it cannot be read yet)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(pos)
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def single_threaded_blas() -> dict[str, str | None]:
+    """Call before importing numpy: no BLAS thread pool in the bench process, which forks children with a
+    ``preexec_fn`` and must stay single-threaded. Returns the caller's settings, which ``child_env`` gives back."""
+    caller = {k: os.environ.get(k) for k in _BLAS_VARS}
+    for k in _BLAS_VARS:
+        os.environ[k] = "1"
+    return caller
+
+
+def child_env(caller: dict[str, str | None], src: str) -> dict[str, str]:
+    """A node process's environment: the caller's BLAS settings back, unbuffered output, ``src`` first on the path."""
+    env = dict(os.environ)
+    for k, v in caller.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+class GroupChild:
+    """A child process in its own process group (so the bench can stop it and everything it forked), dying with the
+    bench, its output going to a log file that ``read_lines`` follows as it grows."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, cwd: Path, t0: float, env: dict[str, str]):
+        self.name = name
+        self.t0 = t0
+        self.log_path = log
+        self._log = open(log, "wb")
+        self._pos = 0
+        self._partial = b""
+        self.procs: dict[tuple[int, int], dict[str, Any]] = {}  # (pid, start time) -> {main, cpu, hwm_kb, cmd}
+        self.exit_time: float | None = None
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+            start_new_session=True,  # own process group: Ctrl-C reaches the bench only; stop ends the whole group
+            preexec_fn=die_with_parent,
+        )
+        self.pgid = self.proc.pid
+
+    def read_lines(self) -> list[str]:
+        """The complete lines written to the log since the last call."""
+        data = read_appended(self.log_path, self._pos)
+        if not data:
+            return []
+        self._pos += len(data)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        return [raw.decode("utf-8", "replace") for raw in complete]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def end_group(self, reap_wait_s: float) -> bool:
+        """SIGTERM, then SIGKILL, to the group until the child exits; then SIGKILL whatever is left in the group
+        (forkserver, workers, resource tracker) after ``reap_wait_s``. True if that had to kill something."""
+        p = self.proc
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if p.poll() is not None:
+                break
+            try:
+                os.killpg(self.pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                continue
+        killed = self._reap_group(reap_wait_s)
+        self._log.close()
+        return killed
+
+    def _reap_group(self, wait_s: float) -> bool:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                os.killpg(self.pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                return False
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True

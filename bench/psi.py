@@ -33,12 +33,9 @@ from __future__ import annotations
 
 import os
 
-# No BLAS thread pool in this process: the bench forks children with a preexec_fn (PR_SET_PDEATHSIG) and must stay
-# single-threaded. Children get the caller's environment back (see _child_env).
-_BLAS_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-_CALLER_ENV = {k: os.environ.get(k) for k in _BLAS_VARS}
-for _k in _BLAS_VARS:
-    os.environ[_k] = "1"
+from _children import single_threaded_blas
+
+_CALLER_ENV = single_threaded_blas()  # before numpy; children get the caller's settings back (see _child_env)
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
@@ -70,7 +67,9 @@ from vfl.launch.prepare import prepare_session  # noqa: E402
 from vfl.psi import curve  # noqa: E402
 from vfl.psi.engine import DEFAULT_TASK_ITEMS, encode_ids  # noqa: E402
 
-from _children import CLK_TCK, bench_main, die_with_parent, process_kind, read_text, sample_tree  # noqa: E402
+from _children import (  # noqa: E402
+    CLK_TCK, GroupChild, bench_main, child_env, die_with_parent, process_kind, read_text, sample_tree,
+)
 
 LABEL_HOLDER = "bank"
 DATA_HOLDER = "dh1"
@@ -80,7 +79,6 @@ RUN_ID = "psibench"
 FULL_SIZE = 1_000_000
 QUICK_SIZE = 100_000
 NODE_TIMEOUTS = {"heartbeat": 1.0, "peer": 120.0, "handshake": 120.0, "join": 600.0, "progress": 900.0}
-STOP_GRACE_S = 5.0
 GOAL_SECONDS_1M = 90.0
 GOAL_BOUND_RATIO = 1.3
 GOAL_VS_OPENMINED = 2.5
@@ -213,57 +211,22 @@ def measure_ops(items: list[bytes], reps: int) -> dict[str, list[float]]:
 
 
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for k, v in _CALLER_ENV.items():  # undo this process's BLAS setting
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    return env
+    return child_env(_CALLER_ENV, str(REPO))
 
 
-class Party:
+class Party(GroupChild):
     """One node process: its log file, its process tree's memory and CPU, and when its log lines appeared."""
 
     def __init__(self, name: str, argv: list[str], log: Path, cwd: Path, t0: float):
-        self.name = name
-        self.t0 = t0
-        self.log_path = log
-        self._log = open(log, "wb")
-        self._log_pos = 0
-        self._partial = b""
+        super().__init__(name, argv, log, cwd, t0, _child_env())
         self.lines: list[str] = []
         self.marks: dict[str, float] = {}
-        self.procs: dict[tuple[int, int], dict[str, Any]] = {}  # (pid, start time) -> {main, cpu, hwm_kb, cmd}
         self.tree_rss_peak_kb = 0
         self.cpu_samples: list[tuple[float, float, float]] = []  # (t, main CPU s, children CPU s)
-        self.exit_time: float | None = None
         self.left_over = False  # processes of its group still alive after the node exited on its own
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=_child_env(),
-            cwd=cwd,
-            start_new_session=True,  # own process group: Ctrl-C reaches the bench only; stop() ends the whole group
-            preexec_fn=die_with_parent,
-        )
-        self.pgid = self.proc.pid
 
     def poll_log(self, now: float) -> None:
-        with open(self.log_path, "rb") as fh:
-            fh.seek(self._log_pos)
-            data = fh.read()
-        if not data:
-            return
-        self._log_pos += len(data)
-        data = self._partial + data
-        *complete, self._partial = data.split(b"\n")
-        for raw in complete:
-            line = raw.decode("utf-8", "replace")
+        for line in self.read_lines():
             self.lines.append(line)
             for mark, text in MARKERS[self.name].items():
                 if mark not in self.marks and text in line:
@@ -276,9 +239,6 @@ class Party:
         main_cpu = sum(r["cpu"] for r in self.procs.values() if r["main"])
         kids_cpu = sum(r["cpu"] for r in self.procs.values() if not r["main"])
         self.cpu_samples.append((now - self.t0, main_cpu, kids_cpu))
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
     def memory(self) -> dict[str, Any]:
         main = sum(r["hwm_kb"] for r in self.procs.values() if r["main"]) / 1024
@@ -311,41 +271,10 @@ class Party:
 
     def stop(self) -> int | None:
         """End the node and everything in its process group (SIGTERM, then SIGKILL). Returns the exit code."""
-        p = self.proc
-        exited_on_its_own = p.poll() is not None
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if p.poll() is not None:
-                break
-            try:
-                os.killpg(self.pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                p.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                continue
-        if self.reap_group() and exited_on_its_own:
+        exited_on_its_own = self.proc.poll() is not None
+        if self.end_group(reap_wait_s=3.0) and exited_on_its_own:
             self.left_over = True
-        self._log.close()
-        return p.returncode
-
-    def reap_group(self, wait_s: float = 3.0) -> bool:
-        """SIGKILL whatever is left in the node's process group (forkserver, workers, resource tracker) after
-        ``wait_s`` seconds; True if something had to be killed."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                os.killpg(self.pgid, 0)
-            except (ProcessLookupError, PermissionError):
-                return False
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-        try:
-            os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            return False
-        return True
+        return self.proc.returncode
 
 
 def read_cpu_stat() -> tuple[float, float, float]:

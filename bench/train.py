@@ -55,12 +55,10 @@ from __future__ import annotations
 
 import os
 
-# No BLAS thread pool in this process: the bench forks children with a preexec_fn (PR_SET_PDEATHSIG) and must stay
-# single-threaded. It never imports torch or pyarrow (children write the data and do the central training).
-_BLAS_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-_CALLER_ENV = {k: os.environ.get(k) for k in _BLAS_VARS}
-for _k in _BLAS_VARS:
-    os.environ[_k] = "1"
+from _children import single_threaded_blas
+
+# Before numpy. The bench never imports torch or pyarrow (children write the data and do the central training).
+_CALLER_ENV = single_threaded_blas()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -101,7 +99,6 @@ NODE_THREADS = 1  # [train].threads of every node
 SEEDS = {"data": 20240601, "dh1": 1, "dh2": 2, "bank": 3, "schedule": 5}
 BOTTOM = {"widths": [CUT], "activation": "relu", "final_activation": True}
 NODE_TIMEOUTS = {"heartbeat": 1.0, "peer": 60.0, "handshake": 60.0, "join": 300.0, "progress": 300.0, "rejoin": 60.0}
-STOP_GRACE_S = 5.0
 LOG_POLL_S = 0.02
 DELAYS_MS = (0, 10, 50)  # RTT added by the proxy; --quick leaves out 10
 GOAL_RATIO_W4 = 0.8
@@ -112,7 +109,10 @@ MODEL_DIR = "model"  # [train].output of every node, relative to the session fol
 
 
 
-from _children import CLK_TCK, bench_main, die_with_parent, process_kind, read_text, sample_tree  # noqa: E402
+from _children import (  # noqa: E402
+    CLK_TCK, STOP_GRACE_S, GroupChild, bench_main, child_env, die_with_parent, process_kind, read_appended, read_text,
+    sample_tree,
+)
 
 class BenchError(Exception):
     pass
@@ -321,50 +321,21 @@ def proxy_main(spec: dict) -> int:
 
 
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for k, v in _CALLER_ENV.items():  # undo this process's BLAS setting
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([SRC, *filter(None, [env.get("PYTHONPATH")])])
+    env = child_env(_CALLER_ENV, SRC)
     env["VFL_BENCH_SRC"] = SRC
     return env
 
 
-class Child:
+class Child(GroupChild):
     """A child process in its own process group, its output in a file; log lines timestamped as they appear."""
 
     def __init__(self, name: str, argv: list[str], log: Path, cwd: Path, t0: float):
-        self.name = name
-        self.t0 = t0
-        self.log_path = log
-        self._log = open(log, "wb")
-        self._pos = 0
-        self._partial = b""
+        super().__init__(name, argv, log, cwd, t0, _child_env())
         self.lines: list[tuple[float, str]] = []
-        self.procs: dict[tuple[int, int], dict[str, Any]] = {}
         self.rss_trace: list[tuple[float, int]] = []  # (t, VmRSS kB of the main process)
-        self.exit_time: float | None = None
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=_child_env(), cwd=cwd,
-            start_new_session=True, preexec_fn=die_with_parent,
-        )
-        self.pgid = self.proc.pid
 
     def poll_log(self, now: float) -> list[str]:
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(self._pos)
-                data = fh.read()
-        except OSError:
-            return []
-        if not data:
-            return []
-        self._pos += len(data)
-        *complete, self._partial = (self._partial + data).split(b"\n")
-        new = [raw.decode("utf-8", "replace") for raw in complete]
+        new = self.read_lines()
         self.lines += [(now - self.t0, line) for line in new]
         return new
 
@@ -395,43 +366,13 @@ class Child:
     def cpu(self) -> float:
         return round(sum(r["cpu"] for r in self.procs.values()), 2)
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
     def tail(self, n: int = 20) -> str:
         return "\n".join(f"    [{self.name}] {line}" for _, line in self.lines[-n:])
 
     def stop(self, reap_wait_s: float = 3.0) -> int | None:
         """SIGTERM, then SIGKILL, to the whole process group. Returns the exit code."""
-        p = self.proc
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if p.poll() is not None:
-                break
-            try:
-                os.killpg(self.pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                p.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                continue
-        self._reap_group(reap_wait_s)
-        self._log.close()
-        return p.returncode
-
-    def _reap_group(self, wait_s: float = 3.0) -> None:
-        """SIGKILL whatever is left in the group (forkserver, workers, resource tracker) after ``wait_s``."""
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.pgid, 0)
-            except (ProcessLookupError, PermissionError):
-                return
-            time.sleep(0.05)
-        try:
-            os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self.end_group(reap_wait_s)
+        return self.proc.returncode
 
 
 def stop_all(children: list[Child]) -> dict[str, int | None]:
@@ -615,12 +556,7 @@ class Session:
 
     def _new_epochs(self) -> list[int]:
         """Epochs whose line the label holder appended to OUTPUT/metrics.jsonl since the last call."""
-        try:
-            with open(self.metrics_path, "rb") as fh:
-                fh.seek(self._metrics_pos)
-                data = fh.read()
-        except OSError:
-            return []
+        data = read_appended(self.metrics_path, self._metrics_pos)
         end = data.rfind(b"\n") + 1  # complete lines only
         self._metrics_pos += end
         return [int(json.loads(line)["epoch"]) for line in data[:end].splitlines() if line.strip()]
