@@ -16,8 +16,9 @@ each with CurveZMQ ``on`` (``curve``) and ``off`` (``plain``), and one diagnosti
   decodes every message with ``vfl.protocol.decode`` and answers with ``encode(EchoReply(...))``, with no node loop
   and no state machine. It splits vfl's cost into the codec's part (codec / bare) and the node's part (vfl / codec).
 
-Throughput is MB/s (1 MB = 10^6 bytes) of ``payload bytes x 2 directions / round-trip time``. Every reply is checked for its type/seq; its bytes are compared
-with what was sent in the untimed warm-up round and on the last timed round of every batch (after the clock stops).
+Throughput is MB/s (1 MB = 10^6 bytes) of ``payload bytes x 2 directions / round-trip time``. Every reply is checked
+for its type/seq; its bytes are compared with what was sent in the untimed warm-up round and on the last timed round
+of every batch (after the clock stops).
 
 Usage:  .venv/bin/python bench/wire.py [--quick] [--reps N] [--batch-seconds S] [--profile]
 
