@@ -110,7 +110,7 @@ MODEL_DIR = "model"  # [train].output of every node, relative to the session fol
 
 
 from _children import (  # noqa: E402
-    CLK_TCK, STOP_GRACE_S, GroupChild, bench_main, child_env, die_with_parent, process_kind, read_appended, read_text,
+    CLK_TCK, STOP_GRACE_S, GroupChild, bench_main, child_env, process_kind, read_appended, read_text,
     sample_tree,
 )
 
