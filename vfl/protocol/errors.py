@@ -28,6 +28,7 @@ class ErrorCode(enum.IntEnum):
     TIMEOUT = 13
     INTERNAL = 14
     PSI_FAILED = 15
+    REPLACED = 16  # [S5]: a newer connection with the same key took over this party
 
 
 class VflError(Exception):

@@ -40,6 +40,7 @@ from .timers import PeerClock, TokenBucket
 ERROR_BURST = 100  # [R2]
 ERROR_RATE = 100.0
 MAX_TRACKED_ROUTING_IDS = 1024  # error buckets for unknown routing ids are bounded too
+DEFAULT_MAX_REJOINS = 3  # [train].max_rejoins: each rejoin rolls every party back to the last checkpoint
 
 
 class PartyState(enum.Enum):

@@ -22,6 +22,8 @@ from .errors import ErrorCode, RemoteProtocolError
 from .messages import Message, PsiItems, PsiReply, PsiResult, PsiRows, PsiStart, Tensor
 
 NONCE_HEX_CHARS = 32
+#: [psi].max_items default: the most IDs a peer may announce (bounds what one PSI_START makes us hold)
+DEFAULT_MAX_PSI_ITEMS = 100_000_000
 
 
 @dataclass(frozen=True)
