@@ -54,7 +54,14 @@ if str(REPO) not in sys.path:
 from _children import CLK_TCK, bench_main, die_with_parent  # noqa: E402
 from vfl.launch.prepare import prepare_session  # noqa: E402 - after the sys.path fix-up
 from vfl.node import load_config  # noqa: E402
-from vfl.node.transport import LINGER_MS, Transport, _received_frame, hwm_for, largest_message_bytes  # noqa: E402
+from vfl.node.transport import (  # noqa: E402
+    LINGER_MS,
+    Transport,
+    _received_frame,
+    frame_limit,
+    hwm_for,
+    largest_message_bytes,
+)
 from vfl.protocol import (  # noqa: E402
     PROTOCOL_VERSION,
     Bye,
@@ -76,6 +83,7 @@ VARIANTS = ["bare_plain", "codec_plain", "vfl_plain", "bare_curve", "vfl_curve"]
 DH_PARTY = "dh1"
 TENSOR_NAME = "x"
 MAX_TENSOR_BYTES = 64 * 2**20  # [limits].max_tensor_bytes of both nodes: room for the 16 MiB tensor
+LH_LINK_SHAPE = (4096, 1024)  # the label holder's [link_check].shape: its ECHO cap (8 bytes per element) covers 16 MiB
 RECV_TIMEOUT_MS = 30_000  # one round trip; a 16 MiB CURVE round trip takes well under a second
 START_TIMEOUT_S = 30.0
 SERVER_POLL_MS = 200  # the bare echo server wakes as often as a vfl node (runner.MAX_SLEEP_S)
@@ -115,7 +123,7 @@ def node_socket_options(cfg: Any) -> dict[str, int]:
     return {
         "SNDHWM": hwm,
         "RCVHWM": hwm,
-        "MAXMSGSIZE": cfg.limits.max_frame_bytes,
+        "MAXMSGSIZE": frame_limit(cfg),
         "LINGER": LINGER_MS,
         "HEARTBEAT_IVL": max(1, int(t.heartbeat * 1000)),
         "HEARTBEAT_TIMEOUT": max(1, int(t.peer * 1000)),
@@ -156,7 +164,7 @@ def echo_server_main() -> int:
     sock = ctx.socket(zmq.ROUTER)
     apply_options(sock, spec["options"])
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
     if spec["curve_secret"]:
         sock.curve_secretkey = spec["curve_secret"].encode()
         sock.curve_publickey = spec["curve_public"].encode()
@@ -271,6 +279,8 @@ def write_node_configs(out: Path, *, curve: bool) -> dict[str, Path]:
             assert text.count("[keys]\n") == 1
             text = text.replace("[keys]\n", "[keys]\ninsecure = true\n")
         text += f"\n[limits]\nmax_tensor_bytes = {MAX_TENSOR_BYTES}\n"
+        if path.stem != DH_PARTY:  # the label holder echoes at most its largest session message: room for 16 MiB
+            text += f"\n[link_check]\nshape = {list(LH_LINK_SHAPE)}\n"
         path.write_text(text, encoding="utf-8")
     return configs
 

@@ -317,7 +317,10 @@ def test_L2_label_holder_reports_a_silent_peer_by_name_and_tells_the_others():
     fin = [o for o in out if isinstance(o, Finished)][0]
     assert fin.exit_code == 3 and "'alice'" in fin.reason and "5.0 s" in fin.reason
     byes = [o for o in out if isinstance(o, Send) and isinstance(o.message, Bye)]
-    assert [(b.to, b.message.ok) for b in byes] == [(b"bob", False)]
+    assert sorted((b.to, b.message.ok) for b in byes) == [(b"alice", False), (b"bob", False)]
+    assert all("'alice'" in b.message.reason for b in byes)  # every party's log names who ended the session
+    errors = [o for o in out if isinstance(o, Send) and isinstance(o.message, Error)]
+    assert [(e.to, e.message.code) for e in errors] == [(b"alice", ErrorCode.TIMEOUT)]  # the silent one hears why
 
 
 def test_L2_data_holder_reports_a_silent_label_holder():

@@ -11,8 +11,7 @@ import logging
 import signal
 import statistics
 import time
-from collections import deque
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import zmq
@@ -33,14 +32,17 @@ from ..protocol import (
     encode,
 )
 from ..protocol.codec import DTYPES
+from ..protocol.text import peer_text
 from .alignment import PartyIds, load_ids, psi_plan, write_aligned
 from .config import NodeConfig
-from .transport import LINGER_MS, Transport
+from .outbox import Outbox, frames_bytes
+from .transport import LINGER_MS, Transport, largest_message_bytes
 
 MAX_SLEEP_S = 0.2
 FINAL_FLUSH_S = 2.0  # how long a finishing node keeps trying to hand its last messages (BYE, ERROR) to libzmq
 MAX_BATCH = 256  # messages handled per wake-up before timers get a turn
 HOUSEKEEPING_S = 0.01  # while messages keep arriving, timers and progress are looked at this often, not per message
+OUTBOX_MAX_BYTES = 32 * 2**20  # per peer, on top of what libzmq holds (its high-water mark is sized from queue_bytes)
 
 INSECURE_WARNING = (
     "INSECURE MODE: CurveZMQ is off. Anyone who can reach this port can connect and claim any party id, and all "
@@ -78,6 +80,7 @@ def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine |
             rejoin_timeout_s=t.rejoin,
             limits=cfg.limits,
             psi=psi,
+            max_echo_bytes=largest_message_bytes(cfg),
         )
     return DataHolderMachine(
         party=cfg.party,
@@ -110,8 +113,9 @@ class NodeRunner:
         self.stop_requested: str | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
-        #: encoded messages libzmq could not take yet (no connection, full queue): the loop never blocks on a send
-        self.outbox: deque[tuple[list[Any], bytes | None, str]] = deque()
+        #: encoded messages libzmq could not take yet (no connection, full queue), per peer: the loop never blocks on
+        #: a send, and a peer that does not read only ever holds up its own messages
+        self.outbox = Outbox(min(OUTBOX_MAX_BYTES, max(1, cfg.queue_bytes // 16)), stall_s=cfg.timeouts.peer)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_requested = signal.Signals(signum).name
@@ -169,6 +173,10 @@ class NodeRunner:
             finished = self._execute(transport, pending)
             if self.outbox:
                 self._flush(transport)
+                if self.outbox and finished is None and isinstance(machine, LabelHolderMachine):
+                    pending = self._drop_non_readers(transport, time.monotonic())
+                    if pending:
+                        continue
             if finished is not None:
                 if self.bytes_received:  # someone is listening: give the last messages a moment to go out
                     self._flush(transport, until=time.monotonic() + FINAL_FLUSH_S)
@@ -186,8 +194,9 @@ class NodeRunner:
                     return 0
                 continue
             waiting = transport.has_input()
-            if not waiting and machine.has_work:
-                # our own PSI stream: compute one chunk now that the answers above are on their way
+            if not waiting and machine.has_work and not self.outbox:
+                # our own PSI stream: compute one chunk now that the answers above are on their way (and only once
+                # libzmq has taken the earlier chunks: a peer that reads slowly paces the stream, it does not fill memory)
                 pending = machine.work(now)
                 continue
             if waiting:  # messages already waiting: no need to ask the poller
@@ -234,9 +243,9 @@ class NodeRunner:
         for out in outputs:
             if isinstance(out, Send):
                 frames = encode(out.message, self.cfg.limits)
-                if not self.outbox and self._try_send(transport, frames, out.to, out.message.TYPE):
+                if out.to not in self.outbox and self._try_send(transport, frames, out.to, out.message.TYPE):
                     continue  # the common case: libzmq took it at once
-                self.outbox.append((frames, out.to, out.message.TYPE))
+                self.outbox.push(out.to, frames, out.message.TYPE, time.monotonic())
             elif isinstance(out, Log):
                 self.log.log(logging.getLevelName(out.level), out.text)
             elif isinstance(out, (PeerReady, PeerLeft)):
@@ -260,29 +269,45 @@ class NodeRunner:
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; liveness rules deal with it
-            who = to.decode("utf-8", "replace") if to else "the label holder"
-            self.log.warning("could not send %s to %s: %s", mtype, who, exc.strerror)
+            self._unreachable(to, mtype, exc)
             return True
-        self.bytes_sent += sum(f.nbytes if hasattr(f, "nbytes") else len(f) for f in frames)
+        self.bytes_sent += frames_bytes(frames)
         return True
 
+    def _unreachable(self, to: bytes | None, mtype: str, exc: zmq.ZMQError) -> None:
+        who = peer_text(to, 80) if to else "the label holder"
+        self.log.warning("could not send %s to %s: %s", mtype, who, exc.strerror)
+
     def _flush(self, transport: Transport, until: float | None = None) -> None:
-        """Hand queued messages to libzmq in order, without blocking (or, with ``until``, retrying until then)."""
-        while self.outbox:
-            frames, to, mtype = self.outbox[0]
-            try:
-                transport.send(frames, to)
-            except zmq.Again:
-                if until is None or time.monotonic() >= until:
-                    return
-                transport.socket.poll(50, zmq.POLLOUT)
-                continue
-            except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; liveness rules deal with it
-                who = to.decode("utf-8", "replace") if to else "the label holder"
-                self.log.warning("could not send %s to %s: %s", mtype, who, exc.strerror)
-            else:
-                self.bytes_sent += sum(f.nbytes if hasattr(f, "nbytes") else len(f) for f in frames)
-            self.outbox.popleft()
+        """Hand queued messages to libzmq, each peer's in order, without blocking (or, with ``until``, retrying).
+
+        A peer whose queue libzmq cannot take now is skipped, not waited for: the others' messages go on.
+        """
+        while True:
+            for to in self.outbox.peers():
+                while to in self.outbox:
+                    frames, mtype = self.outbox.head(to)
+                    try:
+                        transport.send(frames, to)
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; liveness rules deal with it
+                        self._unreachable(to, mtype, exc)
+                    else:
+                        self.bytes_sent += frames_bytes(frames)
+                    self.outbox.pop(to, time.monotonic())
+            if not self.outbox or until is None or time.monotonic() >= until:
+                return
+            transport.socket.poll(50, zmq.POLLOUT)
+
+    def _drop_non_readers(self, transport: Transport, now: float) -> list[Output]:
+        """Peers over their send budget (PROTOCOL.md section 7): drop their queues; the machine ends their part."""
+        outputs: list[Output] = []
+        for to, why in list(self.outbox.over_budget(now)):
+            freed = self.outbox.drop(to)
+            self.log.warning("%s is not reading (%s): dropped %d queued bytes", peer_text(to, 80), why, freed)
+            outputs += self.machine.peer_not_reading(to, why, now)
+        return outputs
 
     def _aligned(self, aligned: Aligned, transport: Transport) -> Finished | None:
         """Write this party's IDs in the agreed order (if asked to); a data holder then leaves the session."""

@@ -3,7 +3,11 @@
 The label holder binds a ROUTER that is a CURVE server; a ZAP handler (pyzmq's ``ThreadAuthenticator``) lets in only
 the partners' public keys, and every received message carries the client's key as its ``User-Id``, which we map to a
 party id — that, not the routing id a peer chose, is who the peer is. Data holders connect a DEALER whose routing id
-is their party id. Sends and receives are zero-copy for large frames.
+is ``<party>/<16 random hex>``, fresh for each socket ([S1]): a restarted data holder is a new connection that the
+label holder's session layer switches to ([S5]), never one that libzmq hands a live routing id over to. That is why
+``ROUTER_HANDOVER`` is off: with it, any allow-listed key could take over another party's routing id (and so its
+traffic), and two connections racing for one routing id end the process in a libzmq assertion. Without it, libzmq
+ignores a second connection that claims a routing id in use. Sends and receives are zero-copy for large frames.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .config import NodeConfig
 from .keys import load_public_key, load_secret_key
+from ..protocol.routing import new_routing_id, party_of
 
 ZAP_DOMAIN = "vfl"
 HWM_MIN, HWM_MAX = 16, 100_000
@@ -40,14 +45,41 @@ def hwm_for(queue_bytes: int, largest_message_bytes: int) -> int:
     return max(HWM_MIN, min(HWM_MAX, queue_bytes // max(1, largest_message_bytes)))
 
 
+#: bytes per ID in the largest PSI message (a reply carries two 32-byte points per item)
+PSI_BYTES_PER_ITEM = 64
+
+
 def largest_message_bytes(cfg: NodeConfig) -> int:
-    """The largest message this session will carry: a cut-layer batch, or the link-check tensor."""
+    """The largest message this session will carry: a cut-layer batch, a PSI chunk, or the link-check tensor.
+
+    It sizes the high-water marks (a peer's queue holds at most ``queue_bytes`` of such messages), the label holder's
+    ECHO cap (an ECHO may not be larger, so an echo cannot overrun that budget) and the frame limit below.
+    """
     s = cfg.session
     activations = s.batch_size * max(s.cut_widths.values()) * 8
     link = 1
     for d in cfg.link_check.shape:
         link *= d
-    return max(activations, link * 8, 64 * 1024)
+    psi = cfg.psi.chunk_size * PSI_BYTES_PER_ITEM if s.psi else 0
+    return max(activations, link * 8, psi, 64 * 1024)
+
+
+#: a peer's PSI chunk may be larger than ours: [psi].chunk_size is at most 2^20 rows of 32 bytes per tensor
+PSI_MAX_TENSOR_BYTES = (1 << 20) * 32
+#: below this a frame is never dropped by libzmq: oversized messages get the decoder's ERROR TOO_LARGE instead
+FRAME_LIMIT_FLOOR = 16 * 2**20
+
+
+def frame_limit(cfg: NodeConfig) -> int:
+    """``ZMQ_MAXMSGSIZE``: the largest frame libzmq accepts before it drops the connection (PROTOCOL.md section 7).
+
+    libzmq assembles a whole multipart message before the node sees its first frame, so this bound times the
+    frame count (``2 + max_tensors``) is what one message can cost before the decoder runs. Derived from what the
+    session can legitimately carry (twice its largest message, a peer's largest PSI chunk), with a floor so that
+    a merely oversized message still gets a readable ``ERROR``, never more than ``[limits]`` allows.
+    """
+    need = max(2 * largest_message_bytes(cfg), FRAME_LIMIT_FLOOR, PSI_MAX_TENSOR_BYTES if cfg.session.psi else 0)
+    return min(cfg.limits.max_frame_bytes, need + cfg.limits.max_header_bytes)
 
 
 class _AllowList:
@@ -87,7 +119,7 @@ class Transport:
         hwm = hwm_for(cfg.queue_bytes, largest_message_bytes(cfg))
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_frame_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, frame_limit(cfg))
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(t.heartbeat * 1000)))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(t.peer * 1000)))
@@ -98,7 +130,7 @@ class Transport:
             self.partner_by_key = {load_public_key(path): name for name, path in cfg.partners.items()}
         if cfg.is_label_holder:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # see the module docstring: [S5] replaces, libzmq never hands over
             if not cfg.insecure:
                 self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("vfl.zap"))
                 self.auth.start()
@@ -108,7 +140,8 @@ class Transport:
             sock.bind(cfg.endpoint)
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
-            sock.setsockopt(zmq.ROUTING_ID, cfg.party.encode())
+            self.routing_id = new_routing_id(cfg.party)
+            sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
             if not cfg.insecure:
                 (server_key,) = self.partner_by_key
                 sock.curve_serverkey = server_key
@@ -162,7 +195,7 @@ class Transport:
         if not self.cfg.is_label_holder:
             return None  # a data holder's one peer is pinned by its CURVE server key
         if self.cfg.insecure:
-            return routing_id.decode("utf-8", "replace")
+            return party_of(routing_id)
         if not frames:
             return None
         try:

@@ -7,6 +7,7 @@ configured link check (ECHO round trips, verifying every byte comes back), then 
 from __future__ import annotations
 
 import enum
+import traceback
 from typing import Callable, Sequence
 
 from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
@@ -32,7 +33,8 @@ from .messages import (
     Welcome,
 )
 from .messages import Epoch as EpochMessage
-from .psi_phase import FinalRows, PairwisePsi, PsiPlan
+from .psi_phase import DEFAULT_MAX_PSI_ITEMS, FinalRows, PairwisePsi, PsiPlan
+from .text import peer_text
 from .training_phase import BottomSegment, CheckpointError, DataHolderTraining
 from .session import SessionConfig, describe_diff
 from .timers import PeerClock, TokenBucket
@@ -79,6 +81,7 @@ class DataHolderMachine:
         limits: Limits = DEFAULT_LIMITS,
         psi: PsiPlan | None = None,
         progress_timeout_s: float = 600.0,
+        max_psi_items: int = DEFAULT_MAX_PSI_ITEMS,
     ):
         self.party = party
         self.run = run
@@ -103,6 +106,7 @@ class DataHolderMachine:
             raise ValueError("the session config says psi = true: give the data holder a PsiPlan")
         self.psi_plan = psi if config.psi else None
         self.progress_timeout_s = progress_timeout_s
+        self.max_psi_items = max_psi_items
         self._psi: PairwisePsi | None = None
         self._final: FinalRows | None = None
         self._nonce: str | None = None
@@ -127,20 +131,43 @@ class DataHolderMachine:
     # ------------------------------------------------------------------------------------------------ inputs
 
     def receive(self, frames: Sequence, now: float) -> list[Output]:
+        """One message from the label holder: a transition, or an ERROR back; never an exception (see the LH's)."""
         if self.finished is not None:
             return []
+        try:
+            return self._receive(frames, now)
+        except Exception as exc:  # noqa: BLE001 - a failure handling one message is answered, never a crash
+            log = Log(
+                level="ERROR",
+                text=f"internal error handling a message from {self.label_holder}: {exc!r}\n{traceback.format_exc(limit=8)}",
+            )
+            failure = RemoteProtocolError(
+                ErrorCode.INTERNAL,
+                f"the data holder could not handle your message ({type(exc).__name__}); its log has the details",
+            )
+            return [log] + self._error(failure, now)
+
+    def _receive(self, frames: Sequence, now: float) -> list[Output]:
         try:
             msg = decode(frames, self.limits)
         except RemoteProtocolError as exc:
             if peek_type(frames) == Error.TYPE:  # [M2]
-                return [Log(level="WARNING", text=f"{self.label_holder} sent a malformed ERROR (not answered): {exc}")]
+                return [Log(level="WARNING", text=f"{self.label_holder} sent a malformed ERROR (not answered): {peer_text(str(exc))}")]
             return self._error(exc, now)
         if self.clock is not None:
             self.clock.last_received = now
+        if isinstance(msg, Error) and msg.code == ErrorCode.REPLACED:  # [S5]: another process with our key took over
+            return self._finish(
+                1,
+                f"{self.label_holder} says this connection was replaced by a newer one with this party's key "
+                f"({peer_text(msg.message)}); if no other copy of this node is running, someone else holds its "
+                "secret key",
+                bye=False,
+            )
         handler = _TABLE.get((self.state, msg.TYPE))
         if handler is None:
             if isinstance(msg, Error):
-                return [Log(level="WARNING", text=f"{self.label_holder} reports {_code_name(msg.code)}: {msg.message}")]
+                return [Log(level="WARNING", text=f"{self.label_holder} reports {_code_name(msg.code)}: {peer_text(msg.message, 400)}")]
             return self._error(
                 RemoteProtocolError(
                     ErrorCode.UNEXPECTED_MESSAGE,
@@ -235,7 +262,7 @@ class DataHolderMachine:
         if not self._bucket.allow(now):
             return [Log(level="DEBUG", text=f"error to {self.label_holder} dropped (rate limit): {exc}")]
         err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref, diff=exc.diff)
-        return [Log(level="WARNING", text=f"{self.label_holder}: {exc}"), self._send(err, now)]
+        return [Log(level="WARNING", text=f"{self.label_holder}: {peer_text(str(exc), 400)}"), self._send(err, now)]
 
     def _next_echo(self, now: float) -> list[Output]:
         if self._echo_seq >= self.link_rounds:
@@ -329,7 +356,9 @@ class DataHolderMachine:
         return self._finish(0 if ok else 1, reason)
 
     def _start_psi(self, now: float) -> list[Output]:
-        self._psi = PairwisePsi(self.psi_plan, run=self.run, nonce=self._nonce, role="data_holder")
+        self._psi = PairwisePsi(
+            self.psi_plan, run=self.run, nonce=self._nonce, role="data_holder", max_peer_items=self.max_psi_items
+        )
         self.state, self._last_progress = DataHolderState.PSI, now
         return [self._send(m, now) for m in self._psi.start()]
 
@@ -362,17 +391,15 @@ class DataHolderMachine:
     # ------------------------------------------------------------------------------------------------ transitions
 
     def _on_welcome(self, msg: Welcome, now: float) -> list[Output]:
-        if msg.run != self.run or msg.digest != self.config.digest:
-            return self._finish(
-                1,
-                f"{msg.party} answered WELCOME for run {msg.run!r} with digest {msg.digest[:16]} but this node has run "
-                f"{self.run!r} and digest {self.config.digest[:16]}; the label holder broke [H4]",
-                ok=False,
-            )
-        if self.psi_plan is not None and (msg.psi_nonce is None or len(msg.psi_nonce) != 32 or not _is_hex(msg.psi_nonce)):
-            return self._finish(1, f"{msg.party} sent a WELCOME without a valid psi_nonce for a session with PSI", ok=False)
+        """[W1]: a WELCOME is checked before anything is based on it; a wrong one ends the session."""
+        who = f"'{peer_text(msg.party, 64)}'"
+        problem = self._check_welcome(msg)
+        if problem is not None:
+            err = Error(code=int(ErrorCode.BAD_FIELD), message=problem, ref=Welcome.TYPE)
+            self.state = DataHolderState.READY  # so that _finish says BYE: the label holder is listening
+            return [Send(message=err)] + self._finish(1, f"{who} sent a bad WELCOME: {problem}", ok=False)
         self._nonce = msg.psi_nonce
-        self.label_holder = f"{msg.party!r}"
+        self.label_holder = who
         self.heartbeat_s = max(msg.heartbeat_ms, 1) / 1000.0
         self.peer_timeout_s = max(msg.peer_timeout_ms, 1) / 1000.0
         self.state = DataHolderState.READY
@@ -380,13 +407,39 @@ class DataHolderMachine:
         out: list[Output] = [Log(level="INFO", text=f"joined label holder {msg.party!r} (run {msg.run})")]
         return out + self._next_echo(now)
 
+    def _check_welcome(self, msg: Welcome) -> str | None:
+        """What PROTOCOL.md [W1] says a data holder MUST check in WELCOME; None when it is right."""
+        major, minor = msg.version
+        if major != PROTOCOL_VERSION[0] or minor > PROTOCOL_VERSION[1]:
+            return (
+                f"WELCOME.version {list(msg.version)} is not one this data holder speaks "
+                f"({PROTOCOL_VERSION[0]}.0 to {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]})"
+            )
+        if msg.run != self.run or msg.digest != self.config.digest:
+            return (
+                f"WELCOME is for run {peer_text(msg.run, 64)} with digest {peer_text(msg.digest[:16])} but this node "
+                f"has run {self.run!r} and digest {self.config.digest[:16]}; the label holder broke [H4]"
+            )
+        if list(msg.data_holders) != list(self.config.data_holders) or self.party not in msg.data_holders:
+            return (
+                f"WELCOME.data_holders {peer_text(list(msg.data_holders), 200)} is not this session's "
+                f"{list(self.config.data_holders)}"
+            )
+        if self.psi_plan is not None and (
+            msg.psi_nonce is None or len(msg.psi_nonce) != 32 or not _is_hex(msg.psi_nonce)
+        ):
+            return "WELCOME.psi_nonce must be 32 hex digits in a session with PSI"
+        if self.psi_plan is None and msg.psi_nonce is not None:
+            return "WELCOME.psi_nonce is set in a session without PSI"
+        return None
+
     def _on_refusal(self, msg: Error, now: float) -> list[Output]:
         """[H7]: an ERROR in answer to HELLO is final."""
         diff = {k: v for k, v in (msg.diff or {}).items() if isinstance(v, list) and len(v) == 2}
         if diff:  # one line per differing field: the readable diff of [H4]
             text = f"label holder refused HELLO: {_code_name(msg.code)}:\n  " + describe_diff(diff, sep="\n  ")
         else:
-            text = f"label holder refused HELLO: {_code_name(msg.code)}: {msg.message}"
+            text = f"label holder refused HELLO: {_code_name(msg.code)}: {peer_text(msg.message, 400)}"
         return self._finish(1, text, bye=False)
 
     def _on_echo_reply(self, msg: EchoReply, now: float) -> list[Output]:
@@ -409,12 +462,13 @@ class DataHolderMachine:
     def _on_bye(self, msg: Bye, now: float) -> list[Output]:
         self.state = DataHolderState.CLOSED
         self.finished = Finished(
-            exit_code=0 if msg.ok else 1, reason=f"label holder {self.label_holder} ended the session: {msg.reason}"
+            exit_code=0 if msg.ok else 1,
+            reason=f"label holder {self.label_holder} ended the session: {peer_text(msg.reason, 400)}",
         )
         return [self.finished]
 
     def _on_error(self, msg: Error, now: float) -> list[Output]:
-        return [Log(level="WARNING", text=f"{self.label_holder} reports {_code_name(msg.code)}: {msg.message}")]
+        return [Log(level="WARNING", text=f"{self.label_holder} reports {_code_name(msg.code)}: {peer_text(msg.message, 400)}")]
 
 
 def _is_hex(text: str) -> bool:

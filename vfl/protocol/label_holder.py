@@ -8,6 +8,7 @@ with ``Send``/``Log``/... outputs and never touches a socket or a clock.
 from __future__ import annotations
 
 import enum
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -32,14 +33,16 @@ from .messages import (
     Rollback,
     Welcome,
 )
-from .psi_phase import PairwisePsi, PsiPlan, combine, final_rows_messages, new_nonce, positions_for
+from .psi_phase import DEFAULT_MAX_PSI_ITEMS, PairwisePsi, PsiPlan, combine, final_rows_messages, new_nonce, positions_for
+from .routing import party_of
+from .text import peer_text
 from .training_phase import CheckpointError, LabelHolderTraining, TopSegment, TrainPlan
 from .session import SessionConfig, config_diff, describe_diff, digest_of
 from .timers import PeerClock, TokenBucket
 
 ERROR_BURST = 100  # [R2]
 ERROR_RATE = 100.0
-MAX_TRACKED_ROUTING_IDS = 1024  # error buckets for unknown routing ids are bounded too
+MAX_TRACKED_ROUTING_IDS = 1024  # error buckets (per identity) and retired routing ids are bounded too
 DEFAULT_MAX_REJOINS = 3  # [train].max_rejoins: each rejoin rolls every party back to the last checkpoint
 
 
@@ -72,6 +75,9 @@ class _Party:
     last_progress: float = 0.0
     lost_at: float = 0.0
     rolling_back: bool = False  # ROLLBACK sent, its echo not yet back: drop the party's stale pipeline messages
+    #: [S5] the routing id of the connection whose HELLO we last accepted: the only one this party's messages go to
+    route: bytes | None = None
+    rejoins: int = 0  # HELLOs accepted after training started (each one rolls every party back)
 
 
 Handler = Callable[["LabelHolderMachine", _Party, Message, float], list[Output]]
@@ -94,6 +100,9 @@ class LabelHolderMachine:
         rejoin_timeout_s: float = 120.0,
         limits: Limits = DEFAULT_LIMITS,
         psi: PsiPlan | None = None,
+        max_echo_bytes: int | None = None,
+        max_psi_items: int = DEFAULT_MAX_PSI_ITEMS,
+        max_rejoins: int = DEFAULT_MAX_REJOINS,
     ):
         self.party = party
         self.run = run
@@ -104,6 +113,11 @@ class LabelHolderMachine:
         self.progress_timeout_s = progress_timeout_s
         self.rejoin_timeout_s = rejoin_timeout_s
         self.limits = limits
+        #: ECHO payload cap (section 7): no larger than the largest message of the session, so a peer's echoes can
+        #: never need more of its send budget than the session itself does
+        self.max_echo_bytes = max_echo_bytes
+        self.max_psi_items = max_psi_items
+        self.max_rejoins = max_rejoins
         if config.psi and psi is None:
             raise ValueError("the session config says psi = true: give the label holder a PsiPlan")
         self.psi = psi if config.psi else None
@@ -115,19 +129,39 @@ class LabelHolderMachine:
         self.finished: Finished | None = None
         self._wire_config = config.to_wire()
         self._digest = config.digest
-        self._buckets: OrderedDict[bytes, TokenBucket] = OrderedDict()
+        #: [R2] error budgets, keyed by the authenticated identity (never by a routing id the peer picks)
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        #: routing ids we no longer talk to: replaced by a newer connection ([S5]) or dropped for not reading (§7)
+        self._retired: OrderedDict[bytes, str] = OrderedDict()
 
     # ------------------------------------------------------------------------------------------------ inputs
 
     def receive(self, routing_id: bytes, identity: str | None, frames: Sequence, now: float) -> list[Output]:
         """One multipart message from ``routing_id``; ``identity`` is the party its CURVE key is bound to.
 
-        ``identity`` is None when the message carries no authenticated identity ([R3]: dropped).
+        ``identity`` is None when the message carries no authenticated identity ([R3]: dropped). Whatever the
+        message, the answer is a transition or an ERROR to its sender: a failure while handling one peer's message
+        (a bug, an input nobody foresaw) is answered with ``ERROR INTERNAL`` and logged, never raised, so one
+        partner cannot end the node for the others.
         """
         if self.finished is not None:
             return []
         if identity is None:
-            return [Log(level="WARNING", text=f"dropped a message from routing id {routing_id!r}: no authenticated identity")]
+            return [Log(level="WARNING", text=f"dropped a message from routing id {peer_text(routing_id, 80)}: no authenticated identity")]
+        try:
+            return self._receive(routing_id, identity, frames, now)
+        except Exception as exc:  # noqa: BLE001 - the rule of the section: answered, never a node exit
+            failure = RemoteProtocolError(
+                ErrorCode.INTERNAL,
+                f"the label holder could not handle your message ({type(exc).__name__}); its log has the details",
+            )
+            log = Log(
+                level="ERROR",
+                text=f"internal error handling a message from {identity!r}: {exc!r}\n{traceback.format_exc(limit=8)}",
+            )
+            return [log] + self._error(routing_id, identity, failure, now)
+
+    def _receive(self, routing_id: bytes, identity: str, frames: Sequence, now: float) -> list[Output]:
         try:
             msg: Message | None = decode(frames, self.limits)
             failure: RemoteProtocolError | None = None
@@ -136,31 +170,81 @@ class LabelHolderMachine:
         mtype = msg.TYPE if msg is not None else peek_type(frames)
         if mtype == Error.TYPE:  # [M2]: never answered
             return [self._log_error(identity, msg, failure)]
-        if routing_id != identity.encode():
+        claimed = party_of(routing_id)
+        if claimed != identity:  # [S4]
             return self._error(
                 routing_id,
+                identity,
                 RemoteProtocolError(
                     ErrorCode.IDENTITY_MISMATCH,
-                    f"your key belongs to party {identity!r} but your routing id is {routing_id[:64]!r}; "
-                    f"set ZMQ_ROUTING_ID to {identity!r}",
-                    ref=mtype,
+                    f"your key belongs to party {identity!r} but your routing id claims party {peer_text(claimed, 64)}; "
+                    f"a data holder's routing id is '<party>/<16 hex digits>' ([S1])",
+                    ref=mtype if isinstance(mtype, str) else None,
                 ),
                 now,
             )
+        retired = self._retired.get(routing_id)
+        if retired is not None:
+            if retired != "replaced":  # dropped for not reading: it gets nothing more
+                return [Log(level="DEBUG", text=f"ignored a message on {identity!r}'s dropped connection")]
+            return self._error(routing_id, identity, _replaced_error(mtype if isinstance(mtype, str) else None), now)
         if failure is not None:
-            return self._error(routing_id, failure, now)
+            return self._error(routing_id, identity, failure, now)
         assert msg is not None
         p = self.parties.get(identity)
         if p is None:  # a key on the allow-list (or an insecure peer) that is not in this session
             if isinstance(msg, Hello):
                 return self._refuse_hello(routing_id, identity, msg, now)
-            return self._unexpected(routing_id, msg, "IDLE", now)
-        if p.state in CONNECTED:
+            return self._unexpected(routing_id, identity, msg, "IDLE", now)
+        current = routing_id == p.route
+        if not current and not isinstance(msg, Hello):  # [S5]: a connection speaks for its party after its HELLO
+            return self._error(
+                routing_id,
+                identity,
+                RemoteProtocolError(
+                    ErrorCode.UNEXPECTED_MESSAGE,
+                    f"{msg.TYPE} on a connection that has not said HELLO: the label holder talks to party "
+                    f"{identity!r} on the connection whose HELLO it accepted last",
+                    ref=msg.TYPE,
+                ),
+                now,
+            )
+        if current and p.state in CONNECTED:
             p.clock.last_received = now
         handler = _TABLE.get((p.state, msg.TYPE))
         if handler is None:
-            return self._unexpected(routing_id, msg, p.state.value, now)
+            return self._unexpected(routing_id, identity, msg, p.state.value, now)
+        if isinstance(msg, Hello):
+            return self._on_hello(p, msg, now, routing_id)
         return handler(self, p, msg, now)
+
+    def peer_not_reading(self, routing_id: bytes, why: str, now: float) -> list[Output]:
+        """The node dropped ``routing_id``'s send queue: it stayed over its budget or stalled (PROTOCOL.md §7).
+
+        That connection gets one ``ERROR TOO_LARGE`` and nothing else, ever. Its party is LOST: like a party that
+        went silent in training, it may restart and rejoin within the rejoin timeout, and otherwise the session
+        ends naming it. The other parties' messages were never behind its queue.
+        """
+        if self.finished is not None or routing_id in self._retired:
+            return []
+        self._retire(routing_id, "not reading")
+        p = next((q for q in self.parties.values() if q.route == routing_id), None)
+        err = Error(
+            code=int(ErrorCode.TOO_LARGE),
+            message=f"you are not reading ({why}): the label holder dropped this connection's queue and will send "
+            "it nothing more; restart this node to rejoin",
+        )
+        out: list[Output] = [Send(to=routing_id, message=err)]
+        if p is None or p.state not in CONNECTED:
+            return out
+        p.route, p.state, p.lost_at = None, PartyState.LOST, now
+        return out + [
+            Log(
+                level="WARNING",
+                text=f"data holder {p.name!r} is not reading ({why}): dropped its connection; waiting up to "
+                f"{self.rejoin_timeout_s:g} s for it to restart and rejoin",
+            )
+        ]
 
     def handle_timer(self, now: float) -> list[Output]:
         """Heartbeats due, lost peers, the join deadline ([L1], [L2], [L3])."""
@@ -190,15 +274,16 @@ class LabelHolderMachine:
                 continue
             if p.state in (PartyState.PSI, PartyState.TRAINING) and now >= p.last_progress + self.progress_timeout_s:
                 phase = "PSI" if p.state is PartyState.PSI else "training"
-                return self._finish(
-                    1,
+                reason = (
                     f"data holder {p.name!r} made no progress in the {phase} for {now - p.last_progress:.0f} s "
-                    f"(progress timeout {self.progress_timeout_s:g} s)",
-                    now,
+                    f"(progress timeout {self.progress_timeout_s:g} s)"
                 )
+                return [self._timeout_error(p, reason, now)] + self._finish(1, reason, now)
             if now >= p.clock.lost_at(self.peer_timeout_s) and p.state is PartyState.TRAINING:
+                reason = f"you sent nothing for {now - p.clock.last_received:.1f} s (peer timeout {self.peer_timeout_s:g} s)"
+                out.append(self._timeout_error(p, reason, now))
+                out.append(self._send(p, Bye(ok=False, reason=f"{reason}: you were declared lost; restart to rejoin"), now))
                 p.state, p.lost_at = PartyState.LOST, now  # training can resume if it comes back
-                out.append(self._send(p, Bye(ok=False, reason="you were declared lost; restart to rejoin"), now))
                 out.append(
                     Log(
                         level="WARNING",
@@ -209,13 +294,11 @@ class LabelHolderMachine:
                 continue
             if now >= p.clock.lost_at(self.peer_timeout_s):
                 silent = now - p.clock.last_received
-                return self._finish(
-                    3,
+                reason = (
                     f"data holder {p.name!r} has sent nothing for {silent:.1f} s (peer timeout "
-                    f"{self.peer_timeout_s:g} s): it is stopped, hung or unreachable",
-                    now,
-                    lost=p.name,
+                    f"{self.peer_timeout_s:g} s): it is stopped, hung or unreachable"
                 )
+                return [self._timeout_error(p, reason, now)] + self._finish(3, reason, now)
             if now >= p.clock.heartbeat_due(self.heartbeat_s):
                 out.append(self._send(p, Heartbeat(), now))
         return out
@@ -248,7 +331,16 @@ class LabelHolderMachine:
     def _send(self, p: _Party, msg: Message, now: float) -> Send:
         if p.clock is not None:
             p.clock.last_sent = now
-        return Send(to=p.name.encode(), message=msg)
+        return Send(to=p.route, message=msg)
+
+    def _timeout_error(self, p: _Party, reason: str, now: float) -> Send:
+        """[L2]: the silent (or stalled) party hears why it is being dropped, if it still listens at all."""
+        return self._send(p, Error(code=int(ErrorCode.TIMEOUT), message=reason), now)
+
+    def _retire(self, routing_id: bytes, why: str) -> None:
+        self._retired[routing_id] = why
+        while len(self._retired) > MAX_TRACKED_ROUTING_IDS:
+            self._retired.popitem(last=False)
 
     def _finish(self, code: int, reason: str, now: float, *, lost: str | None = None, ok: bool | None = None) -> list[Output]:
         bye_ok = code == 0 if ok is None else ok
@@ -261,24 +353,29 @@ class LabelHolderMachine:
         out.append(self.finished)
         return out
 
-    def _error(self, routing_id: bytes, exc: RemoteProtocolError, now: float) -> list[Output]:
-        """Answer a peer's mistake with ERROR, unless it has used up its error budget ([R2])."""
-        bucket = self._buckets.pop(routing_id, None) or TokenBucket(ERROR_BURST, ERROR_RATE)
-        self._buckets[routing_id] = bucket
+    def _error(self, routing_id: bytes, identity: str, exc: RemoteProtocolError, now: float) -> list[Output]:
+        """Answer a peer's mistake with ERROR, unless its party has used up its error budget ([R2]).
+
+        The budget belongs to the authenticated identity: opening more connections, or picking other routing ids,
+        buys a partner no more ERRORs.
+        """
+        bucket = self._buckets.pop(identity, None) or TokenBucket(ERROR_BURST, ERROR_RATE)
+        self._buckets[identity] = bucket
         while len(self._buckets) > MAX_TRACKED_ROUTING_IDS:
             self._buckets.popitem(last=False)
-        who = routing_id.decode("utf-8", "replace")[:64]
+        who = peer_text(identity, 64)
         if not bucket.allow(now):
-            return [Log(level="DEBUG", text=f"error to {who!r} dropped (rate limit): {exc}")]
-        party = self.parties.get(who)
-        if party is not None and party.state in CONNECTED and routing_id == who.encode():
+            return [Log(level="DEBUG", text=f"error to {who} dropped (rate limit): {peer_text(str(exc))}")]
+        party = self.parties.get(identity)
+        if party is not None and party.state in CONNECTED and routing_id == party.route:
             party.clock.last_sent = now
         err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref, diff=exc.diff)
-        return [Log(level="WARNING", text=f"{who}: {exc}"), Send(to=routing_id, message=err)]
+        return [Log(level="WARNING", text=f"{who}: {peer_text(str(exc), 400)}"), Send(to=routing_id, message=err)]
 
-    def _unexpected(self, routing_id: bytes, msg: Message, state: str, now: float) -> list[Output]:
+    def _unexpected(self, routing_id: bytes, identity: str, msg: Message, state: str, now: float) -> list[Output]:
         return self._error(
             routing_id,
+            identity,
             RemoteProtocolError(
                 ErrorCode.UNEXPECTED_MESSAGE,
                 f"{msg.TYPE} is not allowed when the label holder has you in state {state}",
@@ -293,8 +390,8 @@ class LabelHolderMachine:
                 name = ErrorCode(msg.code).name
             except ValueError:
                 name = f"code {msg.code}"
-            return Log(level="WARNING", text=f"{identity} reports {name}: {msg.message}")
-        return Log(level="WARNING", text=f"{identity} sent a malformed ERROR (not answered): {failure}")
+            return Log(level="WARNING", text=f"{identity} reports {name}: {peer_text(msg.message, 400)}")
+        return Log(level="WARNING", text=f"{identity} sent a malformed ERROR (not answered): {peer_text(str(failure))}")
 
     def _check_hello(self, identity: str, msg: Hello) -> RemoteProtocolError | None:
         """The HELLO checks in the order of PROTOCOL.md §6: [V2], [H3], [H2], [H1], [H4]."""
@@ -305,7 +402,7 @@ class LabelHolderMachine:
         if msg.version[0] != PROTOCOL_VERSION[0]:
             return refuse(ErrorCode.UNSUPPORTED_VERSION, f"HELLO.version {list(msg.version)}: this label holder speaks 1.x")
         if msg.role != "data_holder":
-            return refuse(ErrorCode.BAD_FIELD, f"HELLO.role must be 'data_holder', got {msg.role[:40]!r}")
+            return refuse(ErrorCode.BAD_FIELD, f"HELLO.role must be 'data_holder', got {peer_text(msg.role, 40)}")
         if digest_of(msg.config) != msg.digest:
             return refuse(ErrorCode.BAD_FIELD, "HELLO.digest is not the SHA-256 of HELLO.config's canonical encoding")
         try:
@@ -315,7 +412,7 @@ class LabelHolderMachine:
         if msg.party != identity:
             return refuse(
                 ErrorCode.IDENTITY_MISMATCH,
-                f"HELLO.party is {msg.party!r} but your key belongs to party {identity!r}",
+                f"HELLO.party is {peer_text(msg.party, 64)} but your key belongs to party {identity!r}",
             )
         if identity not in self.parties:
             return refuse(
@@ -332,14 +429,34 @@ class LabelHolderMachine:
     def _refuse_hello(self, routing_id: bytes, identity: str, msg: Hello, now: float) -> list[Output]:
         problem = self._check_hello(identity, msg)
         assert problem is not None  # an unknown party always fails [H1]
-        return self._error(routing_id, problem, now)
+        return self._error(routing_id, identity, problem, now)
 
     # ------------------------------------------------------------------------------------------------ transitions
 
-    def _on_hello(self, p: _Party, msg: Hello, now: float) -> list[Output]:
+    def _on_hello(self, p: _Party, msg: Hello, now: float, routing_id: bytes) -> list[Output]:
+        """[H1]-[H4], then [S5]: the connection this HELLO came on is the party's from now on."""
         problem = self._check_hello(p.name, msg)
         if problem is not None:
-            return self._error(p.name.encode(), problem, now)
+            return self._error(routing_id, p.name, problem, now)
+        out: list[Output] = []
+        if self.training is not None and p.joined:  # a rejoin: it will roll every party back to the checkpoint
+            p.rejoins += 1
+            if p.rejoins > self.max_rejoins:
+                reason = (
+                    f"data holder {p.name!r} rejoined {p.rejoins} times, more than [train].max_rejoins = "
+                    f"{self.max_rejoins}: each rejoin rolls every party back; fix what keeps stopping it, then start "
+                    "every node again to resume from the latest checkpoint"
+                )
+                refusal = Error(code=int(ErrorCode.UNEXPECTED_MESSAGE), message=reason, ref=Hello.TYPE)
+                return [Send(to=routing_id, message=refusal)] + self._finish(1, reason, now, lost=p.name)
+        if p.route is not None and p.route != routing_id:
+            old = p.route
+            self._retire(old, "replaced")
+            out += [
+                Send(to=old, message=Error(code=int(ErrorCode.REPLACED), message=_replaced_error(None).detail)),
+                Log(level="WARNING", text=f"data holder {p.name!r}: a new connection with its key replaced the old one"),
+            ]
+        p.route = routing_id
         restart = p.state in CONNECTED
         p.state, p.joined = PartyState.READY, True
         p.clock = PeerClock(last_received=now, last_sent=now)
@@ -354,13 +471,27 @@ class LabelHolderMachine:
             data_holders=self.config.data_holders,
             psi_nonce=p.nonce,
         )
-        return [
+        return out + [
             self._send(p, welcome, now),
             PeerReady(party=p.name, restart=restart),
             Log(level="INFO", text=f"data holder {p.name!r} {'rejoined' if restart else 'joined'}"),
         ]
 
     def _on_echo(self, p: _Party, msg: Echo, now: float) -> list[Output]:
+        """[M1], within the ECHO cap of section 7 (the reply also counts toward the peer's send budget)."""
+        size = sum(t.array.nbytes for t in msg.tensors)
+        if self.max_echo_bytes is not None and size > self.max_echo_bytes:
+            return self._error(
+                p.route,
+                p.name,
+                RemoteProtocolError(
+                    ErrorCode.TOO_LARGE,
+                    f"ECHO carries {size} bytes of tensors; this label holder echoes at most {self.max_echo_bytes} "
+                    "(its largest session message): use a smaller [link_check].shape",
+                    ref=msg.TYPE,
+                ),
+                now,
+            )
         return [self._send(p, EchoReply(seq=msg.seq, tensors=msg.tensors), now)]
 
     def _on_heartbeat(self, p: _Party, msg: Heartbeat, now: float) -> list[Output]:
@@ -368,14 +499,16 @@ class LabelHolderMachine:
 
     def _on_bye(self, p: _Party, msg: Bye, now: float) -> list[Output]:
         if self.config.train and p.state is not PartyState.DONE:
-            return self._finish(1, f"data holder {p.name!r} left during the session: {msg.reason}", now, lost=p.name)
+            return self._finish(
+                1, f"data holder {p.name!r} left during the session: {peer_text(msg.reason)}", now, lost=p.name
+            )
         if self.psi is not None and p.state is not PartyState.ALIGNED:
             return self._finish(
-                1, f"data holder {p.name!r} left before the rows were aligned: {msg.reason}", now, lost=p.name
+                1, f"data holder {p.name!r} left before the rows were aligned: {peer_text(msg.reason)}", now, lost=p.name
             )
         p.state, p.left_ok = PartyState.DONE, msg.ok
-        out: list[Output] = [PeerLeft(party=p.name, ok=msg.ok, reason=msg.reason)]
-        out.append(Log(level="INFO" if msg.ok else "WARNING", text=f"data holder {p.name!r} left: {msg.reason}"))
+        out: list[Output] = [PeerLeft(party=p.name, ok=msg.ok, reason=peer_text(msg.reason))]
+        out.append(Log(level="INFO" if msg.ok else "WARNING", text=f"data holder {p.name!r} left: {peer_text(msg.reason)}"))
         if all(q.state is PartyState.DONE for q in self.parties.values()):
             failed = [q.name for q in self.parties.values() if not q.left_ok]
             if failed:
@@ -409,8 +542,10 @@ class LabelHolderMachine:
 
     def _on_psi_start(self, p: _Party, msg: PsiStart, now: float) -> list[Output]:
         if self.psi is None:
-            return self._unexpected(p.name.encode(), msg, "READY (this session has no PSI)", now)
-        p.psi = PairwisePsi(self.psi, run=self.run, nonce=p.nonce, role="label_holder")
+            return self._unexpected(p.route, p.name, msg, "READY (this session has no PSI)", now)
+        p.psi = PairwisePsi(
+            self.psi, run=self.run, nonce=p.nonce, role="label_holder", max_peer_items=self.max_psi_items
+        )
         p.state, p.last_progress = PartyState.PSI, now
         try:
             replies = p.psi.receive(msg)
@@ -537,7 +672,7 @@ class LabelHolderMachine:
         p.last_progress = now
         if isinstance(msg, Rollback):
             if not p.rolling_back:
-                return self._unexpected(p.name.encode(), msg, "TRAINING (no rollback pending)", now)
+                return self._unexpected(p.route, p.name, msg, "TRAINING (no rollback pending)", now)
             p.rolling_back = False
             return []
         if p.rolling_back:  # sent before it saw our ROLLBACK: belongs to the abandoned pipeline
@@ -565,6 +700,16 @@ class LabelHolderMachine:
             summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith("val_") and isinstance(v, float))
             out += self._finish(0, f"training finished after {self.training.epoch} epoch(s)" + (f": {summary}" if summary else ""), now)
         return out
+
+
+def _replaced_error(ref: str | None) -> RemoteProtocolError:
+    """[S5]: what a replaced connection hears (once when replaced, then for anything it still sends)."""
+    return RemoteProtocolError(
+        ErrorCode.REPLACED,
+        "this connection was replaced by a newer connection with the same key ([S5]); if that was not you, "
+        "someone else holds this party's secret key",
+        ref=ref,
+    )
 
 
 _TABLE: dict[tuple[PartyState, str], Handler] = {

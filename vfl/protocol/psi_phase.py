@@ -96,7 +96,7 @@ class PairwisePsi:
     keeps the party's own blinded stream as a lazy iterator for ``work()`` and converts every message.
     """
 
-    def __init__(self, plan: PsiPlan, *, run: str, nonce: str, role: str):
+    def __init__(self, plan: PsiPlan, *, run: str, nonce: str, role: str, max_peer_items: int = DEFAULT_MAX_PSI_ITEMS):
         party_cls = core.PsiSender if role == "data_holder" else core.PsiReceiver
         self.exchange = party_cls(
             plan.items,
@@ -105,7 +105,9 @@ class PairwisePsi:
             nonce=bytes.fromhex(nonce),
             chunk_size=plan.chunk_size,
             dedupe=plan.dedupe,
+            max_peer_items=max_peer_items,
         )
+        self.max_peer_items = max_peer_items
         self._stream: Iterator | None = None
         self.received_chunks = 0
 
@@ -129,7 +131,18 @@ class PairwisePsi:
         return [] if chunk is None else [to_wire(chunk)]
 
     def receive(self, msg: Message) -> list[Message]:
-        """A PSI_* message from the peer; returns what to send back. Raises ``RemoteProtocolError(PSI_FAILED)``."""
+        """A PSI_* message from the peer; returns what to send back. Raises ``RemoteProtocolError(PSI_FAILED)``.
+
+        A PSI_START announcing more IDs than ``[psi].max_items`` is refused with ``TOO_LARGE`` before anything is
+        allocated for it: the size a peer announces bounds what we hold for its stream.
+        """
+        if isinstance(msg, PsiStart) and type(msg.n_items) is int and msg.n_items > self.max_peer_items:
+            raise RemoteProtocolError(
+                ErrorCode.TOO_LARGE,
+                f"PSI_START.n_items = {msg.n_items} is more than this party accepts ([psi].max_items = "
+                f"{self.max_peer_items}); split the ID set, or have the operators raise [psi].max_items",
+                ref=msg.TYPE,
+            )
         try:
             out = self.exchange.receive(to_core(msg))
         except PsiRemoteError as exc:

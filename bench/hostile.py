@@ -1,0 +1,225 @@
+"""What an allow-listed hostile partner costs a label holder: memory, and the service its honest peers get.
+
+Issue 12's figures, measured side by side in one run against a real ``python -m vfl node`` label holder on 127.0.0.1
+(CurveZMQ on, the default ``[limits]`` and ``queue_bytes``), with raw pyzmq DEALERs holding real allow-listed keys:
+
+1. ``header_8mb``: one peer sends a message whose header frame is 8 MB of msgpack (8 million empty maps) — the
+   decoder refuses it (``TOO_LARGE``); before issue 12 the type peek unpacked it all.
+   Reported: the label holder's peak RSS growth (``VmHWM`` from ``/proc``), goal < 64 MiB.
+2. ``echo_flood``: a READY peer sends 700 ECHOs of 1 MiB and never reads; then 4,000 ECHOs of the largest size the
+   label holder echoes (its ECHO cap), still never reading, so its send queue really fills. Reported: peak RSS growth,
+   goal <= ``queue_bytes`` + 64 MiB, and what the hostile peer got back once it finally read.
+3. ``beside``: an honest READY peer's ECHO round trips per second (128x256 float32, the default link check) alone,
+   then while the hostile peer floods — the ratio, goal about 1.0 (noise on a shared 2-core box is +-20 %).
+
+Usage: ``.venv/bin/python bench/hostile.py`` (about a minute; ``--before`` for a checkout older than issue 12). Last line: one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import msgpack
+import numpy as np
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vfl.launch.prepare import prepare_session  # noqa: E402 - after the sys.path fix-up
+from vfl.node.config import load_config  # noqa: E402
+from vfl.node.keys import load_public_key, load_secret_key  # noqa: E402
+from vfl.node.transport import largest_message_bytes  # noqa: E402
+from vfl.protocol import Bye, Echo, Hello, Tensor, decode, encode  # noqa: E402
+from vfl.protocol.codec import PROTOCOL_VERSION, SIGNATURE  # noqa: E402
+
+HOST = "127.0.0.1"
+MIB = 2**20
+PARTIES = ["dh1", "dh2", "dh3", "spare"]  # spare never connects: the session stays in READY for the whole bench
+TIMEOUTS = {"heartbeat": 1.0, "peer": 600.0, "handshake": 60.0, "join": 3600.0, "progress": 3600.0}
+HONEST_ROUNDS_S = 3.0
+#: ``--before``: routing id = party id, as before issue 12's [S1], to measure the old code the same way
+LEGACY_ROUTING_ID = "--before" in sys.argv
+
+
+def rss(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+class RawPeer:
+    """A data holder's DEALER with its real key, speaking through vfl's codec; it reads only when told to."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, cfg, *, rcvhwm: int = 1000):
+        self.cfg = cfg
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.rcvhwm = rcvhwm
+        self.sock.sndhwm = 100_000
+        rid = cfg.party if LEGACY_ROUTING_ID else f"{cfg.party}/{secrets.token_hex(8)}"
+        self.sock.setsockopt(zmq.ROUTING_ID, rid.encode())
+        public, secret = load_secret_key(cfg.secret_key)
+        self.sock.curve_publickey, self.sock.curve_secretkey = public, secret
+        (server,) = [load_public_key(p) for p in cfg.partners.values()]
+        self.sock.curve_serverkey = server
+        self.sock.connect(endpoint)
+
+    def send(self, msg, block: bool = True) -> bool:
+        try:
+            self.sock.send_multipart(encode(msg), flags=0 if block else zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def recv(self, timeout_s: float):
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return None
+        return decode(self.sock.recv_multipart(copy=False))
+
+    def recv_app(self, timeout_s: float):
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            m = self.recv(end - time.monotonic())
+            if m is not None and m.TYPE != "HEARTBEAT":
+                return m
+        return None
+
+    def hello(self) -> None:
+        s = self.cfg.session
+        self.send(Hello(version=PROTOCOL_VERSION, role="data_holder", party=self.cfg.party, run=self.cfg.run,
+                        config=s.to_wire(), digest=s.digest))
+        w = self.recv_app(30)
+        if w is None or w.TYPE != "WELCOME":
+            raise SystemExit(f"{self.cfg.party}: no WELCOME: {w}")
+
+    def close(self) -> None:
+        self.send(Bye(ok=True, reason="bench done"), block=False)
+        self.sock.close(linger=100)
+
+
+def honest_rate(peer: RawPeer, seconds: float) -> float:
+    """ECHO round trips per second of the default link-check tensor."""
+    arr = np.random.default_rng(0).standard_normal((128, 256), dtype=np.float32)
+    n, seq, t0 = 0, 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        seq += 1
+        peer.send(Echo(seq=seq, tensors=[Tensor("x", arr)]))
+        while True:
+            m = peer.recv(10)
+            if m is None:
+                raise SystemExit("honest peer: no ECHO_REPLY within 10 s")
+            if m.TYPE == "ECHO_REPLY" and m.seq == seq:
+                break
+        n += 1
+    return n / (time.monotonic() - t0)
+
+
+def flood(peer: RawPeer, nbytes: int, count: int) -> int:
+    """Send ``count`` ECHOs of ``nbytes`` without reading; returns how many libzmq took."""
+    arr = np.zeros(nbytes // 4, dtype=np.float32)
+    sent = 0
+    for i in range(count):
+        if peer.send(Echo(seq=i, tensors=[Tensor("x", arr)]), block=False):
+            sent += 1
+        else:
+            time.sleep(0.001)
+    return sent
+
+
+def drain_summary(peer: RawPeer, seconds: float) -> dict[str, int]:
+    seen: dict[str, int] = {}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            frames = peer.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            time.sleep(0.01)
+            continue
+        try:
+            m = decode(frames)
+            key = m.TYPE if m.TYPE != "ERROR" else f"ERROR {m.code}"
+        except Exception as exc:  # noqa: BLE001 - a summary, not a check
+            key = type(exc).__name__
+        seen[key] = seen.get(key, 0) + 1
+    return seen
+
+
+def main() -> int:
+    with TemporaryDirectory(prefix="vfl-hostile-") as tmp:
+        out = Path(tmp)
+        from bench.wire import free_port  # noqa: PLC0415 - the one free-port helper of the benches
+
+        configs = prepare_session(out, data_holders=PARTIES, run="hostile", port=free_port(), timeouts=TIMEOUTS)
+        lh_cfg = load_config(configs["bank"])
+        log = open(out / "bank.log", "wb")
+        lh = subprocess.Popen([sys.executable, "-m", "vfl", "node", "--config", str(configs["bank"])],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        ctx = zmq.Context()
+        result: dict = {"queue_bytes": lh_cfg.queue_bytes, "echo_cap_bytes": largest_message_bytes(lh_cfg)}
+        try:
+            endpoint = f"tcp://{HOST}:{lh_cfg.endpoint.rsplit(':', 1)[1]}"
+            honest = RawPeer(ctx, endpoint, load_config(configs["dh1"]))
+            honest.hello()
+            result["honest_rt_per_s_alone"] = honest_rate(honest, HONEST_ROUNDS_S)
+            base = rss(lh.pid)
+
+            # 1. an 8 MB header frame
+            big = RawPeer(ctx, endpoint, load_config(configs["dh2"]))
+            big.hello()
+            before = rss(lh.pid)["VmHWM"]
+            # 8 MB of msgpack that unpacks into 8 million empty dicts (about 70x its size, unbounded)
+            big.sock.send_multipart([SIGNATURE, msgpack.packb({"type": "ECHO", "pad": [{}] * (8 * 10**6)})])
+            reply = big.recv_app(30)
+            result["header_8mb_reply"] = f"ERROR {reply.code}" if reply is not None and reply.TYPE == "ERROR" else str(reply)
+            result["header_8mb_rss_growth_mib"] = (rss(lh.pid)["VmHWM"] - before) / MIB
+            big.close()
+
+            # 2 + 3. a peer that floods ECHOs and never reads, beside the honest one
+            hostile = RawPeer(ctx, endpoint, load_config(configs["dh3"]), rcvhwm=1)
+            hostile.sock.setsockopt(zmq.RCVBUF, 64 * 1024)
+            hostile.hello()
+            before = rss(lh.pid)["VmHWM"]
+            result["flood_1mib_taken"] = flood(hostile, MIB, 700)
+            result["flood_cap_taken"] = flood(hostile, result["echo_cap_bytes"], 4000)
+            result["honest_rt_per_s_beside"] = honest_rate(honest, HONEST_ROUNDS_S)
+            result["flood_rss_growth_mib"] = (rss(lh.pid)["VmHWM"] - before) / MIB
+            result["flood_rss_goal_mib"] = lh_cfg.queue_bytes / MIB + 64
+            result["hostile_got"] = drain_summary(hostile, 3.0)
+            result["beside_vs_alone_ratio"] = result["honest_rt_per_s_beside"] / result["honest_rt_per_s_alone"]
+            result["label_holder_alive"] = lh.poll() is None
+            result["rss_start_mib"] = base["VmRSS"] / MIB
+            honest.close()
+            hostile.sock.close(linger=0)
+        except SystemExit as exc:  # a peer got no answer: report it with the label holder's state and log
+            result["failed"] = str(exc)
+            result["label_holder_alive"] = lh.poll() is None
+        finally:
+            os.killpg(lh.pid, signal.SIGTERM)
+            try:
+                result["label_holder_exit"] = lh.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(lh.pid, signal.SIGKILL)
+                result["label_holder_exit"] = "killed"
+            log.close()
+            ctx.destroy(linger=0)
+            tail = (out / "bank.log").read_text(errors="replace").splitlines()[-12:]
+        for key, value in result.items():
+            print(f"{key:32} {value:.2f}" if isinstance(value, float) else f"{key:32} {value}")
+        print("label holder log (tail):", *tail, sep="\n  ")
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
