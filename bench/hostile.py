@@ -5,12 +5,14 @@ Issue 12's figures, measured side by side in one run against a real ``python -m 
 
 1. ``header_8mb``: one peer sends a message whose header frame is 8 MB of msgpack (8 million empty maps) — the
    decoder refuses it (``TOO_LARGE``); before issue 12 the type peek unpacked it all.
-   Reported: the label holder's peak RSS growth (``VmHWM`` from ``/proc``), goal < 64 MiB.
+   Reported: the label holder's peak RSS growth (``VmRSS`` from ``/proc``, sampled every 20 ms), goal < 64 MiB.
 2. ``echo_flood``: a READY peer sends 700 ECHOs of 1 MiB and never reads; then 4,000 ECHOs of the largest size the
    label holder echoes (its ECHO cap), still never reading, so its send queue really fills. Reported: peak RSS growth,
    goal <= ``queue_bytes`` + 64 MiB, and what the hostile peer got back once it finally read.
 3. ``beside``: an honest READY peer's ECHO round trips per second (128x256 float32, the default link check) alone,
-   then while the hostile peer floods — the ratio, goal about 1.0 (noise on a shared 2-core box is +-20 %).
+   while the hostile peer floods (from its own process: on a 2-core box the attacker's own CURVE encryption
+   and the label holder's decryption of its traffic compete for the same cores), and after the hostile peer was
+   dropped — the ratios to "alone".
 
 Usage: ``.venv/bin/python bench/hostile.py`` (about a minute; ``--before`` for a checkout older than issue 12). Last line: one JSON object with every figure.
 """
@@ -23,6 +25,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -155,6 +158,29 @@ def drain_summary(peer: RawPeer, seconds: float) -> dict[str, int]:
     return seen
 
 
+class PeakRss:
+    """Samples a process's VmRSS every 20 ms in a thread: the peak of one phase, whatever came before it."""
+
+    def __init__(self, pid: int):
+        self.pid, self.base, self.peak = pid, rss(pid)["VmRSS"], 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.peak = max(self.peak, rss(self.pid)["VmRSS"])
+            except (FileNotFoundError, KeyError):
+                return
+
+    def growth_mib(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss(self.pid)["VmRSS"])
+        return (self.peak - self.base) / MIB
+
+
 def main() -> int:
     with TemporaryDirectory(prefix="vfl-hostile-") as tmp:
         out = Path(tmp)
@@ -171,36 +197,45 @@ def main() -> int:
             endpoint = f"tcp://{HOST}:{lh_cfg.endpoint.rsplit(':', 1)[1]}"
             honest = RawPeer(ctx, endpoint, load_config(configs["dh1"]))
             honest.hello()
+            result["rss_start_mib"] = rss(lh.pid)["VmRSS"] / MIB
             result["honest_rt_per_s_alone"] = honest_rate(honest, HONEST_ROUNDS_S)
-            base = rss(lh.pid)
+
+            # 2 + 3. a peer that floods ECHOs and never reads (its own process, as a partner would be), while the
+            # honest one keeps doing round trips
+            peak = PeakRss(lh.pid)
+            attacker = subprocess.Popen(
+                [sys.executable, __file__, "--attack", str(configs["dh3"]), endpoint, str(result["echo_cap_bytes"])],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+            if attacker.stdout.readline().strip() != "ready":
+                raise SystemExit("attacker: no WELCOME")
+            result["honest_rt_per_s_beside"] = honest_rate(honest, HONEST_ROUNDS_S)
+            result.update(json.loads(attacker.stdout.readline()))  # it is done sending
+            time.sleep(1.0)  # the label holder works through what it already received
+            result["flood_rss_growth_mib"] = peak.growth_mib()
+            result["flood_rss_goal_mib"] = lh_cfg.queue_bytes / MIB + 64
+            result["honest_rt_per_s_after"] = honest_rate(honest, HONEST_ROUNDS_S)
+            attacker.stdin.write("drain\n")
+            attacker.stdin.flush()
+            result["hostile_got"] = json.loads(attacker.stdout.readline())
+            attacker.wait(30)
+            result["beside_vs_alone_ratio"] = result["honest_rt_per_s_beside"] / result["honest_rt_per_s_alone"]
+            result["after_vs_alone_ratio"] = result["honest_rt_per_s_after"] / result["honest_rt_per_s_alone"]
 
             # 1. an 8 MB header frame
             big = RawPeer(ctx, endpoint, load_config(configs["dh2"]))
             big.hello()
-            before = rss(lh.pid)["VmHWM"]
+            peak = PeakRss(lh.pid)
             # 8 MB of msgpack that unpacks into 8 million empty dicts (about 70x its size, unbounded)
             big.sock.send_multipart([SIGNATURE, msgpack.packb({"type": "ECHO", "pad": [{}] * (8 * 10**6)})])
             reply = big.recv_app(30)
             result["header_8mb_reply"] = f"ERROR {reply.code}" if reply is not None and reply.TYPE == "ERROR" else str(reply)
-            result["header_8mb_rss_growth_mib"] = (rss(lh.pid)["VmHWM"] - before) / MIB
+            time.sleep(0.5)
+            result["header_8mb_rss_growth_mib"] = peak.growth_mib()
             big.close()
-
-            # 2 + 3. a peer that floods ECHOs and never reads, beside the honest one
-            hostile = RawPeer(ctx, endpoint, load_config(configs["dh3"]), rcvhwm=1)
-            hostile.sock.setsockopt(zmq.RCVBUF, 64 * 1024)
-            hostile.hello()
-            before = rss(lh.pid)["VmHWM"]
-            result["flood_1mib_taken"] = flood(hostile, MIB, 700)
-            result["flood_cap_taken"] = flood(hostile, result["echo_cap_bytes"], 4000)
-            result["honest_rt_per_s_beside"] = honest_rate(honest, HONEST_ROUNDS_S)
-            result["flood_rss_growth_mib"] = (rss(lh.pid)["VmHWM"] - before) / MIB
-            result["flood_rss_goal_mib"] = lh_cfg.queue_bytes / MIB + 64
-            result["hostile_got"] = drain_summary(hostile, 3.0)
-            result["beside_vs_alone_ratio"] = result["honest_rt_per_s_beside"] / result["honest_rt_per_s_alone"]
+            result["honest_rt_per_s_end"] = honest_rate(honest, 1.0)
             result["label_holder_alive"] = lh.poll() is None
-            result["rss_start_mib"] = base["VmRSS"] / MIB
             honest.close()
-            hostile.sock.close(linger=0)
         except SystemExit as exc:  # a peer got no answer: report it with the label holder's state and log
             result["failed"] = str(exc)
             result["label_holder_alive"] = lh.poll() is None
@@ -221,5 +256,24 @@ def main() -> int:
     return 0
 
 
+def attack_main(config: str, endpoint: str, cap: int) -> int:
+    """``--attack``: the hostile partner, in its own process. Floods without reading, then drains when told."""
+    ctx = zmq.Context()
+    hostile = RawPeer(ctx, endpoint, load_config(config), rcvhwm=1)
+    hostile.sock.setsockopt(zmq.RCVBUF, 64 * 1024)
+    hostile.hello()
+    print("ready", flush=True)
+    taken = {"flood_1mib_taken": flood(hostile, MIB, 700), "flood_cap_taken": flood(hostile, cap, 4000)}
+    print(json.dumps(taken), flush=True)
+    sys.stdin.readline()
+    print(json.dumps(drain_summary(hostile, 3.0)), flush=True)
+    hostile.sock.close(linger=0)
+    ctx.destroy(linger=0)
+    return 0
+
+
 if __name__ == "__main__":
+    if "--attack" in sys.argv:
+        i = sys.argv.index("--attack")
+        sys.exit(attack_main(sys.argv[i + 1], sys.argv[i + 2], int(sys.argv[i + 3])))
     sys.exit(main())

@@ -118,7 +118,9 @@ class Transport:
         sock = self.ctx.socket(kind)
         hwm = hwm_for(cfg.queue_bytes, largest_message_bytes(cfg))
         sock.setsockopt(zmq.SNDHWM, hwm)
-        sock.setsockopt(zmq.RCVHWM, hwm)
+        # inbound, a hostile peer's messages can be as large as the frame limit, not just the session's largest: so
+        # the receive queue is sized so that a full one of the largest frames still fits the byte budget (section 7)
+        sock.setsockopt(zmq.RCVHWM, hwm_for(cfg.queue_bytes, frame_limit(cfg)))
         sock.setsockopt(zmq.MAXMSGSIZE, frame_limit(cfg))
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(t.heartbeat * 1000)))

@@ -1,0 +1,224 @@
+"""Issue 12 in memory: the label holder routes by the authenticated key and bounds what one partner can make it do.
+
+One test per new MUST of PROTOCOL.md 1.3 that the session machines carry ([S4] prefix and order, [S5], [B2], [B3],
+[R2] per identity, [R4], [W1], [P11], [X8] max_rejoins). The same rules against live nodes are in
+``tests/conformance`` and ``tests/node/test_hardening_nodes.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vfl.protocol import (
+    Bye,
+    DataHolderMachine,
+    DataHolderState,
+    Echo,
+    EchoReply,
+    Error,
+    ErrorCode,
+    Finished,
+    Heartbeat,
+    PartyState,
+    Send,
+    Tensor,
+    Welcome,
+)
+from vfl.protocol.routing import new_routing_id, party_of
+
+from .test_machines import CFG, RUN, error_codes, feed, hello, label_holder, sends, wire
+
+A1, A2 = b"alice/0000000000000001", b"alice/0000000000000002"
+
+
+def joined(lh, rid, party="alice", now=0.0):
+    out = feed(lh, hello(party), party, now, routing_id=rid)
+    assert isinstance(sends(out)[-1], Welcome), out
+    return out
+
+
+def to(outputs, rid) -> list:
+    return [o.message for o in outputs if isinstance(o, Send) and o.to == rid]
+
+
+def test_S1_routing_ids_are_party_slash_16_hex_and_fresh_per_socket():
+    a, b = new_routing_id("dh1"), new_routing_id("dh1")
+    assert a != b and party_of(a) == "dh1" and len(a.split(b"/")[1]) == 16
+    int(a.split(b"/")[1], 16)
+
+
+def test_S4_the_part_before_the_slash_must_be_the_authenticated_party():
+    lh = label_holder()
+    out = feed(lh, hello("bob"), routing_id=b"bob/0000000000000001", identity="alice")
+    assert error_codes(out) == [ErrorCode.IDENTITY_MISMATCH]
+    assert all(p.state is PartyState.IDLE for p in lh.parties.values())
+
+
+def test_S4_comes_before_the_section_3_checks():
+    lh = label_holder()
+    out = lh.receive(b"bob/0000000000000001", "alice", [b"VFL/1", b"\xc1"], 0.0)  # a malformed header as well
+    assert error_codes(out) == [ErrorCode.IDENTITY_MISMATCH]
+
+
+def test_S4_a_1_2_data_holder_with_its_bare_party_id_is_accepted():
+    lh = label_holder()
+    joined(lh, b"alice")
+
+
+def test_S5_a_hijacker_with_another_key_gets_nothing_addressed_to_the_party():
+    lh = label_holder()
+    joined(lh, A1)
+    out = feed(lh, Heartbeat(), "bob", 0.1, routing_id=b"alice/ffffffffffffffff", identity="bob")
+    assert error_codes(out) == [ErrorCode.IDENTITY_MISMATCH]
+    later = lh.handle_timer(1.5)
+    assert [type(m) for m in to(later, A1)] == [Heartbeat]  # alice's traffic still goes to alice's connection
+    assert all(o.to == A1 for o in later if isinstance(o, Send))
+
+
+def test_S5_a_newer_hello_with_the_same_key_replaces_the_old_connection():
+    lh = label_holder()
+    joined(lh, A1)
+    out = joined(lh, A2, now=1.0)
+    assert [ErrorCode(m.code) for m in to(out, A1)] == [ErrorCode.REPLACED]
+    assert isinstance(to(out, A2)[-1], Welcome)
+    later = lh.handle_timer(2.5)
+    assert {o.to for o in later if isinstance(o, Send)} == {A2}
+    # the replaced connection hears REPLACED for anything it still sends, and changes nothing
+    out = feed(lh, Echo(seq=1), now=2.6, routing_id=A1)
+    assert error_codes(out) == [ErrorCode.REPLACED] and to(out, A1)
+    out = feed(lh, hello(), now=2.7, routing_id=A1)
+    assert error_codes(out) == [ErrorCode.REPLACED]
+    assert lh.parties["alice"].route == A2
+
+
+def test_S5_a_message_other_than_hello_on_a_connection_that_has_not_said_hello_is_unexpected():
+    lh = label_holder()
+    joined(lh, A1)
+    out = feed(lh, Echo(seq=0), routing_id=A2)
+    assert error_codes(out) == [ErrorCode.UNEXPECTED_MESSAGE] and to(out, A2)
+    assert lh.parties["alice"].route == A1
+
+
+def test_S5_a_refused_hello_on_a_new_connection_does_not_replace():
+    lh = label_holder()
+    joined(lh, A1)
+    out = feed(lh, hello(run="other-run"), routing_id=A2)
+    assert error_codes(out) == [ErrorCode.CONFIG_MISMATCH]
+    assert lh.parties["alice"].route == A1 and not to(out, A1)
+
+
+def test_S5_a_data_holder_told_REPLACED_stops_and_says_so():
+    dh = DataHolderMachine(party="alice", run=RUN, config=CFG, now=0.0, hold_s=100.0)
+    dh.start(0.0)
+    welcome = Welcome(version=(1, 0), party="bank", run=RUN, digest=CFG.digest, heartbeat_ms=1000,
+                      peer_timeout_ms=5000, data_holders=("alice", "bob"))
+    dh.receive(wire(welcome), 0.0)
+    out = dh.receive(wire(Error(code=int(ErrorCode.REPLACED), message="replaced")), 1.0)
+    fin = [o for o in out if isinstance(o, Finished)][0]
+    assert fin.exit_code == 1 and "replaced" in fin.reason
+    assert dh.state is DataHolderState.CLOSED
+
+
+def test_R2_the_error_budget_belongs_to_the_identity_not_the_routing_id():
+    lh = label_holder()
+    answered = 0
+    for i in range(300):  # 300 routing ids, one garbage message each, all at one instant
+        out = lh.receive(f"alice/{i:016x}".encode(), "alice", [b"junk"], 0.0)
+        answered += len(error_codes(out))
+    assert answered == 100
+
+
+def test_R4_a_failure_while_handling_a_message_is_ERROR_INTERNAL_and_the_machine_goes_on(monkeypatch):
+    lh = label_holder()
+    joined(lh, A1)
+
+    def broken(self, p, msg, now):
+        raise RecursionError("a walk nobody bounded")
+
+    monkeypatch.setattr(type(lh), "_on_echo", broken)
+    from vfl.protocol import label_holder as module
+
+    monkeypatch.setitem(module._TABLE, (PartyState.READY, Echo.TYPE), broken)
+    out = feed(lh, Echo(seq=0), routing_id=A1)
+    assert error_codes(out) == [ErrorCode.INTERNAL]
+    assert lh.finished is None
+    assert isinstance(sends(feed(lh, hello("bob"), "bob", routing_id=b"bob/0000000000000001"))[-1], Welcome)
+
+
+def test_B3_an_echo_larger_than_the_largest_session_message_is_TOO_LARGE():
+    lh = label_holder(max_echo_bytes=1024)
+    joined(lh, A1)
+    small = Tensor("x", np.zeros(128, np.float64))  # 1024 bytes: at the cap
+    big = Tensor("x", np.zeros(129, np.float64))
+    assert isinstance(sends(feed(lh, Echo(seq=0, tensors=(small,)), routing_id=A1))[0], EchoReply)
+    out = feed(lh, Echo(seq=1, tensors=(big,)), routing_id=A1)
+    assert error_codes(out) == [ErrorCode.TOO_LARGE] and not any(isinstance(m, EchoReply) for m in sends(out))
+
+
+def test_B2_a_peer_that_does_not_read_is_told_TOO_LARGE_and_lost_and_its_connection_gets_nothing_more():
+    lh = label_holder()
+    joined(lh, A1)
+    joined(lh, b"bob/0000000000000001", "bob")
+    out = lh.peer_not_reading(A1, "queue over 32 MiB", 1.0)
+    assert [ErrorCode(m.code) for m in to(out, A1)] == [ErrorCode.TOO_LARGE]
+    assert lh.parties["alice"].state is PartyState.LOST and lh.finished is None
+    assert not sends(feed(lh, Echo(seq=0), now=1.2, routing_id=A1))
+    assert lh.peer_not_reading(A1, "again", 1.3) == []
+    # alice may come back on a new connection within the rejoin timeout
+    joined(lh, A2, now=2.0)
+    assert lh.parties["alice"].state is PartyState.READY
+    # and one that does not is named when the session ends
+    lh2 = label_holder(rejoin_timeout_s=10.0)
+    joined(lh2, A1)
+    lh2.peer_not_reading(A1, "stalled", 0.0)
+    fin = [o for o in lh2.handle_timer(11.0) if isinstance(o, Finished)][0]
+    assert fin.exit_code == 3 and "'alice'" in fin.reason
+
+
+def test_L2_a_silent_peer_gets_TIMEOUT_and_BYE_and_the_others_are_told_who():
+    lh = label_holder()
+    joined(lh, A1)
+    bob = b"bob/0000000000000001"
+    joined(lh, bob, "bob")
+    feed(lh, Heartbeat(), "bob", 4.0, routing_id=bob)
+    out = lh.handle_timer(5.0)
+    assert [type(m) for m in to(out, A1)] == [Error, Bye] and to(out, A1)[0].code == ErrorCode.TIMEOUT
+    (bye,) = to(out, bob)
+    assert isinstance(bye, Bye) and "'alice'" in bye.reason
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"version": (2, 0)}, "version"),
+        ({"version": (1, 99)}, "version"),
+        ({"run": "other"}, "run"),
+        ({"data_holders": ("alice",)}, "data_holders"),
+        ({"data_holders": ("bob", "alice")}, "data_holders"),
+        ({"psi_nonce": "ab" * 16}, "psi_nonce"),
+    ],
+)
+def test_W1_a_data_holder_refuses_a_bad_WELCOME_with_BAD_FIELD_BYE_and_exit_1(change, field):
+    dh = DataHolderMachine(party="alice", run=RUN, config=CFG, now=0.0, hold_s=100.0)
+    dh.start(0.0)
+    fields = dict(version=(1, 0), party="bank", run=RUN, digest=CFG.digest, heartbeat_ms=1000,
+                  peer_timeout_ms=5000, data_holders=("alice", "bob"))
+    fields.update(change)
+    out = dh.receive(wire(Welcome(**fields)), 0.0)
+    msgs = sends(out)
+    assert [type(m) for m in msgs] == [Error, Bye] and msgs[0].code == ErrorCode.BAD_FIELD
+    assert field in msgs[0].message
+    fin = [o for o in out if isinstance(o, Finished)][0]
+    assert fin.exit_code == 1
+
+
+def test_X8_rejoins_after_training_started_are_bounded_by_max_rejoins():
+    lh = label_holder(max_rejoins=1)
+    joined(lh, A1)
+    lh.training = object()  # training has started: every further HELLO of alice is a rejoin
+    joined(lh, A2, now=1.0)  # rejoin 1: allowed
+    out = feed(lh, hello(), now=2.0, routing_id=b"alice/0000000000000003")
+    assert error_codes(out) == [ErrorCode.UNEXPECTED_MESSAGE]
+    fin = [o for o in out if isinstance(o, Finished)][0]
+    assert fin.exit_code == 1 and "max_rejoins" in fin.reason and "'alice'" in fin.reason
