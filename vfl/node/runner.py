@@ -19,6 +19,7 @@ import zmq
 from ..protocol import (
     Aligned,
     DataHolderMachine,
+    Disconnect,
     EpochDone,
     Finished,
     LabelHolderMachine,
@@ -246,6 +247,10 @@ class NodeRunner:
                 if out.to not in self.outbox and self._try_send(transport, frames, out.to, out.message.TYPE):
                     continue  # the common case: libzmq took it at once
                 self.outbox.push(out.to, frames, out.message.TYPE, time.monotonic())
+            elif isinstance(out, Disconnect):
+                self.outbox.drop(out.to)
+                if transport.disconnect(out.to):
+                    self.log.debug("closed the connection of %s", peer_text(out.to, 80))
             elif isinstance(out, Log):
                 self.log.log(logging.getLevelName(out.level), out.text)
             elif isinstance(out, (PeerReady, PeerLeft)):

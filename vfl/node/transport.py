@@ -13,7 +13,10 @@ ignores a second connection that claims a routing id in use. Sends and receives 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -28,6 +31,7 @@ from ..protocol.routing import new_routing_id, party_of
 
 ZAP_DOMAIN = "vfl"
 HWM_MIN, HWM_MAX = 16, 100_000
+MAX_CONNECTIONS = 4096  # routing id -> TCP connection entries kept for ``disconnect``
 LINGER_MS = 2_000  # flush BYE and ERROR on close, but never hang on exit
 TERM_GRACE_S = 3.0
 
@@ -113,6 +117,8 @@ class Transport:
         self.auth: ThreadAuthenticator | None = None
         self.monitor: zmq.Socket | None = None
         self.partner_by_key: dict[bytes, str] = {}
+        #: label holder: routing id -> (descriptor, peer address) of the TCP connection its messages came on
+        self._connections: OrderedDict[bytes, tuple[int, Any]] = OrderedDict()
         t = cfg.timeouts
         kind = zmq.ROUTER if cfg.is_label_holder else zmq.DEALER
         sock = self.ctx.socket(kind)
@@ -188,10 +194,54 @@ class Transport:
             frame = sock.recv(_NOBLOCK, copy=False)
             frames.append(frame)
         if self.cfg.is_label_holder:
+            self._note_connection(frames[0].bytes, frames[0])
             routing_id, frames = frames[0].bytes, frames[1:]
         else:
             routing_id = b""
         return Received(routing_id=routing_id, identity=self._identity(routing_id, frames), frames=frames)
+
+    def _note_connection(self, routing_id: bytes, frame: zmq.Frame) -> None:
+        """Remember which TCP connection (descriptor and peer address) a routing id's messages arrive on."""
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            return
+        known = self._connections.get(routing_id)
+        if known is not None and known[0] == fd:
+            return
+        try:
+            with socket.socket(fileno=os.dup(fd)) as conn:
+                peer = conn.getpeername()
+        except OSError:
+            return
+        self._connections[routing_id] = (fd, peer)
+        self._connections.move_to_end(routing_id)
+        while len(self._connections) > MAX_CONNECTIONS:
+            self._connections.popitem(last=False)
+
+    def disconnect(self, routing_id: bytes) -> bool:
+        """Close one peer's TCP connection (PROTOCOL.md [B2]); True if it was closed.
+
+        A ROUTER has no call for this, so we shut the connection down on a duplicate of its descriptor: libzmq
+        then sees the connection end and cleans up after it as after any peer that went away. The descriptor is
+        only touched if it still leads to the same peer address (a descriptor number can be reused).
+        """
+        known = self._connections.pop(routing_id, None)
+        if known is None:
+            return False
+        fd, peer = known
+        try:
+            conn = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return False
+        with conn:
+            try:
+                if conn.getpeername() != peer:
+                    return False
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                return False
+        return True
 
     def _identity(self, routing_id: bytes, frames: list[zmq.Frame]) -> str | None:
         if not self.cfg.is_label_holder:

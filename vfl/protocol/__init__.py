@@ -14,7 +14,7 @@ from .errors import (
     SessionFailed,
     VflError,
 )
-from .events import Aligned, EpochDone, Finished, LinkChecked, Log, Output, PeerLeft, PeerReady, Send
+from .events import Aligned, Disconnect, EpochDone, Finished, LinkChecked, Log, Output, PeerLeft, PeerReady, Send
 from .label_holder import LabelHolderMachine, PartyState
 from .messages import (
     MESSAGE_TYPES,

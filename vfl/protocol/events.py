@@ -21,6 +21,17 @@ class Send:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Disconnect:
+    """Close the connection behind routing id ``to`` at the transport (best effort; PROTOCOL.md [B2]).
+
+    For a peer that was dropped for not reading: the label holder sends it nothing more, and without this the
+    bytes it keeps sending would still cost the label holder their decryption, at the expense of the honest peers.
+    """
+
+    to: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
 class Log:
     """Something a person running the node should see. ``level`` is a ``logging`` level name."""
 
@@ -72,4 +83,4 @@ class Finished:
     reason: str
 
 
-Output = Send | Log | PeerReady | PeerLeft | LinkChecked | Aligned | EpochDone | Finished
+Output = Send | Disconnect | Log | PeerReady | PeerLeft | LinkChecked | Aligned | EpochDone | Finished

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
 from .errors import ErrorCode, RemoteProtocolError
-from .events import Aligned, EpochDone, Finished, Log, Output, PeerLeft, PeerReady, Send
+from .events import Aligned, Disconnect, EpochDone, Finished, Log, Output, PeerLeft, PeerReady, Send
 from .messages import (
     Bye,
     CheckpointDone,
@@ -185,8 +185,8 @@ class LabelHolderMachine:
             )
         retired = self._retired.get(routing_id)
         if retired is not None:
-            if retired != "replaced":  # dropped for not reading: it gets nothing more
-                return [Log(level="DEBUG", text=f"ignored a message on {identity!r}'s dropped connection")]
+            if retired != "replaced":  # dropped for not reading: it gets nothing more, and its connection is closed
+                return [Disconnect(to=routing_id), Log(level="DEBUG", text=f"closed {identity!r}'s dropped connection")]
             return self._error(routing_id, identity, _replaced_error(mtype if isinstance(mtype, str) else None), now)
         if failure is not None:
             return self._error(routing_id, identity, failure, now)
@@ -221,7 +221,8 @@ class LabelHolderMachine:
     def peer_not_reading(self, routing_id: bytes, why: str, now: float) -> list[Output]:
         """The node dropped ``routing_id``'s send queue: it stayed over its budget or stalled (PROTOCOL.md §7).
 
-        That connection gets one ``ERROR TOO_LARGE`` and nothing else, ever. Its party is LOST: like a party that
+        That connection gets one ``ERROR TOO_LARGE`` (best effort) and nothing else, ever, and the node closes it
+        (again whenever it reconnects and sends). Its party is LOST: like a party that
         went silent in training, it may restart and rejoin within the rejoin timeout, and otherwise the session
         ends naming it. The other parties' messages were never behind its queue.
         """
@@ -234,7 +235,7 @@ class LabelHolderMachine:
             message=f"you are not reading ({why}): the label holder dropped this connection's queue and will send "
             "it nothing more; restart this node to rejoin",
         )
-        out: list[Output] = [Send(to=routing_id, message=err)]
+        out: list[Output] = [Send(to=routing_id, message=err), Disconnect(to=routing_id)]
         if p is None or p.state not in CONNECTED:
             return out
         p.route, p.state, p.lost_at = None, PartyState.LOST, now
