@@ -39,26 +39,34 @@ def main() -> None:
     """
 
 
+insecure_option = click.option(
+    "--insecure", "allow_insecure_remote", is_flag=True,
+    help="Allow [keys].insecure = true on an endpoint that is not loopback (127.0.0.1, ::1, localhost): traffic is "
+         "then neither encrypted nor authenticated on that network. Without this flag such a config is refused.")
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="The node's TOML config.")
 @click.option("-v", "--verbose", is_flag=True, help="Log protocol details (every refused message).")
-def node(config_path: str, verbose: bool) -> None:
+@insecure_option
+def node(config_path: str, verbose: bool, allow_insecure_remote: bool) -> None:
     """Run one node (label holder or data holder) as described by its config file.
 
     The config is checked before any network activity; a problem is reported as one line naming the key and the
     file (exit code 2).
     """
-    cfg = _checked_config("vfl node", config_path)
+    cfg = _checked_config("vfl node", config_path, allow_insecure_remote=allow_insecure_remote)
     sys.exit(_run_node("vfl node", cfg, verbose))
 
 
-def _checked_config(command: str, config_path: str, needs: str | None = None, why: str = ""):
+def _checked_config(command: str, config_path: str, needs: str | None = None, why: str = "", *,
+                    allow_insecure_remote: bool = False):
     """The node config at ``config_path``, or one line on stderr and exit 2. ``needs``: a [session] flag that must
     be true for this command (``why`` says what the command needs it for)."""
     from .node import ConfigError, load_config
 
     try:
-        cfg = load_config(config_path)
+        cfg = load_config(config_path, allow_insecure_remote=allow_insecure_remote)
         if needs is not None and not getattr(cfg.session, needs):
             raise ConfigError(f"{config_path}: {command} needs {why}")
     except ConfigError as exc:
@@ -100,7 +108,8 @@ def _run_node(command: str, cfg, verbose: bool) -> int:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Where to write this party's aligned IDs "
               "(CSV: row, ID). Default: [psi].output of the config.")
 @click.option("-v", "--verbose", is_flag=True, help="Log protocol details.")
-def psi(config_path: str, out_path: str | None, verbose: bool) -> None:
+@insecure_option
+def psi(config_path: str, out_path: str | None, verbose: bool, allow_insecure_remote: bool) -> None:
     """Private record linkage only: run the PSI with the partners and write this party's IDs in the agreed order.
 
     Every party runs `vfl psi` with its own config ([session].psi = true and a [data] table with the ID column).
@@ -109,7 +118,8 @@ def psi(config_path: str, out_path: str | None, verbose: bool) -> None:
     """
     import dataclasses
 
-    cfg = _checked_config("vfl psi", config_path, "psi", "[session].psi = true (and the same at every party)")
+    cfg = _checked_config("vfl psi", config_path, "psi", "[session].psi = true (and the same at every party)",
+                          allow_insecure_remote=allow_insecure_remote)
     if out_path is not None:
         cfg = dataclasses.replace(cfg, psi=dataclasses.replace(cfg.psi, output=Path(out_path).resolve()))
     if cfg.psi.output is None:
@@ -128,7 +138,9 @@ def psi(config_path: str, out_path: str | None, verbose: bool) -> None:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Label holder: where to write predictions.csv. Default: [train].output/predictions.csv.")
 @click.option("-v", "--verbose", is_flag=True, help="Log protocol details.")
-def predict(config_path: str, data_path: str, segment_path: str | None, out_path: str | None, verbose: bool) -> None:
+@insecure_option
+def predict(config_path: str, data_path: str, segment_path: str | None, out_path: str | None, verbose: bool,
+            allow_insecure_remote: bool) -> None:
     """Predict with a trained split model: every party runs this with its own config and data file.
 
     The parties first find the IDs present at every party (private set intersection, as in training), then each
@@ -137,7 +149,8 @@ def predict(config_path: str, data_path: str, segment_path: str | None, out_path
     """
     import dataclasses
 
-    cfg = _checked_config("vfl predict", config_path, "train", "the config of a training run ([session].train = true)")
+    cfg = _checked_config("vfl predict", config_path, "train", "the config of a training run ([session].train = true)",
+                          allow_insecure_remote=allow_insecure_remote)
     train = cfg.train
     if segment_path is not None:
         seg = Path(segment_path).resolve()

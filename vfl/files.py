@@ -2,6 +2,10 @@
 
 A reader (or a restarted node) sees the old file or the new one, never half of one; a crash mid-write leaves only
 a hidden ``.NAME.*.tmp`` behind, which the next write of the same file does not trip over.
+
+``mode=PRIVATE`` (0600) is for outputs holding raw IDs or model state (aligned IDs, predictions, checkpoints, trained
+segments): the file is 0600 from its creation on (``mkstemp`` makes it so), never readable by others even for a
+moment, and replacing an older, wider file narrows it.
 """
 
 from __future__ import annotations
@@ -11,15 +15,19 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+PRIVATE = 0o600  # owner read/write only
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)`` produces the content; then it becomes ``path`` in one rename."""
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, mode: int | None = None) -> None:
+    """``write(tmp_path)`` produces the content; then it becomes ``path`` in one rename.
+
+    ``mode``: the file's permission bits (less the umask); None gives a normal file's (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a normal file gets the usual mode
+        os.chmod(tmp, (0o666 if mode is None else mode) & ~_umask())  # mkstemp makes 0600; then the mode asked for
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -30,16 +38,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
 
-    atomic_write(path, write)
+    atomic_write(path, write, mode=mode)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
 def _umask() -> int:

@@ -222,7 +222,7 @@ def predict_saved(run: Run, rows: np.ndarray) -> np.ndarray:
     pieces = []
     order = sorted(p.name for p in s["parties"] if p.bottom is not None)  # the combiner's order (concat)
     parties = {p.name: p for p in s["parties"]}
-    lh_state = torch.load(run.folder / "model" / f"{LABEL_HOLDER}-segment.pt", weights_only=False)
+    lh_state = torch.load(run.folder / "model" / f"{LABEL_HOLDER}-segment.pt", weights_only=True)
     for name in order:
         p = parties[name]
         features = x[:, p.columns]
@@ -232,7 +232,7 @@ def predict_saved(run: Run, rows: np.ndarray) -> np.ndarray:
         if name == LABEL_HOLDER:
             model.load_state_dict(lh_state["own"]["model"])
         else:
-            model.load_state_dict(torch.load(run.folder / "model" / f"{name}-segment.pt", weights_only=False)["model"])
+            model.load_state_dict(torch.load(run.folder / "model" / f"{name}-segment.pt", weights_only=True)["model"])
         model.eval()
         with torch.no_grad():
             pieces.append(model(torch.from_numpy(np.ascontiguousarray(features[rows], dtype=np.float32))))

@@ -66,7 +66,7 @@ def test_predict_applies_each_partys_saved_standardisation(tmp_path):
                               data=data_tables, psi={"workers": 1}, tables=tables, cut_width=4, batch_size=16,
                               window=2)
     run_nodes(tmp_path, configs)
-    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=False) for p in configs}
+    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=True) for p in configs}
 
     # each party's training rows, as the label holder drew them, and the scalers fitted on them
     with open(tmp_path / "bank-aligned.csv") as fh:

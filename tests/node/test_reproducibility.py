@@ -78,7 +78,7 @@ def run_once(folder: Path, dropout: float) -> dict:
     return {
         "aligned": aligned,
         "metrics": [json.loads(line) for line in (folder / "model" / "metrics.jsonl").read_text().splitlines()],
-        "segments": {p: torch.load(folder / "model" / f"{p}-segment.pt", weights_only=False) for p in configs},
+        "segments": {p: torch.load(folder / "model" / f"{p}-segment.pt", weights_only=True) for p in configs},
     }
 
 

@@ -106,7 +106,7 @@ def test_X3_X10_window_1_between_processes_equals_central_training(tmp_path):
         build_mlp(8, MlpSpec(widths=(16, 3)), seed=4),
         combiner=Combiner([4, 4]), task="multiclass", schedule=schedule, bottom_optimizers=opt, top_optimizer=opt,
     )
-    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=False) for p in configs}
+    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=True) for p in configs}
     worst = 0.0
     for got, want in [(saved["dh1"]["model"], central.bottom_states[0]), (saved["dh2"]["model"], central.bottom_states[1]),
                       (saved["bank"]["top"], central.top_state)]:
@@ -184,7 +184,7 @@ def test_X8_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_c
         combiner=Combiner([4, 4]), task="multiclass", schedule=schedule, bottom_optimizers=opt, top_optimizer=opt,
         validation=schedule.validation,
     )
-    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=False) for p in configs}
+    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=True) for p in configs}
     worst = max(
         torch.max(torch.abs(got_state[k] - want[k])).item()
         for got_state, want in [(saved["dh1"]["model"], central.bottom_states[0]),
@@ -240,7 +240,7 @@ def test_predict_gives_the_label_holder_predictions_for_rows_present_at_every_pa
     expected_ids = set(new_ids[5:])  # the strangers are at every party too: 45 rows
     assert {r["id"] for r in got} == expected_ids
     # the same composed model, centrally, on the same features
-    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=False) for p in configs}
+    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=True) for p in configs}
     b1, b2 = build_mlp(5, MlpSpec(widths=(6, 4))), build_mlp(7, MlpSpec(widths=(6, 4)))
     top = build_mlp(8, MlpSpec(widths=(16, 3)))
     b1.load_state_dict(saved["dh1"]["model"]), b2.load_state_dict(saved["dh2"]["model"])

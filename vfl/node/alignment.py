@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ..files import atomic_write
+from ..files import PRIVATE, atomic_write
 from ..psi import DuplicateIdError, InvalidIdError, PsiEngine, encode_ids
 from ..psi.exchange import prepare_items
 from ..protocol.psi_phase import PsiPlan
@@ -78,6 +78,7 @@ def psi_plan(cfg: NodeConfig, ids: PartyIds, engine: PsiEngine) -> PsiPlan:
 
 
 def write_aligned(path: Path, ids: PartyIds, rows: np.ndarray) -> None:
-    """``row`` (0-based data row in the party's own file) and the ID, in the agreed order; written atomically."""
+    """``row`` (0-based data row in the party's own file) and the ID, in the agreed order; written atomically, 0600
+    (raw IDs: readable by the owner only)."""
     table = pa.table({"row": pa.array(rows, type=pa.int64()), ids.column: pa.array([ids.ids[r] for r in rows.tolist()])})
-    atomic_write(path, lambda tmp: pacsv.write_csv(table, tmp))
+    atomic_write(path, lambda tmp: pacsv.write_csv(table, tmp), mode=PRIVATE)

@@ -3,21 +3,162 @@
 Each party writes only its own segment: ``DIR/PARTY-step-STEP.pt`` (write to a temporary file, fsync, rename, so a
 crash mid-write leaves the previous checkpoint intact). The label holder also writes ``DIR/manifest.json`` once every
 party has confirmed a step, with every party's digest: that is the step a restarted run resumes from.
+
+Checkpoints and trained segments share one file format (``dump_state`` / ``load_state``): a torch file of tensors
+and plain values only, loaded with ``weights_only=True`` (a file handed over or changed by someone else cannot run
+code when it is loaded), carrying ``vfl_digest``, a SHA-256 over its content, checked on every load (a damaged or
+edited file is refused, not half-used). Files are created 0600: they hold model state.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
+import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from ..files import atomic_write_bytes
+from ..files import PRIVATE, atomic_write_bytes
 from ..protocol.training_phase import CheckpointError
 
 KEEP = 3  # checkpoint files kept per party (the manifest's step is always among them)
+DIGEST_KEY = "vfl_digest"  # the content digest inside every state file
+
+
+class StateFileError(Exception):
+    """A state file cannot be used: damaged, edited, or holding objects that are not tensors or plain values.
+
+    The message names the file and what is wrong; callers add the way out."""
+
+
+_SCALARS = (str, bytes, int, float, bool, type(None))
+
+
+def plain_state(value: Any, where: str = "state") -> Any:
+    """``value`` as tensors and plain values only, which ``torch.load(weights_only=True)`` accepts.
+
+    NumPy arrays become tensors (text arrays: lists), NumPy scalars Python numbers; anything else that is not a
+    tensor, str, bytes, number, bool, None, list, tuple or dict raises ``TypeError`` naming where it is, so a state
+    that could not be loaded safely is never written."""
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(f"{where}: a {value.layout} tensor cannot be saved; make it dense")
+        return value.detach()
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "OUSV":
+            return plain_state(value.tolist(), where)
+        return torch.from_numpy(np.array(value, copy=True))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, Mapping):
+        out = collections.OrderedDict() if isinstance(value, collections.OrderedDict) else {}
+        for key, item in value.items():
+            key = key.item() if isinstance(key, np.generic) else key
+            if not isinstance(key, _SCALARS):
+                raise TypeError(f"{where}: a key of type {type(key).__name__} cannot be saved; use str or int keys")
+            out[key] = plain_state(item, f"{where}[{key!r}]")
+        metadata = getattr(value, "_metadata", None)  # torch's state_dict versions, used by load_state_dict
+        if metadata is not None and isinstance(out, collections.OrderedDict):
+            out._metadata = plain_state(metadata, f"{where}._metadata")
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [plain_state(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(
+        f"{where}: a {type(value).__name__} cannot be saved so that it loads with weights_only; "
+        "convert it to tensors, lists, dicts or plain values"
+    )
+
+
+def state_digest(value: Any) -> str:
+    """SHA-256 over a plain state's content: types, keys (in sorted order), values, tensor dtypes, shapes, bytes.
+
+    Computed over the content, not the file's bytes, so it does not depend on how torch lays out the zip."""
+    h = hashlib.sha256(b"vfl state digest v1\0")
+    _feed(h, value)
+    return h.hexdigest()
+
+
+def _scalar_bytes(value: Any) -> bytes:
+    if value is None:
+        return b"N"
+    if isinstance(value, bool):
+        return b"B1" if value else b"B0"
+    if isinstance(value, int):
+        return b"I%d;" % value
+    if isinstance(value, float):
+        return b"F" + struct.pack(">d", value)
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogatepass")
+        return b"S%d:" % len(value) + value
+    if isinstance(value, bytes):
+        return b"Y%d:" % len(value) + value
+    raise TypeError(f"not a plain value: {type(value).__name__}")
+
+
+def _feed(h, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(b"X%s;%s;" % (str(t.dtype).encode(), ",".join(map(str, t.shape)).encode()))
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        items = sorted((_scalar_bytes(k), v) for k, v in value.items()) if value else []
+        h.update(b"D%d;" % len(items))
+        for key, item in items:
+            h.update(key)
+            _feed(h, item)
+        metadata = getattr(value, "_metadata", None)
+        if metadata is not None:
+            h.update(b"M")
+            _feed(h, metadata)
+    elif isinstance(value, (list, tuple)):
+        h.update(b"%s%d;" % (b"L" if isinstance(value, list) else b"T", len(value)))
+        for item in value:
+            _feed(h, item)
+    else:
+        h.update(_scalar_bytes(value))
+
+
+def dump_state(state: Mapping) -> bytes:
+    """The bytes of a state file: ``state`` made plain (``plain_state``), with its ``vfl_digest``."""
+    plain = plain_state(state)
+    plain.pop(DIGEST_KEY, None)
+    plain[DIGEST_KEY] = state_digest(plain)
+    buf = io.BytesIO()
+    torch.save(plain, buf)
+    return buf.getvalue()
+
+
+def load_state(data: bytes, path: str | Path) -> dict:
+    """A state file's content, loaded with ``weights_only=True`` and checked against its ``vfl_digest``.
+
+    Raises ``StateFileError`` naming ``path``: a file that is not a torch file of tensors and plain values (damaged,
+    or holding other objects: refused, nothing in it runs), that has no digest, or whose content changed."""
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise StateFileError(
+            f"{path} is not a vfl state file of tensors and plain values: it is damaged, or holds other objects, "
+            f"which are refused because loading them could run code ({type(exc).__name__}: {first})"
+        ) from None
+    if not isinstance(state, dict):
+        raise StateFileError(f"{path} is not a vfl state file: it holds a {type(state).__name__}, not a dict")
+    digest = state.pop(DIGEST_KEY, None)
+    if not isinstance(digest, str):
+        raise StateFileError(f"{path} carries no {DIGEST_KEY}: it was not written by this vfl version, or was edited")
+    if state_digest(state) != digest:
+        raise StateFileError(f"{path} does not match its own {DIGEST_KEY}: the file was changed or damaged")
+    return state
 
 
 class Checkpointer:
@@ -31,12 +172,11 @@ class Checkpointer:
         return self.dir / f"{self.party}-step-{step}.pt"
 
     def save(self, state: dict, step: int, epoch: int) -> str:
-        buf = io.BytesIO()
+        """Write the checkpoint of ``step``; returns the SHA-256 of the file (the label holder's manifest keeps it)."""
         meta = {"vfl_party": self.party, "vfl_run": self.run, "vfl_model": self.model, "vfl_step": step, "vfl_epoch": epoch}
-        torch.save({**state, **meta}, buf)
-        data = buf.getvalue()
+        data = dump_state({**state, **meta})
         try:
-            atomic_write_bytes(self.path(step), data)
+            atomic_write_bytes(self.path(step), data, mode=PRIVATE)
         except OSError as exc:
             raise CheckpointError(f"cannot write {self.path(step)}: {exc.strerror}") from None
         self._prune(step)
@@ -61,8 +201,14 @@ class Checkpointer:
                 "from there (start it afresh with a new run id)"
             ) from None
         if digest is not None and hashlib.sha256(data).hexdigest() != digest:
-            raise CheckpointError(f"{path} does not match the digest recorded for step {step}: it was changed")
-        state = torch.load(io.BytesIO(data), weights_only=False)
+            raise CheckpointError(
+                f"{path} does not match the digest recorded for step {step}: it was changed; the run cannot resume "
+                "from there (restore the file, or start afresh with a new run id)"
+            )
+        try:
+            state = load_state(data, path)
+        except StateFileError as exc:
+            raise CheckpointError(f"{exc}; the run cannot resume from there (start afresh with a new run id)") from None
         if state.get("vfl_run") != self.run or state.get("vfl_model") != self.model:
             raise CheckpointError(f"{path} belongs to run {state.get('vfl_run')!r} / model {state.get('vfl_model')!r}")
         return state

@@ -7,6 +7,7 @@ folder can be moved or copied to another host as a whole.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from ..protocol import DTYPES, Limits, SessionConfig
+from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.messages import is_party_id
+from ..protocol.psi_phase import DEFAULT_MAX_PSI_ITEMS
 from ..train.specs import OptimizerSpec
 
 ROLES = ("label_holder", "data_holder")
@@ -70,6 +73,7 @@ class TrainSettings:
     checkpoint_dir: Path = Path("checkpoints")
     checkpoint_every: int = 0  # label holder: steps between checkpoints inside an epoch (0: each epoch's start)
     predictions: Path | None = None  # vfl predict: where the label holder writes predictions.csv
+    max_rejoins: int = DEFAULT_MAX_REJOINS  # label holder: rejoins per session (each rolls everyone back)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class PsiSettings:
     min_rows: int = 1
     workers: int = 0  # 0: every core this process may use
     output: Path | None = None
+    max_items: int = DEFAULT_MAX_PSI_ITEMS  # the most items a peer may announce for the PSI
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "output": (str, False, None),
         "checkpoint_dir": (str, False, None),
         "checkpoint_every": (int, False, 0),
+        "max_rejoins": (int, False, DEFAULT_MAX_REJOINS),
     },
     "psi": {
         "chunk_size": (int, False, PsiSettings.chunk_size),
@@ -160,6 +166,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "min_rows": (int, False, PsiSettings.min_rows),
         "workers": (int, False, PsiSettings.workers),
         "output": (str, False, None),
+        "max_items": (int, False, DEFAULT_MAX_PSI_ITEMS),
     },
     "keys": {"secret": (str, False, None), "partners": (dict, False, {}), "insecure": (bool, False, False)},
     "session": {
@@ -231,8 +238,55 @@ def _key_file(base: Path, value: str, key: str, where: str) -> Path:
     return path
 
 
-def load_config(path: str | Path) -> NodeConfig:
-    """Read and check a node config. Raises ``ConfigError`` with one line naming the file and key."""
+def is_loopback(endpoint: str) -> bool:
+    """Whether a ``tcp://HOST:PORT`` endpoint's host is loopback: 127.0.0.0/8, ::1 (or ::ffff:127.x) or localhost.
+
+    Names other than ``localhost`` are not resolved: a name is not loopback (DNS could say anything)."""
+    match = ENDPOINT.fullmatch(endpoint)
+    if match is None:
+        return False
+    host = match.group(1).strip("[]")
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _partner_keys(partners: dict[str, Path], where: str) -> None:
+    """Two partner names with one public key (one file, or two files holding the same key) would merge two parties
+    into one allow-list entry: whoever holds that key could act as either. Refused, naming both."""
+    from .keys import KeyFileError, load_public_key  # zmq: only when keys are configured
+
+    seen: dict[bytes, str] = {}
+    by_file: dict[Path, str] = {}
+    for name, file in partners.items():
+        if file in by_file:
+            raise ConfigError(
+                f"{where}: [keys.partners].{by_file[file]} and .{name} name the same key file {file}: every partner "
+                "needs its own key (create one per party with `vfl keys generate`)"
+            )
+        by_file[file] = name
+        try:
+            key = load_public_key(file)
+        except KeyFileError as exc:
+            raise ConfigError(f"{where}: [keys.partners].{name}: {exc}") from None
+        if key in seen:
+            raise ConfigError(
+                f"{where}: [keys.partners].{seen[key]} and .{name} hold the same public key ({partners[seen[key]]}, "
+                f"{file}): every partner needs its own key (create one per party with `vfl keys generate`)"
+            )
+        seen[key] = name
+
+
+def load_config(path: str | Path, *, allow_insecure_remote: bool = False) -> NodeConfig:
+    """Read and check a node config. Raises ``ConfigError`` with one line naming the file and key.
+
+    ``allow_insecure_remote`` (``vfl node --insecure``): accept ``[keys].insecure = true`` on an endpoint that is not
+    loopback. Without it insecure mode is for one machine only: traffic anyone on the network could read or forge."""
     path = Path(path)
     where = str(path)
     try:
@@ -260,6 +314,12 @@ def load_config(path: str | Path) -> NodeConfig:
 
     keys = _table(top["keys"], "keys", where)
     insecure = keys["insecure"]
+    if insecure and not allow_insecure_remote and not is_loopback(top["endpoint"]):
+        raise ConfigError(
+            f"{where}: [keys].insecure = true (no encryption, no authentication) is allowed only on a loopback "
+            f"endpoint (127.0.0.1, ::1, localhost), not {top['endpoint']}; use CurveZMQ keys, or start the node with "
+            "`vfl node --insecure` to accept unprotected traffic on this network"
+        )
     secret = None
     partners: dict[str, Path] = {}
     if not insecure:
@@ -272,6 +332,7 @@ def load_config(path: str | Path) -> NodeConfig:
             if not is_party_id(name) or not isinstance(value, str):
                 raise ConfigError(f"{where}: [keys.partners].{name} must be a party id = \"path/to/party.key\"")
             partners[name] = _key_file(base, value, f"[keys.partners].{name}", where)
+        _partner_keys(partners, where)
 
     s = _table(top["session"], "session", where)
     try:
@@ -345,6 +406,8 @@ def load_config(path: str | Path) -> NodeConfig:
         raise ConfigError(f"{where}: [psi].chunk_size must be in 1..1048576")
     if p["min_rows"] < 0 or p["workers"] < 0:
         raise ConfigError(f"{where}: [psi].min_rows and [psi].workers must be >= 0")
+    if p["max_items"] < 1:
+        raise ConfigError(f"{where}: [psi].max_items must be >= 1, got {p['max_items']}")
     if p["chunk_size"] * 32 > limits.max_tensor_bytes:
         raise ConfigError(f"{where}: [psi].chunk_size * 32 bytes exceeds [limits].max_tensor_bytes")
     psi = PsiSettings(
@@ -353,6 +416,7 @@ def load_config(path: str | Path) -> NodeConfig:
         min_rows=p["min_rows"],
         workers=p["workers"],
         output=(base / p["output"]).resolve() if p["output"] else None,
+        max_items=p["max_items"],
     )
 
     train = _train_settings(top, role, session, data, base, where) if session.train else None
@@ -429,6 +493,10 @@ def _train_settings(top: dict, role: str, session: SessionConfig, data, base: Pa
         raise ConfigError(f"{where}: [train].checkpoint_every must be >= 0")
     if t["checkpoint_every"] and not is_lh:
         raise ConfigError(f"{where}: [train].checkpoint_every is the label holder's to set")
+    if t["max_rejoins"] < 0:
+        raise ConfigError(f"{where}: [train].max_rejoins must be >= 0, got {t['max_rejoins']}")
+    if "max_rejoins" in (top["train"] or {}) and not is_lh:
+        raise ConfigError(f"{where}: [train].max_rejoins is the label holder's to set (it admits the rejoins)")
     output = (base / t["output"]).resolve() if t["output"] else None
     if t["checkpoint_dir"] is not None:
         checkpoint_dir = (base / t["checkpoint_dir"]).resolve()
@@ -453,4 +521,5 @@ def _train_settings(top: dict, role: str, session: SessionConfig, data, base: Pa
         output=output,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=t["checkpoint_every"],
+        max_rejoins=t["max_rejoins"],
     )

@@ -2,12 +2,14 @@
 
 ``vfl keys generate`` makes ``NAME.key`` (public: give it to partners) and ``NAME.key_secret`` (keep it). We reuse
 ``zmq.auth``'s writer and reader so the files interoperate with other ZeroMQ tools; we only add what it lacks: an
-atomic rename (a crash never leaves half a key) and mode 0600 on the secret.
+atomic rename (a crash never leaves half a key) and mode 0600 on the secret. A secret key file that group or others
+may read is refused when loaded, as ssh refuses such a private key: whoever can read it can be this party.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -61,4 +63,22 @@ def load_secret_key(path: str | Path) -> tuple[bytes, bytes]:
     public, secret = _load(Path(path))
     if secret is None:
         raise KeyFileError(f"{path}: holds no secret key; [keys].secret must name the .key_secret file")
+    check_private(path)
     return public, secret
+
+
+def check_private(path: str | Path) -> None:
+    """Refuse a secret key file that group or others may read or write (the file itself, symlinks followed).
+
+    POSIX only: elsewhere the mode bits do not describe who may read the file."""
+    if os.name != "posix":
+        return
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot check its permissions: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        raise KeyFileError(
+            f"{path}: permissions {mode:04o} are too open: a secret key must be readable by its owner only; "
+            f"run `chmod 600 {path}`"
+        )

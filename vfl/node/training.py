@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from ..files import PRIVATE, atomic_write, atomic_write_bytes
 from ..psi import encode_ids
 from ..protocol.training_phase import TrainPlan
 from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
 from ..train.models import Combiner, ModelError, build_model
-from .checkpoints import Checkpointer
+from .checkpoints import Checkpointer, StateFileError, dump_state, load_state
 from .config import NodeConfig, TrainingSetupError
 from .segments import TorchBottom, TorchTop
 
@@ -206,10 +206,7 @@ def segment_path(cfg: NodeConfig) -> Path:
 def load_trained(cfg: NodeConfig, segment, path: Path | None = None) -> None:
     """Put the weights of this party's trained segment (written by its training run) into ``segment``."""
     path = path or segment_path(cfg)
-    try:
-        state = torch.load(path, weights_only=False)
-    except (OSError, RuntimeError) as exc:
-        raise TrainingSetupError(f"cannot read the trained segment {path}: {exc}") from None
+    state = read_segment(path)
     if state.get("vfl_party") != cfg.party or state.get("vfl_model") != cfg.session.model:
         raise TrainingSetupError(
             f"{path} is party {state.get('vfl_party')!r}'s segment for model {state.get('vfl_model')!r}, not this node's"
@@ -231,11 +228,25 @@ def load_trained(cfg: NodeConfig, segment, path: Path | None = None) -> None:
 
 def trained_encoding(cfg: NodeConfig, path: Path | None = None) -> LabelEncoding:
     path = path or segment_path(cfg)
+    state = read_segment(path)
     try:
-        state = torch.load(path, weights_only=False)
         return LabelEncoding.from_dict(state["labels"])
-    except (OSError, RuntimeError, KeyError) as exc:
+    except (KeyError, TypeError) as exc:
         raise TrainingSetupError(f"cannot read the label encoding from {path}: {exc}") from None
+
+
+def read_segment(path: Path) -> dict:
+    """A trained segment file's content: loaded with ``weights_only=True`` and checked against its digest."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise TrainingSetupError(f"cannot read the trained segment {path}: {exc.strerror or exc}") from None
+    try:
+        return load_state(data, path)
+    except StateFileError as exc:
+        raise TrainingSetupError(
+            f"{exc}; use the {Path(path).name} this party's training run wrote (or train again)"
+        ) from None
 
 
 def prediction_plan(n_rows: int) -> TrainPlan:
@@ -266,7 +277,7 @@ def write_predictions(path: Path, ids: list, aligned: np.ndarray, top: "Predicti
     else:
         columns["prediction"] = pa.array(outs[:, 0])
     table = pa.table(columns)
-    atomic_write(path, lambda tmp: pacsv.write_csv(table, tmp))
+    atomic_write(path, lambda tmp: pacsv.write_csv(table, tmp), mode=PRIVATE)  # raw IDs: owner only
     return len(rows)
 
 
@@ -315,7 +326,7 @@ def save_segment(cfg: NodeConfig, state: dict, extra: dict | None = None) -> Pat
         return None
     path = cfg.train.output / f"{cfg.party}-segment.pt"
     payload = {**state, **(extra or {}), "vfl_party": cfg.party, "vfl_run": cfg.run, "vfl_model": cfg.session.model}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write_bytes(path, dump_state(payload), mode=PRIVATE)  # model state: owner only; digest inside
     return path
 
 
