@@ -195,6 +195,31 @@ def test_X8_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_c
     assert abs(got[-1]["val_accuracy"] - central.history[-1]["val_accuracy"]) <= 0.005
 
 
+def test_X8_rejoins_beyond_max_rejoins_end_the_session_naming_the_party(tmp_path):
+    """[train].max_rejoins bounds rejoin storms: with 0, the first rejoin after training started is refused and every
+    party stops, the label holder's log naming the party and the setting."""
+    import os
+    import signal
+
+    configs = resumable_session(tmp_path, epochs=6)
+    text = configs["bank"].read_text()
+    assert "\n[train]\n" in text
+    configs["bank"].write_text(text.replace("\n[train]\n", "\n[train]\nmax_rejoins = 0\n", 1))
+    with Nodes(tmp_path) as nodes:
+        lh = nodes.start(configs["bank"])
+        dh2 = nodes.start(configs["dh2"])
+        dh1 = nodes.start(configs["dh1"])
+        lh.wait_for("epoch 1 of 6 done", timeout=120)
+        os.kill(dh1.proc.pid, signal.SIGKILL)
+        dh1.wait(timeout=10)
+        restarted = nodes.start(configs["dh1"])
+        assert lh.wait(timeout=60) == 1, lh.output
+        assert restarted.wait(timeout=30) == 1, restarted.output
+        assert dh2.wait(timeout=30) != 0
+    assert "data holder 'dh1' rejoined 1 times, more than [train].max_rejoins = 0" in lh.output
+    assert "max_rejoins" in restarted.output and "max_rejoins" in dh2.output
+
+
 def test_X9_a_data_holder_killed_and_not_restarted_makes_the_others_exit_non_zero_naming_it(tmp_path):
     import os
     import signal

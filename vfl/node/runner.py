@@ -33,6 +33,7 @@ from ..protocol import (
     encode,
 )
 from ..protocol.codec import DTYPES
+from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.text import peer_text
 from .alignment import PartyIds, load_ids, psi_plan, write_aligned
 from .config import NodeConfig
@@ -82,6 +83,8 @@ def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine |
             limits=cfg.limits,
             psi=psi,
             max_echo_bytes=largest_message_bytes(cfg),
+            max_psi_items=cfg.psi.max_items,
+            max_rejoins=cfg.train.max_rejoins if cfg.train is not None else DEFAULT_MAX_REJOINS,
         )
     return DataHolderMachine(
         party=cfg.party,
@@ -96,6 +99,7 @@ def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine |
         limits=cfg.limits,
         psi=psi,
         progress_timeout_s=t.progress,
+        max_psi_items=cfg.psi.max_items,
     )
 
 
