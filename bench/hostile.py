@@ -6,15 +6,19 @@ Issue 12's figures, measured side by side in one run against a real ``python -m 
 1. ``header_8mb``: one peer sends a message whose header frame is 8 MB of msgpack (8 million empty maps) — the
    decoder refuses it (``TOO_LARGE``); before issue 12 the type peek unpacked it all.
    Reported: the label holder's peak RSS growth (``VmRSS`` from ``/proc``, sampled every 20 ms), goal < 64 MiB.
-2. ``echo_flood``: a READY peer sends 700 ECHOs of 1 MiB and never reads; then 4,000 ECHOs of the largest size the
-   label holder echoes (its ECHO cap), still never reading, so its send queue really fills. Reported: peak RSS growth,
-   goal <= ``queue_bytes`` + 64 MiB, and what the hostile peer got back once it finally read.
-3. ``beside``: an honest READY peer's ECHO round trips per second (128x256 float32, the default link check) alone,
-   while the hostile peer floods (from its own process: on a 2-core box the attacker's own CURVE encryption
-   and the label holder's decryption of its traffic compete for the same cores), and after the hostile peer was
-   dropped — the ratios to "alone".
+2. ``flood``: a READY peer sends 700 ECHOs of 1 MiB and never reads. The label holder's ``[link_check]`` is set so
+   that its largest session message, hence its ECHO cap, is 1 MiB: the ECHOs are valid and answered, and the
+   replies pile up until the send budget ([B2]) drops the peer. Reported: peak RSS growth, goal <= ``queue_bytes`` +
+   64 MiB, and what the hostile peer got back once it finally read.
+3. ``junk``: a READY peer sends 700 ECHOs of 2 MiB (over the cap: each is refused) without reading, until its
+   refused-bytes budget ([B4]) closes its connection. Same figures.
+4. ``beside``: an honest READY peer's ECHO round trips per second (128x256 float32, the default link check) alone,
+   while each attacker sends (from its own process, as a partner would: on a 2-core box the attacker's own CURVE
+   encryption and the label holder's decryption of its traffic compete for the same cores), and after it was
+   dropped; the ratios to "alone".
 
-Usage: ``.venv/bin/python bench/hostile.py`` (about a minute; ``--before`` for a checkout older than issue 12). Last line: one JSON object with every figure.
+Usage: ``.venv/bin/python bench/hostile.py`` (about a minute; ``--before`` for a checkout older than issue 12).
+Last line: one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -45,9 +49,10 @@ from vfl.protocol.codec import PROTOCOL_VERSION, SIGNATURE  # noqa: E402
 
 HOST = "127.0.0.1"
 MIB = 2**20
-PARTIES = ["dh1", "dh2", "dh3", "spare"]  # spare never connects: the session stays in READY for the whole bench
+PARTIES = ["dh1", "dh2", "dh3", "dh4", "spare"]  # spare never connects: the session stays in READY for the whole bench
 TIMEOUTS = {"heartbeat": 1.0, "peer": 600.0, "handshake": 60.0, "join": 3600.0, "progress": 3600.0}
 HONEST_ROUNDS_S = 3.0
+LH_LINK_SHAPE = (1024, 128)  # 8 bytes per element: 1 MiB, so 1 MiB ECHOs are valid and answered
 #: ``--before``: routing id = party id, as before issue 12's [S1], to measure the old code the same way
 LEGACY_ROUTING_ID = "--before" in sys.argv
 
@@ -128,13 +133,14 @@ def honest_rate(peer: RawPeer, seconds: float) -> float:
     return n / (time.monotonic() - t0)
 
 
-def flood(peer: RawPeer, nbytes: int, count: int) -> int:
-    """Send ``count`` ECHOs of ``nbytes`` without reading; returns how many libzmq took."""
+def flood(peer: RawPeer, nbytes: int, count: int, give_up_s: float = 20.0) -> int:
+    """Send ``count`` ECHOs of ``nbytes`` without reading, each retried until libzmq takes it (or ``give_up_s``
+    passes with none taken: the label holder closed the connection and the queue is full); returns how many went."""
     arr = np.zeros(nbytes // 4, dtype=np.float32)
-    sent = 0
-    for i in range(count):
-        if peer.send(Echo(seq=i, tensors=[Tensor("x", arr)]), block=False):
-            sent += 1
+    sent, stuck_since = 0, time.monotonic()
+    while sent < count and time.monotonic() - stuck_since < give_up_s:
+        if peer.send(Echo(seq=sent, tensors=[Tensor("x", arr)]), block=False):
+            sent, stuck_since = sent + 1, time.monotonic()
         else:
             time.sleep(0.001)
     return sent
@@ -187,6 +193,8 @@ def main() -> int:
         from bench.wire import free_port  # noqa: PLC0415 - the one free-port helper of the benches
 
         configs = prepare_session(out, data_holders=PARTIES, run="hostile", port=free_port(), timeouts=TIMEOUTS)
+        with open(configs["bank"], "a") as fh:  # the label holder's largest message (and ECHO cap) is then 1 MiB
+            fh.write(f"\n[link_check]\nshape = {list(LH_LINK_SHAPE)}\n")
         lh_cfg = load_config(configs["bank"])
         log = open(out / "bank.log", "wb")
         lh = subprocess.Popen([sys.executable, "-m", "vfl", "node", "--config", str(configs["bank"])],
@@ -200,27 +208,29 @@ def main() -> int:
             result["rss_start_mib"] = rss(lh.pid)["VmRSS"] / MIB
             result["honest_rt_per_s_alone"] = honest_rate(honest, HONEST_ROUNDS_S)
 
-            # 2 + 3. a peer that floods ECHOs and never reads (its own process, as a partner would be), while the
-            # honest one keeps doing round trips
-            peak = PeakRss(lh.pid)
-            attacker = subprocess.Popen(
-                [sys.executable, __file__, "--attack", str(configs["dh3"]), endpoint, str(result["echo_cap_bytes"])],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )
-            if attacker.stdout.readline().strip() != "ready":
-                raise SystemExit("attacker: no WELCOME")
-            result["honest_rt_per_s_beside"] = honest_rate(honest, HONEST_ROUNDS_S)
-            result.update(json.loads(attacker.stdout.readline()))  # it is done sending
-            time.sleep(1.0)  # the label holder works through what it already received
-            result["flood_rss_growth_mib"] = peak.growth_mib()
+            # 2 + 3. a peer that sends 700 ECHOs of 1 MiB (valid: within the ECHO cap) and never reads, from its own
+            # process as a partner would, while the honest one keeps doing round trips
+            for name, party, nbytes in (("flood", "dh3", MIB), ("junk", "dh4", 2 * MIB)):
+                peak = PeakRss(lh.pid)
+                attacker = subprocess.Popen(
+                    [sys.executable, __file__, "--attack", str(configs[party]), endpoint, str(nbytes), "700"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                )
+                if attacker.stdout.readline().strip() != "ready":
+                    raise SystemExit(f"attacker {party}: no WELCOME")
+                result[f"honest_rt_per_s_beside_{name}"] = honest_rate(honest, HONEST_ROUNDS_S)
+                result[f"{name}_taken"] = json.loads(attacker.stdout.readline())  # it is done sending
+                time.sleep(1.0)  # the label holder works through what it already received
+                result[f"{name}_rss_growth_mib"] = peak.growth_mib()
+                result[f"honest_rt_per_s_after_{name}"] = honest_rate(honest, HONEST_ROUNDS_S)
+                attacker.stdin.write("drain\n")
+                attacker.stdin.flush()
+                result[f"{name}_attacker_got"] = json.loads(attacker.stdout.readline())
+                attacker.wait(30)
+                alone = result["honest_rt_per_s_alone"]
+                result[f"beside_{name}_vs_alone_ratio"] = result[f"honest_rt_per_s_beside_{name}"] / alone
+                result[f"after_{name}_vs_alone_ratio"] = result[f"honest_rt_per_s_after_{name}"] / alone
             result["flood_rss_goal_mib"] = lh_cfg.queue_bytes / MIB + 64
-            result["honest_rt_per_s_after"] = honest_rate(honest, HONEST_ROUNDS_S)
-            attacker.stdin.write("drain\n")
-            attacker.stdin.flush()
-            result["hostile_got"] = json.loads(attacker.stdout.readline())
-            attacker.wait(30)
-            result["beside_vs_alone_ratio"] = result["honest_rt_per_s_beside"] / result["honest_rt_per_s_alone"]
-            result["after_vs_alone_ratio"] = result["honest_rt_per_s_after"] / result["honest_rt_per_s_alone"]
 
             # 1. an 8 MB header frame
             big = RawPeer(ctx, endpoint, load_config(configs["dh2"]))
@@ -256,15 +266,15 @@ def main() -> int:
     return 0
 
 
-def attack_main(config: str, endpoint: str, cap: int) -> int:
-    """``--attack``: the hostile partner, in its own process. Floods without reading, then drains when told."""
+def attack_main(config: str, endpoint: str, nbytes: int, count: int) -> int:
+    """``--attack``: the hostile partner, in its own process. Sends ``count`` ECHOs of ``nbytes`` without reading
+    (retrying each until its libzmq takes it), then drains what came back when told."""
     ctx = zmq.Context()
     hostile = RawPeer(ctx, endpoint, load_config(config), rcvhwm=1)
     hostile.sock.setsockopt(zmq.RCVBUF, 64 * 1024)
     hostile.hello()
     print("ready", flush=True)
-    taken = {"flood_1mib_taken": flood(hostile, MIB, 700), "flood_cap_taken": flood(hostile, cap, 4000)}
-    print(json.dumps(taken), flush=True)
+    print(json.dumps(flood(hostile, nbytes, count)), flush=True)
     sys.stdin.readline()
     print(json.dumps(drain_summary(hostile, 3.0)), flush=True)
     hostile.sock.close(linger=0)
@@ -275,5 +285,5 @@ def attack_main(config: str, endpoint: str, cap: int) -> int:
 if __name__ == "__main__":
     if "--attack" in sys.argv:
         i = sys.argv.index("--attack")
-        sys.exit(attack_main(sys.argv[i + 1], sys.argv[i + 2], int(sys.argv[i + 3])))
+        sys.exit(attack_main(sys.argv[i + 1], sys.argv[i + 2], int(sys.argv[i + 3]), int(sys.argv[i + 4])))
     sys.exit(main())
