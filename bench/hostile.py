@@ -42,12 +42,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vfl.launch.prepare import prepare_session  # noqa: E402 - after the sys.path fix-up
 from vfl.node.config import load_config  # noqa: E402
-from vfl.node.keys import load_public_key, load_secret_key  # noqa: E402
+from vfl.node.keys import generate_keypair, load_public_key, load_secret_key  # noqa: E402
 from vfl.node.transport import largest_message_bytes  # noqa: E402
 from vfl.protocol import Bye, Echo, Hello, Tensor, decode, encode  # noqa: E402
 from vfl.protocol.codec import PROTOCOL_VERSION, SIGNATURE  # noqa: E402
 
 HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    from bench.wire import free_port as wire_free_port  # noqa: PLC0415 - the one free-port helper of the benches
+
+    return wire_free_port()
+
+
 MIB = 2**20
 PARTIES = ["dh1", "dh2", "dh3", "dh4", "spare"]  # spare never connects: the session stays in READY for the whole bench
 TIMEOUTS = {"heartbeat": 1.0, "peer": 600.0, "handshake": 60.0, "join": 3600.0, "progress": 3600.0}
@@ -190,8 +198,6 @@ class PeakRss:
 def main() -> int:
     with TemporaryDirectory(prefix="vfl-hostile-") as tmp:
         out = Path(tmp)
-        from bench.wire import free_port  # noqa: PLC0415 - the one free-port helper of the benches
-
         configs = prepare_session(out, data_holders=PARTIES, run="hostile", port=free_port(), timeouts=TIMEOUTS)
         with open(configs["bank"], "a") as fh:  # the label holder's largest message (and ECHO cap) is then 1 MiB
             fh.write(f"\n[link_check]\nshape = {list(LH_LINK_SHAPE)}\n")
@@ -259,10 +265,140 @@ def main() -> int:
             log.close()
             ctx.destroy(linger=0)
             tail = (out / "bank.log").read_text(errors="replace").splitlines()[-12:]
+        if "--no-training" not in sys.argv:  # 5. a real training session, alone and beside mallory, interleaved
+            runs = [training_run(out / f"train-{i}", attack=i % 2 == 1) for i in range(4)]
+            alone = [r["epoch_2_to_last_s"] for r in runs if not r["attack"]]
+            beside = [r["epoch_2_to_last_s"] for r in runs if r["attack"]]
+            result["training_runs"] = runs
+            result["training_epoch_s_alone"] = alone
+            result["training_epoch_s_beside_mallory"] = beside
+            # samples/s is rows / time: the ratio of the mean epoch times, inverted
+            result["training_samples_per_s_beside_vs_alone"] = (sum(alone) / len(alone)) / (sum(beside) / len(beside))
         for key, value in result.items():
             print(f"{key:32} {value:.2f}" if isinstance(value, float) else f"{key:32} {value}")
         print("label holder log (tail):", *tail, sep="\n  ")
         print(json.dumps(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- training beside an attack
+
+TRAIN_ROWS, TRAIN_EPOCHS = 30_000, 5
+
+
+def write_training_session(out: Path, port: int) -> dict[str, Path]:
+    """bank (labels) + dh1 + dh2 (features) over the same synthetic people; plus ``mallory``, a key on the label
+    holder's allow-list that is in no session: a partner of another project, say."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(TRAIN_ROWS, 12)).astype(np.float32)
+    y = np.argmax(x @ rng.normal(size=(12, 3)), axis=1)
+    ids = [f"p{i:06d}" for i in range(TRAIN_ROWS)]
+    out.mkdir(parents=True)
+    for name, header, cols in (("bank", ["label"], [y]), ("dh1", [f"a{j}" for j in range(5)], list(x[:, :5].T)),
+                               ("dh2", [f"b{j}" for j in range(7)], list(x[:, 5:].T))):
+        lines = ["id," + ",".join(header)] + [
+            ids[i] + "," + ",".join(repr(float(c[i])) if c.dtype.kind == "f" else str(int(c[i])) for c in cols)
+            for i in range(TRAIN_ROWS)
+        ]
+        (out / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    opt = {"kind": "sgd", "lr": 0.05, "momentum": 0.5}
+    model = str(out / "model")
+    tables = {
+        "bank": {"model": {"top": {"widths": [16, 3]}, "seed": 3},
+                 "train": {"task": "multiclass", "epochs": TRAIN_EPOCHS, "validation_fraction": 0.2, "seed": 5,
+                           "optimizer": opt, "output": model}},
+        "dh1": {"model": {"bottom": {"widths": [16, 8]}, "seed": 1}, "train": {"optimizer": opt, "output": model}},
+        "dh2": {"model": {"bottom": {"widths": [16, 8]}, "seed": 2}, "train": {"optimizer": opt, "output": model}},
+    }
+    data = {"bank": {"path": "bank.csv", "id_column": "id", "label_column": "label", "features": []},
+            "dh1": {"path": "dh1.csv", "id_column": "id"}, "dh2": {"path": "dh2.csv", "id_column": "id"}}
+    configs = prepare_session(out, data_holders=["dh1", "dh2"], run="hostile-train", port=port, link_check={"rounds": 0},
+                              data=data, psi={"workers": 1}, tables=tables, cut_width=8, batch_size=64, window=2,
+                              timeouts={"heartbeat": 1.0, "peer": 30.0, "progress": 120.0})
+    generate_keypair(out / "keys", "mallory")
+    text = configs["bank"].read_text()
+    assert "[keys.partners]\n" in text
+    configs["bank"].write_text(text.replace("[keys.partners]\n", '[keys.partners]\nmallory = "keys/mallory.key"\n', 1))
+    return configs
+
+
+def training_run(out: Path, attack: bool) -> dict:
+    """One training session; with ``attack``, mallory floods 1 MiB ECHOs without reading from epoch 1 on.
+
+    Returns the seconds of epochs 2..E (the attack's span) and what the attacker managed to send."""
+    port = free_port()
+    configs = write_training_session(out, port)
+    endpoint = f"tcp://{HOST}:{port}"
+    procs = {name: subprocess.Popen([sys.executable, "-m", "vfl", "node", "--config", str(path)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for name, path in configs.items()}
+    done_at: dict[int, float] = {}
+    lines: list[str] = []
+
+    def watch() -> None:
+        for line in procs["bank"].stdout:
+            lines.append(line)
+            if " of %d done" % TRAIN_EPOCHS in line and "epoch " in line:
+                done_at[int(line.split("epoch ")[1].split(" of")[0])] = time.monotonic()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for name in ("dh1", "dh2"):  # their output is not needed; keep their pipes drained
+        threading.Thread(target=procs[name].stdout.read, daemon=True).start()
+    attacker = None
+    got: dict = {"attack": attack}
+    try:
+        end = time.monotonic() + 300
+        while 1 not in done_at and time.monotonic() < end and procs["bank"].poll() is None:
+            time.sleep(0.01)
+        if attack:
+            attacker = subprocess.Popen(
+                [sys.executable, __file__, "--mallory", str(out / "keys" / "mallory.key_secret"),
+                 str(out / "keys" / "bank.key"), endpoint],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+        codes = {name: p.wait(max(1.0, end - time.monotonic())) for name, p in procs.items()}
+        watcher.join(5)
+        if attacker is not None:
+            attacker.stdin.write("stop\n")
+            attacker.stdin.flush()
+            got.update(json.loads(attacker.stdout.readline()))
+            attacker.wait(30)
+        got["exit_codes"] = codes
+        got["epoch_2_to_last_s"] = done_at[TRAIN_EPOCHS] - done_at[1]
+        got["closed_mallory"] = sum("mallory" in x and "closed its connection" in x for x in lines)
+        got["internal_errors"] = sum("internal error" in x or "Traceback" in x for x in lines)
+    finally:
+        for p in [*procs.values(), *([attacker] if attacker else [])]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return got
+
+
+def mallory_main(secret: str, server: str, endpoint: str) -> int:
+    """``--mallory``: an allow-listed key in no session sends 1 MiB ECHOs, never reading, until told to stop."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger, sock.rcvhwm, sock.sndhwm = 0, 1, 1000
+    sock.setsockopt(zmq.RCVBUF, 64 * 1024)
+    sock.setsockopt(zmq.ROUTING_ID, f"mallory/{secrets.token_hex(8)}".encode())
+    sock.curve_publickey, sock.curve_secretkey = load_secret_key(secret)
+    sock.curve_serverkey = load_public_key(server)
+    sock.connect(endpoint)
+    frames = encode(Echo(seq=0, tensors=[Tensor("x", np.zeros(MIB // 4, dtype=np.float32))]))
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    sent = 0
+    while not stop.is_set():
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            sent += 1
+        except zmq.Again:
+            time.sleep(0.001)
+    print(json.dumps({"mallory_sent_mib": sent}), flush=True)
+    sock.close(linger=0)
+    ctx.destroy(linger=0)
     return 0
 
 
@@ -283,6 +419,9 @@ def attack_main(config: str, endpoint: str, nbytes: int, count: int) -> int:
 
 
 if __name__ == "__main__":
+    if "--mallory" in sys.argv:
+        i = sys.argv.index("--mallory")
+        sys.exit(mallory_main(sys.argv[i + 1], sys.argv[i + 2], sys.argv[i + 3]))
     if "--attack" in sys.argv:
         i = sys.argv.index("--attack")
         sys.exit(attack_main(sys.argv[i + 1], sys.argv[i + 2], int(sys.argv[i + 3]), int(sys.argv[i + 4])))
