@@ -1,8 +1,9 @@
 """Bounded decoding (issue 12, findings 3 and 4): every rule that bounds what a peer's header may cost.
 
 One test per rule, named after it: the header's nesting depth and duplicate keys (section 3 check 5), the lengths a
-header may claim, the bounded type peek ([M2] after a failed decode, [E2]) and bool tensor bytes (check 12).
-Memory is measured with tracemalloc (msgpack allocates through Python's allocator), never with a clock.
+header may claim, the bounded type peek ([M2] after a failed decode, [E2]), bool tensor bytes (check 12), and the
+depth and size limits of the session config canonicaliser and of the diff (section 6). Memory is measured with
+tracemalloc (msgpack allocates through Python's allocator), never with a clock.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from vfl.protocol import (
     SIGNATURE,
     Bye,
     Echo,
+    Error,
     ErrorCode,
     RemoteProtocolError,
     Tensor,
+    config_diff,
     decode,
+    describe_diff,
+    digest_of,
     encode,
 )
 from vfl.protocol import codec
@@ -269,3 +274,47 @@ def test_check12_a_sender_sends_bool_tensors_as_the_bytes_0_and_1():
     frames = encode(Echo(seq=0, tensors=(Tensor("b", forged),)))
     assert bytes(memoryview(frames[2]).cast("B")) == b"\x00\x01\x01\x01"
     np.testing.assert_array_equal(decode(frames).tensors[0].array, [False, True, True, True])
+
+
+# --------------------------------------------------------------------------------------------- section 6: config
+
+
+def test_H3_a_session_config_nested_1000_deep_is_BAD_FIELD_not_RecursionError():
+    """Finding 3: a 3 KB HELLO whose config nested 1,000 deep raised RecursionError in the canonicaliser."""
+    with pytest.raises(RemoteProtocolError) as info:
+        digest_of({"cut_widths": {"dh1": 1}, "x": nest(1000, "lm")})
+    assert info.value.code is ErrorCode.BAD_FIELD and "deeper than 32" in info.value.detail
+    # the codec refuses such a HELLO before the canonicaliser sees it
+    hello = {"type": "HELLO", "version": [1, 2], "role": "data_holder", "party": "dh1", "run": "r",
+             "config": {"cut_widths": {"dh1": 1}, "x": nest(1000, "m")}, "digest": "0" * 64}
+    assert code_of(msgpack.packb(hello)) is ErrorCode.BAD_HEADER
+
+
+def test_H4_config_diff_walks_any_depth_without_recursion():
+    deep = {"x": nest(5000, "m")}
+    diff = config_diff({"x": 1}, deep)
+    assert diff["x"] == [1, "<missing>"]
+    (deep_path,) = set(diff) - {"x"}
+    assert deep_path.startswith("x.k.k.k") and diff[deep_path] == ["<missing>", 0]
+
+
+def test_H4_config_diff_of_a_hostile_config_fits_in_one_ERROR():
+    """A peer's config may carry unknown keys ([E3]) with long values; the ERROR that lists them must stay sendable."""
+    ours = {"cut_widths": {"dh1": 4}, "batch_size": 32, "window": 2, "model": "m"}
+    theirs = {**ours, "junk": "x" * 60_000, "deep": nest(30, "l"), "k" * 5000: 1,
+              **{f"extra{i}": i for i in range(5000)}}
+    diff = config_diff(ours, theirs)
+    assert "(more)" in diff
+    err = Error(code=int(ErrorCode.CONFIG_MISMATCH), message="config differs: " + describe_diff(diff), diff=diff)
+    assert len(encode(err)[1]) < 65_536 // 2
+
+
+def test_H4_honest_config_diff_is_unchanged():
+    ours = {"cut_widths": {"dh1": 4, "dh2": 8}, "batch_size": 32, "window": 2, "model": "m"}
+    theirs = {"cut_widths": {"dh1": 4, "dh3": 8}, "batch_size": 64, "window": 2, "model": "m", "psi": True}
+    assert config_diff(ours, theirs) == {
+        "batch_size": [32, 64],
+        "cut_widths.dh2": [8, "<missing>"],
+        "cut_widths.dh3": ["<missing>", 8],
+        "psi": ["<missing>", True],
+    }
