@@ -29,6 +29,7 @@ import zmq
 import zmq.auth
 
 from vfl.launch import prepare_session
+from vfl.protocol.routing import new_routing_id
 
 from .procs import Node, Nodes
 
@@ -40,9 +41,8 @@ RECV_S = 10.0
 
 
 def routing_id(party: str) -> bytes:
-    """The routing id a data holder's socket sets. On main it is the party id; with [S1] it becomes
-    ``<party>/<16 lowercase hex>`` — change this one line then: ``f"{party}/{secrets.token_hex(8)}".encode()``."""
-    return party.encode()
+    """The routing id a data holder's socket sets ([S1]): ``<party>/<16 lowercase hex>``, fresh per socket."""
+    return new_routing_id(party)
 
 
 def canonical(value):

@@ -21,6 +21,7 @@ from ..protocol import (
     DataHolderMachine,
     Disconnect,
     EpochDone,
+    Error,
     Finished,
     LabelHolderMachine,
     LinkChecked,
@@ -33,6 +34,7 @@ from ..protocol import (
     encode,
 )
 from ..protocol.codec import DTYPES
+from ..protocol.errors import LocalProtocolError
 from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.text import peer_text
 from .alignment import PartyIds, load_ids, psi_plan, write_aligned
@@ -242,11 +244,25 @@ class NodeRunner:
                     if machine.finished is not None or machine.has_work or any(type(o) is Aligned for o in new):
                         break
 
+    def _encode(self, out: Send) -> list | None:
+        """The frames of one message. Our own ERROR can outgrow the limits (it quotes what a peer sent, a diff of
+        its config): then it goes out cut short, without the diff, and the node never stops over its own answer."""
+        try:
+            return encode(out.message, self.cfg.limits)
+        except LocalProtocolError as exc:
+            if not isinstance(out.message, Error):
+                raise
+            self.log.warning("an ERROR to %s was too large to send (%s): sending it cut short", peer_text(out.to, 80), exc)
+            short = Error(code=out.message.code, message=peer_text(out.message.message, 200), ref=out.message.ref)
+            return encode(short, self.cfg.limits)
+
     def _execute(self, transport: Transport, outputs: Iterable[Output]) -> Finished | None:
         finished = None
         for out in outputs:
             if isinstance(out, Send):
-                frames = encode(out.message, self.cfg.limits)
+                frames = self._encode(out)
+                if frames is None:
+                    continue
                 if out.to not in self.outbox and self._try_send(transport, frames, out.to, out.message.TYPE):
                     continue  # the common case: libzmq took it at once
                 self.outbox.push(out.to, frames, out.message.TYPE, time.monotonic())

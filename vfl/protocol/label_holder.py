@@ -436,7 +436,11 @@ class LabelHolderMachine:
             return refuse(ErrorCode.UNSUPPORTED_VERSION, f"HELLO.version {list(msg.version)}: this label holder speaks 1.x")
         if msg.role != "data_holder":
             return refuse(ErrorCode.BAD_FIELD, f"HELLO.role must be 'data_holder', got {peer_text(msg.role, 40)}")
-        if digest_of(msg.config) != msg.digest:
+        try:
+            same = digest_of(msg.config) == msg.digest
+        except RemoteProtocolError as exc:  # a config deeper than a walk may go
+            return exc
+        if not same:
             return refuse(ErrorCode.BAD_FIELD, "HELLO.digest is not the SHA-256 of HELLO.config's canonical encoding")
         try:
             SessionConfig.from_wire(msg.config)
@@ -455,7 +459,7 @@ class LabelHolderMachine:
         theirs = {"run": msg.run, **msg.config}
         ours = {"run": self.run, **self._wire_config}
         if msg.run != self.run or msg.digest != self._digest:
-            diff = config_diff(ours, theirs)
+            diff = config_diff(ours, theirs, budget=self.limits.max_header_bytes // 4)
             return refuse(ErrorCode.CONFIG_MISMATCH, "config differs: " + describe_diff(diff), diff=diff)
         return None
 
