@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from .kit import Kit
-from .peer import Peer, config_digest
+from .peer import Peer, config_digest, routing_id
 from .target import Target, build_external, build_local, node_command, start_node, stop_node, wait_ready
 
 
@@ -27,7 +27,7 @@ def _sigterm_check(target: Target, ctx: zmq.Context) -> list[str]:
         return [f"the node had already exited with {proc.returncode} before the kit stopped it\n{target.log_tail()}"]
     key = target.key("probe")
     p = Peer(ctx, target.address, server_public=target.server_public, public=key.public, secret=key.secret,
-             routing_id=key.name.encode(), limits=target.limits, label="sigterm-probe")
+             routing_id=routing_id(key.name), limits=target.limits, label="sigterm-probe")
     try:
         p.send("HELLO", {"version": [1, 0], "role": "data_holder", "party": key.name, "run": target.run,
                          "config": target.session, "digest": config_digest(target.session)})

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import zmq
 
-from .peer import CODES, PACER, Msg, Peer, config_digest, envelope
+from .peer import CODES, PACER, Msg, Peer, config_digest, envelope, routing_id as fresh_routing_id
 from .target import PartyKey, Target
 
 _seq = itertools.count(1000)
@@ -42,9 +42,11 @@ class Kit:
         secret: Optional[bytes] = None,
         monitor: bool = False,
     ) -> Peer:
+        """A raw peer with ``key``. ``routing_id``: True, a fresh ``<party>/<hex>`` of the key's party ([S1]); bytes,
+        exactly that (attack tests); False, none (libzmq picks one)."""
         key = key or self.target.key(role)
         if routing_id is True:
-            routing_id = key.name.encode()
+            routing_id = fresh_routing_id(key.name)
         elif routing_id is False:
             routing_id = None
         p = Peer(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -43,6 +44,7 @@ CODES = {
     "TIMEOUT": 13,
     "INTERNAL": 14,
     "PSI_FAILED": 15,
+    "REPLACED": 16,
 }
 CODE_NAMES = {v: k for k, v in CODES.items()}
 
@@ -98,6 +100,15 @@ LH_TO_DH = frozenset({"WELCOME", "ERROR", "HEARTBEAT", "ECHO_REPLY", "BYE"})  # 
 DH_TO_LH = frozenset({"HELLO", "ERROR", "HEARTBEAT", "ECHO", "BYE"})  # what a data holder may send
 
 INT_MAX = 2**63  # integers in fields are in [0, 2^63)
+
+
+def routing_id(party: str) -> bytes:
+    """[S1]: the routing id of a fresh data holder socket, ``<party>/<16 lowercase hex digits>``.
+
+    Every kit connection gets its own (the label holder turns ROUTER_HANDOVER off, so two live connections with one
+    routing id would make libzmq ignore the second). Attack tests pass a raw routing id of their choice instead.
+    """
+    return f"{party}/{secrets.token_hex(8)}".encode()
 
 
 def is_id(x: Any) -> bool:
@@ -308,7 +319,7 @@ def parse(frames: list[bytes], limits: dict = DEFAULT_LIMITS, allowed_types: fro
         elif not _check_field(kind, header[name]):
             p.append(f"[section 5] {t}.{name} = {header[name]!r:.80} is not a {kind}")
     if t == "ERROR" and is_int(header.get("code")) and header["code"] not in CODE_NAMES:
-        p.append(f"[section 8] ERROR code {header['code']} is not in 1..15")
+        p.append(f"[section 8] ERROR code {header['code']} is not in 1..{max(CODE_NAMES)}")
     return m
 
 

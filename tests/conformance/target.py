@@ -28,6 +28,20 @@ MODEL = "conformance-model-v1"
 HEARTBEAT_S = 1.0
 PEER_TIMEOUT_S = 120.0  # longer than the whole kit: a party a failed test leaves READY must not kill the node
 JOIN_TIMEOUT_S = 3600.0
+#: [link_check].shape of the kit's node: it makes the session's largest message L (section 7) 2 MiB, so the ECHO cap
+#: ([B3]) is known exactly and leaves room for the kit's large ECHOs
+LINK_SHAPE = (512, 512)
+
+
+def largest_message(session: dict, link_shape=None, psi_chunk_size=None) -> int:
+    """Section 7: L = max(batch_size x max(cut_widths) x 8, prod(link_check.shape) x 8, chunk_size x 64, 65536)."""
+    link = 0
+    if link_shape is not None:
+        link = 8
+        for d in link_shape:
+            link *= d
+    psi = psi_chunk_size * 64 if session.get("psi") and psi_chunk_size else 0
+    return max(session["batch_size"] * max(session["cut_widths"].values()) * 8, link, psi, 65536)
 
 # Parties of the kit's own node. Roles let the tests spread their traffic (and the node's per-peer [R2] buckets)
 # over several allow-listed keys; against an external node with fewer keys the roles share keys.
@@ -72,6 +86,9 @@ class Target:
     external: bool = False
     dead_reason: Optional[str] = None  # an external target that stopped answering
     pristine: dict[str, str] = field(default_factory=dict)  # message type -> party never used before
+    #: L of section 7 (the ECHO cap, [B3]); exact when the kit knows the node's [link_check] (and [psi]) settings
+    largest_message: int = 65536
+    largest_exact: bool = False
 
     def key(self, role_or_party: str) -> PartyKey:
         if role_or_party in self.parties:
@@ -148,6 +165,9 @@ def write_config(
     peer: float = PEER_TIMEOUT_S,
     join: float = JOIN_TIMEOUT_S,
     limits: dict = DEFAULT_LIMITS,
+    link_shape=LINK_SHAPE,
+    queue_bytes: Optional[int] = None,
+    extra: str = "",
 ) -> None:
     lines = [
         'role = "label_holder"',
@@ -177,7 +197,12 @@ def write_config(
         "",
         "[limits]",
         *[f"{k} = {v}" for k, v in limits.items()],
+        *([f"queue_bytes = {queue_bytes}"] if queue_bytes is not None else []),
         "",
+        "[link_check]",
+        f"shape = {list(link_shape)}",
+        "",
+        extra,
     ]
     path.write_text("\n".join(lines))
 
@@ -239,12 +264,14 @@ def build_local(workdir: Path, node_cmd: Optional[str]) -> Target:
         log_path=workdir / "node.log",
         workdir=workdir,
         pristine=pristine,
+        largest_message=largest_message(session, LINK_SHAPE),
+        largest_exact=True,
     )
 
 
 def wait_ready(target: Target, ctx: zmq.Context, timeout: float = 60.0) -> None:
     """Wait until the node completes a handshake (it may take a while to import its dependencies)."""
-    from .peer import Peer, config_digest
+    from .peer import Peer, config_digest, routing_id
 
     key = target.key("probe")
     deadline = time.monotonic() + timeout
@@ -255,7 +282,7 @@ def wait_ready(target: Target, ctx: zmq.Context, timeout: float = 60.0) -> None:
         if dead:
             raise RuntimeError(f"the node under test did not start: {dead}")
         p = Peer(ctx, target.address, server_public=target.server_public, public=key.public, secret=key.secret,
-                 routing_id=key.name.encode(), limits=target.limits)
+                 routing_id=routing_id(key.name), limits=target.limits)
         try:
             p.send("HELLO", {"version": [1, 0], "role": "data_holder", "party": key.name, "run": target.run,
                              "config": target.session, "digest": config_digest(target.session)})
@@ -303,6 +330,7 @@ def build_external(opts) -> Target:
     limits = dict(DEFAULT_LIMITS)
     limits.update(doc.get("limits", {}))
     timeouts = doc.get("timeouts", {})
+    link = doc.get("link_check", {}).get("shape") if "session" in doc else None
     return Target(
         address=opts.target,
         server_public=server_public,
@@ -314,4 +342,7 @@ def build_external(opts) -> Target:
         heartbeat_ms=int(timeouts["heartbeat"] * 1000) if "heartbeat" in timeouts else None,
         peer_timeout_ms=int(timeouts["peer"] * 1000) if "peer" in timeouts else None,
         external=True,
+        # without the node's [link_check] the kit knows only a lower bound of L (the node's default shape counts too)
+        largest_message=largest_message(session, link, doc.get("psi", {}).get("chunk_size", 65536)),
+        largest_exact=link is not None,
     )

@@ -7,6 +7,7 @@ an external ``--target`` without ``--node-cmd`` they are skipped (there is no da
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from .target import MODEL, RUN, _toml_str, make_keys, node_command, start_node
 
 DH = "dh1"
 LH = "bank"
+RID_PATTERN = re.compile(re.escape(DH.encode()) + rb"/[0-9a-f]{16}")  # [S1]
 SESSION = {"cut_widths": {DH: 8, "dh2": 16}, "batch_size": 32, "window": 2, "model": MODEL}
 
 
@@ -187,7 +189,7 @@ def _finish_link_check(lh: RawLabelHolder, proc, log, rounds: int, what: str) ->
 
 
 def test_S2_data_holder_HELLO_is_conformant_and_session_completes(dh_env, lh_ctx):
-    """[S1] routing id = party id; [S2] first message HELLO with version [1, 0], role data_holder, party, run,
+    """[S1] routing id = `<party id>/<16 lowercase hex>`; [S2] first message HELLO with version [1, 0], role data_holder, party, run,
     the config it was given and the section 6 digest of it; then WELCOME -> link check ECHOs ([E4] frames checked)
     -> BYE {ok: true} -> exit 0."""
     lh = RawLabelHolder(lh_ctx, dh_env.keys[LH])
@@ -195,7 +197,7 @@ def test_S2_data_holder_HELLO_is_conformant_and_session_completes(dh_env, lh_ctx
         proc, log = dh_env.start(lh.port, rounds=2)
         m = lh.recv(10.0, skip_heartbeats=False)
         assert m is not None, f"no message from the data holder within 10 s\n{_log(log)[-2000:]}"
-        assert lh.rid == DH.encode(), f"[S1] routing id must be the party id {DH!r}, got {lh.rid!r}"
+        assert RID_PATTERN.fullmatch(lh.rid), f"[S1] routing id must be {DH!r}/<16 lowercase hex>, got {lh.rid!r}"
         assert m.type == "HELLO", f"[S2] the first message must be HELLO, got {m.summary()}"
         version = m.get("version")
         assert isinstance(version, list) and len(version) == 2 and version[0] == 1, version

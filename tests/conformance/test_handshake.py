@@ -13,7 +13,7 @@ from .peer import config_digest, pack
 
 
 def test_S1_dealer_with_routing_id_completes_handshake(kit):
-    """[S1]: a DEALER with ROUTING_ID = party id connects to the label holder's ROUTER and is welcomed."""
+    """[S1]: a DEALER with ROUTING_ID = `<party id>/<16 hex>` connects to the label holder's ROUTER and is welcomed."""
     p = kit.peer("main")
     kit.handshake(p)
     kit.bye(p)
@@ -73,13 +73,14 @@ def test_H6_second_hello_in_READY_restarts_the_session(kit):
 
 
 def test_H6_restarted_data_holder_on_a_new_connection(kit):
-    """[H6] + ROUTER_HANDOVER: a data holder that restarts (new DEALER, same routing id and key, old socket
-    still open) is welcomed again and served on the new connection."""
+    """[H6] + [S5]: a data holder that restarts (new DEALER with a fresh routing id, same key, old socket still
+    open) is welcomed again and served on the new connection; the old connection gets ERROR REPLACED."""
     key = next_key(kit)
     old = kit.peer(key=key)
     kit.handshake(old)
     new = kit.peer(key=key)
     kit.handshake(new, what="[H6] HELLO from the restarted data holder")
+    old.expect_error("REPLACED", kit.T, "[S5] the replaced connection")
     kit.assert_ready(new, "[H6] restarted data holder")
     old.maybe_ready = False
     kit.bye(new)

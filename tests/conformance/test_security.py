@@ -9,7 +9,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .kit import next_key
-from .peer import SIGNATURE, Peer, envelope
+from .peer import SIGNATURE, Peer, envelope, routing_id
 
 QUIET = 1.0  # how long an unauthenticated connection listens for (there must be nothing)
 
@@ -36,15 +36,15 @@ def _handshake_events(p, duration, stop_at=("HANDSHAKE_FAILED_AUTH", "HANDSHAKE_
     return out
 
 
-@pytest.mark.parametrize("routing_id", ["allow-listed", "own"])
-def test_S3_key_not_on_allow_list_gets_nothing_delivered(kit, routing_id):
+@pytest.mark.parametrize("rid", ["allow-listed", "own"])
+def test_S3_key_not_on_allow_list_gets_nothing_delivered(kit, rid):
     """[S3]: a client with a CURVE key that is not on the allow-list (routing id = an allow-listed party's id, or
     its own) sends a valid HELLO, an ECHO and garbage: it gets no answer at all, the party it claims is not made
     READY, and a valid peer still completes the handshake."""
     victim = next_key(kit)
     public, secret = zmq.curve_keypair()
-    rid = victim.name.encode() if routing_id == "allow-listed" else b"stranger"
-    p = kit.peer(key=victim, public=public, secret=secret, routing_id=rid)
+    p = kit.peer(key=victim, public=public, secret=secret,
+                 routing_id=routing_id(victim.name) if rid == "allow-listed" else b"stranger")
     _impostor_traffic(kit, p, victim.name)
     p.expect_nothing(QUIET, "[S3] unlisted key")
     p.close()
@@ -98,7 +98,7 @@ def test_R3_client_with_wrong_server_key_gets_nothing(kit):
     key = next_key(kit)
     other_public, _ = zmq.curve_keypair()
     q = Peer(kit.ctx, kit.target.address, server_public=other_public, public=key.public, secret=key.secret,
-             routing_id=key.name.encode(), limits=kit.target.limits, label="wrong-server-key")
+             routing_id=routing_id(key.name), limits=kit.target.limits, label="wrong-server-key")
     kit.peers.append(q)
     _impostor_traffic(kit, q, key.name)
     q.expect_nothing(1.0, "wrong server key")
@@ -111,10 +111,10 @@ def test_R3_client_with_wrong_server_key_gets_nothing(kit):
 
 
 def test_S4_routing_id_of_another_party_gets_IDENTITY_MISMATCH(kit):
-    """[S4]: key of A, routing id B (both allow-listed): every message (HELLO as A, HELLO as B, ECHO, BYE) gets
-    IDENTITY_MISMATCH and is otherwise ignored: neither A nor B becomes READY."""
+    """[S4]: key of A, routing id B/<hex> (both allow-listed): every message (HELLO as A, HELLO as B, ECHO, BYE)
+    gets IDENTITY_MISMATCH and is otherwise ignored: neither A nor B becomes READY."""
     a, b = kit.target.distinct(2)
-    p = kit.peer(key=a, routing_id=b.name.encode())
+    p = kit.peer(key=a, routing_id=routing_id(b.name))
     for frames, what in [
         (kit.hello_frames(a.name), "HELLO party A"),
         (kit.hello_frames(b.name), "HELLO party B"),
@@ -122,21 +122,29 @@ def test_S4_routing_id_of_another_party_gets_IDENTITY_MISMATCH(kit):
         (envelope("BYE", {"ok": True, "reason": "x"}), "BYE"),
     ]:
         p.send_raw(frames)
-        p.expect_error("IDENTITY_MISMATCH", kit.T, f"[S4] key {a.name}, routing id {b.name}: {what}")
+        p.expect_error("IDENTITY_MISMATCH", kit.T, f"[S4] key {a.name}, routing id {b.name}/...: {what}")
     p.maybe_ready = False
     p.close()
     for k in (a, b):
-        kit.assert_not_ready(kit.peer(key=k), f"[S4] {k.name} must not be READY")
-    kit.assert_healthy("after [S4]")
+        q = kit.peer(key=k)
+        kit.handshake(q, what=f"[S4] {k.name} after the mismatched connection")
+        kit.bye(q)
 
 
-@pytest.mark.parametrize("rid", ["none", "unknown", "case"])
+@pytest.mark.parametrize("rid", ["none", "unknown", "case", "longer", "second_segment"])
 def test_S4_routing_id_not_the_key_party_gets_IDENTITY_MISMATCH(kit, rid):
-    """[S4]: no routing id at all (libzmq picks a random one), an unknown one, or the party id in another case:
-    a valid HELLO gets IDENTITY_MISMATCH."""
+    """[S4]: no routing id at all (libzmq picks a random one), an unknown party, the party id in another case, the
+    party id with a suffix before the '/', the party id only after the first '/': a valid HELLO gets
+    IDENTITY_MISMATCH."""
     key = next_key(kit)
-    routing_id = {"none": False, "unknown": b"nobody-such", "case": key.name.upper().encode()}[rid]
-    p = kit.peer(key=key, routing_id=routing_id)
+    rids = {
+        "none": False,
+        "unknown": routing_id("nobody-such"),
+        "case": routing_id(key.name.upper()),
+        "longer": routing_id(key.name + "x"),
+        "second_segment": b"x/" + routing_id(key.name),
+    }
+    p = kit.peer(key=key, routing_id=rids[rid])
     p.send_raw(kit.hello_frames(key.name))
     p.expect_error("IDENTITY_MISMATCH", kit.T, f"[S4] routing id {rid}")
     p.maybe_ready = False
@@ -144,20 +152,23 @@ def test_S4_routing_id_not_the_key_party_gets_IDENTITY_MISMATCH(kit, rid):
     kit.assert_not_ready(kit.peer(key=key), f"[S4] {key.name} must not be READY")
 
 
-def test_S4_hijacked_routing_id_does_not_affect_the_real_session(kit):
-    """[S4]: A is READY; a connection with B's key and A's routing id sends ECHO and BYE as A: it gets
-    IDENTITY_MISMATCH, and once A's real data holder reconnects its session is still READY."""
+@pytest.mark.parametrize("which", ["another_hex", "the_same_routing_id"])
+def test_S4_hijacked_routing_id_does_not_affect_the_real_session(kit, which):
+    """[S4]/[S5]: A is READY; a connection with B's key and A's party in its routing id (another hex, or exactly
+    A's live routing id) sends BYE and ECHO as A: it gets IDENTITY_MISMATCH or nothing at all (libzmq ignores a
+    second connection with a routing id in use), and A's real connection is still READY."""
     a, b = kit.target.distinct(2)
     pa = kit.peer(key=a)
     kit.handshake(pa)
-    pa.maybe_ready = False
-    pa.close()
-    h = kit.peer(key=b, routing_id=a.name.encode())
+    h = kit.peer(key=b, routing_id=routing_id(a.name) if which == "another_hex" else pa.routing_id)
     h.send_raw(envelope("BYE", {"ok": True, "reason": "hijack"}))
-    h.expect_error("IDENTITY_MISMATCH", kit.T, "[S4] BYE with A's routing id and B's key")
     h.send_raw(envelope("ECHO", {"seq": 1}))
-    h.expect_error("IDENTITY_MISMATCH", kit.T, "[S4] ECHO with A's routing id and B's key")
+    got = h.drain(kit.quiet * 2)
+    assert all(m.type == "ERROR" and m.code == 11 for m in got), (
+        f"[S4] the hijacker may only get IDENTITY_MISMATCH, got {[m.summary() for m in got]}"
+    )
+    if which == "another_hex":
+        assert len(got) == 2, f"[S4] BYE and ECHO on another party's routing id: two IDENTITY_MISMATCH, got {got}"
     h.close()
-    pa2 = kit.peer(key=a)
-    kit.assert_ready(pa2, "[S4] A's session after the hijack attempt")
-    kit.bye(pa2)
+    kit.assert_ready(pa, "[S4] A's session after the hijack attempt")
+    kit.bye(pa)
