@@ -376,6 +376,7 @@ class Peer:
         limits: Optional[dict] = None,
         monitor: bool = False,
         label: str = "",
+        sockopts: Optional[dict] = None,
     ):
         self.limits = dict(limits or DEFAULT_LIMITS)
         self.label = label or (routing_id or b"?").decode("utf-8", "replace")
@@ -386,6 +387,8 @@ class Peer:
         self.sock.sndtimeo = 5000
         self.sock.rcvhwm = 10000
         self.sock.sndhwm = 10000
+        for opt, value in (sockopts or {}).items():  # e.g. a small RCVHWM/RCVBUF for a peer that does not read
+            self.sock.setsockopt(opt, value)
         if routing_id is not None:
             self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
         if secret is not None:

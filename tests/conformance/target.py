@@ -55,6 +55,7 @@ ROLES = {
     "flood1": "flood1",
     "flood2": "flood2",
     "flood3": "flood3",
+    "twice": "twice",  # a real data holder process started twice (finding 2 of issue 12)
 }
 IDLE_PARTIES = {t: "idle-" + t.lower().replace("_", "-") for t in sorted(TYPES)}  # never used before their test
 SPARE = "spare"  # allow-listed and expected, never connects: keeps the label holder from finishing
@@ -167,6 +168,7 @@ def write_config(
     limits: dict = DEFAULT_LIMITS,
     link_shape=LINK_SHAPE,
     queue_bytes: Optional[int] = None,
+    session_extra: tuple[str, ...] = (),
     extra: str = "",
 ) -> None:
     lines = [
@@ -186,6 +188,7 @@ def write_config(
         "batch_size = 32",
         "window = 2",
         f"model = {_toml_str(MODEL)}",
+        *session_extra,
         "",
         "[session.cut_widths]",
         *[f"{_toml_str(p)} = {w}" for p, w in cut_widths.items()],
@@ -300,6 +303,147 @@ def wait_ready(target: Target, ctx: zmq.Context, timeout: float = 60.0) -> None:
         finally:
             p.close()
     raise RuntimeError(f"the node did not answer a HELLO within {timeout} s\n{target.log_tail()}")
+
+
+def wait_answering(target: Target, ctx: zmq.Context, timeout: float = 60.0) -> None:
+    """Wait until the node answers the outsider's HELLO with UNKNOWN_PARTY ([H1]): alive, and no session touched
+    (a BYE from a READY probe would end a PSI session, [P9])."""
+    from .peer import Peer, config_digest, routing_id
+
+    key = target.outsider
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = target.alive()
+        if dead:
+            raise RuntimeError(f"the node under test did not start: {dead}")
+        p = Peer(ctx, target.address, server_public=target.server_public, public=key.public, secret=key.secret,
+                 routing_id=routing_id(key.name), limits=target.limits)
+        try:
+            p.send("HELLO", {"version": [1, 0], "role": "data_holder", "party": key.name, "run": target.run,
+                             "config": target.session, "digest": config_digest(target.session)})
+            m = p.recv_app(min(2.0, max(0.0, deadline - time.monotonic())))
+            if m is not None and m.type == "ERROR" and m.code == 12:
+                return
+            if m is not None:
+                raise RuntimeError(f"the node answered the outsider's HELLO with {m.summary()}\n{target.log_tail()}")
+        finally:
+            p.close()
+    raise RuntimeError(f"the node did not answer a HELLO within {timeout} s\n{target.log_tail()}")
+
+
+def start_own_node(
+    workdir: Path,
+    node_cmd: Optional[str],
+    ctx: zmq.Context,
+    *,
+    data_holders: list[str],
+    link_shape=LINK_SHAPE,
+    queue_bytes: Optional[int] = None,
+    psi: Optional[dict] = None,
+    peer: float = PEER_TIMEOUT_S,
+) -> Target:
+    """A label holder of a test's own (fresh keys, a free port), for tests that end its session or need settings
+    the shared node does not have. ``data_holders`` (plus a ``spare`` that never connects) are its session;
+    ``psi``: the session has ``psi: true`` and these ``[psi]`` settings (the node's own IDs are 0..99)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    expected = list(data_holders) + [SPARE]
+    keys = make_keys(workdir / "keys", [LH_PARTY, *expected, OUTSIDER])
+    cut_widths = {p: 8 for p in expected}
+    session = {"cut_widths": cut_widths, "batch_size": 32, "window": 2, "model": MODEL}
+    session_extra: tuple[str, ...] = ()
+    extra = ""
+    if psi is not None:
+        session["psi"] = True
+        session_extra = ("psi = true",)
+        (workdir / "ids.csv").write_text("id\n" + "".join(f"{i}\n" for i in range(100)))
+        extra = "\n".join(["[data]", 'path = "ids.csv"', 'id_column = "id"', "", "[psi]",
+                           *[f"{k} = {v!r}" for k, v in psi.items()], ""])
+    for _attempt in range(3):  # the free port may be taken between choosing and binding it
+        port = free_port()
+        write_config(workdir / "node.toml", port=port, partners=expected + [OUTSIDER], cut_widths=cut_widths,
+                     peer=peer, link_shape=link_shape, queue_bytes=queue_bytes, session_extra=session_extra,
+                     extra=extra)
+        t = Target(
+            address=f"tcp://127.0.0.1:{port}",
+            server_public=keys[LH_PARTY].public,
+            run=RUN,
+            session=session,
+            limits=dict(DEFAULT_LIMITS),
+            parties={p: keys[p] for p in data_holders},
+            lh_party=LH_PARTY,
+            heartbeat_ms=int(HEARTBEAT_S * 1000),
+            peer_timeout_ms=int(peer * 1000),
+            outsider=keys[OUTSIDER],
+            log_path=workdir / "node.log",
+            workdir=workdir,
+            largest_message=largest_message(session, link_shape, (psi or {}).get("chunk_size", 65536)),
+            largest_exact=True,
+        )
+        t.proc = start_node(node_command(node_cmd, workdir / "node.toml"), t.log_path, workdir)
+        try:
+            wait_answering(t, ctx)
+            return t
+        except RuntimeError as exc:
+            last = exc
+            stop_node(t.proc, grace=2.0)
+    raise RuntimeError(f"could not start a label holder of the test's own: {last}")
+
+
+def dh_config(
+    *, party: str, run: str, port: int, secret: str, lh_party: str, lh_key: str, session: dict,
+    handshake: float = 10.0, rounds: int = 2, hold: float = 0.0, shape=(4, 8), peer: float = 20.0,
+) -> str:
+    """A data holder's node config (paths relative to the config file's folder)."""
+    cw = "\n".join(f"{_toml_str(k)} = {v}" for k, v in session["cut_widths"].items())
+    return f"""role = "data_holder"
+party = {_toml_str(party)}
+run = {_toml_str(run)}
+endpoint = "tcp://127.0.0.1:{port}"
+
+[keys]
+secret = {_toml_str(secret)}
+
+[keys.partners]
+{_toml_str(lh_party)} = {_toml_str(lh_key)}
+
+[session]
+batch_size = {session['batch_size']}
+window = {session['window']}
+model = {_toml_str(session['model'])}
+
+[session.cut_widths]
+{cw}
+
+[timeouts]
+heartbeat = 1.0
+peer = {peer!r}
+handshake = {handshake!r}
+
+[link_check]
+rounds = {rounds}
+shape = {list(shape)}
+dtype = "float32"
+hold = {hold!r}
+"""
+
+
+def proc_memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak resident set) of a process, in bytes, from /proc/<pid>/status."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def reset_peak_memory(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/<pid>/clear_refs); False if not permitted."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------------------------

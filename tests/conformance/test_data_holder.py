@@ -19,7 +19,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from .peer import CODES, DH_TO_LH, Msg, config_digest, envelope, parse
-from .target import MODEL, RUN, _toml_str, make_keys, node_command, start_node
+from .target import MODEL, RUN, dh_config, make_keys, node_command, start_node
 
 DH = "dh1"
 LH = "bank"
@@ -105,37 +105,9 @@ class DataHolderEnv:
               shape=(4, 8)) -> tuple[subprocess.Popen, Path]:
         self.n += 1
         cfg = self.workdir / f"dh-{self.n}.toml"
-        cw = "\n".join(f"{_toml_str(k)} = {v}" for k, v in SESSION["cut_widths"].items())
-        cfg.write_text(f"""role = "data_holder"
-party = {_toml_str(DH)}
-run = {_toml_str(RUN)}
-endpoint = "tcp://127.0.0.1:{port}"
-
-[keys]
-secret = "keys/{DH}.key_secret"
-
-[keys.partners]
-{LH} = "keys/{LH}.key"
-
-[session]
-batch_size = {SESSION['batch_size']}
-window = {SESSION['window']}
-model = {_toml_str(MODEL)}
-
-[session.cut_widths]
-{cw}
-
-[timeouts]
-heartbeat = 1.0
-peer = 20.0
-handshake = {handshake!r}
-
-[link_check]
-rounds = {rounds}
-shape = {list(shape)}
-dtype = "float32"
-hold = {hold!r}
-""")
+        cfg.write_text(dh_config(party=DH, run=RUN, port=port, secret=f"keys/{DH}.key_secret", lh_party=LH,
+                                 lh_key=f"keys/{LH}.key", session=SESSION, handshake=handshake, rounds=rounds,
+                                 hold=hold, shape=shape))
         log = self.workdir / f"dh-{self.n}.log"
         proc = start_node(node_command(self.node_cmd, cfg), log, self.workdir)
         self.procs.append(proc)

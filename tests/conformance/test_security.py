@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from .kit import next_key
+from .kit import monitor_events, next_key
 from .peer import SIGNATURE, Peer, envelope, routing_id
 
 QUIET = 1.0  # how long an unauthenticated connection listens for (there must be nothing)
@@ -20,20 +17,6 @@ def _impostor_traffic(kit, p, party):
     p.send_raw(envelope("ECHO", {"seq": 1}), pace=False)
     p.send_raw([SIGNATURE, b"\xc1"], pace=False)
     p.send_raw([b"garbage"], pace=False)
-
-
-def _handshake_events(p, duration, stop_at=("HANDSHAKE_FAILED_AUTH", "HANDSHAKE_SUCCEEDED")):
-    """Monitor events of p's socket within ``duration`` seconds: list of (event name, value)."""
-    out = []
-    deadline = time.monotonic() + duration
-    while time.monotonic() < deadline:
-        if not p.monitor.poll(int(max(1, (deadline - time.monotonic()) * 1000))):
-            break
-        ev = recv_monitor_message(p.monitor)
-        out.append((zmq.Event(ev["event"]).name, ev["value"]))
-        if out[-1][0] in stop_at:
-            break
-    return out
 
 
 @pytest.mark.parametrize("rid", ["allow-listed", "own"])
@@ -59,7 +42,7 @@ def test_S3_unlisted_key_is_refused_in_the_CURVE_handshake(kit):
     public, secret = zmq.curve_keypair()
     p = kit.peer(key=next_key(kit), public=public, secret=secret, routing_id=b"stranger", monitor=True)
     p.send_raw(kit.hello_frames("stranger"), pace=False)
-    events = _handshake_events(p, 2.0)
+    events = monitor_events(p, 2.0)
     names = [e for e, _ in events]
     assert "HANDSHAKE_FAILED_AUTH" in names, (
         f"[S3] an unlisted key must be refused by the ZAP handler (ZMQ_EVENT_HANDSHAKE_FAILED_AUTH on the client); "
@@ -74,7 +57,7 @@ def test_S3_allow_listed_key_handshake_succeeds(kit):
     """Control for the test above: an allow-listed key's CURVE handshake succeeds."""
     p = kit.peer(key=next_key(kit), monitor=True)
     kit.handshake(p)
-    events = _handshake_events(p, 0.3)
+    events = monitor_events(p, 0.3)
     assert "HANDSHAKE_SUCCEEDED" in [e for e, _ in events], events
     kit.bye(p)
 
