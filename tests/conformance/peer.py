@@ -93,11 +93,20 @@ FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "ECHO": {"seq": (_INT, True)},
     "ECHO_REPLY": {"seq": (_INT, True)},
     "BYE": {"ok": (_BOOL, True), "reason": (_STR, True)},
+    # section 10 (the kit checks their fields, not the PSI itself)
+    "PSI_START": {"n_items": (_INT, True), "chunk_size": (_INT, True)},
+    "PSI_ITEMS": {"chunk": (_INT, True), "last": (_BOOL, True)},
+    "PSI_REPLY": {"chunk": (_INT, True), "last": (_BOOL, True)},
+    "PSI_RESULT": {"chunk": (_INT, True), "last": (_BOOL, True)},
+    "PSI_ROWS": {"chunk": (_INT, True), "last": (_BOOL, True)},
 }
+SESSION_TYPES = frozenset({"HELLO", "WELCOME", "ERROR", "HEARTBEAT", "ECHO", "ECHO_REPLY", "BYE"})  # sections 5-9
 TYPES = frozenset(FIELDS)
-TENSOR_TYPES = frozenset({"ECHO", "ECHO_REPLY"})  # types that may carry tensors
-LH_TO_DH = frozenset({"WELCOME", "ERROR", "HEARTBEAT", "ECHO_REPLY", "BYE"})  # what a label holder may send
-DH_TO_LH = frozenset({"HELLO", "ERROR", "HEARTBEAT", "ECHO", "BYE"})  # what a data holder may send
+TENSOR_TYPES = frozenset({"ECHO", "ECHO_REPLY", "PSI_ITEMS", "PSI_REPLY", "PSI_RESULT", "PSI_ROWS"})  # may carry tensors
+PSI_LH = frozenset({"PSI_START", "PSI_ITEMS", "PSI_REPLY", "PSI_ROWS"})  # the PSI messages a label holder sends
+PSI_DH = frozenset({"PSI_START", "PSI_ITEMS", "PSI_RESULT"})  # ... and a data holder
+LH_TO_DH = frozenset({"WELCOME", "ERROR", "HEARTBEAT", "ECHO_REPLY", "BYE"}) | PSI_LH  # what a label holder may send
+DH_TO_LH = frozenset({"HELLO", "ERROR", "HEARTBEAT", "ECHO", "BYE"}) | PSI_DH  # what a data holder may send
 
 INT_MAX = 2**63  # integers in fields are in [0, 2^63)
 

@@ -18,7 +18,7 @@ from typing import Optional
 import zmq
 import zmq.auth
 
-from .peer import DEFAULT_LIMITS, TYPES
+from .peer import DEFAULT_LIMITS, SESSION_TYPES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,7 +57,7 @@ ROLES = {
     "flood3": "flood3",
     "twice": "twice",  # a real data holder process started twice (finding 2 of issue 12)
 }
-IDLE_PARTIES = {t: "idle-" + t.lower().replace("_", "-") for t in sorted(TYPES)}  # never used before their test
+IDLE_PARTIES = {t: "idle-" + t.lower().replace("_", "-") for t in sorted(SESSION_TYPES)}  # never used before their test
 SPARE = "spare"  # allow-listed and expected, never connects: keeps the label holder from finishing
 OUTSIDER = "outsider"  # allow-listed key whose party is NOT in cut_widths (for [H1])
 
@@ -272,10 +272,19 @@ def build_local(workdir: Path, node_cmd: Optional[str]) -> Target:
     )
 
 
-def wait_ready(target: Target, ctx: zmq.Context, timeout: float = 60.0) -> None:
-    """Wait until the node completes a handshake (it may take a while to import its dependencies)."""
+def _hello_probe(target: Target, ctx: zmq.Context, key: PartyKey):
+    """A fresh connection with ``key`` that has sent its HELLO (with the target's session)."""
     from .peer import Peer, config_digest, routing_id
 
+    p = Peer(ctx, target.address, server_public=target.server_public, public=key.public, secret=key.secret,
+             routing_id=routing_id(key.name), limits=target.limits)
+    p.send("HELLO", {"version": [1, 0], "role": "data_holder", "party": key.name, "run": target.run,
+                     "config": target.session, "digest": config_digest(target.session)})
+    return p
+
+
+def wait_ready(target: Target, ctx: zmq.Context, timeout: float = 60.0) -> None:
+    """Wait until the node completes a handshake (it may take a while to import its dependencies)."""
     key = target.key("probe")
     deadline = time.monotonic() + timeout
     attempt = 0
@@ -284,11 +293,8 @@ def wait_ready(target: Target, ctx: zmq.Context, timeout: float = 60.0) -> None:
         dead = target.alive()
         if dead:
             raise RuntimeError(f"the node under test did not start: {dead}")
-        p = Peer(ctx, target.address, server_public=target.server_public, public=key.public, secret=key.secret,
-                 routing_id=routing_id(key.name), limits=target.limits)
+        p = _hello_probe(target, ctx, key)
         try:
-            p.send("HELLO", {"version": [1, 0], "role": "data_holder", "party": key.name, "run": target.run,
-                             "config": target.session, "digest": config_digest(target.session)})
             end = min(deadline, time.monotonic() + 2.0)
             while time.monotonic() < end:
                 m = p.recv_app(end - time.monotonic())
@@ -308,19 +314,14 @@ def wait_ready(target: Target, ctx: zmq.Context, timeout: float = 60.0) -> None:
 def wait_answering(target: Target, ctx: zmq.Context, timeout: float = 60.0) -> None:
     """Wait until the node answers the outsider's HELLO with UNKNOWN_PARTY ([H1]): alive, and no session touched
     (a BYE from a READY probe would end a PSI session, [P9])."""
-    from .peer import Peer, config_digest, routing_id
-
     key = target.outsider
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         dead = target.alive()
         if dead:
             raise RuntimeError(f"the node under test did not start: {dead}")
-        p = Peer(ctx, target.address, server_public=target.server_public, public=key.public, secret=key.secret,
-                 routing_id=routing_id(key.name), limits=target.limits)
+        p = _hello_probe(target, ctx, key)
         try:
-            p.send("HELLO", {"version": [1, 0], "role": "data_holder", "party": key.name, "run": target.run,
-                             "config": target.session, "digest": config_digest(target.session)})
             m = p.recv_app(min(2.0, max(0.0, deadline - time.monotonic())))
             if m is not None and m.type == "ERROR" and m.code == 12:
                 return
@@ -392,9 +393,13 @@ def start_own_node(
 def dh_config(
     *, party: str, run: str, port: int, secret: str, lh_party: str, lh_key: str, session: dict,
     handshake: float = 10.0, rounds: int = 2, hold: float = 0.0, shape=(4, 8), peer: float = 20.0,
+    ids: Optional[str] = None,
 ) -> str:
-    """A data holder's node config (paths relative to the config file's folder)."""
+    """A data holder's node config (paths relative to the config file's folder). With ``session["psi"]``, ``ids`` is
+    its CSV of IDs (column ``id``)."""
     cw = "\n".join(f"{_toml_str(k)} = {v}" for k, v in session["cut_widths"].items())
+    psi = "psi = true\n" if session.get("psi") else ""
+    data = f'\n[data]\npath = {_toml_str(ids)}\nid_column = "id"\n' if session.get("psi") else ""
     return f"""role = "data_holder"
 party = {_toml_str(party)}
 run = {_toml_str(run)}
@@ -410,7 +415,7 @@ secret = {_toml_str(secret)}
 batch_size = {session['batch_size']}
 window = {session['window']}
 model = {_toml_str(session['model'])}
-
+{psi}
 [session.cut_widths]
 {cw}
 
@@ -424,7 +429,7 @@ rounds = {rounds}
 shape = {list(shape)}
 dtype = "float32"
 hold = {hold!r}
-"""
+{data}"""
 
 
 def proc_memory(pid: int) -> dict[str, int]:

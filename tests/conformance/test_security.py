@@ -6,7 +6,7 @@ import pytest
 import zmq
 
 from .kit import monitor_events, next_key
-from .peer import SIGNATURE, Peer, envelope, routing_id
+from .peer import SIGNATURE, Peer, envelope, pack, routing_id
 
 QUIET = 1.0  # how long an unauthenticated connection listens for (there must be nothing)
 
@@ -155,3 +155,106 @@ def test_S4_hijacked_routing_id_does_not_affect_the_real_session(kit, which):
     h.close()
     kit.assert_ready(pa, "[S4] A's session after the hijack attempt")
     kit.bye(pa)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The order of [S4] against section 3 and [M2] (section 2: decode, an ERROR is only logged, then [S4], then [S5]'s
+# rule for a replaced connection, then a section 3 failure is answered, then the state table)
+
+MALFORMED = {
+    "bad_signature": [b"XXXXX", pack({"type": "ECHO", "seq": 1})],
+    "bad_header": [SIGNATURE, b"\xc1"],
+    "unknown_type": [SIGNATURE, pack({"type": "NOPE"})],
+    "bad_tensor": [SIGNATURE, pack({"type": "ECHO", "seq": 1, "tensors": [{"name": "a", "dtype": "complex64",
+                                                                           "shape": [1]}]}), b"\x00" * 8],
+    "too_many_frames": [SIGNATURE, pack({"type": "ECHO", "seq": 1})] + [b""] * 70,
+}
+
+
+@pytest.mark.parametrize("which", list(MALFORMED))
+def test_S4_applies_before_a_section_3_failure_is_answered(kit, which):
+    """[S4]: a malformed message on a routing id naming another party gets IDENTITY_MISMATCH, not the code of its
+    section 3 failure: whatever else is wrong with it."""
+    a, b = kit.target.distinct(2)
+    p = kit.peer(key=a, routing_id=routing_id(b.name))
+    p.send_raw(MALFORMED[which])
+    p.expect_error("IDENTITY_MISMATCH", kit.T, f"[S4] {which} on {b.name}'s routing id with {a.name}'s key")
+    p.close()
+
+
+@pytest.mark.parametrize("which", ["valid", "malformed"])
+def test_M2_an_ERROR_on_another_partys_routing_id_is_only_logged(kit, which):
+    """[M2] before [S4]: an ERROR (valid, or failing section 3) on a routing id naming another party gets no answer
+    at all, not IDENTITY_MISMATCH; the probe after it (an ECHO) gets the next answer, IDENTITY_MISMATCH."""
+    a, b = kit.target.distinct(2)
+    p = kit.peer(key=a, routing_id=routing_id(b.name))
+    fields = {"code": 6, "message": "x"} if which == "valid" else {"code": "6", "message": "x"}
+    p.send_raw(envelope("ERROR", fields))
+    p.send_raw(envelope("ECHO", {"seq": 1}))
+    p.expect_error("IDENTITY_MISMATCH", kit.T, f"[M2] the {which} ERROR got an answer, or the probe none")
+    p.expect_nothing(kit.quiet, "[M2]")
+    p.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# [S5]: one connection per party, the one whose HELLO was accepted last
+
+
+def test_S5_replaced_connection_gets_REPLACED_and_nothing_else(kit):
+    """[S5]: A's second connection says HELLO: the first gets ERROR REPLACED (once), then no HEARTBEAT and nothing
+    of A's session; each of its later messages (ECHO, HELLO, BYE, garbage: the rule of a replaced connection comes
+    before section 3) gets REPLACED and is otherwise ignored (its BYE does not end A's session); an ERROR from it gets
+    nothing ([M2]). The new connection gets WELCOME, HEARTBEATs and ECHO_REPLYs."""
+    key = next_key(kit)
+    old = kit.peer(key=key)
+    kit.handshake(old, what="first connection")
+    new = kit.peer(key=key)
+    w = kit.handshake(new, what="[S5] HELLO on a new connection")
+    old.expect_error("REPLACED", kit.T, "[S5] the old connection when the new one's HELLO was accepted")
+    old.expect_nothing(2 * w.get("heartbeat_ms") / 1000, "[S5] a replaced connection gets nothing more")
+    assert not [m for _, m in old.transcript if m.startswith("HEARTBEAT")], "[S5] HEARTBEAT to a replaced connection"
+    for what, frames in [
+        ("ECHO", envelope("ECHO", {"seq": 1})),
+        ("HELLO", kit.hello_frames(key.name)),
+        ("BYE", envelope("BYE", {"ok": True, "reason": "old connection"})),
+        ("bad header", [SIGNATURE, b"\xc1"]),
+    ]:
+        old.send_raw(frames)
+        old.expect_error("REPLACED", kit.T, f"[S5] {what} from the replaced connection")
+    old.send_raw(envelope("ERROR", {"code": 6, "message": "x"}))
+    old.send_raw(envelope("ECHO", {"seq": 2}))
+    old.expect_error("REPLACED", kit.T, "[M2] the replaced connection's ERROR got an answer (or the probe none)")
+    old.maybe_ready = False
+    kit.assert_ready(new, "[S5] the new connection after the old one's messages")
+    kit.bye(new)
+
+
+def test_S5_non_HELLO_on_a_new_connection_of_a_live_party_is_UNEXPECTED(kit):
+    """[S5]: A is READY on one connection; a second connection with A's key sends ECHO, HEARTBEAT and BYE before any
+    HELLO: UNEXPECTED_MESSAGE each (a section 3 failure on it keeps its own code), and A's session is untouched."""
+    key = next_key(kit)
+    live = kit.peer(key=key)
+    kit.handshake(live)
+    other = kit.peer(key=key)
+    for what, frames in [("ECHO", envelope("ECHO", {"seq": 1})), ("HEARTBEAT", envelope("HEARTBEAT")),
+                         ("BYE", envelope("BYE", {"ok": True, "reason": "x"}))]:
+        other.send_raw(frames)
+        other.expect_error("UNEXPECTED_MESSAGE", kit.T, f"[S5] {what} on a connection that has not said HELLO")
+    other.send_raw([SIGNATURE, b"\xc1"])
+    other.expect_error("BAD_HEADER", kit.T, "section 3 before the state table on a connection without HELLO")
+    kit.assert_ready(live, "[S5] the live connection")
+    live.expect_nothing(kit.quiet, "[S5] the live connection gets none of the other's answers")
+    kit.bye(live)
+
+
+def test_S5_refused_HELLO_on_a_new_connection_replaces_nothing(kit):
+    """[S5] replaces on an *accepted* HELLO only: a second connection's HELLO that gets CONFIG_MISMATCH leaves the
+    first connection the party's (no REPLACED to it, it is still READY)."""
+    key = next_key(kit)
+    live = kit.peer(key=key)
+    kit.handshake(live)
+    other = kit.peer(key=key)
+    other.send_raw(kit.hello_frames(key.name, run=kit.target.run + "-other"))
+    other.expect_error("CONFIG_MISMATCH", kit.T, "[H4] the second connection's HELLO")
+    kit.assert_ready(live, "[S5] the first connection after a refused HELLO elsewhere")
+    kit.bye(live)
