@@ -6,15 +6,19 @@ Issue 12's figures, measured side by side in one run against a real ``python -m 
 1. ``header_8mb``: one peer sends a message whose header frame is 8 MB of msgpack (8 million empty maps) — the
    decoder refuses it (``TOO_LARGE``); before issue 12 the type peek unpacked it all.
    Reported: the label holder's peak RSS growth (``VmRSS`` from ``/proc``, sampled every 20 ms), goal < 64 MiB.
-2. ``echo_flood``: a READY peer sends 700 ECHOs of 1 MiB and never reads; then 4,000 ECHOs of the largest size the
-   label holder echoes (its ECHO cap), still never reading, so its send queue really fills. Reported: peak RSS growth,
-   goal <= ``queue_bytes`` + 64 MiB, and what the hostile peer got back once it finally read.
-3. ``beside``: an honest READY peer's ECHO round trips per second (128x256 float32, the default link check) alone,
-   while the hostile peer floods (from its own process: on a 2-core box the attacker's own CURVE encryption
-   and the label holder's decryption of its traffic compete for the same cores), and after the hostile peer was
-   dropped — the ratios to "alone".
+2. ``flood``: a READY peer sends 700 ECHOs of 1 MiB and never reads. The label holder's ``[link_check]`` is set so
+   that its largest session message, hence its ECHO cap, is 1 MiB: the ECHOs are valid and answered, and the
+   replies pile up until the send budget ([B2]) drops the peer. Reported: peak RSS growth, goal <= ``queue_bytes`` +
+   64 MiB, and what the hostile peer got back once it finally read.
+3. ``junk``: a READY peer sends 700 ECHOs of 2 MiB (over the cap: each is refused) without reading, until its
+   refused-bytes budget ([B4]) closes its connection. Same figures.
+4. ``beside``: an honest READY peer's ECHO round trips per second (128x256 float32, the default link check) alone,
+   while each attacker sends (from its own process, as a partner would: on a 2-core box the attacker's own CURVE
+   encryption and the label holder's decryption of its traffic compete for the same cores), and after it was
+   dropped; the ratios to "alone".
 
-Usage: ``.venv/bin/python bench/hostile.py`` (about a minute; ``--before`` for a checkout older than issue 12). Last line: one JSON object with every figure.
+Usage: ``.venv/bin/python bench/hostile.py`` (about a minute; ``--before`` for a checkout older than issue 12).
+Last line: one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -38,16 +42,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vfl.launch.prepare import prepare_session  # noqa: E402 - after the sys.path fix-up
 from vfl.node.config import load_config  # noqa: E402
-from vfl.node.keys import load_public_key, load_secret_key  # noqa: E402
+from vfl.node.keys import generate_keypair, load_public_key, load_secret_key  # noqa: E402
 from vfl.node.transport import largest_message_bytes  # noqa: E402
 from vfl.protocol import Bye, Echo, Hello, Tensor, decode, encode  # noqa: E402
 from vfl.protocol.codec import PROTOCOL_VERSION, SIGNATURE  # noqa: E402
 
 HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    from bench.wire import free_port as wire_free_port  # noqa: PLC0415 - the one free-port helper of the benches
+
+    return wire_free_port()
+
+
 MIB = 2**20
-PARTIES = ["dh1", "dh2", "dh3", "spare"]  # spare never connects: the session stays in READY for the whole bench
+PARTIES = ["dh1", "dh2", "dh3", "dh4", "spare"]  # spare never connects: the session stays in READY for the whole bench
 TIMEOUTS = {"heartbeat": 1.0, "peer": 600.0, "handshake": 60.0, "join": 3600.0, "progress": 3600.0}
 HONEST_ROUNDS_S = 3.0
+LH_LINK_SHAPE = (1024, 128)  # 8 bytes per element: 1 MiB, so 1 MiB ECHOs are valid and answered
 #: ``--before``: routing id = party id, as before issue 12's [S1], to measure the old code the same way
 LEGACY_ROUTING_ID = "--before" in sys.argv
 
@@ -128,13 +141,14 @@ def honest_rate(peer: RawPeer, seconds: float) -> float:
     return n / (time.monotonic() - t0)
 
 
-def flood(peer: RawPeer, nbytes: int, count: int) -> int:
-    """Send ``count`` ECHOs of ``nbytes`` without reading; returns how many libzmq took."""
+def flood(peer: RawPeer, nbytes: int, count: int, give_up_s: float = 20.0) -> int:
+    """Send ``count`` ECHOs of ``nbytes`` without reading, each retried until libzmq takes it (or ``give_up_s``
+    passes with none taken: the label holder closed the connection and the queue is full); returns how many went."""
     arr = np.zeros(nbytes // 4, dtype=np.float32)
-    sent = 0
-    for i in range(count):
-        if peer.send(Echo(seq=i, tensors=[Tensor("x", arr)]), block=False):
-            sent += 1
+    sent, stuck_since = 0, time.monotonic()
+    while sent < count and time.monotonic() - stuck_since < give_up_s:
+        if peer.send(Echo(seq=sent, tensors=[Tensor("x", arr)]), block=False):
+            sent, stuck_since = sent + 1, time.monotonic()
         else:
             time.sleep(0.001)
     return sent
@@ -184,9 +198,9 @@ class PeakRss:
 def main() -> int:
     with TemporaryDirectory(prefix="vfl-hostile-") as tmp:
         out = Path(tmp)
-        from bench.wire import free_port  # noqa: PLC0415 - the one free-port helper of the benches
-
         configs = prepare_session(out, data_holders=PARTIES, run="hostile", port=free_port(), timeouts=TIMEOUTS)
+        with open(configs["bank"], "a") as fh:  # the label holder's largest message (and ECHO cap) is then 1 MiB
+            fh.write(f"\n[link_check]\nshape = {list(LH_LINK_SHAPE)}\n")
         lh_cfg = load_config(configs["bank"])
         log = open(out / "bank.log", "wb")
         lh = subprocess.Popen([sys.executable, "-m", "vfl", "node", "--config", str(configs["bank"])],
@@ -200,27 +214,29 @@ def main() -> int:
             result["rss_start_mib"] = rss(lh.pid)["VmRSS"] / MIB
             result["honest_rt_per_s_alone"] = honest_rate(honest, HONEST_ROUNDS_S)
 
-            # 2 + 3. a peer that floods ECHOs and never reads (its own process, as a partner would be), while the
-            # honest one keeps doing round trips
-            peak = PeakRss(lh.pid)
-            attacker = subprocess.Popen(
-                [sys.executable, __file__, "--attack", str(configs["dh3"]), endpoint, str(result["echo_cap_bytes"])],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )
-            if attacker.stdout.readline().strip() != "ready":
-                raise SystemExit("attacker: no WELCOME")
-            result["honest_rt_per_s_beside"] = honest_rate(honest, HONEST_ROUNDS_S)
-            result.update(json.loads(attacker.stdout.readline()))  # it is done sending
-            time.sleep(1.0)  # the label holder works through what it already received
-            result["flood_rss_growth_mib"] = peak.growth_mib()
+            # 2 + 3. a peer that sends 700 ECHOs of 1 MiB (valid: within the ECHO cap) and never reads, from its own
+            # process as a partner would, while the honest one keeps doing round trips
+            for name, party, nbytes in (("flood", "dh3", MIB), ("junk", "dh4", 2 * MIB)):
+                peak = PeakRss(lh.pid)
+                attacker = subprocess.Popen(
+                    [sys.executable, __file__, "--attack", str(configs[party]), endpoint, str(nbytes), "700"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                )
+                if attacker.stdout.readline().strip() != "ready":
+                    raise SystemExit(f"attacker {party}: no WELCOME")
+                result[f"honest_rt_per_s_beside_{name}"] = honest_rate(honest, HONEST_ROUNDS_S)
+                result[f"{name}_taken"] = json.loads(attacker.stdout.readline())  # it is done sending
+                time.sleep(1.0)  # the label holder works through what it already received
+                result[f"{name}_rss_growth_mib"] = peak.growth_mib()
+                result[f"honest_rt_per_s_after_{name}"] = honest_rate(honest, HONEST_ROUNDS_S)
+                attacker.stdin.write("drain\n")
+                attacker.stdin.flush()
+                result[f"{name}_attacker_got"] = json.loads(attacker.stdout.readline())
+                attacker.wait(30)
+                alone = result["honest_rt_per_s_alone"]
+                result[f"beside_{name}_vs_alone_ratio"] = result[f"honest_rt_per_s_beside_{name}"] / alone
+                result[f"after_{name}_vs_alone_ratio"] = result[f"honest_rt_per_s_after_{name}"] / alone
             result["flood_rss_goal_mib"] = lh_cfg.queue_bytes / MIB + 64
-            result["honest_rt_per_s_after"] = honest_rate(honest, HONEST_ROUNDS_S)
-            attacker.stdin.write("drain\n")
-            attacker.stdin.flush()
-            result["hostile_got"] = json.loads(attacker.stdout.readline())
-            attacker.wait(30)
-            result["beside_vs_alone_ratio"] = result["honest_rt_per_s_beside"] / result["honest_rt_per_s_alone"]
-            result["after_vs_alone_ratio"] = result["honest_rt_per_s_after"] / result["honest_rt_per_s_alone"]
 
             # 1. an 8 MB header frame
             big = RawPeer(ctx, endpoint, load_config(configs["dh2"]))
@@ -249,6 +265,15 @@ def main() -> int:
             log.close()
             ctx.destroy(linger=0)
             tail = (out / "bank.log").read_text(errors="replace").splitlines()[-12:]
+        if "--no-training" not in sys.argv:  # 5. a real training session, alone and beside mallory, interleaved
+            runs = [training_run(out / f"train-{i}", attack=i % 2 == 1) for i in range(4)]
+            alone = [r["epoch_2_to_last_s"] for r in runs if not r["attack"]]
+            beside = [r["epoch_2_to_last_s"] for r in runs if r["attack"]]
+            result["training_runs"] = runs
+            result["training_epoch_s_alone"] = alone
+            result["training_epoch_s_beside_mallory"] = beside
+            # samples/s is rows / time: the ratio of the mean epoch times, inverted
+            result["training_samples_per_s_beside_vs_alone"] = (sum(alone) / len(alone)) / (sum(beside) / len(beside))
         for key, value in result.items():
             print(f"{key:32} {value:.2f}" if isinstance(value, float) else f"{key:32} {value}")
         print("label holder log (tail):", *tail, sep="\n  ")
@@ -256,15 +281,136 @@ def main() -> int:
     return 0
 
 
-def attack_main(config: str, endpoint: str, cap: int) -> int:
-    """``--attack``: the hostile partner, in its own process. Floods without reading, then drains when told."""
+# ------------------------------------------------------------------------------------------- training beside an attack
+
+TRAIN_ROWS, TRAIN_EPOCHS = 30_000, 5
+
+
+def write_training_session(out: Path, port: int) -> dict[str, Path]:
+    """bank (labels) + dh1 + dh2 (features) over the same synthetic people; plus ``mallory``, a key on the label
+    holder's allow-list that is in no session: a partner of another project, say."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(TRAIN_ROWS, 12)).astype(np.float32)
+    y = np.argmax(x @ rng.normal(size=(12, 3)), axis=1)
+    ids = [f"p{i:06d}" for i in range(TRAIN_ROWS)]
+    out.mkdir(parents=True)
+    for name, header, cols in (("bank", ["label"], [y]), ("dh1", [f"a{j}" for j in range(5)], list(x[:, :5].T)),
+                               ("dh2", [f"b{j}" for j in range(7)], list(x[:, 5:].T))):
+        lines = ["id," + ",".join(header)] + [
+            ids[i] + "," + ",".join(repr(float(c[i])) if c.dtype.kind == "f" else str(int(c[i])) for c in cols)
+            for i in range(TRAIN_ROWS)
+        ]
+        (out / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    opt = {"kind": "sgd", "lr": 0.05, "momentum": 0.5}
+    model = str(out / "model")
+    tables = {
+        "bank": {"model": {"top": {"widths": [16, 3]}, "seed": 3},
+                 "train": {"task": "multiclass", "epochs": TRAIN_EPOCHS, "validation_fraction": 0.2, "seed": 5,
+                           "optimizer": opt, "output": model}},
+        "dh1": {"model": {"bottom": {"widths": [16, 8]}, "seed": 1}, "train": {"optimizer": opt, "output": model}},
+        "dh2": {"model": {"bottom": {"widths": [16, 8]}, "seed": 2}, "train": {"optimizer": opt, "output": model}},
+    }
+    data = {"bank": {"path": "bank.csv", "id_column": "id", "label_column": "label", "features": []},
+            "dh1": {"path": "dh1.csv", "id_column": "id"}, "dh2": {"path": "dh2.csv", "id_column": "id"}}
+    configs = prepare_session(out, data_holders=["dh1", "dh2"], run="hostile-train", port=port, link_check={"rounds": 0},
+                              data=data, psi={"workers": 1}, tables=tables, cut_width=8, batch_size=64, window=2,
+                              timeouts={"heartbeat": 1.0, "peer": 30.0, "progress": 120.0})
+    generate_keypair(out / "keys", "mallory")
+    text = configs["bank"].read_text()
+    assert "[keys.partners]\n" in text
+    configs["bank"].write_text(text.replace("[keys.partners]\n", '[keys.partners]\nmallory = "keys/mallory.key"\n', 1))
+    return configs
+
+
+def training_run(out: Path, attack: bool) -> dict:
+    """One training session; with ``attack``, mallory floods 1 MiB ECHOs without reading from epoch 1 on.
+
+    Returns the seconds of epochs 2..E (the attack's span) and what the attacker managed to send."""
+    port = free_port()
+    configs = write_training_session(out, port)
+    endpoint = f"tcp://{HOST}:{port}"
+    procs = {name: subprocess.Popen([sys.executable, "-m", "vfl", "node", "--config", str(path)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for name, path in configs.items()}
+    done_at: dict[int, float] = {}
+    lines: list[str] = []
+
+    def watch() -> None:
+        for line in procs["bank"].stdout:
+            lines.append(line)
+            if " of %d done" % TRAIN_EPOCHS in line and "epoch " in line:
+                done_at[int(line.split("epoch ")[1].split(" of")[0])] = time.monotonic()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for name in ("dh1", "dh2"):  # their output is not needed; keep their pipes drained
+        threading.Thread(target=procs[name].stdout.read, daemon=True).start()
+    attacker = None
+    got: dict = {"attack": attack}
+    try:
+        end = time.monotonic() + 300
+        while 1 not in done_at and time.monotonic() < end and procs["bank"].poll() is None:
+            time.sleep(0.01)
+        if attack:
+            attacker = subprocess.Popen(
+                [sys.executable, __file__, "--mallory", str(out / "keys" / "mallory.key_secret"),
+                 str(out / "keys" / "bank.key"), endpoint],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+        codes = {name: p.wait(max(1.0, end - time.monotonic())) for name, p in procs.items()}
+        watcher.join(5)
+        if attacker is not None:
+            attacker.stdin.write("stop\n")
+            attacker.stdin.flush()
+            got.update(json.loads(attacker.stdout.readline()))
+            attacker.wait(30)
+        got["exit_codes"] = codes
+        got["epoch_2_to_last_s"] = done_at[TRAIN_EPOCHS] - done_at[1]
+        got["closed_mallory"] = sum("mallory" in x and "closed its connection" in x for x in lines)
+        got["internal_errors"] = sum("internal error" in x or "Traceback" in x for x in lines)
+    finally:
+        for p in [*procs.values(), *([attacker] if attacker else [])]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return got
+
+
+def mallory_main(secret: str, server: str, endpoint: str) -> int:
+    """``--mallory``: an allow-listed key in no session sends 1 MiB ECHOs, never reading, until told to stop."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger, sock.rcvhwm, sock.sndhwm = 0, 1, 1000
+    sock.setsockopt(zmq.RCVBUF, 64 * 1024)
+    sock.setsockopt(zmq.ROUTING_ID, f"mallory/{secrets.token_hex(8)}".encode())
+    sock.curve_publickey, sock.curve_secretkey = load_secret_key(secret)
+    sock.curve_serverkey = load_public_key(server)
+    sock.connect(endpoint)
+    frames = encode(Echo(seq=0, tensors=[Tensor("x", np.zeros(MIB // 4, dtype=np.float32))]))
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    sent = 0
+    while not stop.is_set():
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            sent += 1
+        except zmq.Again:
+            time.sleep(0.001)
+    print(json.dumps({"mallory_sent_mib": sent}), flush=True)
+    sock.close(linger=0)
+    ctx.destroy(linger=0)
+    return 0
+
+
+def attack_main(config: str, endpoint: str, nbytes: int, count: int) -> int:
+    """``--attack``: the hostile partner, in its own process. Sends ``count`` ECHOs of ``nbytes`` without reading
+    (retrying each until its libzmq takes it), then drains what came back when told."""
     ctx = zmq.Context()
     hostile = RawPeer(ctx, endpoint, load_config(config), rcvhwm=1)
     hostile.sock.setsockopt(zmq.RCVBUF, 64 * 1024)
     hostile.hello()
     print("ready", flush=True)
-    taken = {"flood_1mib_taken": flood(hostile, MIB, 700), "flood_cap_taken": flood(hostile, cap, 4000)}
-    print(json.dumps(taken), flush=True)
+    print(json.dumps(flood(hostile, nbytes, count)), flush=True)
     sys.stdin.readline()
     print(json.dumps(drain_summary(hostile, 3.0)), flush=True)
     hostile.sock.close(linger=0)
@@ -273,7 +419,10 @@ def attack_main(config: str, endpoint: str, cap: int) -> int:
 
 
 if __name__ == "__main__":
+    if "--mallory" in sys.argv:
+        i = sys.argv.index("--mallory")
+        sys.exit(mallory_main(sys.argv[i + 1], sys.argv[i + 2], sys.argv[i + 3]))
     if "--attack" in sys.argv:
         i = sys.argv.index("--attack")
-        sys.exit(attack_main(sys.argv[i + 1], sys.argv[i + 2], int(sys.argv[i + 3])))
+        sys.exit(attack_main(sys.argv[i + 1], sys.argv[i + 2], int(sys.argv[i + 3]), int(sys.argv[i + 4])))
     sys.exit(main())

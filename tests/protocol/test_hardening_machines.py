@@ -222,3 +222,24 @@ def test_X8_rejoins_after_training_started_are_bounded_by_max_rejoins():
     assert error_codes(out) == [ErrorCode.UNEXPECTED_MESSAGE]
     fin = [o for o in out if isinstance(o, Finished)][0]
     assert fin.exit_code == 1 and "max_rejoins" in fin.reason and "'alice'" in fin.reason
+
+
+def test_B4_a_party_that_sends_more_refused_bytes_than_its_budget_is_closed_and_lost():
+    from vfl.protocol import Disconnect
+    from vfl.protocol.label_holder import REFUSED_BURST_BYTES
+
+    lh = label_holder()
+    joined(lh, A1)
+    junk = [b"VFL/1", b"\xc1" * 60_000]  # a malformed header (BAD_HEADER), 60 kB a time
+    outs = []
+    for i in range(REFUSED_BURST_BYTES // 60_000 + 2):
+        outs.append(lh.receive(A1, "alice", junk, 0.0))
+        if any(isinstance(o, Disconnect) for o in outs[-1]):
+            break
+    assert all(error_codes(o) in ([ErrorCode.BAD_HEADER], []) for o in outs[:-1])  # refused, not yet closed
+    last = outs[-1]
+    assert Disconnect(to=A1) in last and [ErrorCode(m.code) for m in to(last, A1)] == [ErrorCode.TOO_LARGE]
+    assert lh.parties["alice"].state is PartyState.LOST and lh.finished is None
+    assert Disconnect(to=A1) in lh.receive(A1, "alice", wire(Heartbeat()), 0.1)  # closed again if it comes back
+    joined(lh, A2, now=0.2)  # a restart with its key may rejoin
+    assert lh.parties["alice"].state is PartyState.READY

@@ -38,13 +38,12 @@ from ..protocol.text import peer_text
 from .alignment import PartyIds, load_ids, psi_plan, write_aligned
 from .config import NodeConfig
 from .outbox import Outbox, frames_bytes
-from .transport import LINGER_MS, Transport, largest_message_bytes
+from .transport import LINGER_MS, Transport, largest_message_bytes, outbox_bytes
 
 MAX_SLEEP_S = 0.2
 FINAL_FLUSH_S = 2.0  # how long a finishing node keeps trying to hand its last messages (BYE, ERROR) to libzmq
 MAX_BATCH = 256  # messages handled per wake-up before timers get a turn
 HOUSEKEEPING_S = 0.01  # while messages keep arriving, timers and progress are looked at this often, not per message
-OUTBOX_MAX_BYTES = 32 * 2**20  # per peer, on top of what libzmq holds (its high-water mark is sized from queue_bytes)
 
 INSECURE_WARNING = (
     "INSECURE MODE: CurveZMQ is off. Anyone who can reach this port can connect and claim any party id, and all "
@@ -120,7 +119,7 @@ class NodeRunner:
         self.bytes_received = 0
         #: encoded messages libzmq could not take yet (no connection, full queue), per peer: the loop never blocks on
         #: a send, and a peer that does not read only ever holds up its own messages
-        self.outbox = Outbox(min(OUTBOX_MAX_BYTES, max(1, cfg.queue_bytes // 16)), stall_s=cfg.timeouts.peer)
+        self.outbox = Outbox(outbox_bytes(cfg), stall_s=cfg.timeouts.peer)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_requested = signal.Signals(signum).name

@@ -68,6 +68,16 @@ def largest_message_bytes(cfg: NodeConfig) -> int:
     return max(activations, link * 8, psi, 64 * 1024)
 
 
+#: the node's own per-peer queue (what libzmq cannot take yet) is at most this, and at most 1/16 of queue_bytes
+OUTBOX_MAX_BYTES = 32 * 2**20
+
+
+def outbox_bytes(cfg: NodeConfig) -> int:
+    """[B2]: the node's queue for one peer. libzmq's send high-water mark gets the rest of ``queue_bytes``, so all
+    that is waiting to go to one peer, in libzmq and in the node, stays within ``queue_bytes``."""
+    return min(OUTBOX_MAX_BYTES, max(1, cfg.queue_bytes // 16))
+
+
 #: a peer's PSI chunk may be larger than ours: [psi].chunk_size is at most 2^20 rows of 32 bytes per tensor
 PSI_MAX_TENSOR_BYTES = (1 << 20) * 32
 #: below this a frame is never dropped by libzmq: oversized messages get the decoder's ERROR TOO_LARGE instead
@@ -122,7 +132,7 @@ class Transport:
         t = cfg.timeouts
         kind = zmq.ROUTER if cfg.is_label_holder else zmq.DEALER
         sock = self.ctx.socket(kind)
-        hwm = hwm_for(cfg.queue_bytes, largest_message_bytes(cfg))
+        hwm = hwm_for(cfg.queue_bytes - outbox_bytes(cfg), largest_message_bytes(cfg))
         sock.setsockopt(zmq.SNDHWM, hwm)
         # inbound, a hostile peer's messages can be as large as the frame limit, not just the session's largest: so
         # the receive queue is sized so that a full one of the largest frames still fits the byte budget (section 7)

@@ -43,6 +43,10 @@ from .timers import PeerClock, TokenBucket
 ERROR_BURST = 100  # [R2]
 ERROR_RATE = 100.0
 MAX_TRACKED_ROUTING_IDS = 1024  # error buckets (per identity) and retired routing ids are bounded too
+#: [B4] refused bytes a party may send: a burst of 64 MiB, refilled at 1 MiB/s. An honest node's messages are never
+#: refused; past this a connection is only costing the label holder the decryption of its garbage
+REFUSED_BURST_BYTES = 64 * 2**20
+REFUSED_BYTES_PER_S = float(2**20)
 DEFAULT_MAX_REJOINS = 3  # [train].max_rejoins: each rejoin rolls every party back to the last checkpoint
 
 
@@ -131,6 +135,8 @@ class LabelHolderMachine:
         self._digest = config.digest
         #: [R2] error budgets, keyed by the authenticated identity (never by a routing id the peer picks)
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._refused: OrderedDict[str, TokenBucket] = OrderedDict()  # [B4], per identity too
+        self._inbound = 0  # bytes of the message being handled (what a refusal of it costs the sender's [B4] budget)
         #: routing ids we no longer talk to: replaced by a newer connection ([S5]) or dropped for not reading (§7)
         self._retired: OrderedDict[bytes, str] = OrderedDict()
 
@@ -148,6 +154,7 @@ class LabelHolderMachine:
             return []
         if identity is None:
             return [Log(level="WARNING", text=f"dropped a message from routing id {peer_text(routing_id, 80)}: no authenticated identity")]
+        self._inbound = sum(len(f) if isinstance(f, (bytes, bytearray)) else memoryview(f).nbytes for f in frames)
         try:
             return self._receive(routing_id, identity, frames, now)
         except Exception as exc:  # noqa: BLE001 - the rule of the section: answered, never a node exit
@@ -185,7 +192,7 @@ class LabelHolderMachine:
             )
         retired = self._retired.get(routing_id)
         if retired is not None:
-            if retired != "replaced":  # dropped for not reading: it gets nothing more, and its connection is closed
+            if retired != "replaced":  # dropped ([B2], [B4]): it gets nothing more, and its connection is closed
                 return [Disconnect(to=routing_id), Log(level="DEBUG", text=f"closed {identity!r}'s dropped connection")]
             return self._error(routing_id, identity, _replaced_error(mtype if isinstance(mtype, str) else None), now)
         if failure is not None:
@@ -360,10 +367,15 @@ class LabelHolderMachine:
         The budget belongs to the authenticated identity: opening more connections, or picking other routing ids,
         buys a partner no more ERRORs.
         """
+        refused = self._refused.pop(identity, None) or TokenBucket(REFUSED_BURST_BYTES, REFUSED_BYTES_PER_S)
+        self._refused[identity] = refused
         bucket = self._buckets.pop(identity, None) or TokenBucket(ERROR_BURST, ERROR_RATE)
         self._buckets[identity] = bucket
         while len(self._buckets) > MAX_TRACKED_ROUTING_IDS:
             self._buckets.popitem(last=False)
+            self._refused.popitem(last=False)
+        if not refused.allow(now, cost=self._inbound):
+            return self._misbehaving(routing_id, identity, now)
         who = peer_text(identity, 64)
         if not bucket.allow(now):
             return [Log(level="DEBUG", text=f"error to {who} dropped (rate limit): {peer_text(str(exc))}")]
@@ -372,6 +384,26 @@ class LabelHolderMachine:
             party.clock.last_sent = now
         err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref, diff=exc.diff)
         return [Log(level="WARNING", text=f"{who}: {peer_text(str(exc), 400)}"), Send(to=routing_id, message=err)]
+
+    def _misbehaving(self, routing_id: bytes, identity: str, now: float) -> list[Output]:
+        """[B4]: this connection has sent more refused bytes than its budget: close it; its party is lost."""
+        self._retire(routing_id, "misbehaving")
+        reason = (
+            f"sent more than {REFUSED_BURST_BYTES // 2**20} MiB of messages the label holder had to refuse "
+            f"(budget refilled at {REFUSED_BYTES_PER_S / 2**20:g} MiB/s)"
+        )
+        err = Error(code=int(ErrorCode.TOO_LARGE), message=f"you {reason}: this connection is closed")
+        out: list[Output] = [Send(to=routing_id, message=err), Disconnect(to=routing_id)]
+        p = self.parties.get(identity)
+        if p is not None and p.route == routing_id and p.state in CONNECTED:
+            p.route, p.state, p.lost_at = None, PartyState.LOST, now
+            text = (
+                f"data holder {p.name!r} {reason}: closed its connection; waiting up to {self.rejoin_timeout_s:g} s "
+                "for it to restart and rejoin"
+            )
+        else:
+            text = f"{peer_text(identity, 64)} {reason}: closed its connection"
+        return out + [Log(level="WARNING", text=text)]
 
     def _unexpected(self, routing_id: bytes, identity: str, msg: Message, state: str, now: float) -> list[Output]:
         return self._error(

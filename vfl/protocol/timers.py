@@ -14,13 +14,14 @@ class TokenBucket:
     tokens: float = field(default=-1.0)
     stamp: float = 0.0
 
-    def allow(self, now: float) -> bool:
+    def allow(self, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens if there are that many (events count 1; a byte budget counts bytes)."""
         if self.tokens < 0:  # first use: full
             self.tokens, self.stamp = self.capacity, now
         self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= cost:
+            self.tokens -= cost
             return True
         return False
 
