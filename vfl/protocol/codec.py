@@ -4,6 +4,10 @@
 that fails — and nothing else, whatever the frames hold (a hypothesis test holds us to that). Tensor frames are
 never copied when they are aligned: the arrays are read-only views into the received buffers, so a 16 MiB
 activation costs no allocation here. ``encode`` hands out the arrays' own buffers for zero-copy sends.
+
+What a peer's header can cost is bounded before it is built (issue 12): at most ``MAX_HEADER_DEPTH`` levels, no
+claimed length beyond the bytes present, no duplicate keys; after a failed decode the type peek reads only a
+``PEEK_BYTES`` prefix. So one message costs a small multiple of ``max_header_bytes``, never of what it claims.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .messages import MAX_INT, MESSAGE_TYPES, Message, Tensor, check_field
+from .text import peer_text
 
 SIGNATURE = b"VFL/1"
 SIGNATURE_PREFIX = b"VFL/"
@@ -44,6 +49,7 @@ DTYPES: dict[str, np.dtype] = {
     }.items()
 }
 _WIRE_NAME = {dt: name for name, dt in DTYPES.items()}
+_BOOL = DTYPES["bool"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,8 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
             raise LocalProtocolError(ErrorCode.BAD_FIELD, f"tensor {t.name!r} has {arr.ndim} > 8 dimensions")
         if arr.nbytes > limits.max_tensor_bytes:
             raise LocalProtocolError(ErrorCode.TOO_LARGE, f"tensor {t.name!r} is {arr.nbytes} bytes")
+        if arr.dtype == _BOOL and arr.size and arr.view(np.uint8).max() > 1:
+            arr = arr.view(np.uint8) != 0  # a bool view of raw bytes: send each one's truth value, as 0 or 1
         seen.add(t.name)
         if not arr.flags.c_contiguous or arr.dtype.byteorder == ">":
             arr = np.asarray(arr, dtype=DTYPES[name], order="C")
@@ -141,27 +149,173 @@ def _fail(code: ErrorCode, detail: str, ref: str | None = None) -> RemoteProtoco
     return RemoteProtocolError(code, detail, ref=ref)
 
 
+#: The type peek ([M2]) looks at no more than this prefix of frame 1, whatever the frame's size ([E2]).
+PEEK_BYTES = 4096
+#: first bytes of a msgpack str (fixstr, str8, str16, str32): header keys and ``type`` must be one
+_STR_MARKERS = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])
+
+
 def peek_type(frames: Sequence[Any]) -> str | None:
-    """The header's ``type`` if it can be read at all, else None. Used to honour [M2] on undecodable ERRORs."""
+    """The header's ``type`` if the first ``PEEK_BYTES`` of frame 1 show it, else None. Used to honour [M2].
+
+    Runs after ``decode`` has refused the message, so frame 1 may be anything up to libzmq's frame cap (256 MiB):
+    only a bounded prefix is copied, the first map's keys are read one at a time, the values before ``type`` are
+    skipped without being built (msgpack's skip builds no objects), and every length a string may claim is bounded
+    by the prefix. The cost is at most a few KiB whatever the frame holds.
+    """
     try:
-        header = msgpack.unpackb(memoryview(frames[1]), raw=False, strict_map_key=False)
-    except Exception:  # noqa: BLE001 - anything unreadable simply has no type
+        prefix = bytes(memoryview(frames[1]).cast("B")[:PEEK_BYTES])
+    except (IndexError, TypeError, ValueError):
         return None
-    value = header.get("type") if type(header) is dict else None
-    return value if type(value) is str else None
+    bound = max(len(prefix), 1)  # nothing in the prefix can honestly claim more elements or bytes than it has
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=PEEK_BYTES, max_str_len=bound, max_bin_len=bound,
+                                max_array_len=bound, max_map_len=bound, max_ext_len=bound)
+    unpacker.feed(prefix)
+    try:
+        for _ in range(unpacker.read_map_header()):  # ends with OutOfData at the end of the prefix at the latest
+            if prefix[unpacker.tell()] not in _STR_MARKERS:
+                return None  # a key that is not a string: no header (check 5), so no type
+            if unpacker.unpack() == "type":
+                if prefix[unpacker.tell()] not in _STR_MARKERS:
+                    return None
+                return unpacker.unpack()
+            unpacker.skip()
+    except Exception:  # noqa: BLE001 - anything unreadable (not a map, cut off by the prefix) simply has no type
+        return None
+    return None
 
 
-_ABSENT = object()
+#: PROTOCOL.md section 3 check 5: the header map is level 1; anything nested deeper than this is BAD_HEADER.
+MAX_HEADER_DEPTH = 32
+#: first bytes that open a msgpack container: fixmap, fixarray, array16/32, map16/32
+_CONTAINER_MARKERS = frozenset([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+_NOT_CONTAINER_MARKERS = bytes(b for b in range(256) if b not in _CONTAINER_MARKERS)
+#: headers whose (container marker bytes x length) stay under this skip the structural scan: msgpack pre-allocates
+#: at most that many list slots for them (each container claims at most the header's length), i.e. <= 8 MiB
+_FAST_SLOTS = 1 << 20
 
 
-def _string_keys(pairs: list[tuple[Any, Any]]) -> dict:
-    """msgpack map hook: string keys at every level of the header (check 5)."""
+def _scalar_sizes() -> list[int]:
+    """First byte -> size of the whole encoding, for msgpack values whose first byte says it (0: look closer)."""
+    size = [0] * 256
+    for b in [*range(0x00, 0x80), *range(0xE0, 0x100), 0xC0, 0xC2, 0xC3]:  # fixints, nil, false, true
+        size[b] = 1
+    for b in range(0xA0, 0xC0):  # fixstr
+        size[b] = 1 + (b & 0x1F)
+    for b, n in {0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9,
+                 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18}.items():  # floats, ints, fixext
+        size[b] = n
+    return size
+
+
+_SCALAR_SIZE = _scalar_sizes()
+#: str8/16/32, bin8/16/32, ext8/16/32: first byte -> (bytes of the length field, bytes between it and the payload)
+_SIZED = {0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0), 0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0),
+          0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1)}
+#: array16/32, map16/32: first byte -> (bytes of the count field, values per entry)
+_COUNTED = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
+
+
+class _HeaderProblem(ValueError):
+    """A header that is msgpack but not a header (check 5); the text is what the peer is told."""
+
+
+def _scan(buf: bytes) -> None:
+    """Walk the msgpack structure of ``buf`` without building it, iteratively; raise ``_HeaderProblem`` unless it
+    is exactly one object nested at most ``MAX_HEADER_DEPTH`` levels whose containers never claim more elements
+    than bytes remain (each element takes at least one byte).
+
+    msgpack allocates a list for the count an array or map *claims* before reading its elements, up to 1024
+    levels deep: unchecked, a 64 KiB header of nested 5-byte array headers costs ~70 MiB. After this scan the
+    pre-allocations of the real unpack add up to at most one slot per header byte.
+    """
+    n = len(buf)
+    pos = 0
+    left = [1]  # elements still to read in each open container; the bottom entry is the one top-level object
+    pending = 1  # sum(left)
+    size = _SCALAR_SIZE
+    try:
+        while left:
+            b = buf[pos]
+            pos += 1
+            left[-1] -= 1
+            pending -= 1
+            s = size[b]
+            if s:
+                pos += s - 1
+            elif b in _SIZED:
+                width, gap = _SIZED[b]
+                pos += width + gap + int.from_bytes(buf[pos : pos + width], "big")
+            else:
+                if 0x90 <= b <= 0x9F:
+                    count = b & 0x0F
+                elif 0x80 <= b <= 0x8F:
+                    count = 2 * (b & 0x0F)
+                elif b in _COUNTED:
+                    width, per = _COUNTED[b]
+                    count = per * int.from_bytes(buf[pos : pos + width], "big")
+                    pos += width
+                else:
+                    raise _HeaderProblem("header holds the never-used msgpack byte 0xc1")
+                if len(left) > MAX_HEADER_DEPTH:
+                    raise _HeaderProblem(f"header nests deeper than {MAX_HEADER_DEPTH} levels")
+                pending += count
+                if pending > n - pos:
+                    raise _HeaderProblem("header claims more elements than it has bytes")
+                left.append(count)
+            while left and not left[-1]:
+                left.pop()
+    except IndexError:
+        raise _HeaderProblem("header is truncated msgpack") from None
+    if pos != n:
+        raise _HeaderProblem("header is truncated msgpack" if pos > n else "header has bytes after its one msgpack object")
+
+
+def _header_map(pairs: list[tuple[Any, Any]]) -> dict:
+    """msgpack map hook: string keys at every level of the header, each at most once (check 5)."""
     out = {}
     for key, value in pairs:
         if type(key) is not str:
-            raise ValueError("map key is not a string")
+            raise _HeaderProblem("header map keys must be strings (at every level)")
         out[key] = value
+    if len(out) != len(pairs):
+        raise _HeaderProblem(f"header map has a duplicate key {peer_text(_first_duplicate(pairs), 40)!r}")
     return out
+
+
+def _first_duplicate(pairs: list[tuple[Any, Any]]) -> str:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return ""
+
+
+def _unpack_header(hv: memoryview) -> Any:
+    """Check 5 before anything is built in proportion to what the header claims: bounded lengths, bounded depth
+    (``MAX_HEADER_DEPTH``), string keys, no duplicate keys. Raises ``RemoteProtocolError(BAD_HEADER)``.
+
+    Lengths: ``unpackb`` bounds every length a str, bin, ext, array or map may claim by ``len(buf)`` (its
+    documented default, "max_xxx_len options are configured automatically from len(packed)"; passing the same
+    limits again costs 5% of a small message's decode), and ``len(buf) <= max_header_bytes`` (check 4).
+    """
+    buf = hv.tobytes()
+    try:
+        # with at most MAX_HEADER_DEPTH containers the depth cannot exceed it, and msgpack's pre-allocation is at
+        # most (containers x len(buf)) slots: the common small header skips the (pure Python) scan
+        if len(buf) > MAX_HEADER_DEPTH:
+            markers = len(buf.translate(None, _NOT_CONTAINER_MARKERS))  # >= the number of containers
+            if markers > MAX_HEADER_DEPTH or markers * len(buf) > _FAST_SLOTS:
+                _scan(buf)
+        return msgpack.unpackb(buf, raw=False, strict_map_key=False, use_list=True, object_pairs_hook=_header_map)
+    except _HeaderProblem as exc:
+        raise _fail(ErrorCode.BAD_HEADER, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - every way a peer's bytes can fail to parse is the same error
+        raise _fail(ErrorCode.BAD_HEADER, f"header is not valid msgpack ({type(exc).__name__})") from None
+
+
+_ABSENT = object()
 
 
 def _check_descriptors(
@@ -224,10 +378,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     hv = views[1]
     if hv.nbytes > limits.max_header_bytes:
         raise _fail(ErrorCode.TOO_LARGE, f"header is {hv.nbytes} bytes > max_header_bytes {limits.max_header_bytes}")
-    try:
-        header = msgpack.unpackb(hv, raw=False, strict_map_key=False, use_list=True, object_pairs_hook=_string_keys)
-    except Exception as exc:  # noqa: BLE001 - every way a peer's bytes can fail to parse is the same error
-        raise _fail(ErrorCode.BAD_HEADER, f"header is not valid msgpack ({type(exc).__name__})") from None
+    header = _unpack_header(hv)
     if type(header) is not dict:
         raise _fail(ErrorCode.BAD_HEADER, "header must be a msgpack map with string keys")
     # 6, 7: type
@@ -256,7 +407,8 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         nbytes = count * dt.itemsize
         if nbytes > max_bytes or (not nbytes and math.prod(d for d in shape if d) * dt.itemsize > max_bytes):
             raise _fail(ErrorCode.TOO_LARGE, f"tensor {name!r} {list(shape)} exceeds {max_bytes} bytes", mtype)
-    # 12: each frame holds exactly its tensor
+    # 12: each frame holds exactly its tensor, and a bool tensor only the bytes 0 and 1 (numpy reads any other
+    # byte as an invalid bool whose arithmetic is undefined)
     for (name, dt, shape, _, count), view in zip(descriptors, views[2:]):
         nbytes = count * dt.itemsize
         if view.nbytes != nbytes:
@@ -265,6 +417,8 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
                 f"tensor {name!r} {wire_dtype(dt)}{list(shape)} needs {nbytes} bytes, its frame has {view.nbytes}",
                 mtype,
             )
+        if dt is _BOOL and nbytes and np.frombuffer(view, np.uint8).max() > 1:
+            raise _fail(ErrorCode.BAD_TENSOR, f"bool tensor {name!r} holds bytes other than 0 and 1", mtype)
     # 13: only some types carry tensors
     if descriptors and not cls.CARRIES_TENSORS:
         raise _fail(ErrorCode.BAD_TENSOR, f"{mtype} carries no tensors", mtype)

@@ -13,48 +13,96 @@ from typing import Any, Mapping
 
 import msgpack
 
+from .codec import MAX_HEADER_DEPTH
 from .errors import ErrorCode, RemoteProtocolError
 from .messages import is_party_id, is_wire_int
+from .text import peer_text
 
 MAX_DATA_HOLDERS = 64
 MAX_CUT_WIDTH = 1 << 20
 MAX_MODEL_FINGERPRINT = 256
 
 
-def _canonical(value: Any) -> Any:
-    """Maps with sorted keys, recursively, so equal configs pack to equal bytes."""
+#: Deepest nesting ``digest_of`` canonicalises (the config map is level 1). A peer's config arrives in a header,
+#: which the codec already bounds to ``MAX_HEADER_DEPTH`` levels, so this guards local callers and any later path.
+MAX_CONFIG_DEPTH = MAX_HEADER_DEPTH
+#: What ``config_diff`` puts in a diff, roughly in bytes: the diff goes back to the peer in an ERROR (as the diff
+#: map and again as its message), so a peer's config with megabytes of unknown keys must not make that ERROR larger
+#: than a header may be. Honest diffs (64 data holders with different ids) stay far below it.
+DIFF_BUDGET = 16_384
+#: a peer's value or path in a diff longer than this (as text) is shown cut, escaped (``peer_text``)
+DIFF_TEXT_LIMIT = 80
+
+
+def _canonical(value: Any, depth: int = 1) -> Any:
+    """Maps with sorted keys, recursively but at most ``MAX_CONFIG_DEPTH`` deep, so equal configs pack equal."""
+    if isinstance(value, (Mapping, list, tuple)) and depth > MAX_CONFIG_DEPTH:
+        raise RemoteProtocolError(
+            ErrorCode.BAD_FIELD, f"HELLO.config: nests deeper than {MAX_CONFIG_DEPTH} levels", ref="HELLO"
+        )
     if isinstance(value, Mapping):
-        return {k: _canonical(value[k]) for k in sorted(value)}
+        return {k: _canonical(value[k], depth + 1) for k in sorted(value)}
     if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
+        return [_canonical(v, depth + 1) for v in value]
     return value
 
 
 def digest_of(wire_config: Mapping[str, Any]) -> str:
-    """Lowercase hex SHA-256 of the canonical msgpack encoding of a session config map."""
+    """Lowercase hex SHA-256 of the canonical msgpack encoding of a session config map.
+
+    Raises ``RemoteProtocolError(BAD_FIELD)`` for a config nested deeper than ``MAX_CONFIG_DEPTH``.
+    """
     return hashlib.sha256(msgpack.packb(_canonical(wire_config), use_bin_type=True)).hexdigest()
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping) and value:
-        out: dict[str, Any] = {}
-        for k in value:
-            out.update(_flatten(value[k], f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
+def _flatten(value: Any) -> dict[str, Any]:
+    """Dotted path -> leaf for every leaf of nested maps; iterative, so no nesting depth can exhaust the stack."""
+    out: dict[str, Any] = {}
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        prefix, v = stack.pop()
+        if isinstance(v, Mapping) and v:
+            stack.extend((f"{prefix}.{k}" if prefix else str(k), v[k]) for k in v)
+        else:
+            out[prefix] = v
+    return out
 
 
 _MISSING = "<missing>"
 
 
-def config_diff(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str, list[Any]]:
-    """Field path -> [our value, their value] for every leaf that differs (absent leaves show as '<missing>')."""
+def _shown(value: Any) -> Any:
+    """A diff value as it may travel back: scalars and short strings unchanged, anything else as capped text."""
+    if value is None or type(value) in (bool, int, float):
+        return value
+    if type(value) is str:
+        return value if len(value) <= DIFF_TEXT_LIMIT else peer_text(value, DIFF_TEXT_LIMIT)
+    return peer_text(repr(value), DIFF_TEXT_LIMIT)  # a header's value nests at most MAX_HEADER_DEPTH levels
+
+
+def config_diff(ours: Mapping[str, Any], theirs: Mapping[str, Any], budget: int = DIFF_BUDGET) -> dict[str, list[Any]]:
+    """Field path -> [our value, their value] for every leaf that differs (absent leaves show as '<missing>').
+
+    Bounded for the ERROR it goes into: long values and paths are cut (``_shown``), and once about ``budget`` bytes
+    are listed the rest is summed up under the path ``(more)``.
+    """
     a, b = _flatten(ours), _flatten(theirs)
-    return {
-        path: [a.get(path, _MISSING), b.get(path, _MISSING)]
-        for path in sorted(set(a) | set(b))
-        if a.get(path, _MISSING) != b.get(path, _MISSING) or type(a.get(path)) is not type(b.get(path))
-    }
+    out: dict[str, list[Any]] = {}
+    used = 0
+    paths = sorted(set(a) | set(b))
+    for i, path in enumerate(paths):
+        x, y = a.get(path, _MISSING), b.get(path, _MISSING)
+        if x == y and type(a.get(path)) is type(b.get(path)):
+            continue
+        entry = [_shown(x), _shown(y)]
+        key = path if len(path) <= DIFF_TEXT_LIMIT else peer_text(path, DIFF_TEXT_LIMIT)
+        used += len(key) + len(repr(entry)) + 32
+        if used > budget:
+            rest = sum(1 for p in paths[i:] if a.get(p, _MISSING) != b.get(p, _MISSING))
+            out["(more)"] = ["<not shown>", f"{max(rest, 1)} more differing fields"]
+            break
+        out[key] = entry
+    return out
 
 
 def describe_diff(
