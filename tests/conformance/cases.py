@@ -128,6 +128,9 @@ C3_VERSION = [  # frame 0 names another major version -> UNSUPPORTED_VERSION ([V
     Case("VFL/9", U["UNSUPPORTED_VERSION"], lambda c: msg(echo(), sig=b"VFL/9")),
     Case("VFL/10", U["UNSUPPORTED_VERSION"], lambda c: msg(echo(), sig=b"VFL/10")),
     Case("VFL/999", U["UNSUPPORTED_VERSION"], lambda c: msg(echo(), sig=b"VFL/999")),
+    # check 3 compares bytes: only exactly `VFL/1` is v1; a leading zero names "another" version
+    Case("VFL/01", U["UNSUPPORTED_VERSION"], lambda c: msg(echo(), sig=b"VFL/01")),
+    Case("VFL/001", U["UNSUPPORTED_VERSION"], lambda c: msg(echo(), sig=b"VFL/001")),
     Case("VFL/2_hello_in_IDLE", U["UNSUPPORTED_VERSION"], lambda c: msg(c.hello(version=[2, 0]), sig=b"VFL/2"),
          state="IDLE"),
     Case("VFL/2_future_header", U["UNSUPPORTED_VERSION"],
