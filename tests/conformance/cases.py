@@ -77,6 +77,31 @@ def padded_echo(size: int) -> bytes:
 F4_3 = np.arange(3, dtype="<f4").tobytes()
 U = CODES
 
+MAX_DEPTH = 32  # section 3 check 5: the header map is level 1
+
+
+def nest(depth: int, kind: str = "l"):
+    """``depth`` nested containers (lists, maps, or alternating) around 0."""
+    value: object = 0
+    for i in range(depth):
+        k = kind if kind != "lm" else "lm"[i % 2]
+        value = [value] if k == "l" else {"k": value}
+    return value
+
+
+def raw_map(*pairs: tuple[str, bytes]) -> bytes:
+    """A msgpack map written pair by pair (key, packed value): it can hold a key twice, which packb cannot."""
+    assert len(pairs) < 16
+    return bytes([0x80 | len(pairs)]) + b"".join(pack(k) + v for k, v in pairs)
+
+
+def hello_with_duplicate_config_key(c: Ctx) -> list[bytes]:
+    """A valid HELLO, except that its config map holds ``batch_size`` twice (with the same value)."""
+    cfg = [(k, pack(v)) for k, v in c.session.items()] + [("batch_size", pack(c.session["batch_size"]))]
+    fields = [(k, pack(v)) for k, v in c.hello().items() if k != "config"]
+    return [SIGNATURE, raw_map(*fields, ("config", raw_map(*cfg)))]
+
+
 BAD_UTF8_VALUE = b"\x84\xa4type\xa4ECHO\xa3seq\x01\xa7tensors\x90\xa1x\xa2\xff\xfe"
 BAD_UTF8_KEY = b"\x84\xa4type\xa4ECHO\xa3seq\x01\xa7tensors\x90\xa2\xff\xfe\x01"
 
@@ -103,6 +128,9 @@ C3_VERSION = [  # frame 0 names another major version -> UNSUPPORTED_VERSION ([V
     Case("VFL/9", U["UNSUPPORTED_VERSION"], lambda c: msg(echo(), sig=b"VFL/9")),
     Case("VFL/10", U["UNSUPPORTED_VERSION"], lambda c: msg(echo(), sig=b"VFL/10")),
     Case("VFL/999", U["UNSUPPORTED_VERSION"], lambda c: msg(echo(), sig=b"VFL/999")),
+    # check 3 compares bytes: only exactly `VFL/1` is v1; a leading zero names "another" version
+    Case("VFL/01", U["UNSUPPORTED_VERSION"], lambda c: msg(echo(), sig=b"VFL/01")),
+    Case("VFL/001", U["UNSUPPORTED_VERSION"], lambda c: msg(echo(), sig=b"VFL/001")),
     Case("VFL/2_hello_in_IDLE", U["UNSUPPORTED_VERSION"], lambda c: msg(c.hello(version=[2, 0]), sig=b"VFL/2"),
          state="IDLE"),
     Case("VFL/2_future_header", U["UNSUPPORTED_VERSION"],
@@ -158,6 +186,25 @@ C5 = [  # exactly one valid msgpack object, a map -> BAD_HEADER
          lambda c: [SIGNATURE, pack(c.hello(config={**c.session, "cut_widths": {b"dh1": 8}}))], state="IDLE"),
     Case("hello_nested_int_key_in_IDLE", U["BAD_HEADER"],
          lambda c: [SIGNATURE, pack(c.hello(config={**c.session, "cut_widths": {1: 8}}))], state="IDLE"),
+    # nesting: at most 32 levels, the header map being level 1 ([E5])
+    Case("nested_33_levels_lists", U["BAD_HEADER"], lambda c: [SIGNATURE, pack(echo(x=nest(MAX_DEPTH)))]),
+    Case("nested_33_levels_maps", U["BAD_HEADER"], lambda c: [SIGNATURE, pack(echo(x=nest(MAX_DEPTH, "m")))]),
+    Case("nested_33_levels_in_a_tensor_descriptor", U["BAD_HEADER"],
+         lambda c: [SIGNATURE, pack(echo({**d("a", "uint8", [1]), "x": nest(MAX_DEPTH - 2)})), b"\x01"]),
+    Case("nested_5000_levels", U["BAD_HEADER"],
+         lambda c: [SIGNATURE, raw_map(("type", pack("ECHO")), ("seq", pack(1)), ("x", b"\x91" * 5000 + b"\x00"))]),
+    Case("hello_config_nested_33_levels_in_IDLE", U["BAD_HEADER"],
+         lambda c: [SIGNATURE, pack(c.hello(config={**c.session, "x": nest(MAX_DEPTH - 1, "lm")}))], state="IDLE"),
+    # duplicate keys in any map
+    Case("duplicate_key_in_header", U["BAD_HEADER"],
+         lambda c: [SIGNATURE, raw_map(("type", pack("ECHO")), ("seq", pack(1)), ("seq", pack(2)))]),
+    Case("duplicate_type_key", U["BAD_HEADER"],
+         lambda c: [SIGNATURE, raw_map(("type", pack("ECHO")), ("seq", pack(1)), ("type", pack("ECHO")))]),
+    Case("duplicate_key_in_tensor_descriptor", U["BAD_HEADER"],
+         lambda c: [SIGNATURE, raw_map(("type", pack("ECHO")), ("seq", pack(1)), ("tensors", b"\x91" + raw_map(
+             ("name", pack("a")), ("dtype", pack("uint8")), ("shape", pack([1])), ("name", pack("b"))))), b"\x01"]),
+    Case("duplicate_key_in_hello_config_in_IDLE", U["BAD_HEADER"], lambda c: hello_with_duplicate_config_key(c),
+         state="IDLE", note="config map holds batch_size twice"),
 ]
 
 C6 = [  # type present and a string -> BAD_FIELD
@@ -263,6 +310,10 @@ C12 = [  # frame is exactly prod(shape) * itemsize bytes -> BAD_TENSOR
     Case("zero_size_with_bytes", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "uint8", [0])), b"\x01")),
     Case("itemsize_ignored", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "int16", [2, 3])), bytes(6))),
     Case("bool_short", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "bool", [4])), b"\x01\x00\x01")),
+    Case("bool_byte_2", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "bool", [4])), b"\x01\x00\x02\x01")),
+    Case("bool_byte_ff", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "bool", [2, 2])), b"\x00\x00\x00\xff")),
+    Case("bool_second_tensor_byte_80", U["BAD_TENSOR"],
+         lambda c: msg(echo(d("a", "uint8", [2]), d("b", "bool", [1])), b"\x07\x09", b"\x80")),
     Case("claimed_exactly_max_tiny_frame", U["BAD_TENSOR"],
          lambda c: msg(echo(d("a", "uint8", [c.max_tensor])), b"\x00")),
     Case("second_tensor_wrong", U["BAD_TENSOR"],
@@ -447,4 +498,8 @@ BOUNDARY_ECHOS = [
     ("timestamp_in_unknown_key", lambda c: msg(echo(x_ts=msgpack.Timestamp(1, 0)))),
     ("bin_value_in_unknown_key", lambda c: msg(echo(x_bin=b"\x00\xff"))),
     ("party_id_64_chars_in_tensor_name_ok", lambda c: msg(echo(d("t" * 64, "uint8", [0])), b"")),
+    ("nested_32_levels_lists", lambda c: msg(echo(x=nest(MAX_DEPTH - 1)))),
+    ("nested_32_levels_alternating", lambda c: msg(echo(x=nest(MAX_DEPTH - 1, "lm")))),
+    ("bool_bytes_0_and_1", lambda c: msg(echo(d("a", "bool", [4])), b"\x01\x00\x00\x01")),
+    ("same_key_in_two_maps", lambda c: msg(echo(x={"k": 1}, y={"k": 2}))),
 ]

@@ -8,8 +8,17 @@ import pytest
 import zmq
 
 from .kit import Kit
-from .peer import Peer, config_digest
-from .target import Target, build_external, build_local, node_command, start_node, stop_node, wait_ready
+from .peer import Peer, config_digest, routing_id
+from .target import (
+    Target,
+    build_external,
+    build_local,
+    node_command,
+    start_node,
+    start_own_node,
+    stop_node,
+    wait_ready,
+)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +36,7 @@ def _sigterm_check(target: Target, ctx: zmq.Context) -> list[str]:
         return [f"the node had already exited with {proc.returncode} before the kit stopped it\n{target.log_tail()}"]
     key = target.key("probe")
     p = Peer(ctx, target.address, server_public=target.server_public, public=key.public, secret=key.secret,
-             routing_id=key.name.encode(), limits=target.limits, label="sigterm-probe")
+             routing_id=routing_id(key.name), limits=target.limits, label="sigterm-probe")
     try:
         p.send("HELLO", {"version": [1, 0], "role": "data_holder", "party": key.name, "run": target.run,
                          "config": target.session, "digest": config_digest(target.session)})
@@ -113,6 +122,29 @@ def kit(request, target, ctx):
             k.assert_healthy(f"after {request.node.name}")
         finally:
             assert not k.finish()
+
+
+@pytest.fixture
+def own_node(request, tmp_path, ctx, target):
+    """Factory: ``own_node(data_holders=[...], ...)`` starts a label holder of the test's own (target.start_own_node)
+    and returns a Kit for it; the node is stopped and its peers closed at the end of the test. Needs the node's
+    command: the bundled node, or --node-cmd."""
+    opts = request.config.option
+    if target.external and not opts.node_cmd:
+        pytest.skip("starts a label holder of its own: give --node-cmd to test another implementation")
+    kits: list[Kit] = []
+
+    def start(**kw) -> Kit:
+        t = start_own_node(tmp_path / f"node{len(kits)}", opts.node_cmd, ctx, **kw)
+        k = Kit(t, ctx, answer_timeout=opts.kit_timeout)
+        kits.append(k)
+        return k
+
+    yield start
+    for k in kits:
+        for p in k.peers:
+            p.close()
+        stop_node(k.target.proc, grace=5.0)
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ from typing import Optional
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from .peer import CODES, PACER, Msg, Peer, config_digest, envelope
+from .peer import CODES, PACER, Msg, Peer, config_digest, envelope, routing_id as fresh_routing_id
 from .target import PartyKey, Target
 
 _seq = itertools.count(1000)
@@ -41,10 +42,13 @@ class Kit:
         public: Optional[bytes] = None,
         secret: Optional[bytes] = None,
         monitor: bool = False,
+        sockopts: Optional[dict] = None,
     ) -> Peer:
+        """A raw peer with ``key``. ``routing_id``: True, a fresh ``<party>/<hex>`` of the key's party ([S1]); bytes,
+        exactly that (attack tests); False, none (libzmq picks one)."""
         key = key or self.target.key(role)
         if routing_id is True:
-            routing_id = key.name.encode()
+            routing_id = fresh_routing_id(key.name)
         elif routing_id is False:
             routing_id = None
         p = Peer(
@@ -56,6 +60,7 @@ class Kit:
             routing_id=routing_id,
             limits=self.target.limits,
             monitor=monitor,
+            sockopts=sockopts,
             label=(routing_id or b"").decode("utf-8", "replace") or key.name,
         )
         p.party = key.name  # type: ignore[attr-defined]
@@ -199,6 +204,20 @@ class Kit:
     @staticmethod
     def sleep(s: float) -> None:
         time.sleep(s)
+
+
+def monitor_events(p: Peer, duration: float, stop_at=("HANDSHAKE_FAILED_AUTH", "HANDSHAKE_SUCCEEDED")):
+    """Monitor events of p's socket (a peer made with monitor=True) within ``duration`` seconds: (name, value)."""
+    out = []
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        if not p.monitor.poll(int(max(1, (deadline - time.monotonic()) * 1000))):
+            break
+        ev = recv_monitor_message(p.monitor)
+        out.append((zmq.Event(ev["event"]).name, ev["value"]))
+        if out[-1][0] in stop_at:
+            break
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

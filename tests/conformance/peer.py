@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -43,6 +44,7 @@ CODES = {
     "TIMEOUT": 13,
     "INTERNAL": 14,
     "PSI_FAILED": 15,
+    "REPLACED": 16,
 }
 CODE_NAMES = {v: k for k, v in CODES.items()}
 
@@ -91,13 +93,31 @@ FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "ECHO": {"seq": (_INT, True)},
     "ECHO_REPLY": {"seq": (_INT, True)},
     "BYE": {"ok": (_BOOL, True), "reason": (_STR, True)},
+    # section 10 (the kit checks their fields, not the PSI itself)
+    "PSI_START": {"n_items": (_INT, True), "chunk_size": (_INT, True)},
+    "PSI_ITEMS": {"chunk": (_INT, True), "last": (_BOOL, True)},
+    "PSI_REPLY": {"chunk": (_INT, True), "last": (_BOOL, True)},
+    "PSI_RESULT": {"chunk": (_INT, True), "last": (_BOOL, True)},
+    "PSI_ROWS": {"chunk": (_INT, True), "last": (_BOOL, True)},
 }
+SESSION_TYPES = frozenset({"HELLO", "WELCOME", "ERROR", "HEARTBEAT", "ECHO", "ECHO_REPLY", "BYE"})  # sections 5-9
 TYPES = frozenset(FIELDS)
-TENSOR_TYPES = frozenset({"ECHO", "ECHO_REPLY"})  # types that may carry tensors
-LH_TO_DH = frozenset({"WELCOME", "ERROR", "HEARTBEAT", "ECHO_REPLY", "BYE"})  # what a label holder may send
-DH_TO_LH = frozenset({"HELLO", "ERROR", "HEARTBEAT", "ECHO", "BYE"})  # what a data holder may send
+TENSOR_TYPES = frozenset({"ECHO", "ECHO_REPLY", "PSI_ITEMS", "PSI_REPLY", "PSI_RESULT", "PSI_ROWS"})  # may carry tensors
+PSI_LH = frozenset({"PSI_START", "PSI_ITEMS", "PSI_REPLY", "PSI_ROWS"})  # the PSI messages a label holder sends
+PSI_DH = frozenset({"PSI_START", "PSI_ITEMS", "PSI_RESULT"})  # ... and a data holder
+LH_TO_DH = frozenset({"WELCOME", "ERROR", "HEARTBEAT", "ECHO_REPLY", "BYE"}) | PSI_LH  # what a label holder may send
+DH_TO_LH = frozenset({"HELLO", "ERROR", "HEARTBEAT", "ECHO", "BYE"}) | PSI_DH  # what a data holder may send
 
 INT_MAX = 2**63  # integers in fields are in [0, 2^63)
+
+
+def routing_id(party: str) -> bytes:
+    """[S1]: the routing id of a fresh data holder socket, ``<party>/<16 lowercase hex digits>``.
+
+    Every kit connection gets its own (the label holder turns ROUTER_HANDOVER off, so two live connections with one
+    routing id would make libzmq ignore the second). Attack tests pass a raw routing id of their choice instead.
+    """
+    return f"{party}/{secrets.token_hex(8)}".encode()
 
 
 def is_id(x: Any) -> bool:
@@ -308,7 +328,7 @@ def parse(frames: list[bytes], limits: dict = DEFAULT_LIMITS, allowed_types: fro
         elif not _check_field(kind, header[name]):
             p.append(f"[section 5] {t}.{name} = {header[name]!r:.80} is not a {kind}")
     if t == "ERROR" and is_int(header.get("code")) and header["code"] not in CODE_NAMES:
-        p.append(f"[section 8] ERROR code {header['code']} is not in 1..15")
+        p.append(f"[section 8] ERROR code {header['code']} is not in 1..{max(CODE_NAMES)}")
     return m
 
 
@@ -365,6 +385,7 @@ class Peer:
         limits: Optional[dict] = None,
         monitor: bool = False,
         label: str = "",
+        sockopts: Optional[dict] = None,
     ):
         self.limits = dict(limits or DEFAULT_LIMITS)
         self.label = label or (routing_id or b"?").decode("utf-8", "replace")
@@ -375,6 +396,8 @@ class Peer:
         self.sock.sndtimeo = 5000
         self.sock.rcvhwm = 10000
         self.sock.sndhwm = 10000
+        for opt, value in (sockopts or {}).items():  # e.g. a small RCVHWM/RCVBUF for a peer that does not read
+            self.sock.setsockopt(opt, value)
         if routing_id is not None:
             self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
         if secret is not None:

@@ -7,6 +7,7 @@ an external ``--target`` without ``--node-cmd`` they are skipped (there is no da
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -18,11 +19,13 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from .peer import CODES, DH_TO_LH, Msg, config_digest, envelope, parse
-from .target import MODEL, RUN, _toml_str, make_keys, node_command, start_node
+from .target import MODEL, RUN, dh_config, make_keys, node_command, start_node
 
 DH = "dh1"
 LH = "bank"
+RID_PATTERN = re.compile(re.escape(DH.encode()) + rb"/[0-9a-f]{16}")  # [S1]
 SESSION = {"cut_widths": {DH: 8, "dh2": 16}, "batch_size": 32, "window": 2, "model": MODEL}
+PSI_SESSION = {**SESSION, "psi": True}
 
 
 class RawLabelHolder:
@@ -70,10 +73,16 @@ class RawLabelHolder:
     def send(self, frames: list[bytes]) -> None:
         self.sock.send_multipart([self.rid, *frames])
 
-    def welcome(self, heartbeat_ms: int = 1000, peer_timeout_ms: int = 20000) -> None:
-        self.send(envelope("WELCOME", {"version": [1, 0], "party": LH, "run": RUN, "digest": config_digest(SESSION),
-                                       "heartbeat_ms": heartbeat_ms, "peer_timeout_ms": peer_timeout_ms,
-                                       "data_holders": sorted(SESSION["cut_widths"])}))
+    def welcome(self, heartbeat_ms: int = 1000, peer_timeout_ms: int = 20000, session: dict = SESSION,
+                **over) -> None:
+        """A WELCOME for ``session``; ``over`` replaces fields (a value of None leaves the field out)."""
+        fields = {"version": [1, 0], "party": LH, "run": RUN, "digest": config_digest(session),
+                  "heartbeat_ms": heartbeat_ms, "peer_timeout_ms": peer_timeout_ms,
+                  "data_holders": sorted(session["cut_widths"])}
+        if session.get("psi"):
+            fields["psi_nonce"] = "0123456789abcdef" * 2
+        fields.update(over)
+        self.send(envelope("WELCOME", {k: v for k, v in fields.items() if v is not None}))
 
     def answer_echo(self, m: Msg) -> None:
         self.send(envelope("ECHO_REPLY", {"seq": m.get("seq")},
@@ -100,40 +109,15 @@ class DataHolderEnv:
         self.n = 0
 
     def start(self, port: int, *, handshake: float = 10.0, rounds: int = 2, hold: float = 0.0,
-              shape=(4, 8)) -> tuple[subprocess.Popen, Path]:
+              shape=(4, 8), psi: bool = False) -> tuple[subprocess.Popen, Path]:
+        """A data holder of SESSION (PSI_SESSION with psi, its IDs 0..49)."""
         self.n += 1
         cfg = self.workdir / f"dh-{self.n}.toml"
-        cw = "\n".join(f"{_toml_str(k)} = {v}" for k, v in SESSION["cut_widths"].items())
-        cfg.write_text(f"""role = "data_holder"
-party = {_toml_str(DH)}
-run = {_toml_str(RUN)}
-endpoint = "tcp://127.0.0.1:{port}"
-
-[keys]
-secret = "keys/{DH}.key_secret"
-
-[keys.partners]
-{LH} = "keys/{LH}.key"
-
-[session]
-batch_size = {SESSION['batch_size']}
-window = {SESSION['window']}
-model = {_toml_str(MODEL)}
-
-[session.cut_widths]
-{cw}
-
-[timeouts]
-heartbeat = 1.0
-peer = 20.0
-handshake = {handshake!r}
-
-[link_check]
-rounds = {rounds}
-shape = {list(shape)}
-dtype = "float32"
-hold = {hold!r}
-""")
+        if psi:
+            (self.workdir / "ids.csv").write_text("id\n" + "".join(f"{i}\n" for i in range(50)))
+        cfg.write_text(dh_config(party=DH, run=RUN, port=port, secret=f"keys/{DH}.key_secret", lh_party=LH,
+                                 lh_key=f"keys/{LH}.key", session=PSI_SESSION if psi else SESSION,
+                                 handshake=handshake, rounds=rounds, hold=hold, shape=shape, ids="ids.csv"))
         log = self.workdir / f"dh-{self.n}.log"
         proc = start_node(node_command(self.node_cmd, cfg), log, self.workdir)
         self.procs.append(proc)
@@ -187,7 +171,7 @@ def _finish_link_check(lh: RawLabelHolder, proc, log, rounds: int, what: str) ->
 
 
 def test_S2_data_holder_HELLO_is_conformant_and_session_completes(dh_env, lh_ctx):
-    """[S1] routing id = party id; [S2] first message HELLO with version [1, 0], role data_holder, party, run,
+    """[S1] routing id = `<party id>/<16 lowercase hex>`; [S2] first message HELLO with version [1, 0], role data_holder, party, run,
     the config it was given and the section 6 digest of it; then WELCOME -> link check ECHOs ([E4] frames checked)
     -> BYE {ok: true} -> exit 0."""
     lh = RawLabelHolder(lh_ctx, dh_env.keys[LH])
@@ -195,7 +179,7 @@ def test_S2_data_holder_HELLO_is_conformant_and_session_completes(dh_env, lh_ctx
         proc, log = dh_env.start(lh.port, rounds=2)
         m = lh.recv(10.0, skip_heartbeats=False)
         assert m is not None, f"no message from the data holder within 10 s\n{_log(log)[-2000:]}"
-        assert lh.rid == DH.encode(), f"[S1] routing id must be the party id {DH!r}, got {lh.rid!r}"
+        assert RID_PATTERN.fullmatch(lh.rid), f"[S1] routing id must be {DH!r}/<16 lowercase hex>, got {lh.rid!r}"
         assert m.type == "HELLO", f"[S2] the first message must be HELLO, got {m.summary()}"
         version = m.get("version")
         assert isinstance(version, list) and len(version) == 2 and version[0] == 1, version
@@ -366,5 +350,98 @@ def test_T1_data_holder_state_table(dh_env, lh_ctx, state, kind):
             bye = lh.expect("BYE", 5.0, what)  # nothing else (no ERROR for HEARTBEAT / ERROR) before its BYE
             assert bye.get("ok") is True, f"{what}: {bye.summary()}"
             assert _wait(proc, 10.0) == 0, f"{what}: exit code {proc.returncode}\n{_log(log)[-2000:]}"
+    finally:
+        lh.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# [S1] fresh routing ids, [S5] REPLACED, [W1] what a data holder checks in WELCOME
+
+
+def test_S1_data_holder_routing_id_is_fresh_for_every_socket(dh_env, lh_ctx):
+    """[S1]: two data holders with one config (one party, one key) connect with two different routing ids, each
+    `<party>/<16 lowercase hex>`."""
+    lh = RawLabelHolder(lh_ctx, dh_env.keys[LH])
+    try:
+        runs = [dh_env.start(lh.port, handshake=30.0) for _ in range(2)]
+        rids = set()
+        for _ in runs:
+            lh.expect("HELLO", 10.0, "[S2]")
+            assert RID_PATTERN.fullmatch(lh.rid), f"[S1] routing id {lh.rid!r}"
+            rids.add(lh.rid)
+            lh.send(envelope("ERROR", {"code": CODES["UNKNOWN_PARTY"], "message": "conformance kit", "ref": "HELLO"}))
+        assert len(rids) == 2, f"[S1] two sockets of one party must have two routing ids, got {rids}"
+        for proc, log in runs:
+            assert _wait(proc, 10.0) not in (None, 0), f"[H7] {_log(log)[-1500:]}"
+    finally:
+        lh.close()
+
+
+def test_S5_data_holder_stops_on_ERROR_REPLACED(dh_env, lh_ctx):
+    """[S5]: a READY data holder that receives ERROR REPLACED stops with a non-zero exit and its log says it was
+    replaced."""
+    lh = RawLabelHolder(lh_ctx, dh_env.keys[LH])
+    try:
+        proc, log = dh_env.start(lh.port, rounds=0, hold=60.0)
+        lh.expect("HELLO", 10.0)
+        lh.welcome()
+        lh.recv(0.3)  # let it act on the WELCOME (it has nothing to send but HEARTBEATs)
+        lh.send(envelope("ERROR", {"code": CODES["REPLACED"],
+                                   "message": "this connection was replaced by a newer connection with the same key"}))
+        rc = _wait(proc, 10.0)
+        text = _log(log)
+        assert rc not in (None, 0), f"[S5] exit code after ERROR REPLACED must be non-zero, got {rc}\n{text[-2000:]}"
+        assert "replaced" in text.lower(), f"[S5] the log must say the data holder was replaced:\n{text[-2000:]}"
+    finally:
+        lh.close()
+
+
+W1_BAD = {  # name -> (WELCOME field overrides, field the ERROR must name, psi session)
+    "major_2": (lambda minor: {"version": [2, 0]}, "version", False),
+    "minor_above_its_own": (lambda minor: {"version": [1, minor + 1]}, "version", False),
+    "run_other": (lambda minor: {"run": RUN + "-other"}, "run", False),
+    "digest_other": (lambda minor: {"digest": config_digest({**SESSION, "batch_size": 64})}, "digest", False),
+    "data_holders_reordered": (lambda minor: {"data_holders": ["dh2", DH]}, "data_holders", False),
+    "data_holders_without_itself": (lambda minor: {"data_holders": ["dh2"]}, "data_holders", False),
+    "data_holders_one_more": (lambda minor: {"data_holders": [DH, "dh2", "dh3"]}, "data_holders", False),
+    "psi_nonce_without_psi": (lambda minor: {"psi_nonce": "ab" * 16}, "psi_nonce", False),
+    "psi_nonce_missing": (lambda minor: {"psi_nonce": None}, "psi_nonce", True),
+    "psi_nonce_31_hex": (lambda minor: {"psi_nonce": "a" * 31}, "psi_nonce", True),
+    "psi_nonce_uppercase": (lambda minor: {"psi_nonce": "AB" * 16}, "psi_nonce", True),
+}
+
+
+@pytest.mark.parametrize("which", list(W1_BAD))
+def test_W1_data_holder_refuses_a_bad_WELCOME(dh_env, lh_ctx, which):
+    """[W1]: version [1, m] with m at most the data holder's own minor (its HELLO's), its own run and digest,
+    data_holders its session's list in order with itself in it, psi_nonce 32 lowercase hex exactly when psi: a WELCOME
+    that breaks one gets ERROR BAD_FIELD naming the field, then BYE {ok: false}, and the data holder exits 1."""
+    over, field, psi = W1_BAD[which]
+    lh = RawLabelHolder(lh_ctx, dh_env.keys[LH])
+    try:
+        proc, log = dh_env.start(lh.port, rounds=1, psi=psi)
+        hello = lh.expect("HELLO", 10.0)
+        lh.welcome(session=PSI_SESSION if psi else SESSION, **over(hello.get("version")[1]))
+        err = lh.expect("ERROR", 5.0, f"[W1] {which}: the data holder's answer to the bad WELCOME")
+        assert err.get("code") == CODES["BAD_FIELD"], f"[W1] {which}: expected BAD_FIELD, got {err.summary()}"
+        assert field in err.get("message"), f"[W1] {which}: the ERROR must name {field!r}: {err.get('message')!r}"
+        bye = lh.expect("BYE", 5.0, f"[W1] {which}: BYE after the ERROR")
+        assert bye.get("ok") is False, f"[W1] {which}: BYE must be ok: false, got {bye.summary()}"
+        rc = _wait(proc, 10.0)
+        assert rc == 1, f"[W1] {which}: exit code must be 1, got {rc}\n{_log(log)[-2000:]}"
+    finally:
+        lh.close()
+
+
+def test_W1_data_holder_accepts_a_good_WELCOME_with_psi_nonce(dh_env, lh_ctx):
+    """Control for [W1]: in a PSI session, a WELCOME with a 32-hex psi_nonce is accepted: the data holder goes on
+    (its link check ECHO, then PSI_START, [P2])."""
+    lh = RawLabelHolder(lh_ctx, dh_env.keys[LH])
+    try:
+        proc, log = dh_env.start(lh.port, rounds=1, psi=True)
+        lh.expect("HELLO", 10.0)
+        lh.welcome(session=PSI_SESSION)
+        lh.answer_echo(lh.expect("ECHO", 5.0, "[W1] the link check after a good WELCOME"))
+        lh.expect("PSI_START", 5.0, "[P2] PSI_START after a good WELCOME")
     finally:
         lh.close()

@@ -220,11 +220,13 @@ def test_M1_echo_round_trip_every_dtype(kit):
 
 
 def test_M1_echo_round_trip_large_and_odd_shapes(kit):
-    """A 1 MiB float32 tensor, a 64 KiB + 1 byte tensor, a big-endian source array (sent little-endian), a
-    Fortran-order source array (sent C order), zero-size and 0-d tensors, in one message, order kept."""
+    """A large float32 tensor (1 MiB, or half the ECHO cap L of [B3] if that is less), a 64 KiB + 1 byte tensor
+    (or L / 4 + 1), a big-endian source array (sent little-endian), a Fortran-order source array (sent C order),
+    zero-size and 0-d tensors, in one message, order kept."""
     rng = np.random.default_rng(7)
-    big = rng.standard_normal(1 << 18).astype(np.float32)  # 1 MiB
-    odd = rng.integers(0, 256, (1 << 16) + 1, dtype=np.uint8)
+    cap = kit.target.largest_message
+    big = rng.standard_normal(min(1 << 18, cap // 8)).astype(np.float32)  # 1 MiB
+    odd = rng.integers(0, 256, min(1 << 16, cap // 4) + 1, dtype=np.uint8)
     be = np.arange(12, dtype=">i4").reshape(3, 4)
     fortran = np.asfortranarray(rng.standard_normal((5, 7)))
     p = kit.peer(key=next_key(kit))
@@ -266,3 +268,28 @@ def test_E4_node_messages_are_well_formed(kit):
     e = p.expect_error("CONFIG_MISMATCH", kit.T)
     assert type(e.get("diff")) is dict
     assert not p.violations, p.violations
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# [B3] the ECHO cap: L, the session's largest message (section 7)
+
+
+def _tensors_of(total: int) -> list:
+    """Two uint8 tensors holding ``total`` bytes in all (the cap counts every tensor of the ECHO)."""
+    half = total // 2
+    return [("a", np.zeros(half, np.uint8)), ("b", np.ones(total - half, np.uint8))]
+
+
+def test_B3_ECHO_of_L_bytes_is_echoed_one_more_byte_is_TOO_LARGE(kit):
+    """[B3]: an ECHO whose tensors hold L bytes in all gets its ECHO_REPLY; L + 1 bytes gets ERROR TOO_LARGE and no
+    ECHO_REPLY (the probe ECHO after it gets the next answer); the peer stays READY."""
+    if not kit.target.largest_exact:
+        pytest.skip("needs the node's [link_check].shape (and [psi].chunk_size) in the --session file to know L")
+    cap = kit.target.largest_message
+    p = kit.peer(key=next_key(kit))
+    kit.handshake(p)
+    kit.echo(p, _tensors_of(cap), what=f"[B3] an ECHO of exactly L = {cap} bytes")
+    p.send("ECHO", {"seq": next_seq()}, _tensors_of(cap + 1))
+    p.expect_error("TOO_LARGE", kit.T, f"[B3] an ECHO of L + 1 = {cap + 1} bytes")
+    kit.assert_ready(p, "[B3] after the refused ECHO (its reply must not follow either)")
+    kit.bye(p)

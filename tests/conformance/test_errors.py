@@ -76,3 +76,33 @@ def test_R2_error_rate_limit(kit):
     p.send_raw(bad, pace=False)
     p.expect_error("UNKNOWN_TYPE", kit.T, "[R2] after a quiet second the bucket has refilled")
     kit.assert_healthy("after [R2]")
+
+
+def test_R2_error_budget_is_the_partys_not_the_connections(kit):
+    """[R2]: the label holder keys the bucket by the authenticated identity: three connections of one party (three
+    routing ids) sending 150 malformed messages each get at most 100 + 100/s x elapsed ERRORs between them."""
+    key = kit.target.key("rate")
+    time.sleep(1.1)  # the party's bucket refills (the test above drained it)
+    peers = [kit.peer(key=key) for _ in range(3)]
+    bad = [SIGNATURE, pack({"type": "KIT_RATE_TEST"})]
+    t0 = time.monotonic()
+    for _ in range(150):
+        for p in peers:
+            p.send_raw(bad, pace=False)
+    errors, t_last = 0, t0
+    deadline = t0 + 5.0
+    for p in peers:
+        while time.monotonic() < deadline:
+            m = p.recv(0.5)
+            if m is None:
+                break
+            assert m.type == "ERROR" and m.get("code") == CODES["UNKNOWN_TYPE"], m.summary()
+            errors, t_last = errors + 1, max(t_last, m.t)
+    for p in peers:
+        kit.drained(p)
+    allowed = 100 + math.ceil(100 * (t_last - t0)) + 5
+    assert errors <= allowed, (
+        f"[R2] 3 connections of {key.name} got {errors} ERRORs in {t_last - t0:.2f} s for 450 malformed messages: "
+        f"one bucket per party allows at most {allowed}"
+    )
+    assert errors >= 90, f"[E1] with a full bucket the first ~100 must be answered; got {errors}"

@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from . import cases as C
-from .peer import CODES, DTYPES, SIGNATURE, TYPES, pack
+from .peer import CODES, DTYPES, SESSION_TYPES, SIGNATURE, TYPES, pack
 
 FLOOD_N = 2400
 CATALOGUE = [c for group in (C.C1, C.C2, C.C3_VERSION, C.C3_SIGNATURE, C.C4, C.C5, C.C6, C.C7, C.C8, C.C9,
                              C.C10, C.C11, C.C12, C.C13, C.C14, C.ORDERING, C.M2_MALFORMED_ERRORS)
              for c in group if c.id != "one_MiB_header"]
-FLOOD_TYPES = sorted(TYPES - {"HELLO"}) + ["FOO", "", "PSI_START", "FORWARD", "echo", "HELLO ", "ERROR\x00"]
+FLOOD_TYPES = sorted(SESSION_TYPES - {"HELLO"}) + ["FOO", "", "PSI_START", "FORWARD", "echo", "HELLO ", "ERROR\x00"]
 FIELD_NAMES = ["seq", "ok", "reason", "code", "message", "ref", "diff", "version", "party", "run", "config",
                "digest", "heartbeat_ms", "peer_timeout_ms", "data_holders", "role", "x"]
 

@@ -13,7 +13,7 @@ from .peer import config_digest, pack
 
 
 def test_S1_dealer_with_routing_id_completes_handshake(kit):
-    """[S1]: a DEALER with ROUTING_ID = party id connects to the label holder's ROUTER and is welcomed."""
+    """[S1]: a DEALER with ROUTING_ID = `<party id>/<16 hex>` connects to the label holder's ROUTER and is welcomed."""
     p = kit.peer("main")
     kit.handshake(p)
     kit.bye(p)
@@ -73,13 +73,14 @@ def test_H6_second_hello_in_READY_restarts_the_session(kit):
 
 
 def test_H6_restarted_data_holder_on_a_new_connection(kit):
-    """[H6] + ROUTER_HANDOVER: a data holder that restarts (new DEALER, same routing id and key, old socket
-    still open) is welcomed again and served on the new connection."""
+    """[H6] + [S5]: a data holder that restarts (new DEALER with a fresh routing id, same key, old socket still
+    open) is welcomed again and served on the new connection; the old connection gets ERROR REPLACED."""
     key = next_key(kit)
     old = kit.peer(key=key)
     kit.handshake(old)
     new = kit.peer(key=key)
     kit.handshake(new, what="[H6] HELLO from the restarted data holder")
+    old.expect_error("REPLACED", kit.T, "[S5] the replaced connection")
     kit.assert_ready(new, "[H6] restarted data holder")
     old.maybe_ready = False
     kit.bye(new)
@@ -330,3 +331,54 @@ def test_H1_before_H4_unknown_party_with_wrong_run(kit):
     p = kit.peer(key=o)
     p.send_raw(kit.hello_frames(o.name, run=kit.target.run + "-other"))
     p.expect_error("UNKNOWN_PARTY", kit.T, "[H1] before [H4]")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Section 6: the limits of a well-formed session config. Past a limit: BAD_FIELD ([H3]); at the limit the config is
+# well formed, only not the label holder's: CONFIG_MISMATCH ([H4]).
+
+
+def _parties(n: int) -> dict:
+    return {f"p{i:02d}": 8 for i in range(n)}
+
+
+def _limit_configs(cfg: dict) -> dict:
+    first = sorted(cfg["cut_widths"])[0]
+    cw = cfg["cut_widths"]
+    return {  # name -> (config, expected code)
+        "cut_widths_no_party": ({**cfg, "cut_widths": {}}, "BAD_FIELD"),
+        "cut_widths_65_parties": ({**cfg, "cut_widths": _parties(65)}, "BAD_FIELD"),
+        "cut_widths_64_parties": ({**cfg, "cut_widths": _parties(64)}, "CONFIG_MISMATCH"),
+        "cut_widths_1_party": ({**cfg, "cut_widths": {first: cw[first]}}, "CONFIG_MISMATCH"),
+        "cut_width_0": ({**cfg, "cut_widths": {**cw, first: 0}}, "BAD_FIELD"),
+        "cut_width_1": ({**cfg, "cut_widths": {**cw, first: 1}}, "CONFIG_MISMATCH"),
+        "cut_width_1048577": ({**cfg, "cut_widths": {**cw, first: 1_048_577}}, "BAD_FIELD"),
+        "cut_width_1048576": ({**cfg, "cut_widths": {**cw, first: 1_048_576}}, "CONFIG_MISMATCH"),
+        "cut_widths_party_not_an_id": ({**cfg, "cut_widths": {**cw, "bad/id": 8}}, "BAD_FIELD"),
+        "cut_widths_party_65_chars": ({**cfg, "cut_widths": {**cw, "p" * 65: 8}}, "BAD_FIELD"),
+        "model_empty": ({**cfg, "model": ""}, "BAD_FIELD"),
+        "model_257_chars": ({**cfg, "model": "m" * 257}, "BAD_FIELD"),
+        "model_256_chars": ({**cfg, "model": "m" * 256}, "CONFIG_MISMATCH"),
+        "model_1_char": ({**cfg, "model": "m"}, "CONFIG_MISMATCH"),
+        "batch_size_0": ({**cfg, "batch_size": 0}, "BAD_FIELD"),
+        "window_0": ({**cfg, "window": 0}, "BAD_FIELD"),
+        "batch_size_1": ({**cfg, "batch_size": 1}, "CONFIG_MISMATCH"),
+        "psi_false": ({**cfg, "psi": False}, "BAD_FIELD"),
+        "train_false": ({**cfg, "train": False}, "BAD_FIELD"),
+        "psi_int": ({**cfg, "psi": 1}, "BAD_FIELD"),
+    }
+
+
+@pytest.mark.parametrize("which", list(_limit_configs({"cut_widths": {"a": 1}, "batch_size": 1, "window": 1,
+                                                       "model": "m"})))
+def test_H3_session_config_limits(kit, which):
+    """Section 6: cut_widths names 1 to 64 data holders (party ids), each width 1 to 1,048,576; batch_size and window
+    at least 1; model 1 to 256 characters; psi and train, when present, true. Past a limit a HELLO (with its config's
+    own digest) gets BAD_FIELD; at the limit, CONFIG_MISMATCH (well formed, but not the label holder's)."""
+    cfg, code = _limit_configs(copy.deepcopy(kit.session))[which]
+    if cfg == kit.session:
+        pytest.skip("the target's own session config is at this limit")
+    p = kit.peer(key=next_key(kit))
+    p.send_raw(kit.hello_frames(p.party, config=cfg, digest=config_digest(cfg)))
+    p.expect_error(code, kit.T, f"[H3]/[H4] HELLO config {which}")
+    kit.assert_not_ready(p, "[R1] after a refused HELLO")
