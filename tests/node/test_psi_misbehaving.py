@@ -324,7 +324,7 @@ def test_P1_a_data_holder_gives_up_on_a_welcome_without_psi_nonce(tmp_path, raw_
     raw, dh, sets = raw_label_holder_session
     raw.welcome(nonce=None)
     assert dh.wait(timeout=20) == 1
-    assert "bad WELCOME: WELCOME.psi_nonce must be 32 hex digits" in dh.output
+    assert "bad WELCOME: WELCOME.psi_nonce must be 32 lowercase hex digits" in dh.output
 
 
 def test_P1_the_label_holder_sends_a_fresh_psi_nonce_in_every_welcome(tmp_path, honest_label_holder):

@@ -7,6 +7,7 @@ configured link check (ECHO round trips, verifying every byte comes back), then 
 from __future__ import annotations
 
 import enum
+import re
 import traceback
 from typing import Callable, Sequence
 
@@ -426,9 +427,9 @@ class DataHolderMachine:
                 f"{list(self.config.data_holders)}"
             )
         if self.psi_plan is not None and (
-            msg.psi_nonce is None or len(msg.psi_nonce) != 32 or not _is_hex(msg.psi_nonce)
+            msg.psi_nonce is None or not _NONCE.fullmatch(msg.psi_nonce)
         ):
-            return "WELCOME.psi_nonce must be 32 hex digits in a session with PSI"
+            return "WELCOME.psi_nonce must be 32 lowercase hex digits in a session with PSI"
         if self.psi_plan is None and msg.psi_nonce is not None:
             return "WELCOME.psi_nonce is set in a session without PSI"
         return None
@@ -471,12 +472,7 @@ class DataHolderMachine:
         return [Log(level="WARNING", text=f"{self.label_holder} reports {_code_name(msg.code)}: {peer_text(msg.message, 400)}")]
 
 
-def _is_hex(text: str) -> bool:
-    try:
-        bytes.fromhex(text)
-    except ValueError:
-        return False
-    return True
+_NONCE = re.compile(r"[0-9a-f]{32}")  # [P1], [W1]
 
 
 def _code_name(code: int) -> str:

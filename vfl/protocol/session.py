@@ -182,6 +182,11 @@ class SessionConfig:
         widths = value.get("cut_widths")
         if type(widths) is not dict:
             raise RemoteProtocolError(ErrorCode.BAD_FIELD, "HELLO.config.cut_widths must be a map", ref="HELLO")
+        for flag in ("psi", "train", "predict"):  # absent means false, so present means exactly true (section 6)
+            if flag in value and value[flag] is not True:
+                raise RemoteProtocolError(
+                    ErrorCode.BAD_FIELD, f"HELLO.config.{flag} must be true when present (absent means false)", ref="HELLO"
+                )
         try:
             return cls(
                 cut_widths=widths,
