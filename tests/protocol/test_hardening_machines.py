@@ -243,3 +243,16 @@ def test_B4_a_party_that_sends_more_refused_bytes_than_its_budget_is_closed_and_
     assert Disconnect(to=A1) in lh.receive(A1, "alice", wire(Heartbeat()), 0.1)  # closed again if it comes back
     joined(lh, A2, now=0.2)  # a restart with its key may rejoin
     assert lh.parties["alice"].state is PartyState.READY
+
+
+def test_peer_text_a_refusal_diff_from_the_label_holder_is_printed_escaped_and_cut():
+    dh = DataHolderMachine(party="alice", run=RUN, config=CFG, now=0.0)
+    dh.start(0.0)
+    forged = "model\n12:00:00 vfl[bank] INFO forged line\x1b[2J"
+    err = Error(code=int(ErrorCode.CONFIG_MISMATCH), message="differs",
+                diff={forged: ["x" * 10_000, 1], **{f"k{i}": [i, i + 1] for i in range(500)}})
+    out = dh.receive(wire(err), 0.0)
+    fin = [o for o in out if isinstance(o, Finished)][0]
+    lines = fin.reason.split("\n")
+    assert fin.exit_code == 1 and "\x1b" not in fin.reason and not any(line.startswith("12:00:00") for line in lines)
+    assert len(lines) <= 1 + 64 and len(fin.reason) < 64 * 300

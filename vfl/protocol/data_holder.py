@@ -436,7 +436,11 @@ class DataHolderMachine:
 
     def _on_refusal(self, msg: Error, now: float) -> list[Output]:
         """[H7]: an ERROR in answer to HELLO is final."""
-        diff = {k: v for k, v in (msg.diff or {}).items() if isinstance(v, list) and len(v) == 2}
+        diff = {  # the label holder wrote it: escaped and cut like any peer text, at most MAX_DIFF_LINES lines
+            peer_text(k, 100): [_shown(x) for x in v]
+            for k, v in list((msg.diff or {}).items())[:MAX_DIFF_LINES]
+            if isinstance(v, list) and len(v) == 2
+        }
         if diff:  # one line per differing field: the readable diff of [H4]
             text = f"label holder refused HELLO: {_code_name(msg.code)}:\n  " + describe_diff(diff, sep="\n  ")
         else:
@@ -473,6 +477,14 @@ class DataHolderMachine:
 
 
 _NONCE = re.compile(r"[0-9a-f]{32}")  # [P1], [W1]
+MAX_DIFF_LINES = 64
+
+
+def _shown(value: object) -> object:
+    """A value from a peer's CONFIG_MISMATCH diff, safe to print with ``!r``: numbers as they are, the rest cut."""
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    return peer_text(value, 120)
 
 
 def _code_name(code: int) -> str:
