@@ -55,12 +55,9 @@ from _children import CLK_TCK, bench_main, die_with_parent  # noqa: E402
 from vfl.launch.prepare import prepare_session  # noqa: E402 - after the sys.path fix-up
 from vfl.node import load_config  # noqa: E402
 from vfl.node.transport import (  # noqa: E402
-    LINGER_MS,
     Transport,
     _received_frame,
-    frame_limit,
-    hwm_for,
-    largest_message_bytes,
+    socket_options,
 )
 from vfl.protocol import (  # noqa: E402
     PROTOCOL_VERSION,
@@ -117,18 +114,7 @@ class BenchError(Exception):
 
 def node_socket_options(cfg: Any) -> dict[str, int]:
     """The options ``vfl.node.Transport`` sets on a node's socket (minus CURVE/identity), for the bare variant."""
-
-    t = cfg.timeouts
-    hwm = hwm_for(cfg.queue_bytes, largest_message_bytes(cfg))
-    return {
-        "SNDHWM": hwm,
-        "RCVHWM": hwm,
-        "MAXMSGSIZE": frame_limit(cfg),
-        "LINGER": LINGER_MS,
-        "HEARTBEAT_IVL": max(1, int(t.heartbeat * 1000)),
-        "HEARTBEAT_TIMEOUT": max(1, int(t.peer * 1000)),
-        "HEARTBEAT_TTL": max(1, int(t.peer * 1000)),
-    }
+    return socket_options(cfg)
 
 
 def apply_options(sock: zmq.Socket, opts: dict[str, int]) -> None:

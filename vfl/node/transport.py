@@ -96,6 +96,30 @@ def frame_limit(cfg: NodeConfig) -> int:
     return min(cfg.limits.max_frame_bytes, need + cfg.limits.max_header_bytes)
 
 
+def socket_options(cfg: NodeConfig) -> dict[str, int]:
+    """The options of a node's socket (besides CURVE and the routing id), by ``zmq`` constant name.
+
+    - ``SNDHWM``: what libzmq may hold for one peer, the send budget minus the node's own queue ([B2]).
+    - ``RCVHWM``: a hostile peer's messages can be as large as the frame limit, not just the session's largest, so
+      the receive queue is sized so that a full one of the largest frames still fits the byte budget ([B1]).
+    - No ZMTP heartbeats (``ZMQ_HEARTBEAT_IVL``): with them libzmq 4.3.5 aborts the whole process ("Assertion
+      failed: !_io_error (src/stream_engine_base.cpp:310)") when a connection whose receive queue is full closes,
+      which any partner can arrange (zeromq/libzmq#4841). Dead peers are found by the protocol's own heartbeats
+      ([L1], [L2]); TCP keepalive closes a dead TCP connection underneath.
+    """
+    t = cfg.timeouts
+    return {
+        "SNDHWM": hwm_for(cfg.queue_bytes - outbox_bytes(cfg), largest_message_bytes(cfg)),
+        "RCVHWM": hwm_for(cfg.queue_bytes, frame_limit(cfg)),
+        "MAXMSGSIZE": frame_limit(cfg),
+        "LINGER": LINGER_MS,
+        "TCP_KEEPALIVE": 1,
+        "TCP_KEEPALIVE_IDLE": max(1, int(t.peer)),
+        "TCP_KEEPALIVE_INTVL": max(1, int(t.heartbeat)),
+        "TCP_KEEPALIVE_CNT": 3,
+    }
+
+
 class _AllowList:
     """ZAP credentials provider: a CURVE client may connect iff its key is a partner's."""
 
@@ -129,19 +153,10 @@ class Transport:
         self.partner_by_key: dict[bytes, str] = {}
         #: label holder: routing id -> (descriptor, peer address) of the TCP connection its messages came on
         self._connections: OrderedDict[bytes, tuple[int, Any]] = OrderedDict()
-        t = cfg.timeouts
         kind = zmq.ROUTER if cfg.is_label_holder else zmq.DEALER
         sock = self.ctx.socket(kind)
-        hwm = hwm_for(cfg.queue_bytes - outbox_bytes(cfg), largest_message_bytes(cfg))
-        sock.setsockopt(zmq.SNDHWM, hwm)
-        # inbound, a hostile peer's messages can be as large as the frame limit, not just the session's largest: so
-        # the receive queue is sized so that a full one of the largest frames still fits the byte budget (section 7)
-        sock.setsockopt(zmq.RCVHWM, hwm_for(cfg.queue_bytes, frame_limit(cfg)))
-        sock.setsockopt(zmq.MAXMSGSIZE, frame_limit(cfg))
-        sock.setsockopt(zmq.LINGER, LINGER_MS)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(t.heartbeat * 1000)))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(t.peer * 1000)))
-        sock.setsockopt(zmq.HEARTBEAT_TTL, max(1, int(t.peer * 1000)))
+        for name, value in socket_options(cfg).items():
+            sock.setsockopt(getattr(zmq, name), value)
         if not cfg.insecure:
             public, secret = load_secret_key(cfg.secret_key)
             sock.curve_publickey, sock.curve_secretkey = public, secret
