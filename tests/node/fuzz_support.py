@@ -74,6 +74,7 @@ def _write_csv(path: Path, ids: list[str], columns: dict[str, np.ndarray]) -> No
 
 def fuzz_session(tmp: Path, *, train: bool, epochs: int = 2) -> dict[str, Path]:
     """Configs of ``bank`` (label holder), ``atk`` and ``honest``: PSI over a few dozen IDs, optionally training."""
+    tmp.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
     ids = [f"id-{i:03d}" for i in range(N_IDS)]
     keep = {p: sorted(rng.choice(N_IDS, size=N_IDS - 4, replace=False).tolist()) for p in (LABEL_HOLDER, ATTACKER, HONEST)}
@@ -446,7 +447,7 @@ def _depth_failure(frames: Sequence[bytes], limits) -> RemoteProtocolError | Non
     """Checks 1-5 of section 3 when the header nests too deep (decoders without the bound accept it)."""
     if len(frames) < 2 or len(frames) > limits.max_frames or bytes(frames[0]) != b"VFL/1":
         return None  # an earlier check decides, as the decoder says
-    if len(frames[1]) > limits.max_header_bytes or header_depth(frames) <= MAX_DEPTH:
+    if len(frames[1]) > limits.max_header_bytes or header_depth(frames) <= MAX_DEPTH + 3:  # +3: see DEPTHS
         return None
     return RemoteProtocolError(ErrorCode.BAD_HEADER, f"header nests deeper than {MAX_DEPTH} levels")
 

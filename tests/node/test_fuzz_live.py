@@ -32,6 +32,7 @@ import csv
 import json
 import os
 import time
+import traceback
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -139,9 +140,10 @@ valid_messages = messages | phase_messages
 TYPE_NAMES = sorted(MESSAGE_TYPES) + ["", "hello", "ECHO ", "FORWARD\x00", "\u00c9CHO"]
 EDGE_VALUES = [-1, 2**63, 2**64 - 1, True, False, 1.5, None, "", "x" * 300, b"\x00", [], {}, [1, 2], {"a": 1}]
 SIGNATURES = [b"VFL/2", b"VFL/0", b"VFL/999", b"VFL/1\x00", b"vfl/1", b"VFL/", b"VFL/1" * 4, b""]
-#: nesting depths the mutations use; past the bound only once this vfl has it (else test_deep_nesting_* covers them)
+#: nesting depths the mutations use: past the bound only once this vfl has it (until then the xfail test below
+#: covers them), and never near it (where the count of levels may differ by one between readings of the rule)
 DEEP_OK = depth_bound_enforced()
-DEPTHS = [30, 31, 32, 33, 64, 500, 1000, 1100, 5000] if DEEP_OK else [1, 8, 16, 30]
+DEPTHS = [8, 16, 24, 40, 64, 500, 1000, 1100, 5000] if DEEP_OK else [1, 8, 16, 24]
 FIELD_NAMES = ["type", "tensors", "seq", "ok", "reason", "code", "message", "version", "party", "run", "config",
                "digest", "chunk", "last", "n_items", "chunk_size", "step", "epoch", "batch", "ref", "diff"]
 
@@ -259,6 +261,9 @@ class FuzzRun:
         self.counts: dict[str, Counter] = {}
         self.findings: list[str] = []
         self.samples: list[list[bytes]] = []
+        #: the first failure inside the hypothesis machine: recorded, not raised there (hypothesis would replay the
+        #: example against a node that has moved on, and report that instead), raised once the machine returns
+        self.fatal: str | None = None
 
     # -- phases
 
@@ -299,6 +304,9 @@ class FuzzRun:
     # -- inputs
 
     def submit(self, link: Link, frames: list[bytes], dup: bool = False) -> None:
+        self.guarded(lambda: self._submit(link, frames, dup))
+
+    def _submit(self, link: Link, frames: list[bytes], dup: bool) -> None:
         if not frames:  # ZeroMQ has no message of zero frames: nothing to send
             return
         current = link is self.attacker and self.state != "IDLE"
@@ -316,6 +324,15 @@ class FuzzRun:
             self.batch_errors += 1
         if self.batch_errors >= ERRORS_PER_BATCH or len(self.batch) >= 4 * ERRORS_PER_BATCH:
             self.flush()
+
+    def guarded(self, check) -> None:
+        """Run ``check`` inside the hypothesis machine: a failure is kept in ``fatal`` (see there)."""
+        if self.fatal:
+            return
+        try:
+            check()
+        except Exception:  # noqa: BLE001 - re-raised by fuzz_state with its traceback
+            self.fatal = traceback.format_exc()
 
     @property
     def sent(self) -> int:
@@ -498,7 +515,7 @@ class LiveFuzz(RuleBasedStateMachine):
 
     @invariant()
     def node_alive(self):
-        RUN.check_alive()
+        RUN.guarded(RUN.check_alive)
 
 
 def fuzz_state(run: FuzzRun, n: int) -> None:
@@ -514,11 +531,13 @@ def fuzz_state(run: FuzzRun, n: int) -> None:
         max_examples=10, stateful_step_count=50, deadline=None, database=None, phases=[Phase.generate],
         suppress_health_check=list(HealthCheck), print_blob=True,
     )
-    for _ in range(4 * n // 50 + 10):  # bounded: filtered inputs do not count, so a few more rounds than n/500
+    for _ in range(4 * n // 50 + 10):  # bounded: filtered inputs do not count, so a few more rounds than needed
         if run.sent >= n:
             break
         want = max(1, (n - run.sent) // 50 + 1)
-        run_state_machine_as_test(LiveFuzz, settings=settings(cfg, max_examples=min(want, 200)))
+        run_state_machine_as_test(LiveFuzz, settings=settings(cfg, max_examples=min(want, 20)))
+        if run.fatal:
+            raise AssertionError(f"while fuzzing {run.state}:\n{run.fatal}")
     run.settle()
     run.counts[run.state]["seconds"] = round(time.monotonic() - t0)
     assert run.sent >= n, f"only {run.sent} inputs reached the node in {run.state}"
