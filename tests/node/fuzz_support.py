@@ -263,7 +263,8 @@ class Driver(Link):
 
         self.ids = load_ids(cfg)
         self.engine = PsiEngine(workers=1)
-        self.machine = build_machine(cfg, time.monotonic(), psi_plan(cfg, self.ids, self.engine))
+        self.plan = psi_plan(cfg, self.ids, self.engine)
+        self.machine = build_machine(cfg, time.monotonic(), self.plan)
         self.hold = set(hold)
         self.held: list[tuple[str, list]] = []
         self.training_budget: int | None = None
@@ -277,8 +278,20 @@ class Driver(Link):
     # -- the machine's side
 
     def start(self) -> None:
+        """Say HELLO (held if the test holds it). The machine is made now: its handshake timeout starts here."""
         self.started = True
+        self.machine = build_machine(self.cfg, time.monotonic(), self.plan)
         self._execute(self.machine.start(time.monotonic()))
+
+    def preview_hello(self) -> None:
+        """Keep the HELLO this data holder will send among its samples, without sending it or starting the clock."""
+        for out in self.machine.start(time.monotonic()):
+            self._record(out.message.TYPE, [bytes(f) for f in encode(out.message, self.cfg.limits)])
+
+    def _record(self, mtype: str, frames: list) -> None:
+        bucket = self.samples.setdefault(mtype, [])
+        if len(bucket) < 4:
+            bucket.append(frames)
 
     def take(self, frames: list[bytes]) -> None:
         self.last_heard = time.monotonic()
@@ -353,9 +366,7 @@ class Driver(Link):
             if isinstance(out, Send):
                 frames = [bytes(f) for f in encode(out.message, self.cfg.limits)]
                 mtype = out.message.TYPE
-                bucket = self.samples.setdefault(mtype, [])
-                if len(bucket) < 4:
-                    bucket.append(frames)
+                self._record(mtype, frames)
                 if self._blocked(mtype) or (self.held and mtype != "HEARTBEAT"):
                     self.held.append((mtype, frames))
                 else:

@@ -614,11 +614,11 @@ def run_psi_session(tmp_path: Path, n: int) -> dict:
     with live_session(tmp_path, train=False) as (configs, ctx, _, lh, drivers):
         lh.wait_for("listening on", timeout=60)
         honest = Driver(ctx, configs[HONEST], hold=("PSI_START", "PSI_ITEMS", "PSI_RESULT", "BYE"))
-        attacker = Driver(ctx, configs[ATTACKER], hold=("HELLO", "PSI_START", "PSI_ITEMS", "PSI_RESULT", "BYE"))
+        attacker = Driver(ctx, configs[ATTACKER], hold=("PSI_START", "PSI_ITEMS", "PSI_RESULT", "BYE"))
         drivers += [honest, attacker]
         honest.start()
         wait_for(lambda: honest.joined, "the honest data holder is READY", None, [honest])
-        attacker.start()  # its HELLO is held: the attacker's party is IDLE at the label holder
+        attacker.preview_hello()  # not said yet: the attacker's party is IDLE at the label holder
 
         seq = iter(range(10**9))
         honest_state = {"lh": "READY"}
@@ -645,7 +645,7 @@ def run_psi_session(tmp_path: Path, n: int) -> dict:
         run.enter("IDLE", dup_of=dup)
         fuzz_state(run, n)
 
-        attacker.release("HELLO")
+        attacker.start()
         wait_for(lambda: attacker.joined, "attacker READY", run, drivers)
         run.enter("READY", dup_of=dup + [attacker.routing_id])
         fuzz_state(run, n)
