@@ -230,8 +230,10 @@ class Link:
         self.sock = s
         self.answers: deque = deque()  # answers to fuzz inputs, in arrival order
         self.last_heard = time.monotonic()
+        self.sent = 0
 
     def send(self, frames: Sequence[Any]) -> None:
+        self.sent += 1
         self.sock.send_multipart(list(frames), copy=True)
 
     def poll(self) -> None:
