@@ -757,6 +757,16 @@ def test_R1_fuzz_soak_10000_inputs_per_state(tmp_path):
     assert all(c["sent"] >= SLOW_MESSAGES for c in summary.values()), summary
 
 
+def ready_attacker(configs, ctx: zmq.Context, lh, drivers: list) -> Driver:
+    """The attacker, READY at the label holder (its PSI held back)."""
+    lh.wait_for("listening on", timeout=60)
+    attacker = Driver(ctx, configs[ATTACKER], hold=("PSI_START", "PSI_ITEMS"))
+    drivers.append(attacker)
+    attacker.start()
+    wait_for(lambda: attacker.joined, "attacker READY", None, [attacker])
+    return attacker
+
+
 def _deep_inputs(hello: list[bytes]) -> list[tuple[str, list[bytes]]]:
     h = header_of(hello)
     out = []
@@ -780,11 +790,7 @@ def _deep_inputs(hello: list[bytes]) -> list[tuple[str, list[bytes]]]:
 )
 def test_E1_a_header_nested_past_32_levels_is_BAD_HEADER_and_the_node_lives(tmp_path):
     with live_session(tmp_path, train=False) as (configs, ctx, _, lh, drivers):
-        lh.wait_for("listening on", timeout=60)
-        attacker = Driver(ctx, configs[ATTACKER], hold=("PSI_START", "PSI_ITEMS"))
-        drivers.append(attacker)
-        attacker.start()
-        wait_for(lambda: attacker.joined, "attacker READY", None, [attacker])
+        attacker = ready_attacker(configs, ctx, lh, drivers)
         wrong = []
         for what, frames in _deep_inputs(attacker.samples["HELLO"][0]):
             attacker.send(frames)
@@ -811,11 +817,7 @@ def test_R1_a_connection_that_fills_its_queue_and_closes_does_not_abort_the_node
     """A second connection with the attacker's own live routing id is never read (libzmq ignores it, handover
     off), so 1,000 messages fill its pipe past RCVHWM; then it closes. The node must live and serve the attacker."""
     with live_session(tmp_path, train=False) as (configs, ctx, _, lh, drivers):
-        lh.wait_for("listening on", timeout=60)
-        attacker = Driver(ctx, configs[ATTACKER], hold=("PSI_START", "PSI_ITEMS"))
-        drivers.append(attacker)
-        attacker.start()
-        wait_for(lambda: attacker.joined, "attacker READY", None, [attacker])
+        attacker = ready_attacker(configs, ctx, lh, drivers)
         dup = Link(ctx, attacker.cfg, attacker.routing_id, label="dup")
         heartbeat = [b"VFL/1", msgpack.packb({"type": "HEARTBEAT"})]
         for _ in range(1000):
