@@ -23,7 +23,11 @@ probe ECHO is answered (ECHO_REPLY in READY, ERROR UNEXPECTED_MESSAGE later); in
 subsequence of the required ones: [R2] may drop some). At the end the sessions must complete normally (exit 0,
 aligned rows agree) and the node's log must hold no traceback, internal error or libzmq assertion.
 
-Counts: ``VFL_FUZZ_MESSAGES`` inputs per state (default 200, CI); the slow test sends 10,000 per state.
+Counts: ``VFL_FUZZ_MESSAGES`` inputs per state (default 200, CI); the slow test sends 10,000 per state
+(``pytest -m slow -s tests/node/test_fuzz_live.py`` prints them; ``VFL_FUZZ_REPORT`` names a file or directory for
+the JSON). Two failures the fuzz found have their own strict-xfail tests at the end: headers nested past 32 levels
+(until the depth bound lands the random mutations stay shallower) and the libzmq abort when a connection with a full
+queue closes (until it is fixed the connections libzmq never reads get fewer inputs than RCVHWM).
 """
 
 from __future__ import annotations
@@ -461,6 +465,8 @@ class FuzzRun:
 
     def flood(self, inputs: list[tuple[Link, list[bytes]]]) -> None:
         """Unpaced: more ERRORs than [R2] allows; every answer must still be one the spec requires."""
+        self.flush()
+        self.pump(BATCH_PERIOD_S)  # a full [R2] bucket: the flood shows the burst, then the limit
         for link, frames in inputs:
             want = self.oracle.expect(frames, state=self.state, routing_id=link.routing_id,
                                       current=link is self.attacker and self.state != "IDLE")
@@ -592,10 +598,18 @@ def wait_for(cond, what: str, run: FuzzRun | None, drivers=(), timeout: float = 
 
 
 def report(tmp_path: Path, name: str, summary: dict, seconds: float) -> None:
-    line = f"fuzz {name}: " + ", ".join(f"{s} {c.get('sent', 0)} sent/{c.get('filtered', 0)} filtered/"
-                                        f"{c.get('flood', 0)} flood ({c.get('seconds', 0)} s)" for s, c in summary.items())
-    print(f"\n{line} in {seconds:.0f} s")
+    """One line per session (pytest -s shows it) and the full counts as JSON (VFL_FUZZ_REPORT or the tmp dir)."""
+    parts = []
+    for state, c in summary.items():
+        parts.append(
+            f"{state} {c.get('sent', 0)} sent ({c.get('error', 0)} ERROR, {c.get('reply', 0)} ECHO_REPLY, "
+            f"{c.get('silent', 0)} silent, {c.get('any', 0)} unchecked) + {c.get('flood', 0)} flood "
+            f"({c.get('flood answers', 0)} answered), {c.get('filtered', 0)} filtered, {c.get('seconds', 0)} s"
+        )
+    print(f"\nfuzz {name} in {seconds:.0f} s: " + "; ".join(parts))
     out = Path(os.environ.get("VFL_FUZZ_REPORT", tmp_path / "fuzz-counts.json"))
+    if out.is_dir():
+        out = out / f"{name.replace(' ', '-')}.json"
     out.write_text(json.dumps({"test": name, "seconds": round(seconds, 1), "per_state": summary}, indent=1))
 
 
@@ -794,7 +808,7 @@ def test_E1_a_header_nested_past_32_levels_is_BAD_HEADER_and_the_node_lives(tmp_
         wrong = []
         for what, frames in _deep_inputs(attacker.samples["HELLO"][0]):
             attacker.send(frames)
-            deadline = time.monotonic() + 5.0  # one message to an idle node
+            deadline = time.monotonic() + 2.0  # one message to an idle node (a HEARTBEAT gets nothing today)
             while not attacker.answers and time.monotonic() < deadline and lh.proc.poll() is None:
                 attacker.pump(0.01)
             assert lh.proc.poll() is None, f"the label holder died on a {what}:\n{lh.output[-3000:]}"
