@@ -446,16 +446,6 @@ def header_depth(frames: Sequence[bytes]) -> int:
     return deepest
 
 
-def depth_bound_enforced() -> bool:
-    """Does this vfl refuse headers nested past MAX_DEPTH (the "bounds" change of issue 12)?"""
-    frames = [b"VFL/1", pack_header([("type", "HEARTBEAT"), ("x", Raw(nested(MAX_DEPTH + 1, "list")))])]
-    try:
-        decode(frames)
-    except RemoteProtocolError as exc:
-        return exc.code == ErrorCode.BAD_HEADER
-    return False
-
-
 def _depth_failure(frames: Sequence[bytes], limits) -> RemoteProtocolError | None:
     """Checks 1-5 of section 3 when the header nests too deep (decoders without the bound accept it)."""
     if len(frames) < 2 or len(frames) > limits.max_frames or bytes(frames[0]) != b"VFL/1":
