@@ -20,14 +20,20 @@ from .test_sessions import FAST, session
 LIBZMQ_ABORT = "Assertion failed"
 
 
+def label_holder_and_dh1(nodes: Nodes, cfg: dict):
+    """The label holder listening and dh1 past its link check, in READY."""
+    lh = nodes.start(cfg["bank"])
+    lh.wait_for("listening on")
+    dh1 = nodes.start(cfg["dh1"])
+    dh1.wait_for("link check:")
+    return lh, dh1
+
+
 @pytest.mark.parametrize("attempt", range(3))
 def test_S5_the_same_data_holder_started_twice_replaces_the_first(tmp_path, attempt):
     cfg = session(tmp_path, hold=60.0)
     with Nodes(tmp_path) as nodes:
-        lh = nodes.start(cfg["bank"])
-        lh.wait_for("listening on")
-        first = nodes.start(cfg["dh1"])
-        first.wait_for("link check:")
+        lh, first = label_holder_and_dh1(nodes, cfg)
         second = nodes.start(cfg["dh1"])  # started by mistake with the same config and key
         assert first.wait(timeout=20) == 1, first.output
         assert "replaced" in first.output, first.output
@@ -45,10 +51,7 @@ def test_S5_the_same_data_holder_started_twice_replaces_the_first(tmp_path, atte
 def test_S5_a_data_holder_killed_and_restarted_at_once_takes_its_place(tmp_path):
     cfg = session(tmp_path, hold=60.0)
     with Nodes(tmp_path) as nodes:
-        lh = nodes.start(cfg["bank"])
-        lh.wait_for("listening on")
-        first = nodes.start(cfg["dh1"])
-        first.wait_for("link check:")
+        lh, first = label_holder_and_dh1(nodes, cfg)
         os.kill(first.proc.pid, signal.SIGKILL)
         second = nodes.start(cfg["dh1"])
         second.wait_for("link check:")

@@ -195,22 +195,28 @@ def test_X8_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_c
     assert abs(got[-1]["val_accuracy"] - central.history[-1]["val_accuracy"]) <= 0.005
 
 
-def test_X8_rejoins_beyond_max_rejoins_end_the_session_naming_the_party(tmp_path):
-    """[train].max_rejoins bounds rejoin storms: with 0, the first rejoin after training started is refused and every
-    party stops, the label holder's log naming the party and the setting."""
+def killed_after_epoch_1(nodes: Nodes, configs: dict, epochs: int):
+    """The three nodes started; dh1 killed (SIGKILL) once the label holder has finished epoch 1."""
     import os
     import signal
 
+    lh = nodes.start(configs["bank"])
+    dh2 = nodes.start(configs["dh2"])
+    dh1 = nodes.start(configs["dh1"])
+    lh.wait_for(f"epoch 1 of {epochs} done", timeout=120)
+    os.kill(dh1.proc.pid, signal.SIGKILL)
+    return lh, dh1, dh2
+
+
+def test_X8_rejoins_beyond_max_rejoins_end_the_session_naming_the_party(tmp_path):
+    """[train].max_rejoins bounds rejoin storms: with 0, the first rejoin after training started is refused and every
+    party stops, the label holder's log naming the party and the setting."""
     configs = resumable_session(tmp_path, epochs=6)
     text = configs["bank"].read_text()
     assert "\n[train]\n" in text
     configs["bank"].write_text(text.replace("\n[train]\n", "\n[train]\nmax_rejoins = 0\n", 1))
     with Nodes(tmp_path) as nodes:
-        lh = nodes.start(configs["bank"])
-        dh2 = nodes.start(configs["dh2"])
-        dh1 = nodes.start(configs["dh1"])
-        lh.wait_for("epoch 1 of 6 done", timeout=120)
-        os.kill(dh1.proc.pid, signal.SIGKILL)
+        lh, dh1, dh2 = killed_after_epoch_1(nodes, configs, epochs=6)
         dh1.wait(timeout=10)
         restarted = nodes.start(configs["dh1"])
         assert lh.wait(timeout=60) == 1, lh.output
@@ -221,19 +227,13 @@ def test_X8_rejoins_beyond_max_rejoins_end_the_session_naming_the_party(tmp_path
 
 
 def test_X9_a_data_holder_killed_and_not_restarted_makes_the_others_exit_non_zero_naming_it(tmp_path):
-    import os
-    import signal
     import time
 
     configs = resumable_session(tmp_path, epochs=6)
     text = configs["bank"].read_text().replace("rejoin = 60.0", "rejoin = 4.0")
     configs["bank"].write_text(text)
     with Nodes(tmp_path) as nodes:
-        lh = nodes.start(configs["bank"])
-        dh2 = nodes.start(configs["dh2"])
-        dh1 = nodes.start(configs["dh1"])
-        lh.wait_for("epoch 1 of 6 done", timeout=120)
-        os.kill(dh1.proc.pid, signal.SIGKILL)
+        lh, dh1, dh2 = killed_after_epoch_1(nodes, configs, epochs=6)
         killed_at = time.monotonic()
         assert lh.wait(timeout=30) == 3
         assert dh2.wait(timeout=30) != 0
