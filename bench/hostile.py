@@ -273,7 +273,8 @@ def main() -> int:
             ctx.destroy(linger=0)
             tail = (out / "bank.log").read_text(errors="replace").splitlines()[-12:]
         if "--no-training" not in sys.argv:  # 5. a real training session, alone and beside mallory, interleaved
-            runs = [training_run(out / f"train-{i}", attack=i % 2 == 1) for i in range(4)]
+            n = int(sys.argv[sys.argv.index("--training-runs") + 1]) if "--training-runs" in sys.argv else 4
+            runs = [training_run(out / f"train-{i}", attack=i % 2 == 1) for i in range(2 * (n // 2))]
             alone = [r["epoch_2_to_last_s"] for r in runs if not r["attack"]]
             beside = [r["epoch_2_to_last_s"] for r in runs if r["attack"]]
             result["training_runs"] = runs
