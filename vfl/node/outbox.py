@@ -44,10 +44,6 @@ class Outbox:
     def __contains__(self, to: bytes | None) -> bool:
         return to in self._queues
 
-    @property
-    def nbytes(self) -> int:
-        return sum(q.nbytes for q in self._queues.values())
-
     def push(self, to: bytes | None, frames: list[Any], mtype: str, now: float) -> bool:
         """Queue one message behind this peer's others; False if the peer was dropped and the message discarded."""
         q = self._queues.get(to)

@@ -180,7 +180,7 @@ class NodeRunner:
             if self.outbox:
                 self._flush(transport)
                 if self.outbox and finished is None and isinstance(machine, LabelHolderMachine):
-                    pending = self._drop_non_readers(transport, time.monotonic())
+                    pending = self._drop_non_readers(time.monotonic())
                     if pending:
                         continue
             if finished is not None:
@@ -244,7 +244,7 @@ class NodeRunner:
                     if machine.finished is not None or machine.has_work or any(type(o) is Aligned for o in new):
                         break
 
-    def _encode(self, out: Send) -> list | None:
+    def _encode(self, out: Send) -> list:
         """The frames of one message. Our own ERROR can outgrow the limits (it quotes what a peer sent, a diff of
         its config): then it goes out cut short, without the diff, and the node never stops over its own answer."""
         try:
@@ -261,8 +261,6 @@ class NodeRunner:
         for out in outputs:
             if isinstance(out, Send):
                 frames = self._encode(out)
-                if frames is None:
-                    continue
                 if out.to not in self.outbox and self._try_send(transport, frames, out.to, out.message.TYPE):
                     continue  # the common case: libzmq took it at once
                 self.outbox.push(out.to, frames, out.message.TYPE, time.monotonic())
@@ -324,7 +322,7 @@ class NodeRunner:
                 return
             transport.socket.poll(50, zmq.POLLOUT)
 
-    def _drop_non_readers(self, transport: Transport, now: float) -> list[Output]:
+    def _drop_non_readers(self, now: float) -> list[Output]:
         """Peers over their send budget (PROTOCOL.md section 7): drop their queues; the machine ends their part."""
         outputs: list[Output] = []
         for to, why in list(self.outbox.over_budget(now)):

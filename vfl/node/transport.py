@@ -219,8 +219,9 @@ class Transport:
             frame = sock.recv(_NOBLOCK, copy=False)
             frames.append(frame)
         if self.cfg.is_label_holder:
-            self._note_connection(frames[0].bytes, frames[0])
-            routing_id, frames = frames[0].bytes, frames[1:]
+            routing_id = frames[0].bytes
+            self._note_connection(routing_id, frames[0])
+            frames = frames[1:]
         else:
             routing_id = b""
         return Received(routing_id=routing_id, identity=self._identity(routing_id, frames), frames=frames)

@@ -133,10 +133,10 @@ class LabelHolderMachine:
         self.finished: Finished | None = None
         self._wire_config = config.to_wire()
         self._digest = config.digest
-        #: [R2] error budgets, keyed by the authenticated identity (never by a routing id the peer picks)
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-        self._refused: OrderedDict[str, TokenBucket] = OrderedDict()  # [B4], per identity too
-        self._inbound = 0  # bytes of the message being handled (what a refusal of it costs the sender's [B4] budget)
+        #: [R2] error budget and [B4] refused-bytes budget of each authenticated identity (never keyed by a routing
+        #: id the peer picks): identity -> (errors, refused bytes)
+        self._buckets: OrderedDict[str, tuple[TokenBucket, TokenBucket]] = OrderedDict()
+        self._inbound: Sequence = ()  # the message being handled: a refusal of it costs its size from [B4]
         #: routing ids we no longer talk to: replaced by a newer connection ([S5]) or dropped for not reading (§7)
         self._retired: OrderedDict[bytes, str] = OrderedDict()
 
@@ -154,7 +154,7 @@ class LabelHolderMachine:
             return []
         if identity is None:
             return [Log(level="WARNING", text=f"dropped a message from routing id {peer_text(routing_id, 80)}: no authenticated identity")]
-        self._inbound = sum(len(f) if isinstance(f, (bytes, bytearray)) else memoryview(f).nbytes for f in frames)
+        self._inbound = frames
         try:
             return self._receive(routing_id, identity, frames, now)
         except Exception as exc:  # noqa: BLE001 - the rule of the section: answered, never a node exit
@@ -167,6 +167,8 @@ class LabelHolderMachine:
                 text=f"internal error handling a message from {identity!r}: {exc!r}\n{traceback.format_exc(limit=8)}",
             )
             return [log] + self._error(routing_id, identity, failure, now)
+        finally:
+            self._inbound = ()  # do not keep the peer's buffers alive past their message
 
     def _receive(self, routing_id: bytes, identity: str, frames: Sequence, now: float) -> list[Output]:
         try:
@@ -367,14 +369,16 @@ class LabelHolderMachine:
         The budget belongs to the authenticated identity: opening more connections, or picking other routing ids,
         buys a partner no more ERRORs.
         """
-        refused = self._refused.pop(identity, None) or TokenBucket(REFUSED_BURST_BYTES, REFUSED_BYTES_PER_S)
-        self._refused[identity] = refused
-        bucket = self._buckets.pop(identity, None) or TokenBucket(ERROR_BURST, ERROR_RATE)
-        self._buckets[identity] = bucket
+        budgets = self._buckets.pop(identity, None) or (
+            TokenBucket(ERROR_BURST, ERROR_RATE),
+            TokenBucket(REFUSED_BURST_BYTES, REFUSED_BYTES_PER_S),
+        )
+        self._buckets[identity] = budgets
         while len(self._buckets) > MAX_TRACKED_ROUTING_IDS:
             self._buckets.popitem(last=False)
-            self._refused.popitem(last=False)
-        if not refused.allow(now, cost=self._inbound):
+        bucket, refused = budgets
+        size = sum(memoryview(f).nbytes for f in self._inbound)  # only on this path: never for a handled message
+        if not refused.allow(now, cost=size):
             return self._misbehaving(routing_id, identity, now)
         who = peer_text(identity, 64)
         if not bucket.allow(now):
