@@ -65,6 +65,16 @@ LH_LINK_SHAPE = (1024, 128)  # 8 bytes per element: 1 MiB, so 1 MiB ECHOs are va
 LEGACY_ROUTING_ID = "--before" in sys.argv
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far (``/proc/PID/stat``; 0.0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -273,20 +283,30 @@ def main() -> int:
             ctx.destroy(linger=0)
             tail = (out / "bank.log").read_text(errors="replace").splitlines()[-12:]
         if "--no-training" not in sys.argv:  # 5. a real training session, alone and beside mallory, interleaved
-            n = int(sys.argv[sys.argv.index("--training-runs") + 1]) if "--training-runs" in sys.argv else 4
-            runs = [training_run(out / f"train-{i}", attack=i % 2 == 1) for i in range(2 * (n // 2))]
-            alone = [r["epoch_2_to_last_s"] for r in runs if not r["attack"]]
-            beside = [r["epoch_2_to_last_s"] for r in runs if r["attack"]]
-            result["training_runs"] = runs
-            result["training_epoch_s_alone"] = alone
-            result["training_epoch_s_beside_mallory"] = beside
-            # samples/s is rows / time: the ratio of the mean epoch times, inverted
-            result["training_samples_per_s_beside_vs_alone"] = (sum(alone) / len(alone)) / (sum(beside) / len(beside))
+            result.update(training_figures(out))
         for key, value in result.items():
             print(f"{key:32} {value:.2f}" if isinstance(value, float) else f"{key:32} {value}")
         print("label holder log (tail):", *tail, sep="\n  ")
         print(json.dumps(result))
     return 0
+
+
+def training_figures(out: Path) -> dict:
+    """Interleaved training sessions (``--training-runs``, default 4), every other one beside mallory."""
+    result: dict = {}
+    n = int(sys.argv[sys.argv.index("--training-runs") + 1]) if "--training-runs" in sys.argv else 4
+    runs = [training_run(out / f"train-{i}", attack=i % 2 == 1) for i in range(2 * (n // 2))]
+    alone = [r["epoch_2_to_last_s"] for r in runs if not r["attack"]]
+    beside = [r["epoch_2_to_last_s"] for r in runs if r["attack"]]
+    result["training_runs"] = runs
+    result["training_epoch_s_alone"] = alone
+    result["training_epoch_s_beside_mallory"] = beside
+    # samples/s is rows / time: the ratio of the mean epoch times, inverted
+    result["training_samples_per_s_beside_vs_alone"] = (sum(alone) / len(alone)) / (sum(beside) / len(beside))
+    cpu = {kind: [r["epoch_2_to_last_cpu_s"]["bank"] for r in runs if r["attack"] == kind] for kind in (False, True)}
+    result["training_bank_cpu_s_alone"], result["training_bank_cpu_s_beside_mallory"] = cpu[False], cpu[True]
+    result["training_bank_cpu_beside_vs_alone"] = (sum(cpu[True]) / len(cpu[True])) / (sum(cpu[False]) / len(cpu[False]))
+    return result
 
 
 # ------------------------------------------------------------------------------------------- training beside an attack
@@ -341,43 +361,50 @@ def training_run(out: Path, attack: bool) -> dict:
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
              for name, path in configs.items()}
     done_at: dict[int, float] = {}
+    cpu_at: dict[int, dict[str, float]] = {}  # CPU seconds of every node when the label holder logged an epoch done
     lines: list[str] = []
 
     def watch() -> None:
         for line in procs["bank"].stdout:
             lines.append(line)
             if " of %d done" % TRAIN_EPOCHS in line and "epoch " in line:
-                done_at[int(line.split("epoch ")[1].split(" of")[0])] = time.monotonic()
+                epoch = int(line.split("epoch ")[1].split(" of")[0])
+                done_at[epoch] = time.monotonic()
+                cpu_at[epoch] = {name: cpu_seconds(p.pid) for name, p in procs.items()}
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     for name in ("dh1", "dh2"):  # their output is not needed; keep their pipes drained
         threading.Thread(target=procs[name].stdout.read, daemon=True).start()
-    attacker = None
+    # mallory's process starts with the session in both kinds of run (its Python start-up costs the box the same), and
+    # only in an attack run is it told to go: connect and flood
+    attacker = subprocess.Popen(
+        [sys.executable, __file__, "--mallory", str(out / "keys" / "mallory.key_secret"), str(out / "keys" / "bank.key"),
+         endpoint],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
     got: dict = {"attack": attack}
     try:
         end = time.monotonic() + 300
         while 1 not in done_at and time.monotonic() < end and procs["bank"].poll() is None:
             time.sleep(0.01)
         if attack:
-            attacker = subprocess.Popen(
-                [sys.executable, __file__, "--mallory", str(out / "keys" / "mallory.key_secret"),
-                 str(out / "keys" / "bank.key"), endpoint],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )
+            attacker.stdin.write("go\n")
+            attacker.stdin.flush()
         codes = {name: p.wait(max(1.0, end - time.monotonic())) for name, p in procs.items()}
         watcher.join(5)
-        if attacker is not None:
-            attacker.stdin.write("stop\n")
-            attacker.stdin.flush()
-            got.update(json.loads(attacker.stdout.readline()))
-            attacker.wait(30)
+        attacker.stdin.write("stop\n")
+        attacker.stdin.flush()
+        got.update(json.loads(attacker.stdout.readline()))
+        attacker.wait(30)
         got["exit_codes"] = codes
         got["epoch_2_to_last_s"] = done_at[TRAIN_EPOCHS] - done_at[1]
+        # the nodes' own CPU over the same span: less at the mercy of whatever else the shared box runs than wall time
+        got["epoch_2_to_last_cpu_s"] = {name: round(cpu_at[TRAIN_EPOCHS][name] - cpu_at[1][name], 3) for name in procs}
         got["closed_mallory"] = sum("mallory" in x and "closed its connection" in x for x in lines)
         got["internal_errors"] = sum("internal error" in x or "Traceback" in x for x in lines)
     finally:
-        for p in [*procs.values(), *([attacker] if attacker else [])]:
+        for p in [*procs.values(), attacker]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
@@ -385,7 +412,11 @@ def training_run(out: Path, attack: bool) -> dict:
 
 
 def mallory_main(secret: str, server: str, endpoint: str) -> int:
-    """``--mallory``: an allow-listed key in no session sends 1 MiB ECHOs, never reading, until told to stop."""
+    """``--mallory``: an allow-listed key in no session. On ``go`` it sends 1 MiB ECHOs, never reading, until told to
+    stop; told ``stop`` first, it never connects."""
+    if sys.stdin.readline().strip() != "go":
+        print(json.dumps({"mallory_sent_mib": 0}), flush=True)
+        return 0
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger, sock.rcvhwm, sock.sndhwm = 0, 1, 1000
@@ -393,18 +424,25 @@ def mallory_main(secret: str, server: str, endpoint: str) -> int:
     sock.setsockopt(zmq.ROUTING_ID, f"mallory/{secrets.token_hex(8)}".encode())
     sock.curve_publickey, sock.curve_secretkey = load_secret_key(secret)
     sock.curve_serverkey = load_public_key(server)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     sock.connect(endpoint)
     frames = encode(Echo(seq=0, tensors=[Tensor("x", np.zeros(MIB // 4, dtype=np.float32))]))
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
-    sent = 0
+    sent = connections = 0
+    cpu0 = os.times()
     while not stop.is_set():
         try:
             sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             sent += 1
-        except zmq.Again:
-            time.sleep(0.001)
-    print(json.dumps({"mallory_sent_mib": sent}), flush=True)
+        except zmq.Again:  # its queue is full: libzmq sends on by itself, and a spinning retry would only take
+            time.sleep(0.05)  # CPU from the nodes on this shared box, which a partner on its own host never does
+        while monitor.poll(0):
+            monitor.recv_multipart()
+            connections += 1
+    cpu = os.times()
+    print(json.dumps({"mallory_sent_mib": sent, "mallory_connections": connections,
+                      "mallory_cpu_s": round(cpu.user + cpu.system - cpu0.user - cpu0.system, 3)}), flush=True)
     sock.close(linger=0)
     ctx.destroy(linger=0)
     return 0
@@ -433,4 +471,11 @@ if __name__ == "__main__":
     if "--attack" in sys.argv:
         i = sys.argv.index("--attack")
         sys.exit(attack_main(sys.argv[i + 1], sys.argv[i + 2], int(sys.argv[i + 3]), int(sys.argv[i + 4])))
+    if "--training-only" in sys.argv:
+        with TemporaryDirectory(prefix="vfl-hostile-") as tmp:
+            figures = training_figures(Path(tmp))
+        for key, value in figures.items():
+            print(f"{key:32} {value}")
+        print(json.dumps(figures))
+        sys.exit(0)
     sys.exit(main())

@@ -61,3 +61,66 @@ def test_S5_a_data_holder_killed_and_restarted_at_once_takes_its_place(tmp_path)
         lh.proc.send_signal(signal.SIGTERM)
         assert lh.wait(timeout=10) == 0, lh.output
     assert LIBZMQ_ABORT not in lh.output
+
+
+def test_B5_a_dropped_connection_that_keeps_coming_back_gets_its_key_refused_for_now(tmp_path):
+    """A process with dh1's key floods refused messages ([B4] closes it), and its DEALER keeps reconnecting and
+    sending: the label holder refuses the key at the CURVE handshake for a while (ZAP status 300, [B5]), so each
+    comeback costs a handshake, not the decryption of a queue of 1 MiB messages. An honest dh1 started meanwhile
+    is told "for now", keeps trying and joins once the cooldown is over; the first dh1 is never disturbed."""
+    import secrets
+
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    from vfl.node.keys import load_public_key, load_secret_key
+
+    cfg = session(tmp_path, hold=60.0)
+    keys = tmp_path / "keys"
+    with Nodes(tmp_path) as nodes:
+        lh = nodes.start(cfg["bank"], "-v")
+        lh.wait_for("listening on")
+        first = nodes.start(cfg["dh1"])
+        first.wait_for("link check:")
+        endpoint = lh.output.split("listening on ")[1].split()[0]
+        ctx = zmq.Context()
+        try:
+            def dealer() -> tuple[zmq.Socket, zmq.Socket]:
+                sock = ctx.socket(zmq.DEALER)
+                sock.linger, sock.sndhwm = 0, 1000
+                sock.setsockopt(zmq.ROUTING_ID, f"dh1/{secrets.token_hex(8)}".encode())
+                sock.curve_publickey, sock.curve_secretkey = load_secret_key(keys / "dh1.key_secret")
+                sock.curve_serverkey = load_public_key(keys / "bank.key")
+                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+                sock.connect(endpoint)
+                return sock, monitor
+
+            hostile, _ = dealer()
+            junk = [b"x" * 2**20]  # not a vfl signature: refused, 1 MiB a time from the [B4] budget
+            deadline = time.monotonic() + 60
+            while "came back: closed it again" not in lh.output and time.monotonic() < deadline:
+                try:
+                    hostile.send_multipart(junk, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    time.sleep(0.01)
+            assert "came back: closed it again, and refusing its key" in lh.output, lh.output
+            # a new connection with that key, during the cooldown: refused with ZAP status 500, "try again later"
+            probe, monitor = dealer()
+            assert monitor.poll(10_000), lh.output[-3000:]
+            event = recv_monitor_message(monitor)
+            assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH and event["value"] == 500, event
+            probe.close(linger=0)
+            monitor.close(linger=0)
+            hostile.close(linger=0)
+        finally:
+            ctx.destroy(linger=0)
+        second = nodes.start(cfg["dh1"])  # an honest restart of dh1 while its key may still be cooling down
+        try:
+            second.wait_for("link check:", timeout=30)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nlabel holder:\n{lh.output[-4000:]}") from None
+        assert first.wait(timeout=20) == 1 and "replaced" in first.output, first.output
+        assert lh.proc.poll() is None, lh.output
+        lh.proc.send_signal(signal.SIGTERM)
+        assert lh.wait(timeout=10) == 0, lh.output
+    assert LIBZMQ_ABORT not in lh.output and "internal error" not in lh.output

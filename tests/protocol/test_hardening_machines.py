@@ -240,9 +240,69 @@ def test_B4_a_party_that_sends_more_refused_bytes_than_its_budget_is_closed_and_
     last = outs[-1]
     assert Disconnect(to=A1) in last and [ErrorCode(m.code) for m in to(last, A1)] == [ErrorCode.TOO_LARGE]
     assert lh.parties["alice"].state is PartyState.LOST and lh.finished is None
-    assert Disconnect(to=A1) in lh.receive(A1, "alice", wire(Heartbeat()), 0.1)  # closed again if it comes back
-    joined(lh, A2, now=0.2)  # a restart with its key may rejoin
+    # closed again if it comes back, and its key is refused at the handshake for a while ([B5])
+    assert Disconnect(to=A1, refuse_key_s=1.0) in lh.receive(A1, "alice", wire(Heartbeat()), 0.1)
+    joined(lh, A2, now=1.2)  # a restart with its key may rejoin
     assert lh.parties["alice"].state is PartyState.READY
+
+
+def test_B5_a_dropped_connection_that_comes_back_gets_its_key_refused_for_a_doubling_cooldown():
+    from vfl.protocol import Disconnect
+    from vfl.protocol.label_holder import KEY_COOLDOWN_MAX_S
+
+    lh = label_holder()
+    joined(lh, A1)
+    lh.peer_not_reading(A1, "test", 0.0)  # [B2]: dropped
+    hb = wire(Heartbeat())
+    closes = lambda out: [o for o in out if isinstance(o, Disconnect)]  # noqa: E731
+    assert closes(lh.receive(A1, "alice", hb, 1.0)) == [Disconnect(to=A1, refuse_key_s=1.0)]
+    # what was still queued when the refusals began closes again, without a longer cooldown
+    assert closes(lh.receive(A1, "alice", hb, 1.5)) == [Disconnect(to=A1)]
+    seen = []
+    now = 2.0
+    for _ in range(6):  # each time it gets through again after a cooldown, the next one is twice as long
+        (d,) = closes(lh.receive(A1, "alice", hb, now))
+        seen.append(d.refuse_key_s)
+        now += d.refuse_key_s + 0.01
+    assert seen == [2.0, 4.0, 8.0, 8.0, 8.0, 8.0] and KEY_COOLDOWN_MAX_S == 8.0
+    assert lh.finished is None
+
+
+def test_B4_a_key_outside_the_session_has_a_budget_of_a_few_refused_HELLOs_not_64_MiB():
+    """An allow-listed key in no session of this label holder (a partner of another project) has nothing to say
+    here but HELLO: its flood of 1 MiB ECHOs is closed after about 2 MiB, while the session's parties keep theirs."""
+    from vfl.protocol import Disconnect
+    from vfl.protocol.label_holder import OUTSIDER_REFUSED_BURST_BYTES, REFUSED_BURST_BYTES
+
+    lh = label_holder()
+    joined(lh, A1)
+    mallory = b"mallory/00000000000000aa"
+    echo = wire(Echo(seq=0, tensors=[Tensor("x", np.zeros(2**18, dtype=np.float32))]))  # 1 MiB
+    closed_after = None
+    for i in range(1, REFUSED_BURST_BYTES // 2**20):
+        if Disconnect(to=mallory) in lh.receive(mallory, "mallory", echo, 0.0):
+            closed_after = i
+            break
+    assert closed_after is not None and closed_after <= OUTSIDER_REFUSED_BURST_BYTES // 2**20 + 1
+    assert lh.parties["alice"].state is PartyState.READY and lh.finished is None
+    junk = [b"VFL/1", b"\xc1" * 60_000]  # alice, in the session, still has the full budget
+    assert not any(Disconnect(to=A1) in lh.receive(A1, "alice", junk, 0.0) for _ in range(40))
+
+@pytest.mark.parametrize("status", [500, 300])
+def test_B5_L3_a_data_holder_refused_for_now_keeps_trying_until_its_handshake_timeout(status):
+    dh = DataHolderMachine(party="alice", run=RUN, config=CFG, now=0.0, handshake_timeout_s=10.0)
+    dh.start(0.0)
+    out = dh.refused_by_zap(status, 1.0)
+    assert dh.finished is None and [o.level for o in out] == ["WARNING"] and "for now" in out[0].text
+    assert dh.refused_by_zap(status, 2.0) == [] and dh.handle_timer(5.0) == []  # said once; still trying
+    (fin,) = [o for o in dh.handle_timer(10.0) if isinstance(o, Finished)]
+    assert fin.exit_code == 1 and "refusing this node's key" in fin.reason
+
+
+def test_L3_a_key_refused_with_status_400_ends_the_data_holder_at_once():
+    dh = DataHolderMachine(party="alice", run=RUN, config=CFG, now=0.0)
+    dh.start(0.0)
+    assert dh.refused_by_zap(400, 1.0)[-1].exit_code == 1 and dh.finished is not None
 
 
 def test_peer_text_a_refusal_diff_from_the_label_holder_is_printed_escaped_and_cut():

@@ -45,6 +45,7 @@ from .transport import LINGER_MS, Transport, largest_message_bytes, outbox_bytes
 MAX_SLEEP_S = 0.2
 FINAL_FLUSH_S = 2.0  # how long a finishing node keeps trying to hand its last messages (BYE, ERROR) to libzmq
 MAX_BATCH = 256  # messages handled per wake-up before timers get a turn
+RETRY_REFUSED_S = 0.5  # a data holder whose key the label holder refuses for now ([B5]) tries again this often
 HOUSEKEEPING_S = 0.01  # while messages keep arriving, timers and progress are looked at this often, not per message
 
 INSECURE_WARNING = (
@@ -117,6 +118,7 @@ class NodeRunner:
         self.clean_exit = True  # False: libzmq did not shut down; the process must exit hard
         self.log = log or logging.getLogger(f"vfl.node.{cfg.party}")
         self.stop_requested: str | None = None
+        self.reconnect_at: float | None = None  # data holder: when to connect again after a key refused for now
         self.bytes_sent = 0
         self.bytes_received = 0
         #: encoded messages libzmq could not take yet (no connection, full queue), per peer: the loop never blocks on
@@ -188,6 +190,9 @@ class NodeRunner:
                     self._flush(transport, until=time.monotonic() + FINAL_FLUSH_S)
                 return self._report(finished)
             now = time.monotonic()
+            if self.reconnect_at is not None and now >= self.reconnect_at:
+                self.reconnect_at = None
+                transport.reconnect()
             if now >= housekeeping_at:
                 housekeeping_at = now + HOUSEKEEPING_S
                 self._show_progress(machine)
@@ -223,7 +228,9 @@ class NodeRunner:
             if transport.monitor is not None and transport.monitor in ready:
                 for event in transport.monitor_events():
                     if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                        pending += machine.refused_by_zap()
+                        pending += machine.refused_by_zap(event["value"], time.monotonic())
+                        if event["value"] in (300, 500):  # refused for now ([B5]): connect again in a moment
+                            self.reconnect_at = time.monotonic() + RETRY_REFUSED_S
                     else:
                         self.log.warning("CURVE handshake with %s failed (protocol error %s)", transport.endpoint, event["value"])
             if transport.socket in ready:
@@ -266,6 +273,8 @@ class NodeRunner:
                 self.outbox.push(out.to, frames, out.message.TYPE, time.monotonic())
             elif isinstance(out, Disconnect):
                 self.outbox.drop(out.to)
+                if out.refuse_key_s > 0:  # before the close: its key is known by the connection
+                    transport.refuse_key(out.to, out.refuse_key_s)
                 if transport.disconnect(out.to):
                     self.log.debug("closed the connection of %s", peer_text(out.to, 80))
             elif isinstance(out, Log):

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from .config import NodeConfig
@@ -120,17 +122,52 @@ def socket_options(cfg: NodeConfig) -> dict[str, int]:
     }
 
 
+#: [B5] a key refused for now gets ZAP status 500 ("try again later"), not 300: libzmq answers 300 with silence and
+#: leaves the client's handshake hanging for its handshake interval (30 s), and 400 means "not allowed, ever"
+COOLING = b"cooling down"
+COOLING_STATUS = b"500"
+
+
 class _AllowList:
-    """ZAP credentials provider: a CURVE client may connect iff its key is a partner's."""
+    """ZAP credentials provider: a CURVE client may connect iff its key is a partner's and is not cooling down."""
 
     def __init__(self, keys: dict[bytes, str]):
         self.keys = keys
+        #: z85 key -> monotonic time until which its handshakes are refused ([B5]); written by the node's thread,
+        #: read by the ZAP thread (one dict assignment or lookup at a time: atomic under the GIL)
+        self.cooling: dict[bytes, float] = {}
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        allowed = key in self.keys
-        if not allowed:
+    def verdict(self, key: bytes) -> bytes:
+        """``OK``, ``COOLING`` or ``Unknown key`` for a z85 client key."""
+        if key not in self.keys:
             log.warning("refused a CURVE client with a key not on the allow-list: %s", key.decode("ascii", "replace"))
-        return allowed
+            return b"Unknown key"
+        until = self.cooling.get(key)
+        if until is not None:
+            if time.monotonic() < until:
+                return COOLING
+            self.cooling.pop(key, None)
+        return b"OK"
+
+
+class _Authenticator(ThreadAuthenticator):
+    """pyzmq's ZAP thread, with one answer its callbacks cannot give: status 500 (try again later, [B5]) for a key that
+    is cooling down, so that the data holder knows to keep trying. Overrides the two methods that pick the answer."""
+
+    def __init__(self, ctx: zmq.Context, allow: _AllowList):
+        super().__init__(ctx, log=logging.getLogger("vfl.zap"))
+        self.allow_list = allow
+
+    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+        if domain != ZAP_DOMAIN:
+            return False, b"Unknown domain"
+        reason = self.allow_list.verdict(z85.encode(client_key))
+        return reason == b"OK", reason
+
+    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes, user_id: str = "anonymous") -> None:
+        if status_text == COOLING:
+            status_code = COOLING_STATUS
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
 
 
 @dataclass
@@ -149,6 +186,7 @@ class Transport:
         self.cfg = cfg
         self.ctx = zmq.Context()
         self.auth: ThreadAuthenticator | None = None
+        self.allow_list: _AllowList | None = None
         self.monitor: zmq.Socket | None = None
         self.partner_by_key: dict[bytes, str] = {}
         #: label holder: routing id -> (descriptor, peer address) of the TCP connection its messages came on
@@ -165,9 +203,9 @@ class Transport:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # see the module docstring: [S5] replaces, libzmq never hands over
             if not cfg.insecure:
-                self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("vfl.zap"))
+                self.allow_list = _AllowList(self.partner_by_key)
+                self.auth = _Authenticator(self.ctx, self.allow_list)
                 self.auth.start()
-                self.auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=_AllowList(self.partner_by_key))
                 sock.curve_server = True
                 sock.zap_domain = ZAP_DOMAIN.encode()
             sock.bind(cfg.endpoint)
@@ -269,6 +307,19 @@ class Transport:
                 return False
         return True
 
+    def refuse_key(self, routing_id: bytes, seconds: float) -> None:
+        """Refuse the CURVE handshakes of the key behind ``routing_id`` for ``seconds`` ([B5]).
+
+        The session layer only asks this for a routing id whose party prefix it has checked against the key ([S4]),
+        so the party's key is the connection's, even when the connection itself is already gone."""
+        if self.allow_list is None:
+            return
+        party = party_of(routing_id)
+        until = time.monotonic() + seconds
+        for key, name in self.partner_by_key.items():
+            if name == party:
+                self.allow_list.cooling[key] = until
+
     def _identity(self, routing_id: bytes, frames: list[zmq.Frame]) -> str | None:
         if not self.cfg.is_label_holder:
             return None  # a data holder's one peer is pinned by its CURVE server key
@@ -296,6 +347,15 @@ class Transport:
             except zmq.Again:
                 break
         return events
+
+    def reconnect(self) -> None:
+        """Data holder: connect again after a refused handshake. libzmq gives up on a connection whose handshake
+        failed (it only retries lost connections), so a key refused "for now" ([B5]) needs a new connect."""
+        try:
+            self.socket.disconnect(self.endpoint)
+        except zmq.ZMQError:  # libzmq already forgot the endpoint
+            pass
+        self.socket.connect(self.endpoint)
 
     def close(self, linger_ms: int = LINGER_MS) -> bool:
         """``linger_ms``: how long libzmq may keep delivering queued messages (BYE, ERROR) after we close."""

@@ -103,6 +103,7 @@ class DataHolderMachine:
         self._rtts: list[float] = []
         self._leave_at: float | None = None
         self._bucket = TokenBucket(ERROR_BURST, ERROR_RATE)
+        self._cooling_since: float | None = None  # the label holder refuses our key for now ([B5], ZAP status 500)
         if config.psi and psi is None:
             raise ValueError("the session config says psi = true: give the data holder a PsiPlan")
         self.psi_plan = psi if config.psi else None
@@ -184,6 +185,14 @@ class DataHolderMachine:
             return []
         if self.state is DataHolderState.CONNECTING:
             if now >= self.handshake_deadline:
+                if self._cooling_since is not None:
+                    return self._finish(
+                        1,
+                        f"{self.label_holder} kept refusing this node's key for now ([B5]: a connection with this key "
+                        "was dropped and kept sending): stop any other process that uses this key, then start this "
+                        "node again",
+                        bye=False,
+                    )
                 return self._finish(
                     4,
                     f"no WELCOME from {self.label_holder} within the handshake timeout: is it running, is the address "
@@ -232,10 +241,25 @@ class DataHolderMachine:
             return []
         return self._finish(0, reason, ok=False)
 
-    def refused_by_zap(self) -> list[Output]:
-        """The CURVE handshake was refused by the label holder's ZAP handler ([L3]): our key is not allow-listed."""
+    def refused_by_zap(self, status: int = 400, now: float = 0.0) -> list[Output]:
+        """The CURVE handshake was refused by the label holder's ZAP handler ([L3]).
+
+        Status 400: our key is not allow-listed, which waiting will not change. Status 500 (or 300): refused for now
+        ([B5]: a connection with our key was dropped and kept coming back). libzmq keeps reconnecting by itself, and
+        the handshake timeout decides."""
         if self.finished is not None:
             return []
+        if status in (300, 500):
+            if self._cooling_since is not None:
+                return []
+            self._cooling_since = now
+            return [
+                Log(
+                    level="WARNING",
+                    text=f"{self.label_holder} refuses this node's key for now (it closed a connection with this key "
+                    "that kept sending after it was dropped); trying again until the handshake timeout",
+                )
+            ]
         return self._finish(
             1,
             f"{self.label_holder} refused this node's key: add this party's public key to the label holder's "

@@ -26,9 +26,13 @@ class Disconnect:
 
     For a peer that was dropped for not reading: the label holder sends it nothing more, and without this the
     bytes it keeps sending would still cost the label holder their decryption, at the expense of the honest peers.
+    ``refuse_key_s`` > 0: also refuse new connections with that connection's key for that long ([B5]), because a
+    dropped connection that keeps coming back costs, each time, the decryption of what libzmq reads before the node
+    sees its first message.
     """
 
     to: bytes
+    refuse_key_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)

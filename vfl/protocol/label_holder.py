@@ -47,8 +47,22 @@ MAX_TRACKED_ROUTING_IDS = 1024  # error buckets (per identity) and retired routi
 #: refused; past this a connection is only costing the label holder the decryption of its garbage
 REFUSED_BURST_BYTES = 64 * 2**20
 REFUSED_BYTES_PER_S = float(2**20)
+#: [B4] the same for a key on the allow-list that is not in this session: it has nothing to say but HELLO (refused),
+#: so a few refused HELLOs fit, and a flood from it is closed after a couple of MiB instead of 64
+OUTSIDER_REFUSED_BURST_BYTES = 2 * 2**20
+OUTSIDER_REFUSED_BYTES_PER_S = float(64 * 2**10)
+#: [B5] a dropped connection that comes back: its key is refused at the CURVE handshake for 1 s, then 2, 4, ... 8 s
+KEY_COOLDOWN_FIRST_S = 1.0
+KEY_COOLDOWN_MAX_S = 8.0
 DEFAULT_MAX_REJOINS = 3  # [train].max_rejoins: each rejoin rolls every party back to the last checkpoint
 
+
+
+def _refused_budget(in_session: bool) -> tuple[float, float]:
+    """[B4]: (burst bytes, bytes per second) of refused messages allowed to a party of this session or an outsider."""
+    if in_session:
+        return REFUSED_BURST_BYTES, REFUSED_BYTES_PER_S
+    return OUTSIDER_REFUSED_BURST_BYTES, OUTSIDER_REFUSED_BYTES_PER_S
 
 class PartyState(enum.Enum):
     IDLE = "IDLE"
@@ -137,6 +151,8 @@ class LabelHolderMachine:
         #: id the peer picks): identity -> (errors, refused bytes)
         self._buckets: OrderedDict[str, tuple[TokenBucket, TokenBucket]] = OrderedDict()
         self._inbound: Sequence = ()  # the message being handled: a refusal of it costs its size from [B4]
+        #: [B5] identity -> (refused at the handshake until, the next cooldown) once a dropped connection came back
+        self._cooldowns: OrderedDict[str, tuple[float, float]] = OrderedDict()
         #: routing ids we no longer talk to: replaced by a newer connection ([S5]) or dropped for not reading (§7)
         self._retired: OrderedDict[bytes, str] = OrderedDict()
 
@@ -195,7 +211,7 @@ class LabelHolderMachine:
         retired = self._retired.get(routing_id)
         if retired is not None:
             if retired != "replaced":  # dropped ([B2], [B4]): it gets nothing more, and its connection is closed
-                return [Disconnect(to=routing_id), Log(level="DEBUG", text=f"closed {identity!r}'s dropped connection")]
+                return self._came_back(routing_id, identity, now)
             return self._error(routing_id, identity, _replaced_error(mtype if isinstance(mtype, str) else None), now)
         if failure is not None:
             return self._error(routing_id, identity, failure, now)
@@ -371,7 +387,7 @@ class LabelHolderMachine:
         """
         budgets = self._buckets.pop(identity, None) or (
             TokenBucket(ERROR_BURST, ERROR_RATE),
-            TokenBucket(REFUSED_BURST_BYTES, REFUSED_BYTES_PER_S),
+            TokenBucket(*_refused_budget(identity in self.parties)),
         )
         self._buckets[identity] = budgets
         while len(self._buckets) > MAX_TRACKED_ROUTING_IDS:
@@ -389,12 +405,34 @@ class LabelHolderMachine:
         err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref, diff=exc.diff)
         return [Log(level="WARNING", text=f"{who}: {peer_text(str(exc), 400)}"), Send(to=routing_id, message=err)]
 
+    def _came_back(self, routing_id: bytes, identity: str, now: float) -> list[Output]:
+        """[B5]: a connection dropped for [B2]/[B4] sent again (its DEALER reconnected by itself, or this was still
+        queued): close it again, and refuse its key at the handshake for a cooldown that doubles each time it
+        happens again (at most ``KEY_COOLDOWN_MAX_S``). A restarted honest node is refused only while that lasts
+        and keeps trying ([L3])."""
+        until, next_s = self._cooldowns.pop(identity, (0.0, KEY_COOLDOWN_FIRST_S))
+        if now < until:  # already cooling down: this one was queued before the refusals began
+            self._cooldowns[identity] = (until, next_s)
+            return [Disconnect(to=routing_id), Log(level="DEBUG", text=f"closed {identity!r}'s dropped connection")]
+        self._cooldowns[identity] = (now + next_s, min(KEY_COOLDOWN_MAX_S, 2 * next_s))
+        while len(self._cooldowns) > MAX_TRACKED_ROUTING_IDS:
+            self._cooldowns.popitem(last=False)
+        return [
+            Disconnect(to=routing_id, refuse_key_s=next_s),
+            Log(
+                level="WARNING",
+                text=f"{peer_text(identity, 64)}'s dropped connection came back: closed it again, and refusing its key "
+                f"for {next_s:g} s ([B5])",
+            ),
+        ]
+
     def _misbehaving(self, routing_id: bytes, identity: str, now: float) -> list[Output]:
         """[B4]: this connection has sent more refused bytes than its budget: close it; its party is lost."""
         self._retire(routing_id, "misbehaving")
+        burst, rate = _refused_budget(identity in self.parties)
         reason = (
-            f"sent more than {REFUSED_BURST_BYTES // 2**20} MiB of messages the label holder had to refuse "
-            f"(budget refilled at {REFUSED_BYTES_PER_S / 2**20:g} MiB/s)"
+            f"sent more than {burst / 2**20:g} MiB of messages the label holder had to refuse "
+            f"(budget refilled at {rate / 2**20:g} MiB/s)"
         )
         err = Error(code=int(ErrorCode.TOO_LARGE), message=f"you {reason}: this connection is closed")
         out: list[Output] = [Send(to=routing_id, message=err), Disconnect(to=routing_id)]
