@@ -36,6 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from ..errors import SetupError
+
 __all__ = [
     "TASKS",
     "DataError",
@@ -56,7 +58,7 @@ _CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
 _MAX_SHOWN = 8
 
 
-class DataError(Exception):
+class DataError(SetupError):
     """A party's table cannot be used as configured. ``str()`` is a single line that names the file."""
 
     def __init__(self, message: str):
