@@ -149,6 +149,10 @@ def psi(config_path: str, out_path: str | None, verbose: bool, allow_insecure_re
     Every party runs `vfl psi` with its own config ([session].psi = true and a [data] table with the ID column).
     Each learns which of its IDs are shared by all parties, in one order common to everyone, and nothing about the
     other IDs. The label holder's file and every data holder's file list the shared IDs in the same order.
+
+    A training config ([session].train = true) is run with training off: no model is built, trained or saved, and
+    the segments and checkpoints of [train].output stay as they are. So every party must run `vfl psi`: a party
+    under `vfl node` is refused with CONFIG_MISMATCH on `train`.
     """
     import dataclasses
 
@@ -156,6 +160,10 @@ def psi(config_path: str, out_path: str | None, verbose: bool, allow_insecure_re
 
     cfg = _checked_config("vfl psi", config_path, "psi", "[session].psi = true (and the same at every party)",
                           allow_insecure_remote=allow_insecure_remote)
+    if cfg.session.train:
+        cfg = dataclasses.replace(cfg, session=dataclasses.replace(cfg.session, train=False, predict=False), train=None)
+        click.echo(f"vfl psi: {cfg.path} has [session].train = true: running the PSI only (no training; "
+                   f"[train].output is left as it is); every party must run `vfl psi` too", err=True)
     if out_path is not None:
         cfg = dataclasses.replace(cfg, psi=dataclasses.replace(cfg.psi, output=Path(out_path).resolve()))
     if cfg.psi.output is None:
