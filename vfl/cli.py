@@ -1,6 +1,8 @@
 """The ``vfl`` command. Thin: parse arguments, call into ``vfl.node`` / ``vfl.launch``, turn errors into exit codes.
 
-Exit codes: 0 ok; 1 protocol or peer failure; 2 bad config or usage; 3 a peer was lost; 4 join or handshake timeout.
+Exit codes (``vfl.errors.ExitCode``): 0 ok; 1 the session failed (protocol or peer failure); 2 a problem on this
+machine (usage, config, key file, data, an endpoint in use); 3 a peer was lost; 4 join or handshake timeout. Every
+command is a :class:`_Command`, whose ``invoke`` is the one place where an error becomes a line and an exit code.
 """
 
 from __future__ import annotations
@@ -10,12 +12,58 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 STARTED = time.monotonic()  # this command's start (Python's own start-up is some 30 ms earlier): `vfl demo` reports it
 
 import click  # noqa: E402 - after STARTED, which should be as early as possible
 
 from . import __version__  # noqa: E402
+from .errors import VflError, exit_code_of  # noqa: E402
+
+#: ``ctx.meta`` key: the config file a command runs, named in front of an error that does not name it already
+CONFIG_META = "vfl.config"
+
+
+def _command_name(ctx: click.Context) -> str:
+    """``vfl node``, ``vfl keys generate``: the same however the program was started (``python -m vfl``, a script)."""
+    names = []
+    while ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["vfl", *reversed(names)])
+
+
+class _Command(click.Command):
+    """A ``vfl`` command. Its ``invoke`` maps errors to exit codes, once for every command.
+
+    An error vfl raises on purpose (a ``VflError``) becomes one line, ``vfl CMD: [CONFIG: ]message``, and its
+    ``exit_code`` (2 for a local problem, see ``vfl.errors``). Any other exception in a command that has ``-v``
+    becomes one line and exit 1, or its traceback with ``-v``; elsewhere a bug keeps its traceback.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except VflError as exc:
+            text = str(exc)
+            where = ctx.meta.get(CONFIG_META)
+            if where is not None and str(where) not in text:
+                text = f"{where}: {text}"
+            click.echo(f"{_command_name(ctx)}: {text}", err=True)
+            ctx.exit(exit_code_of(exc))
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - report and exit 1, never a bare traceback for an OSError or zmq error
+            if "verbose" not in ctx.params or ctx.params["verbose"]:
+                raise
+            click.echo(f"{_command_name(ctx)}: {type(exc).__name__}: {exc} (run with -v for a traceback)", err=True)
+            ctx.exit(exit_code_of(exc))
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type  # subgroups (``vfl keys``) are _Groups too
 
 
 def _setup_logging(party: str, verbose: bool) -> logging.Logger:
@@ -28,7 +76,7 @@ def _setup_logging(party: str, verbose: bool) -> logging.Logger:
     return logging.getLogger(f"vfl.node.{party}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vfl")
 def main() -> None:
     """vfl: vertical federated learning across independent node processes.
@@ -56,44 +104,30 @@ def node(config_path: str, verbose: bool, allow_insecure_remote: bool) -> None:
     file (exit code 2).
     """
     cfg = _checked_config("vfl node", config_path, allow_insecure_remote=allow_insecure_remote)
-    sys.exit(_run_node("vfl node", cfg, verbose))
+    _run_node(cfg, verbose)
 
 
 def _checked_config(command: str, config_path: str, needs: str | None = None, why: str = "", *,
                     allow_insecure_remote: bool = False):
-    """The node config at ``config_path``, or one line on stderr and exit 2. ``needs``: a [session] flag that must
-    be true for this command (``why`` says what the command needs it for)."""
+    """The node config at ``config_path`` (a ``ConfigError``, exit 2, if it is wrong). ``needs``: a [session] flag
+    that must be true for this command (``why`` says what the command needs it for)."""
     from .node import ConfigError, load_config
 
-    try:
-        cfg = load_config(config_path, allow_insecure_remote=allow_insecure_remote)
-        if needs is not None and not getattr(cfg.session, needs):
-            raise ConfigError(f"{config_path}: {command} needs {why}")
-    except ConfigError as exc:
-        click.echo(f"{command}: {exc}", err=True)
-        sys.exit(2)
+    cfg = load_config(config_path, allow_insecure_remote=allow_insecure_remote)
+    if needs is not None and not getattr(cfg.session, needs):
+        raise ConfigError(f"{config_path}: {command} needs {why}")
+    click.get_current_context().meta[CONFIG_META] = cfg.path
     return cfg
 
 
-def _run_node(command: str, cfg, verbose: bool) -> int:
-    """Run a checked config; every expected failure becomes one line and an exit code, never a traceback."""
-    from .node import KeyFileError, NodeRunner
-    from .node.alignment import AlignmentError, load_ids
-    from .node.config import TrainingSetupError
+def _run_node(cfg, verbose: bool) -> NoReturn:
+    """Run a checked config. An error is reported by :class:`_Command`; a finished session exits at once."""
+    from .node import NodeRunner
+    from .node.alignment import load_ids
 
     log = _setup_logging(cfg.party, verbose)
-    try:
-        ids = load_ids(cfg) if cfg.session.psi else None
-        runner = NodeRunner(cfg, log, ids=ids)
-        code = runner.run()
-    except (KeyFileError, AlignmentError, TrainingSetupError) as exc:
-        click.echo(f"{command}: {cfg.path}: {exc}", err=True)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - report and exit 1, never a bare traceback for an OSError or zmq error
-        if verbose:
-            raise
-        click.echo(f"{command}: {type(exc).__name__}: {exc} (run with -v for a traceback)", err=True)
-        return 1
+    ids = load_ids(cfg) if cfg.session.psi else None
+    code = NodeRunner(cfg, log, ids=ids).run()
     # Everything this node writes is closed and fsynced by now. Exit at once: tearing down torch and libzmq takes
     # seconds on a busy machine (and a stalled libzmq context would never finish), which a launcher's Ctrl-C or a
     # peer waiting on our exit should not have to wait for.
@@ -115,17 +149,26 @@ def psi(config_path: str, out_path: str | None, verbose: bool, allow_insecure_re
     Every party runs `vfl psi` with its own config ([session].psi = true and a [data] table with the ID column).
     Each learns which of its IDs are shared by all parties, in one order common to everyone, and nothing about the
     other IDs. The label holder's file and every data holder's file list the shared IDs in the same order.
+
+    A training config ([session].train = true) is run with training off: no model is built, trained or saved, and
+    the segments and checkpoints of [train].output stay as they are. So every party must run `vfl psi`: a party
+    under `vfl node` is refused with CONFIG_MISMATCH on `train`.
     """
     import dataclasses
 
+    from .node import ConfigError
+
     cfg = _checked_config("vfl psi", config_path, "psi", "[session].psi = true (and the same at every party)",
                           allow_insecure_remote=allow_insecure_remote)
+    if cfg.session.train:
+        cfg = dataclasses.replace(cfg, session=dataclasses.replace(cfg.session, train=False, predict=False), train=None)
+        click.echo(f"vfl psi: {cfg.path} has [session].train = true: running the PSI only (no training; "
+                   f"[train].output is left as it is); every party must run `vfl psi` too", err=True)
     if out_path is not None:
         cfg = dataclasses.replace(cfg, psi=dataclasses.replace(cfg.psi, output=Path(out_path).resolve()))
     if cfg.psi.output is None:
-        click.echo(f"vfl psi: {config_path}: say where to write the aligned IDs: --out FILE or [psi].output", err=True)
-        sys.exit(2)
-    sys.exit(_run_node("vfl psi", cfg, verbose))
+        raise ConfigError(f"{config_path}: say where to write the aligned IDs: --out FILE or [psi].output")
+    _run_node(cfg, verbose)
 
 
 @main.command()
@@ -155,8 +198,7 @@ def predict(config_path: str, data_path: str, segment_path: str | None, out_path
     if segment_path is not None:
         seg = Path(segment_path).resolve()
         if seg.name != f"{cfg.party}-segment.pt":
-            click.echo(f"vfl predict: --segment must be this party's {cfg.party}-segment.pt", err=True)
-            sys.exit(2)
+            raise click.BadParameter(f"must be this party's {cfg.party}-segment.pt", param_hint="--segment")
         train = dataclasses.replace(train, output=seg.parent)
     train = dataclasses.replace(train, predictions=Path(out_path).resolve() if out_path else None)
     cfg = dataclasses.replace(
@@ -166,7 +208,7 @@ def predict(config_path: str, data_path: str, segment_path: str | None, out_path
         psi=dataclasses.replace(cfg.psi, output=None),
         train=train,
     )
-    sys.exit(_run_node("vfl predict", cfg, verbose))
+    _run_node(cfg, verbose)
 
 
 @main.group()
@@ -180,18 +222,14 @@ def keys() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing key files.")
 def keys_generate(names: tuple[str, ...], out_dir: str, overwrite: bool) -> None:
     """Write OUT/NAME.key (public: give it to partners) and OUT/NAME.key_secret (private, mode 0600) per NAME."""
-    from .node import KeyFileError, generate_keypair
+    from .node import generate_keypair
     from .protocol.messages import is_party_id
 
     for name in names:
         if not is_party_id(name):
             raise click.BadParameter(f"{name!r} is not a valid party id (1-64 of A-Z a-z 0-9 _ . -)", param_hint="NAMES")
     for name in names:
-        try:
-            public, secret = generate_keypair(out_dir, name, overwrite=overwrite)
-        except KeyFileError as exc:
-            click.echo(f"vfl keys generate: {exc}", err=True)
-            sys.exit(2)
+        public, secret = generate_keypair(out_dir, name, overwrite=overwrite)
         click.echo(f"{name}: public {public}  secret {secret}")
 
 
@@ -214,16 +252,12 @@ def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int, pr
     import shutil
 
     from .launch import launch
-    from .launch.demo import DemoError, prepare_demo, summarize
+    from .launch.demo import prepare_demo, summarize
 
     out = Path(out_dir or f"runs/demo-{dataset}")
     if out.exists() and not prepare_only:
         shutil.rmtree(out / "model", ignore_errors=True)  # a fresh run, not a resume of the last one
-    try:
-        d = prepare_demo(dataset, out, data_holders=n_data_holders, window=window)
-    except DemoError as exc:
-        click.echo(f"vfl demo: {exc}", err=True)
-        sys.exit(2)
+    d = prepare_demo(dataset, out, data_holders=n_data_holders, window=window)
     if prepare_only:
         click.echo(f"wrote data, keys and configs to {out}; start each node in its own terminal:")
         for path in d.configs.values():
@@ -258,15 +292,10 @@ def launch_cmd(folder: str) -> None:
 
     entries = []
     for path in sorted(Path(folder).glob("*.toml")):
-        try:
-            cfg = load_config(path)
-        except ConfigError as exc:
-            click.echo(f"vfl launch: {exc}", err=True)
-            sys.exit(2)
+        cfg = load_config(path)
         entries.append((0 if cfg.is_label_holder else 1, cfg.party, path))
     if not entries:
-        click.echo(f"vfl launch: no *.toml node configs in {folder}", err=True)
-        sys.exit(2)
+        raise ConfigError(f"no *.toml node configs in {folder}")
     result = launch([(party, path) for _, party, path in sorted(entries)])
     if result.failed:
         click.echo(f"vfl launch: failed: {', '.join(f'{n} (exit {result.exit_codes[n]})' for n in result.failed)}", err=True)
@@ -288,10 +317,6 @@ def plot(run_dir: str, out_path: str | None) -> None:
 
     try:
         path = plot_run(run_dir, out_path)
-    except PlotError as exc:
-        click.echo(f"vfl plot: {exc}", err=True)
-        sys.exit(2)
     except OSError as exc:
-        click.echo(f"vfl plot: cannot write {out_path or 'the PNG'}: {exc.strerror or exc}", err=True)
-        sys.exit(2)
+        raise PlotError(f"cannot write {out_path or 'the PNG'}: {exc.strerror or exc}") from None
     click.echo(f"wrote {path}")

@@ -289,12 +289,12 @@ def test_table_spec_is_frozen_and_normalised(tmp_path):
 
 @pytest.fixture
 def tiny_groups(monkeypatch):
-    from vfl.train import data
+    from vfl.train import readers
 
-    monkeypatch.setattr(data, "_GROUP_COLUMNS", 3)
-    monkeypatch.setattr(data, "_TILE_ROWS", 4)
-    monkeypatch.setattr(data, "_SLICE", 5)
-    monkeypatch.setattr(data._CsvColumns, "_BLOCK_BYTES", 256)
+    monkeypatch.setattr(readers, "_GROUP_COLUMNS", 3)
+    monkeypatch.setattr(readers, "_TILE_ROWS", 4)
+    monkeypatch.setattr(readers, "_SLICE", 5)
+    monkeypatch.setattr(readers._CsvColumns, "_BLOCK_BYTES", 256)
 
 
 def mixed_columns(n, rng):
@@ -435,7 +435,7 @@ def test_csv_booleans_and_integers_through_the_general_read(tmp_path, tiny_group
 
 
 def test_fill_tiles_with_pieces_not_aligned_across_columns():
-    from vfl.train.data import _Columns
+    from vfl.train.readers import _Columns
 
     a = np.arange(10, dtype=np.float64)
     block = np.empty((10, 2), np.float32)

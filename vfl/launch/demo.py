@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_text
+from ..errors import SetupError
 from ..train.specs import fingerprint
 from .prepare import LABEL_HOLDER, prepare_session
 
@@ -27,7 +28,7 @@ DATASETS = ("breast", "digits")
 DROP_FRACTION = 0.03  # rows missing at each party
 
 
-class DemoError(Exception):
+class DemoError(SetupError):
     pass
 
 

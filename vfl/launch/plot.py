@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..files import atomic_write
+from ..errors import SetupError
 
 DEFAULT_NAME = "learning-curves.png"
 NEEDS_MATPLOTLIB = "needs matplotlib: pip install 'vfl[plot]'"
@@ -22,7 +23,7 @@ QUALITY = [("accuracy", "accuracy", "tab:blue"), ("auc", "ROC AUC", "tab:orange"
 LOSS_COLOUR = "tab:red"
 
 
-class PlotError(Exception):
+class PlotError(SetupError):
     """A problem worth one line: no metrics yet, a malformed file, matplotlib missing."""
 
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from ..files import PRIVATE, atomic_write
+from ..errors import SetupError
 from ..psi import DuplicateIdError, InvalidIdError, PsiEngine, encode_ids
 from ..psi.exchange import prepare_items
 from ..protocol.psi_phase import PsiPlan
@@ -22,7 +23,7 @@ from ..train.data import DataError, PartyTable, TableSpec, load_table
 from .config import NodeConfig
 
 
-class AlignmentError(Exception):
+class AlignmentError(SetupError):
     """The party's IDs cannot go into a PSI (duplicates, unsupported values). One line for the user."""
 
 

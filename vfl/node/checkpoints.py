@@ -25,13 +25,14 @@ import numpy as np
 import torch
 
 from ..files import PRIVATE, atomic_write_bytes
+from ..errors import SetupError
 from ..protocol.training_phase import CheckpointError
 
 KEEP = 3  # checkpoint files kept per party (the manifest's step is always among them)
 DIGEST_KEY = "vfl_digest"  # the content digest inside every state file
 
 
-class StateFileError(Exception):
+class StateFileError(SetupError):
     """A state file cannot be used: damaged, edited, or holding objects that are not tensors or plain values.
 
     The message names the file and what is wrong; callers add the way out."""

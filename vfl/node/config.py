@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..protocol import DTYPES, Limits, SessionConfig
+from ..errors import SetupError
 from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.messages import is_party_id
 from ..protocol.psi_phase import DEFAULT_MAX_PSI_ITEMS
@@ -26,11 +27,11 @@ ROLES = ("label_holder", "data_holder")
 ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5}|\*)")
 
 
-class ConfigError(Exception):
+class ConfigError(SetupError):
     """A node config is wrong. ``str(exc)`` is one line meant for the user; the CLI exits 2 with it."""
 
 
-class TrainingSetupError(Exception):
+class TrainingSetupError(SetupError):
     """This party's data and model settings do not fit together. One line for the user.
 
     Defined here, not in ``training``, so that catching it does not import torch (``vfl psi`` never needs it)."""

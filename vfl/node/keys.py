@@ -16,8 +16,10 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
+from ..errors import SetupError
 
-class KeyFileError(Exception):
+
+class KeyFileError(SetupError):
     """A key file is missing or unreadable. The message names the file and what to do."""
 
 

@@ -12,6 +12,7 @@ ignores a second connection that claims a routing id in use. Sends and receives 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
+from ..errors import SetupError
 from .config import NodeConfig
 from .keys import load_public_key, load_secret_key
 from ..protocol.routing import new_routing_id, party_of
@@ -208,7 +210,12 @@ class Transport:
                 self.auth.start()
                 sock.curve_server = True
                 sock.zap_domain = ZAP_DOMAIN.encode()
-            sock.bind(cfg.endpoint)
+            try:
+                sock.bind(cfg.endpoint)
+            except zmq.ZMQError as exc:
+                self.socket = sock
+                self.close(linger_ms=0)  # the authenticator's thread and the context too: nothing was sent
+                raise bind_error(cfg, exc) from None
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             self.routing_id = new_routing_id(cfg.party)
@@ -391,3 +398,29 @@ def _received_frame(buf: Any) -> Any:
     if type(base) is memoryview and isinstance(base.obj, zmq.Frame) and base.nbytes == buf.nbytes:
         return base.obj
     return buf
+
+
+# ------------------------------------------------------------------------------------------------ bind errors
+
+
+class EndpointError(SetupError):
+    """The label holder cannot listen on its ``endpoint`` (taken by another process, not an address of this
+    machine, a privileged port). A problem on this machine (exit 2), never a peer's fault."""
+
+
+def bind_error(cfg: NodeConfig, exc: zmq.ZMQError) -> EndpointError:
+    """The error for a failed ``bind``: the endpoint, the cause, and the ``endpoint`` key of the config to change."""
+    endpoint = cfg.endpoint
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    key = f"`endpoint` in {cfg.path} (and in every data holder's config)"
+    if exc.errno == errno.EADDRINUSE:
+        why = (f"another process already listens on port {port} (a label holder still running? "
+               f"`ss -ltnp 'sport = :{port}'` shows which); stop it, or change {key}")
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = (f"{host} is not an address of this machine; change {key} to one of its addresses "
+               f"(tcp://0.0.0.0:{port} listens on all of them)")
+    elif exc.errno == errno.EACCES:
+        why = f"not allowed to listen on port {port} (ports below 1024 need root); choose another port in {key}"
+    else:
+        why = f"{exc.strerror}; check {key}"
+    return EndpointError(f"{cfg.path}: cannot listen on {endpoint}: {why}")

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import enum
 
+from ..errors import VflError
+
+__all__ = ["ErrorCode", "LocalProtocolError", "ProtocolError", "RemoteProtocolError", "SessionFailed", "VflError"]
+
 
 class ErrorCode(enum.IntEnum):
     """``ERROR.code`` values. Frozen: codes are never renumbered, only added."""
@@ -29,10 +33,6 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 14
     PSI_FAILED = 15
     REPLACED = 16  # [S5]: a newer connection with the same key took over this party
-
-
-class VflError(Exception):
-    """Root of every error vfl raises on purpose."""
 
 
 class ProtocolError(VflError):
@@ -59,7 +59,7 @@ class LocalProtocolError(ProtocolError):
 class SessionFailed(VflError):
     """The session cannot go on (refused handshake, lost peer, deadline). The node reports it and exits non-zero.
 
-    ``exit_code`` follows the README: 1 protocol/peer failure, 3 peer lost, 4 join/handshake timeout.
+    ``exit_code`` is one of ``vfl.errors.ExitCode``: 1 protocol/peer failure, 3 peer lost, 4 join/handshake timeout.
     """
 
     def __init__(self, message: str, *, exit_code: int = 1):

@@ -16,6 +16,8 @@ for a non-empty one.
 
 from __future__ import annotations
 
+from ..errors import VflError
+
 __all__ = [
     "PsiError",
     "PsiLocalError",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class PsiError(Exception):
+class PsiError(VflError):
     """Base of every PSI error. ``code`` is a stable identifier, ``str(err)`` a message for humans."""
 
     code: str = "PSI_ERROR"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from numpy.random import PCG64, Generator
 from torch import nn
 
+from ..errors import VflError
 from .data import TASKS
 from .metrics import evaluate
 from .models import Combiner
@@ -53,7 +54,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------- schedule
 
 
-class ScheduleError(ValueError):
+class ScheduleError(VflError, ValueError):
     """A schedule is malformed (rows out of range, overlapping split, repeated rows in an epoch, ...)."""
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import SetupError
 from .specs import canonical_json, fingerprint
 
 __all__ = [
@@ -43,7 +44,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "ge
 COMBINE_MODES = ("concat", "sum")
 
 
-class ModelError(ValueError):
+class ModelError(SetupError, ValueError):
     """A model spec, factory or combiner cannot be used. ``str()`` is one line."""
 
     def __init__(self, message: str):

@@ -11,13 +11,23 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 __all__ = ["OptimizerSpec", "canonical_json", "fingerprint"]
 
 
 # --------------------------------------------------------------------------------------------------------- optimizers
+
+#: the keys each kind takes, in the order error messages list them ([train].optimizer in a node config)
+KIND_KEYS = {
+    "sgd": ("kind", "lr", "momentum", "weight_decay", "nesterov"),
+    "adam": ("kind", "lr", "betas", "eps", "weight_decay"),
+}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -36,17 +46,26 @@ class OptimizerSpec:
     eps: float = 1e-8
 
     def __post_init__(self):
-        if self.kind not in ("sgd", "adam"):
+        """Every problem is a ``ValueError`` of one line naming the key and saying what it takes."""
+        if self.kind not in KIND_KEYS:
             raise ValueError(f"unknown optimizer {self.kind!r}; use 'sgd' or 'adam'")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        betas = tuple(float(b) for b in self.betas)
-        object.__setattr__(self, "betas", betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not (_number(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
         for name in ("momentum", "weight_decay", "eps"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (_number(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if type(self.nesterov) is not bool:
+            raise ValueError(f"nesterov must be true or false, got {self.nesterov!r}")
+        betas = self.betas
+        if (isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2
+                or not all(_number(b) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+        # a key of the other kind would be silently ignored: refuse it unless it keeps its default
+        for f in fields(self):
+            if f.name not in KIND_KEYS[self.kind] and getattr(self, f.name) != f.default:
+                raise ValueError(f"{f.name} is not a key of {self.kind!r} (it takes {', '.join(KIND_KEYS[self.kind])})")
         if self.kind == "sgd" and self.nesterov and not self.momentum > 0:
             raise ValueError("nesterov needs momentum > 0")
 
@@ -65,8 +84,20 @@ class OptimizerSpec:
 
     @classmethod
     def from_dict(cls, data) -> OptimizerSpec:
+        """The spec of a config's table (``{kind = "adam", lr = 0.001}``) or of :meth:`to_dict`; a ``ValueError``
+        naming an unknown key lists the keys the kind takes."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f'must be a table like {{kind = "adam", lr = 0.001}}, got {data!r}')
         data = dict(data)
-        if "betas" in data:
+        kind = data.get("kind", cls.kind)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            takes = KIND_KEYS.get(kind) if isinstance(kind, str) else None
+            listed = f"{kind!r} takes {', '.join(takes)}" if takes else (
+                "; ".join(f"{k!r} takes {', '.join(v)}" for k, v in KIND_KEYS.items()))
+            raise ValueError(f"unknown key(s) {', '.join(unknown)} ({listed})")
+        if isinstance(data.get("betas"), list):
             data["betas"] = tuple(data["betas"])
         return cls(**data)
 
