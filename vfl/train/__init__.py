@@ -2,6 +2,7 @@
 
 - :mod:`vfl.train.data`: a party's table (CSV / Parquet / .npz) -> IDs, float32 features, labels; label encoding;
   standardisation.
+- :mod:`vfl.train.readers`: the CSV / Parquet / .npz column readers behind ``load_table``.
 - :mod:`vfl.train.models`: built-in MLP segments or ``"module:factory"`` models, the architecture fingerprint, and
   the ``Combiner`` at the cut layer.
 - :mod:`vfl.train.metrics`: losses, accuracy, exact ROC AUC, RMSE (numpy).
