@@ -69,8 +69,8 @@ class TrainSettings:
     schedule_seed: int = 0
     optimizer: dict = field(default_factory=lambda: {"kind": "adam", "lr": 0.001})
     threads: int = 1
-    output: Path | None = None
-    checkpoint_dir: Path = Path("checkpoints")
+    output: Path = Path("model")  # load_config resolves it next to the config file
+    checkpoint_dir: Path = Path("model/checkpoints")
     checkpoint_every: int = 0  # label holder: steps between checkpoints inside an epoch (0: each epoch's start)
     predictions: Path | None = None  # vfl predict: where the label holder writes predictions.csv
     max_rejoins: int = DEFAULT_MAX_REJOINS  # label holder: rejoins per session (each rolls everyone back)
@@ -155,7 +155,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "seed": (int, False, 0),
         "optimizer": (dict, False, None),
         "threads": (int, False, 1),
-        "output": (str, False, None),
+        "output": (str, False, "model"),
         "checkpoint_dir": (str, False, None),
         "checkpoint_every": (int, False, 0),
         "max_rejoins": (int, False, DEFAULT_MAX_REJOINS),
@@ -497,11 +497,11 @@ def _train_settings(top: dict, role: str, session: SessionConfig, data, base: Pa
         raise ConfigError(f"{where}: [train].max_rejoins must be >= 0, got {t['max_rejoins']}")
     if "max_rejoins" in (top["train"] or {}) and not is_lh:
         raise ConfigError(f"{where}: [train].max_rejoins is the label holder's to set (it admits the rejoins)")
-    output = (base / t["output"]).resolve() if t["output"] else None
+    output = (base / t["output"]).resolve()  # default model/: a run never discards what it trained
     if t["checkpoint_dir"] is not None:
         checkpoint_dir = (base / t["checkpoint_dir"]).resolve()
     else:
-        checkpoint_dir = (output or base) / "checkpoints"
+        checkpoint_dir = output / "checkpoints"
     optimizer = t["optimizer"] or {"kind": "adam", "lr": 0.001}
     try:
         OptimizerSpec.from_dict(optimizer)
