@@ -320,3 +320,38 @@ def plot(run_dir: str, out_path: str | None) -> None:
     except OSError as exc:
         raise PlotError(f"cannot write {out_path or 'the PNG'}: {exc.strerror or exc}") from None
     click.echo(f"wrote {path}")
+
+
+@main.command(name="init")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--label-holder", required=True, metavar="NAME=CSV", help="The label holder's name and table.")
+@click.option("--data-holder", "data_holders", multiple=True, required=True, metavar="NAME=CSV",
+              help="A data holder's name and table (repeat for more data holders).")
+@click.option("--label-column", required=True, help="The label holder's label column.")
+@click.option("--id-column", default="id", show_default=True, help="The ID column of every table...")
+@click.option("--id-column-of", "id_columns", multiple=True, metavar="NAME=COLUMN",
+              help="...except this party's (repeatable).")
+@click.option("--task", type=click.Choice(["binary", "multiclass", "regression"]),
+              help="Default: from the labels (2 values: binary; fractions or > 20 numbers: regression; else "
+                   "multiclass).")
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--window", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Pipeline window W (1: synchronous and reproducible; more: faster, varies run to run).")
+@click.option("--lr", default=0.01, show_default=True, type=click.FloatRange(0, min_open=True), help="Adam's lr.")
+@click.option("--overwrite", is_flag=True, help="Replace the node configs already in OUT_DIR (keys are kept).")
+def init_cmd(out_dir: str, **options) -> None:
+    """Write a commented node config per party and their keys into OUT_DIR, from the parties' own tables.
+
+    Every table is read as its node will read it (columns, IDs, labels checked now); then `vfl launch OUT_DIR`
+    runs the PSI and the training on this machine. Example:
+    vfl init run1 --label-holder bank=bank.csv --label-column y --data-holder shop=shop.csv --id-column-of shop=cust
+    """
+    from .launch.init import InitError, init_run
+
+    try:
+        result = init_run(out_dir, **options)
+    except InitError as exc:
+        click.echo(f"vfl init: {exc}", err=True)
+        sys.exit(2)
+    click.echo(result.report())

@@ -34,8 +34,67 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
-def _table(name: str, values: dict) -> str:
-    return f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+# One line above each key, for configs a user reads and edits (``vfl init``). Above the key, not after it: a line
+# ``key = value`` stays exactly that, so editing it (by hand or with a script) is a plain text replacement.
+COMMENTS = {
+    "role": "label_holder: holds the labels and binds the endpoint; data_holder: holds features and connects",
+    "party": "this node's party id, as its partners list it under [keys.partners]",
+    "run": "the run id: the same at every node of this run",
+    "endpoint": "the label holder binds here, data holders connect here (on other hosts: the label holder's address)",
+    "keys": "CurveZMQ: every message is encrypted and only the listed partners' keys may connect",
+    "keys.secret": "this node's secret key (paths are relative to this file); keep it on this node only",
+    "keys.insecure": "no encryption, no authentication: debugging on one machine only",
+    "keys.partners": "public keys: the label holder lists every data holder's, a data holder the label holder's",
+    "keys.partners.*": "this partner's public key file (the NAME.key it gave you)",
+    "session": "must be identical at every node, or the label holder refuses the data holder, listing the differences",
+    "session.batch_size": "rows per micro-batch",
+    "session.window": "micro-batches a data holder may have in flight: 1 is synchronous SGD and gives the same\n"
+                      "result every run; more is faster, but the result then varies a little from run to run",
+    "session.model": "a name for the architecture every party agreed on",
+    "session.psi": "align the rows first with a private set intersection of the ID columns",
+    "session.train": "then train the split network on the aligned rows",
+    "session.cut_widths": "each data holder's cut-layer width: the last width of its [model].bottom",
+    "session.cut_widths.*": "this data holder's cut-layer width",
+    "data": "this party's own table; it never leaves this node",
+    "data.path": "CSV (header row), Parquet or .npz; relative to this file",
+    "data.id_column": "the column with the IDs the parties share (text or integers, one row per ID)",
+    "data.label_column": "the label column (label holder only)",
+    "data.features": "feature columns; [] for none (default when left out: every column but the ID and label)",
+    "data.standardize": "centre and scale each feature on this party's training rows (saved with the model)",
+    "psi": "private set intersection",
+    "psi.workers": "processes for the PSI's elliptic-curve work; 0 = every core",
+    "psi.output": "this party's shared IDs in the agreed order (written at every run)",
+    "model": "this party's part of the split network",
+    "model.bottom": "this party's bottom MLP: hidden widths, then the cut width; its output goes to the label holder",
+    "model.top": "the label holder's top MLP on the combined cut layers; its last width is the number of outputs",
+    "model.seed": "seed of this segment's initial weights",
+    "train": "training: the label holder sets the task and schedule, every party its own optimizer",
+    "train.task": "binary, multiclass or regression",
+    "train.epochs": "passes over the training rows",
+    "train.validation_fraction": "share of the aligned rows held out for validation metrics",
+    "train.seed": "seed of the train/validation split and every epoch's order",
+    "train.optimizer": "this party's optimizer (adam: lr, betas, eps, weight_decay; sgd: lr, momentum, ...)",
+    "train.output": "folder for this party's trained segment, checkpoints/ and (label holder) metrics.jsonl",
+    "link_check": "ECHO round trips after joining",
+    "link_check.rounds": "0 = skip the check",
+}
+
+
+def _table(name: str, values: dict, comments: bool = False) -> str:
+    """A TOML table; with ``comments``, each key (and the table) gets its line of :data:`COMMENTS` above it."""
+
+    def note(key: str) -> str:
+        return _comment(key) if comments else ""
+
+    return ("\n" if comments and "." not in name else "") + note(name) + f"[{name}]\n" + "".join(
+        note(f"{name}.{k}" if f"{name}.{k}" in COMMENTS else f"{name}.*") + f"{k} = {_toml_value(v)}\n"
+        for k, v in values.items()
+    )
+
+
+def _comment(key: str) -> str:
+    """The :data:`COMMENTS` line(s) of ``key`` as TOML comments (``\\n`` in a comment starts another line)."""
+    return "".join(f"# {line}\n" for line in COMMENTS[key].split("\n")) if key in COMMENTS else ""
 
 
 def prepare_session(
@@ -56,17 +115,20 @@ def prepare_session(
     insecure: bool = False,
     tables: dict[str, dict[str, dict]] | None = None,
     cut_widths: dict[str, int] | None = None,
+    label_holder: str = LABEL_HOLDER,
+    comments: bool = False,
 ) -> dict[str, Path]:
     """Keys in ``out/keys`` and one ``NAME.toml`` per node; returns {party: config path}, label holder first.
 
     ``data`` maps a party to its ``[data]`` table (path relative to ``out``, id_column); giving it turns PSI on.
     ``psi`` and ``limits`` are ``[psi]`` and ``[limits]`` tables written for every node. ``tables`` adds per-party
     tables ({party: {"model": {...}, "train": {...}}}); a ``train`` table anywhere turns training on. ``data`` entries
-    may carry more ``[data]`` keys (features, label_column, standardize).
+    may carry more ``[data]`` keys (features, label_column, standardize). ``comments``: a line above every key
+    saying what it does (``vfl init``, for configs a user reads).
     """
     out.mkdir(parents=True, exist_ok=True)
     keys = out / "keys"
-    for name in [LABEL_HOLDER, *data_holders]:
+    for name in [label_holder, *data_holders]:
         if not (keys / f"{name}.key_secret").exists():
             generate_keypair(keys, name)
     endpoint = f"tcp://127.0.0.1:{port or free_port()}"
@@ -75,35 +137,38 @@ def prepare_session(
         session_fields["psi"] = True
     if tables and any("train" in t for t in tables.values()):
         session_fields["train"] = True
-    session = _table("session", session_fields)
+    session = _table("session", session_fields, comments)
     widths = cut_widths or {name: cut_width for name in data_holders}
-    session += _table("session.cut_widths", {name: widths[name] for name in data_holders})
-    common = session + (_table("timeouts", timeouts) if timeouts else "")
-    common += _table("limits", limits) if limits else ""
+    session += _table("session.cut_widths", {name: widths[name] for name in data_holders}, comments)
+    common = session + (_table("timeouts", timeouts, comments) if timeouts else "")
+    common += _table("limits", limits, comments) if limits else ""
     configs: dict[str, Path] = {}
 
     def node(name: str, role: str, partners: list[str], extra: str) -> None:
         head = "".join(
-            f"{k} = {_toml_value(v)}\n" for k, v in {"role": role, "party": name, "run": run, "endpoint": endpoint}.items()
+            (_comment(k) if comments else "") + f"{k} = {_toml_value(v)}\n"
+            for k, v in {"role": role, "party": name, "run": run, "endpoint": endpoint}.items()
         )
+        keys = {"secret": f"keys/{name}.key_secret", **({"insecure": True} if insecure else {})}
         text = (
             f"# vfl node config for {role.replace('_', ' ')} {name!r}; run it with: vfl node --config {name}.toml\n"
             + head
-            + "\n"
-            + _table("keys", {"secret": f"keys/{name}.key_secret", **({"insecure": True} if insecure else {})})
-            + _table("keys.partners", {p: f"keys/{p}.key" for p in partners})
-            + "\n"
+            + ("" if comments else "\n")  # a commented table starts with its own blank line
+            + _table("keys", keys, comments)
+            + _table("keys.partners", {p: f"keys/{p}.key" for p in partners}, comments)
+            + ("" if comments else "\n")
             + common
-            + (_table("data", data[name]) if data else "")
-            + (_table("psi", {**(psi or {}), "output": f"{name}-aligned.csv"}) if data else "")
-            + "".join(_table(section, values) for section, values in ((tables or {}).get(name) or {}).items())
+            + (_table("data", data[name], comments) if data else "")
+            + (_table("psi", {**(psi or {}), "output": f"{name}-aligned.csv"}, comments) if data else "")
+            + "".join(_table(section, values, comments)
+                      for section, values in ((tables or {}).get(name) or {}).items())
             + extra
         )
         path = out / f"{name}.toml"
         atomic_write_text(path, text)
         configs[name] = path
 
-    node(LABEL_HOLDER, "label_holder", data_holders, "")
+    node(label_holder, "label_holder", data_holders, "")
     for name in data_holders:
-        node(name, "data_holder", [LABEL_HOLDER], _table("link_check", link_check) if link_check else "")
+        node(name, "data_holder", [label_holder], _table("link_check", link_check, comments) if link_check else "")
     return configs

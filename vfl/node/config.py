@@ -7,6 +7,7 @@ folder can be moved or copied to another host as a whole.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
@@ -70,8 +71,8 @@ class TrainSettings:
     schedule_seed: int = 0
     optimizer: dict = field(default_factory=lambda: {"kind": "adam", "lr": 0.001})
     threads: int = 1
-    output: Path | None = None
-    checkpoint_dir: Path = Path("checkpoints")
+    output: Path = Path("model")  # load_config resolves it next to the config file
+    checkpoint_dir: Path = Path("model/checkpoints")
     checkpoint_every: int = 0  # label holder: steps between checkpoints inside an epoch (0: each epoch's start)
     predictions: Path | None = None  # vfl predict: where the label holder writes predictions.csv
     max_rejoins: int = DEFAULT_MAX_REJOINS  # label holder: rejoins per session (each rolls everyone back)
@@ -156,7 +157,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "seed": (int, False, 0),
         "optimizer": (dict, False, None),
         "threads": (int, False, 1),
-        "output": (str, False, None),
+        "output": (str, False, "model"),
         "checkpoint_dir": (str, False, None),
         "checkpoint_every": (int, False, 0),
         "max_rejoins": (int, False, DEFAULT_MAX_REJOINS),
@@ -202,41 +203,79 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
 
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "a table", list: "a list"}
 
-
-def _table(raw: dict, name: str, where: str) -> dict[str, Any]:
-    schema = _SCHEMA[name]
-    label = f"[{name}]." if name else ""
-    for key in raw:
-        if key not in schema:
-            known = ", ".join(sorted(schema))
-            raise ConfigError(f"{where}: unknown key {label}{key} (known keys: {known})")
-    out = {}
-    for key, (typ, required, default) in schema.items():
-        if key not in raw:
-            if required:
-                raise ConfigError(f"{where}: missing key {label}{key}")
-            out[key] = default
-            continue
-        value = raw[key]
-        types = typ if isinstance(typ, tuple) else (typ,)
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-            expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-            raise ConfigError(f"{where}: {label}{key} must be {expected}, got {value!r}")
-        out[key] = value
-    return out
+# What to write for a required key that is missing: the user should not need the README to fix it.
+_REQUIRED = {
+    "role": 'role = "label_holder" (binds, holds the labels) or "data_holder" (connects)',
+    "party": 'party = "NAME", this node\'s party id (as its partners list it under [keys.partners])',
+    "run": 'run = "NAME", the same at every node of the run',
+    "endpoint": 'endpoint = "tcp://HOST:PORT", the label holder\'s address (it binds there, data holders connect)',
+    "session": "a [session] table with batch_size, window, model and [session.cut_widths], the same at every node",
+    "session.cut_widths": "a [session.cut_widths] table with each data holder's cut-layer width, e.g. dh1 = 16",
+    "session.batch_size": "batch_size = 64 (rows per micro-batch), the same at every node",
+    "session.window": "window = 1 (synchronous SGD; more pipelines), the same at every node",
+    "session.model": 'model = "NAME", a name for the agreed architecture, the same at every node',
+    "data.path": 'path = "FILE.csv", this party\'s table (CSV, Parquet or .npz; relative to this config)',
+    "data.id_column": 'id_column = "COLUMN", the column holding the IDs the parties share',
+}
 
 
-def _positive(value: float, key: str, where: str) -> float:
-    if not value > 0:
-        raise ConfigError(f"{where}: {key} must be > 0, got {value!r}")
-    return float(value)
+class _Problems:
+    """Every problem found in one config file: a user who left out four keys fixes all four after one start, not
+    after four. Each problem is one line naming its table and key; :meth:`check` raises them as one ConfigError."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.found: list[str] = []
+
+    def add(self, problem: str) -> None:
+        self.found.append(problem)
+
+    def check(self) -> None:
+        if len(self.found) == 1:
+            raise ConfigError(f"{self.where}: {self.found[0]}")
+        if self.found:
+            lines = "".join(f"\n  - {p}" for p in self.found)
+            raise ConfigError(f"{self.where}: {len(self.found)} problems (fix them all, then start again):{lines}")
+
+    def table(self, raw: dict, name: str) -> dict[str, Any]:
+        """The table's keys with defaults filled in; each unknown, missing or mistyped key is a problem, and a key
+        that is missing or mistyped is left out of the result (so checks that need it are skipped)."""
+        schema = _SCHEMA[name]
+        label = f"[{name}]." if name else ""
+        for key in raw:
+            if key not in schema:
+                self.add(f"unknown key {label}{key} (known keys: {', '.join(sorted(schema))})")
+        out = {}
+        for key, (typ, required, default) in schema.items():
+            if key not in raw:
+                if required:
+                    what = "table" if typ is dict else "key"
+                    shown = f"[{name}.{key}]" if typ is dict and name else f"[{key}]" if typ is dict else label + key
+                    self.add(f"missing {what} {shown}: add {_REQUIRED[f'{name}.{key}' if name else key]}")
+                else:
+                    out[key] = default
+                continue
+            value = raw[key]
+            types = typ if isinstance(typ, tuple) else (typ,)
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+                self.add(f"{label}{key} must be {expected}, got {value!r}")
+                continue
+            out[key] = value
+        return out
 
 
-def _key_file(base: Path, value: str, key: str, where: str) -> Path:
-    path = (base / value).resolve()
-    if not path.is_file():
-        raise ConfigError(f"{where}: {key} = {value!r}: no such file ({path}); create keys with `vfl keys generate`")
-    return path
+def _read_toml(path: Path, where: str) -> dict:
+    """The file's TOML; a file that cannot be read or parsed is the one problem reported (nothing else is known)."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -257,161 +296,283 @@ def is_loopback(endpoint: str) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-def _partner_keys(partners: dict[str, Path], where: str) -> None:
+def load_config(path: str | Path, *, allow_insecure_remote: bool = False) -> NodeConfig:
+    """Read and check a node config. Raises one ``ConfigError`` listing every problem, each naming its key.
+
+    ``allow_insecure_remote`` (``vfl node --insecure``): accept ``[keys].insecure = true`` on an endpoint that is not
+    loopback. Without it insecure mode is for one machine only: traffic anyone on the network could read or forge.
+
+    One function per table. A table whose own keys are wrong yields None and the checks of other tables that need
+    it are skipped (they would only repeat the problem), so every line of the error is a separate thing to fix."""
+    path = Path(path)
+    where = str(path)
+    problems = _Problems(where)
+    top = problems.table(_read_toml(path, where), "")
+    base = path.resolve().parent
+    _identity(top, problems)
+    role = top.get("role")
+    keys = _keys(top, base, allow_insecure_remote, problems) if "keys" in top else None
+    session = _session(top, keys, problems) if "session" in top else None
+    timeouts = _timeouts(top["timeouts"], problems) if "timeouts" in top else None
+    limits, queue_bytes = _limits(top["limits"], problems) if "limits" in top else (None, None)
+    link = _link_check(top["link_check"], limits, problems) if "link_check" in top else None
+    data = _data(top["data"], role, base, problems) if top.get("data") is not None else None
+    if session is not None and session.psi and "data" in top and top["data"] is None:
+        problems.add("[session].psi = true needs a [data] table with path and id_column")
+    psi = _psi(top["psi"], limits, base, problems) if "psi" in top else None
+    train = None
+    training = session.train if session is not None else _raw_flag(top.get("session"), "train")
+    if training and role in ROLES:
+        train = _train_settings(top, session, base, problems)
+    elif session is not None and not session.train:
+        for section in ("model", "train"):
+            if top.get(section) is not None:
+                problems.add(f"[{section}] is set but [session].train is not true")
+    problems.check()
+    return NodeConfig(
+        path=path,
+        role=role,
+        party=top["party"],
+        run=top["run"],
+        endpoint=top["endpoint"],
+        secret_key=keys[1],
+        partners=keys[2],
+        insecure=keys[0],
+        session=session,
+        timeouts=timeouts,
+        limits=limits,
+        queue_bytes=queue_bytes,
+        link_check=link,
+        data=data,
+        psi=psi,
+        train=train,
+    )
+
+
+def _raw_flag(table: object, key: str) -> bool:
+    """A true/false key of a table that did not pass its checks: true only if it is literally true."""
+    return isinstance(table, dict) and table.get(key) is True
+
+
+def _identity(top: dict, problems: _Problems) -> None:
+    """role, party, run and endpoint. A wrong one is reported and dropped from ``top``."""
+    if "role" in top and top["role"] not in ROLES:
+        problems.add(f"role must be one of {', '.join(ROLES)}, got {top.pop('role')!r}")
+    for key in ("party", "run"):
+        if key in top and not is_party_id(top[key]):
+            problems.add(f"{key} {top.pop(key)!r} must be 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
+    if "endpoint" in top:
+        if not ENDPOINT.fullmatch(top["endpoint"]):
+            problems.add(f"endpoint must look like tcp://HOST:PORT, got {top.pop('endpoint')!r}")
+        elif top.get("role") == "data_holder" and top["endpoint"].endswith(":*"):
+            problems.add("a data holder's endpoint needs the label holder's real port, not '*'")
+
+
+def _key_file(base: Path, value: str, key: str, problems: _Problems) -> Path | None:
+    path = (base / value).resolve()
+    if not path.is_file():
+        problems.add(f"{key} = {value!r}: no such file ({path}); create keys with `vfl keys generate`")
+        return None
+    return path
+
+
+def _keys(top: dict, base: Path, allow_insecure_remote: bool, problems: _Problems):
+    """[keys]: (insecure, secret key file, {partner: public key file}), or None if it has a problem."""
+    keys = problems.table(top["keys"], "keys")
+    if not {"secret", "partners", "insecure"} <= keys.keys():
+        return None
+    endpoint = top.get("endpoint")
+    insecure = keys["insecure"]
+    if insecure:
+        if endpoint is not None and not allow_insecure_remote and not is_loopback(endpoint):
+            problems.add(
+                f"[keys].insecure = true (no encryption, no authentication) is allowed only on a loopback endpoint "
+                f"(127.0.0.1, ::1, localhost), not {endpoint}; use CurveZMQ keys, or start the node with "
+                "`vfl node --insecure` to accept unprotected traffic on this network"
+            )
+            return None
+        return True, None, {}
+    ok = True
+    secret = None
+    if keys["secret"] is None:
+        problems.add("missing key [keys].secret (or set [keys].insecure = true for debugging)")
+        ok = False
+    else:
+        secret = _key_file(base, keys["secret"], "[keys].secret", problems)
+        ok = secret is not None
+    partners: dict[str, Path] = {}
+    if not keys["partners"]:
+        problems.add("[keys.partners] must name the public key file of every partner")
+        return None
+    for name, value in keys["partners"].items():
+        if not is_party_id(name) or not isinstance(value, str):
+            problems.add(f"[keys.partners].{name} must be a party id = \"path/to/party.key\"")
+            ok = False
+            continue
+        file = _key_file(base, value, f"[keys.partners].{name}", problems)
+        if file is None:
+            ok = False
+        else:
+            partners[name] = file
+    if ok and not _partner_keys(partners, problems):
+        ok = False
+    if ok and top.get("role") == "data_holder" and len(partners) != 1:
+        problems.add("a data holder's [keys.partners] names exactly one key: the label holder's")
+        ok = False
+    return (False, secret, partners) if ok else None
+
+
+def _partner_keys(partners: dict[str, Path], problems: _Problems) -> bool:
     """Two partner names with one public key (one file, or two files holding the same key) would merge two parties
     into one allow-list entry: whoever holds that key could act as either. Refused, naming both."""
     from .keys import KeyFileError, load_public_key  # zmq: only when keys are configured
 
     seen: dict[bytes, str] = {}
     by_file: dict[Path, str] = {}
+    ok = True
     for name, file in partners.items():
         if file in by_file:
-            raise ConfigError(
-                f"{where}: [keys.partners].{by_file[file]} and .{name} name the same key file {file}: every partner "
-                "needs its own key (create one per party with `vfl keys generate`)"
+            problems.add(
+                f"[keys.partners].{by_file[file]} and .{name} name the same key file {file}: every partner needs its "
+                "own key (create one per party with `vfl keys generate`)"
             )
+            ok = False
+            continue
         by_file[file] = name
         try:
             key = load_public_key(file)
         except KeyFileError as exc:
-            raise ConfigError(f"{where}: [keys.partners].{name}: {exc}") from None
+            problems.add(f"[keys.partners].{name}: {exc}")
+            ok = False
+            continue
         if key in seen:
-            raise ConfigError(
-                f"{where}: [keys.partners].{seen[key]} and .{name} hold the same public key ({partners[seen[key]]}, "
-                f"{file}): every partner needs its own key (create one per party with `vfl keys generate`)"
+            problems.add(
+                f"[keys.partners].{seen[key]} and .{name} hold the same public key ({partners[seen[key]]}, {file}): "
+                "every partner needs its own key (create one per party with `vfl keys generate`)"
             )
+            ok = False
         seen[key] = name
+    return ok
 
 
-def load_config(path: str | Path, *, allow_insecure_remote: bool = False) -> NodeConfig:
-    """Read and check a node config. Raises ``ConfigError`` with one line naming the file and key.
-
-    ``allow_insecure_remote`` (``vfl node --insecure``): accept ``[keys].insecure = true`` on an endpoint that is not
-    loopback. Without it insecure mode is for one machine only: traffic anyone on the network could read or forge."""
-    path = Path(path)
-    where = str(path)
+def _session(top: dict, keys, problems: _Problems) -> SessionConfig | None:
+    """[session], and whether it fits this node: its data holder entry, the label holder's partner keys."""
+    s = problems.table(top["session"], "session")
+    if len(s) != len(_SCHEMA["session"]):
+        return None
     try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such config file") from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-    top = _table(raw, "", where)
-    base = path.resolve().parent
-
-    role = top["role"]
-    if role not in ROLES:
-        raise ConfigError(f"{where}: role must be one of {', '.join(ROLES)}, got {role!r}")
-    for key in ("party", "run"):
-        if not is_party_id(top[key]):
-            raise ConfigError(f"{where}: {key} {top[key]!r} must be 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
-    if not ENDPOINT.fullmatch(top["endpoint"]):
-        raise ConfigError(f"{where}: endpoint must look like tcp://HOST:PORT, got {top['endpoint']!r}")
-    if role == "data_holder" and top["endpoint"].endswith(":*"):
-        raise ConfigError(f"{where}: a data holder's endpoint needs the label holder's real port, not '*'")
-
-    keys = _table(top["keys"], "keys", where)
-    insecure = keys["insecure"]
-    if insecure and not allow_insecure_remote and not is_loopback(top["endpoint"]):
-        raise ConfigError(
-            f"{where}: [keys].insecure = true (no encryption, no authentication) is allowed only on a loopback "
-            f"endpoint (127.0.0.1, ::1, localhost), not {top['endpoint']}; use CurveZMQ keys, or start the node with "
-            "`vfl node --insecure` to accept unprotected traffic on this network"
-        )
-    secret = None
-    partners: dict[str, Path] = {}
-    if not insecure:
-        if keys["secret"] is None:
-            raise ConfigError(f"{where}: missing key [keys].secret (or set [keys].insecure = true for debugging)")
-        secret = _key_file(base, keys["secret"], "[keys].secret", where)
-        if not keys["partners"]:
-            raise ConfigError(f"{where}: [keys.partners] must name the public key file of every partner")
-        for name, value in keys["partners"].items():
-            if not is_party_id(name) or not isinstance(value, str):
-                raise ConfigError(f"{where}: [keys.partners].{name} must be a party id = \"path/to/party.key\"")
-            partners[name] = _key_file(base, value, f"[keys.partners].{name}", where)
-        _partner_keys(partners, where)
-
-    s = _table(top["session"], "session", where)
-    try:
-        session = SessionConfig(
-            cut_widths=s["cut_widths"],
-            batch_size=s["batch_size"],
-            window=s["window"],
-            model=s["model"],
-            psi=s["psi"],
-            train=s["train"],
-        )
+        session = SessionConfig(**s)
     except ValueError as exc:
-        raise ConfigError(f"{where}: [session] {exc}") from None
-    if role == "data_holder" and top["party"] not in session.cut_widths:
-        raise ConfigError(f"{where}: [session.cut_widths] has no entry for this data holder {top['party']!r}")
-    if role == "label_holder" and not insecure:
-        missing = sorted(set(session.cut_widths) - set(partners))
+        problems.add(f"[session] {exc}")
+        return None
+    role, party = top.get("role"), top.get("party")
+    if role == "data_holder" and party is not None and party not in session.cut_widths:
+        problems.add(f"[session.cut_widths] has no entry for this data holder {party!r}")
+    if role == "label_holder" and keys is not None and not keys[0]:
+        missing = sorted(set(session.cut_widths) - set(keys[2]))
         if missing:
-            raise ConfigError(f"{where}: [keys.partners] has no public key for data holder(s) {', '.join(missing)}")
-    if role == "data_holder" and not insecure and len(partners) != 1:
-        raise ConfigError(f"{where}: a data holder's [keys.partners] names exactly one key: the label holder's")
+            problems.add(f"[keys.partners] has no public key for data holder(s) {', '.join(missing)}")
+    return session
 
-    t = _table(top["timeouts"], "timeouts", where)
-    timeouts = Timeouts(**{k: _positive(v, f"[timeouts].{k}", where) for k, v in t.items()})
+
+def _timeouts(raw: dict, problems: _Problems) -> Timeouts | None:
+    t = problems.table(raw, "timeouts")
+    bad = [k for k, v in t.items() if not v > 0]
+    for k in bad:
+        problems.add(f"[timeouts].{k} must be > 0, got {t[k]!r}")
+    if bad or len(t) != len(_SCHEMA["timeouts"]):
+        return None
+    timeouts = Timeouts(**{k: float(v) for k, v in t.items()})
     if timeouts.peer <= timeouts.heartbeat:
-        raise ConfigError(f"{where}: [timeouts].peer must be longer than [timeouts].heartbeat")
+        problems.add("[timeouts].peer must be longer than [timeouts].heartbeat")
+        return None
+    return timeouts
 
-    lim = _table(top["limits"], "limits", where)
-    for k, v in lim.items():
-        if v < 1:
-            raise ConfigError(f"{where}: [limits].{k} must be >= 1, got {v}")
+
+def _limits(raw: dict, problems: _Problems) -> tuple[Limits | None, int | None]:
+    """[limits]: the wire limits and the socket queue budget (queue_bytes)."""
+    lim = problems.table(raw, "limits")
+    bad = [k for k, v in lim.items() if v < 1]
+    for k in bad:
+        problems.add(f"[limits].{k} must be >= 1, got {lim[k]}")
+    if bad or len(lim) != len(_SCHEMA["limits"]):
+        return None, None
     limits = Limits(
-        max_header_bytes=lim["max_header_bytes"], max_tensors=lim["max_tensors"], max_tensor_bytes=lim["max_tensor_bytes"]
+        max_header_bytes=lim["max_header_bytes"],
+        max_tensors=lim["max_tensors"],
+        max_tensor_bytes=lim["max_tensor_bytes"],
     )
+    return limits, lim["queue_bytes"]
 
-    lc = _table(top["link_check"], "link_check", where)
+
+def _link_check(raw: dict, limits: Limits | None, problems: _Problems) -> LinkCheck | None:
+    lc = problems.table(raw, "link_check")
+    if len(lc) != len(_SCHEMA["link_check"]):
+        return None
+    ok = True
     if lc["dtype"] not in DTYPES:
-        raise ConfigError(f"{where}: [link_check].dtype must be one of {', '.join(DTYPES)}")
+        problems.add(f"[link_check].dtype must be one of {', '.join(DTYPES)}")
+        ok = False
     shape = lc["shape"]
     if not (0 < len(shape) <= 8 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise ConfigError(f"{where}: [link_check].shape must be a list of 1-8 integers >= 0")
+        problems.add("[link_check].shape must be a list of 1-8 integers >= 0")
+        ok = False
     if lc["rounds"] < 0 or lc["hold"] < 0:
-        raise ConfigError(f"{where}: [link_check].rounds and .hold must be >= 0")
+        problems.add("[link_check].rounds and .hold must be >= 0")
+        ok = False
+    if not ok:
+        return None
     link = LinkCheck(rounds=lc["rounds"], shape=tuple(shape), dtype=lc["dtype"], hold=float(lc["hold"]))
     nbytes = int(np.prod(link.shape)) * DTYPES[link.dtype].itemsize
-    if nbytes > limits.max_tensor_bytes:
-        raise ConfigError(f"{where}: [link_check].shape is {nbytes} bytes > [limits].max_tensor_bytes")
+    if limits is not None and nbytes > limits.max_tensor_bytes:
+        problems.add(f"[link_check].shape is {nbytes} bytes > [limits].max_tensor_bytes")
+        return None
+    return link
 
-    data = None
-    if top["data"] is not None:
-        d = _table(top["data"], "data", where)
+
+def _data(raw: dict, role: str | None, base: Path, problems: _Problems) -> DataSource | None:
+    d = problems.table(raw, "data")
+    ok = len(d) == len(_SCHEMA["data"])
+    data_path = None
+    if "path" in d:
         data_path = (base / d["path"]).resolve()
         if not data_path.is_file():
-            raise ConfigError(f"{where}: [data].path = {d['path']!r}: no such file ({data_path})")
-        features = d["features"]
-        if features is not None and not all(isinstance(c, str) for c in features):
-            raise ConfigError(f"{where}: [data].features must be a list of column names")
-        if d["label_column"] is not None and role != "label_holder":
-            raise ConfigError(f"{where}: [data].label_column belongs in the label holder's config only")
-        data = DataSource(
-            path=data_path,
-            id_column=d["id_column"],
-            features=tuple(features) if features is not None else None,
-            label_column=d["label_column"],
-            standardize=d["standardize"],
-        )
-    if session.psi and data is None:
-        raise ConfigError(f"{where}: [session].psi = true needs a [data] table with path and id_column")
-    p = _table(top["psi"], "psi", where)
+            problems.add(f"[data].path = {d['path']!r}: no such file ({data_path})")
+            ok = False
+    features = d.get("features")
+    if features is not None and not all(isinstance(c, str) for c in features):
+        problems.add("[data].features must be a list of column names")
+        ok = False
+    if d.get("label_column") is not None and role == "data_holder":
+        problems.add("[data].label_column belongs in the label holder's config only")
+        ok = False
+    if not ok:
+        return None
+    return DataSource(
+        path=data_path,
+        id_column=d["id_column"],
+        features=tuple(features) if features is not None else None,
+        label_column=d["label_column"],
+        standardize=d["standardize"],
+    )
+
+
+def _psi(raw: dict, limits: Limits | None, base: Path, problems: _Problems) -> PsiSettings | None:
+    p = problems.table(raw, "psi")
+    if len(p) != len(_SCHEMA["psi"]):
+        return None
+    found = len(problems.found)
     if not 1 <= p["chunk_size"] <= 1 << 20:
-        raise ConfigError(f"{where}: [psi].chunk_size must be in 1..1048576")
+        problems.add("[psi].chunk_size must be in 1..1048576")
     if p["min_rows"] < 0 or p["workers"] < 0:
-        raise ConfigError(f"{where}: [psi].min_rows and [psi].workers must be >= 0")
+        problems.add("[psi].min_rows and [psi].workers must be >= 0")
     if p["max_items"] < 1:
-        raise ConfigError(f"{where}: [psi].max_items must be >= 1, got {p['max_items']}")
-    if p["chunk_size"] * 32 > limits.max_tensor_bytes:
-        raise ConfigError(f"{where}: [psi].chunk_size * 32 bytes exceeds [limits].max_tensor_bytes")
-    psi = PsiSettings(
+        problems.add(f"[psi].max_items must be >= 1, got {p['max_items']}")
+    if limits is not None and p["chunk_size"] * 32 > limits.max_tensor_bytes:
+        problems.add("[psi].chunk_size * 32 bytes exceeds [limits].max_tensor_bytes")
+    if len(problems.found) > found:
+        return None
+    return PsiSettings(
         chunk_size=p["chunk_size"],
         dedupe=p["dedupe"],
         min_rows=p["min_rows"],
@@ -420,99 +581,89 @@ def load_config(path: str | Path, *, allow_insecure_remote: bool = False) -> Nod
         max_items=p["max_items"],
     )
 
-    train = _train_settings(top, role, session, data, base, where) if session.train else None
-    for section in ("model", "train"):
-        if top[section] is not None and not session.train:
-            raise ConfigError(f"{where}: [{section}] is set but [session].train is not true")
-
-    return NodeConfig(
-        path=path,
-        role=role,
-        party=top["party"],
-        run=top["run"],
-        endpoint=top["endpoint"],
-        secret_key=secret,
-        partners=partners,
-        insecure=insecure,
-        session=session,
-        timeouts=timeouts,
-        limits=limits,
-        queue_bytes=lim["queue_bytes"],
-        link_check=link,
-        data=data,
-        psi=psi,
-        train=train,
-    )
-
 
 TASKS = ("multiclass", "binary", "regression")
 
 
-def _train_settings(top: dict, role: str, session: SessionConfig, data, base: Path, where: str) -> TrainSettings:
+def _train_settings(top: dict, session: SessionConfig | None, base: Path, problems: _Problems) -> TrainSettings | None:
     """[model] and [train] of a training session, checked against the role and the session config."""
-    m = _table(top["model"] or {}, "model", where)
-    t = _table(top["train"] or {}, "train", where)
+    m = _model(top.get("model") or {}, top["role"], top.get("party"), session, problems)
+    t = _train(top.get("train") or {}, top["role"], top.get("data"), base, problems)
+    if m is None or t is None:
+        return None
+    return TrainSettings(bottom=m["bottom"], top=m["top"], combine=m["combine"], seed=m["seed"], **t)
+
+
+def _model(raw: dict, role: str, party: str | None, session: SessionConfig | None, problems: _Problems) -> dict | None:
+    """[model]: this party's bottom (and, at the label holder, the top) model spec."""
+    m = problems.table(raw, "model")
+    if len(m) != len(_SCHEMA["model"]):
+        return None
+    found = len(problems.found)
     is_lh = role == "label_holder"
     if m["bottom"] is None and not is_lh:
-        raise ConfigError(f"{where}: [model].bottom is required: the data holder's bottom model")
+        problems.add("[model].bottom is required: the data holder's bottom model, e.g. bottom = {widths = [16]}")
     if is_lh and m["top"] is None:
-        raise ConfigError(f"{where}: [model].top is required at the label holder")
+        problems.add("[model].top is required at the label holder, e.g. top = {widths = [32, 1]}")
     if not is_lh and m["top"] is not None:
-        raise ConfigError(f"{where}: [model].top belongs in the label holder's config only")
+        problems.add("[model].top belongs in the label holder's config only")
     if m["combine"] not in ("concat", "sum"):
-        raise ConfigError(f"{where}: [model].combine must be 'concat' or 'sum'")
+        problems.add("[model].combine must be 'concat' or 'sum'")
     for key in ("bottom", "top"):
         spec = m[key]
         if spec is None:
             continue
         if "factory" in spec:
             if set(spec) != {"factory"} or not isinstance(spec["factory"], str):
-                raise ConfigError(f"{where}: [model].{key} = {{factory = \"module:function\"}} takes nothing else")
+                problems.add(f"[model].{key} = {{factory = \"module:function\"}} takes nothing else")
         elif not isinstance(spec.get("widths"), list) or not spec["widths"]:
-            raise ConfigError(f"{where}: [model].{key} needs widths = [..] (layer widths) or factory = \"module:fn\"")
-    if not is_lh:
-        spec = m["bottom"]
-        width = session.cut_widths.get(top["party"])
-        if "widths" in spec and spec["widths"][-1] != width:
-            raise ConfigError(
-                f"{where}: [model].bottom ends with width {spec['widths'][-1]} but [session.cut_widths] says {width}"
-            )
-    if is_lh:
+            problems.add(f"[model].{key} needs widths = [..] (layer widths) or factory = \"module:fn\"")
+        elif key == "bottom" and not is_lh and session is not None:
+            width = session.cut_widths.get(party)
+            if spec["widths"][-1] != width:
+                problems.add(
+                    f"[model].bottom ends with width {spec['widths'][-1]} but [session.cut_widths] says {width}"
+                )
+    return m if len(problems.found) == found else None
+
+
+def _train(raw: dict, role: str, data: dict | None, base: Path, problems: _Problems) -> dict | None:
+    """[train]: the schedule (label holder), this party's optimizer, threads and where results go; returns the
+    TrainSettings fields it decides."""
+    t = problems.table(raw, "train")
+    if len(t) != len(_SCHEMA["train"]):
+        return None
+    found = len(problems.found)
+    if role == "label_holder":
         if t["task"] not in TASKS:
-            raise ConfigError(f"{where}: [train].task must be one of {', '.join(TASKS)}")
-        if data is None or data.label_column is None:
-            raise ConfigError(f"{where}: the label holder needs [data].label_column")
+            problems.add(f"[train].task must be one of {', '.join(TASKS)}")
+        if not isinstance(data, dict) or data.get("label_column") is None:
+            problems.add("the label holder needs [data].label_column, the column holding the labels")
         if t["epochs"] < 1:
-            raise ConfigError(f"{where}: [train].epochs must be >= 1")
+            problems.add("[train].epochs must be >= 1")
         if not 0 <= t["validation_fraction"] < 1:
-            raise ConfigError(f"{where}: [train].validation_fraction must be in [0, 1)")
-    elif t["task"] is not None or "epochs" in (top["train"] or {}):
-        raise ConfigError(f"{where}: [train].task and .epochs are the label holder's to set")
+            problems.add("[train].validation_fraction must be in [0, 1)")
+    elif t["task"] is not None or "epochs" in raw:
+        problems.add("[train].task and .epochs are the label holder's to set")
     if t["threads"] < 1:
-        raise ConfigError(f"{where}: [train].threads must be >= 1")
+        problems.add("[train].threads must be >= 1")
     if t["checkpoint_every"] < 0:
-        raise ConfigError(f"{where}: [train].checkpoint_every must be >= 0")
-    if t["checkpoint_every"] and not is_lh:
-        raise ConfigError(f"{where}: [train].checkpoint_every is the label holder's to set")
+        problems.add("[train].checkpoint_every must be >= 0")
+    if t["checkpoint_every"] and role != "label_holder":
+        problems.add("[train].checkpoint_every is the label holder's to set")
     if t["max_rejoins"] < 0:
-        raise ConfigError(f"{where}: [train].max_rejoins must be >= 0, got {t['max_rejoins']}")
-    if "max_rejoins" in (top["train"] or {}) and not is_lh:
-        raise ConfigError(f"{where}: [train].max_rejoins is the label holder's to set (it admits the rejoins)")
-    output = (base / t["output"]).resolve() if t["output"] else None
+        problems.add(f"[train].max_rejoins must be >= 0, got {t['max_rejoins']}")
+    if "max_rejoins" in raw and role != "label_holder":
+        problems.add("[train].max_rejoins is the label holder's to set (it admits the rejoins)")
+    optimizer = t["optimizer"] or {"kind": "adam", "lr": 0.001}
+    _optimizer(optimizer, problems)
+    if len(problems.found) > found:
+        return None
+    output = (base / t["output"]).resolve()  # default model/: a run never discards what it trained
+    checkpoint_dir = output / "checkpoints"
     if t["checkpoint_dir"] is not None:
         checkpoint_dir = (base / t["checkpoint_dir"]).resolve()
-    else:
-        checkpoint_dir = (output or base) / "checkpoints"
-    optimizer = t["optimizer"] or {"kind": "adam", "lr": 0.001}
-    try:
-        OptimizerSpec.from_dict(optimizer)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: [train].optimizer: {exc}") from None
-    return TrainSettings(
-        bottom=m["bottom"],
-        top=m["top"],
-        combine=m["combine"],
-        seed=m["seed"],
+    return dict(
         task=t["task"],
         epochs=t["epochs"],
         validation_fraction=float(t["validation_fraction"]),
@@ -524,3 +675,16 @@ def _train_settings(top: dict, role: str, session: SessionConfig, data, base: Pa
         checkpoint_every=t["checkpoint_every"],
         max_rejoins=t["max_rejoins"],
     )
+
+
+def _optimizer(optimizer: dict, problems: _Problems) -> None:
+    """[train].optimizer: an unknown key is named with the valid ones, like every other config key."""
+    known = {f.name for f in dataclasses.fields(OptimizerSpec)}
+    unknown = sorted(set(optimizer) - known)
+    if unknown:
+        problems.add(f"unknown key {', '.join(unknown)} in [train].optimizer (known keys: {', '.join(sorted(known))})")
+        return
+    try:
+        OptimizerSpec.from_dict(optimizer)
+    except (TypeError, ValueError) as exc:
+        problems.add(f"[train].optimizer: {exc}")
