@@ -29,7 +29,7 @@ from ..protocol.events import Finished, Output
 from ..protocol.training_phase import CheckpointError, TrainPlan
 from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
-from ..train.models import Combiner, ModelError, build_model
+from ..train.models import Combiner, ModelError, build_model, load_weights
 from .checkpoints import Checkpointer, StateFileError, dump_state, load_state
 from .alignment import PartyIds
 from .config import NodeConfig, TrainingSetupError
@@ -214,19 +214,23 @@ def load_trained(cfg: NodeConfig, segment, path: Path | None = None) -> None:
         raise TrainingSetupError(
             f"{path} is party {state.get('vfl_party')!r}'s segment for model {state.get('vfl_model')!r}, not this node's"
         )
+    what = f"the trained segment {path}"
     try:
         if isinstance(segment, TorchTop):
-            segment.top.load_state_dict(state["top"])
+            load_weights(segment.top, state, what, "top")
             if segment.own is not None:
-                segment.own.model.load_state_dict(state["own"]["model"])
+                load_weights(segment.own.model, state, what, "own", "model")
                 if "own_scaler" in state:
                     scaler = Standardizer.from_dict(state["own_scaler"])
                     segment.own.features = torch.from_numpy(scaler.transform(segment.own.features.numpy()))
         else:
-            segment.model.load_state_dict(state["model"])
+            load_weights(segment.model, state, what, "model")
             segment.use_scaler(Standardizer.from_dict(state["scaler"]) if "scaler" in state else None)
-    except (KeyError, RuntimeError) as exc:
-        raise TrainingSetupError(f"{path} does not fit the model in this config: {exc}") from None
+    except ModelError as exc:
+        raise TrainingSetupError(
+            f"party {cfg.party!r}: {path} does not fit the model in this config: {exc}. This party's data or [model] "
+            "changed since that segment was trained: put them back, or train again"
+        ) from None
 
 
 def trained_encoding(cfg: NodeConfig, path: Path | None = None) -> LabelEncoding:
