@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import signal
 from pathlib import Path
 
+import pytest
+
+from vfl.node.training import INTERRUPTED
+
 from .procs import Nodes
-from .test_training_nodes import FAST, run_nodes, training_session
+from .test_training_nodes import FAST, resumable_session, run_nodes, session_configs, training_session
 
 
 def digests(folder: Path, pattern: str) -> dict[str, str]:
@@ -71,3 +76,42 @@ def test_bug4_a_trained_segment_that_does_not_fit_is_refused_before_predicting(t
     assert f"party 'dh1': {segment} does not fit the model in this config: layer '0.weight' is [6, 5]" in proc.output
     assert "[6, 6] in the model this config builds" in proc.output and "Traceback" not in proc.output
     assert segment.read_bytes() == before
+
+
+def finished_then_interrupted(tmp_path: Path, stop: str):
+    """A finished 1-epoch run (its segments), then a new run in the same folder, 8 epochs, and ``stop`` (a party)
+    sent SIGTERM once the label holder has finished epoch 1. Returns (codes, outputs, segments before)."""
+    configs = resumable_session(tmp_path, epochs=1)
+    run_nodes(tmp_path, configs)
+    segments = digests(tmp_path / "model", "*-segment.pt")
+    assert len(segments) == 3
+    timeouts = {**FAST, "peer": 3.0, "heartbeat": 0.3, "rejoin": 60.0}
+    configs = session_configs(tmp_path, run="second", epochs=8, opt={"kind": "sgd", "lr": 0.05, "momentum": 0.5},
+                              timeouts=timeouts, batch_size=8, window=1, checkpoint_every=5)
+    with Nodes(tmp_path) as nodes:
+        procs = {name: nodes.start(path) for name, path in configs.items()}
+        procs["bank"].wait_for("epoch 1 of 8 done", timeout=120)
+        procs[stop].proc.send_signal(signal.SIGTERM)
+        codes = {name: p.wait(timeout=30) for name, p in procs.items()}
+        outputs = {name: p.output for name, p in procs.items()}
+    assert "epoch 8 of 8 done" not in outputs["bank"], "the run finished before the signal"
+    return codes, outputs, segments
+
+
+@pytest.mark.parametrize("stop", ["dh1", "bank"])
+def test_bug6_an_interrupted_node_exits_non_zero_keeps_its_checkpoints_and_saves_no_segment(tmp_path, stop):
+    """SIGTERM mid-training, to a data holder or to the label holder: the stopped node exits INTERRUPTED (5) saying
+    its checkpoints are kept, the others exit 1, and the segments of the earlier finished run are byte-identical:
+    nobody wrote a half-trained "final" segment. The new run's checkpoints are on disk to resume from."""
+    codes, out, segments = finished_then_interrupted(tmp_path, stop)
+    others = {name: code for name, code in codes.items() if name != stop}
+    assert codes[stop] == INTERRUPTED and others == {name: 1 for name in others}, out
+    assert "stopped by SIGTERM before the training finished: nothing was saved as this party's result" in out[stop]
+    assert "are kept: start the session again with the same configs to resume" in out[stop]
+    for name, text in out.items():
+        assert "saved this party's segment" not in text, (name, text)
+    model = tmp_path / "model"
+    assert digests(model, "*-segment.pt") == segments
+    manifest = (model / "checkpoints" / "manifest.json").read_text()
+    assert '"run": "second"' in manifest
+    assert {p.name.split("-")[0] for p in (model / "checkpoints").glob("*-step-*.pt")} == {"bank", "dh1", "dh2"}

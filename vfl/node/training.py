@@ -346,6 +346,10 @@ def append_metrics(cfg: NodeConfig, metrics: dict) -> None:
         fh.write(json.dumps(metrics, sort_keys=True) + "\n")
 
 
+#: exit code of a training (or prediction) session stopped before it finished, e.g. by SIGINT/SIGTERM
+INTERRUPTED = 5
+
+
 class SessionTraining:
     """This party's training (or prediction) in one session: the glue between the node loop and the torch segment.
 
@@ -418,10 +422,23 @@ class SessionTraining:
         self.log.info("epoch %d of %d done: %s", metrics["epoch"] + 1, total, shown)
         append_metrics(self.cfg, metrics)
 
-    def finish(self, finished: Finished) -> Finished:
-        """After a successful session: save the trained segment, or (prediction) write the predictions."""
-        if finished.exit_code != 0 or self.segment is None:
+    def finish(self, finished: Finished, training_done: bool) -> Finished:
+        """The session ended (``training_done``: every epoch was trained and evaluated here).
+
+        A successful, complete session saves the trained segment, or (prediction) writes the predictions. A session
+        that ended "successfully" before that (this node was stopped: SIGINT, SIGTERM) writes nothing that looks like
+        a finished model, leaves an earlier run's segment as it is, keeps its checkpoints, and exits ``INTERRUPTED``.
+        """
+        if finished.exit_code != 0:
             return finished
+        if not training_done:
+            what = "prediction" if self.cfg.session.predict else "training"
+            kept = "" if self.cfg.session.predict else (
+                f"; the checkpoints in {self.cfg.train.checkpoint_dir} are kept: start the session again with the "
+                "same configs to resume"
+            )
+            return Finished(exit_code=INTERRUPTED, reason=f"{finished.reason} before the {what} finished: nothing "
+                            f"was saved as this party's result{kept}")
         if not self.cfg.session.predict:
             self._save_segment()
             return finished
