@@ -115,3 +115,21 @@ def test_bug6_an_interrupted_node_exits_non_zero_keeps_its_checkpoints_and_saves
     manifest = (model / "checkpoints" / "manifest.json").read_text()
     assert '"run": "second"' in manifest
     assert {p.name.split("-")[0] for p in (model / "checkpoints").glob("*-step-*.pt")} == {"bank", "dh1", "dh2"}
+
+
+def test_bug8_predict_leaves_the_training_metrics_alone(tmp_path):
+    """``vfl predict`` after training: ``metrics.jsonl`` keeps exactly the training epochs (it is the training
+    history that ``vfl plot`` reads); the predictions are written as before."""
+    configs, _ = training_session(tmp_path, window=1, epochs=2)
+    run_nodes(tmp_path, configs)
+    metrics = tmp_path / "model" / "metrics.jsonl"
+    before = metrics.read_bytes()
+    assert before.count(b"\n") == 2
+    with Nodes(tmp_path) as nodes:
+        procs = {p: nodes.start_command(["predict", "--config", str(configs[p]), "--data", str(tmp_path / f"{p}.csv")], p)
+                 for p in configs}
+        codes = {p: proc.wait(timeout=120) for p, proc in procs.items()}
+        assert codes == {"bank": 0, "dh1": 0, "dh2": 0}, {p: proc.output for p, proc in procs.items()}
+    assert metrics.read_bytes() == before
+    with open(tmp_path / "model" / "predictions.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 241  # the rows every party has, as in training

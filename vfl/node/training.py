@@ -417,10 +417,13 @@ class SessionTraining:
         return getattr(self.segment, "last_loss", None)
 
     def epoch_done(self, metrics: dict) -> None:
+        """Log the epoch; a training run also appends it to ``metrics.jsonl`` (a prediction's pass over new rows is
+        not a training epoch: it stays out of that file, whose lines are the training history)."""
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         total = self.cfg.train.epochs if not self.cfg.session.predict else 1
         self.log.info("epoch %d of %d done: %s", metrics["epoch"] + 1, total, shown)
-        append_metrics(self.cfg, metrics)
+        if not self.cfg.session.predict:
+            append_metrics(self.cfg, metrics)
 
     def finish(self, finished: Finished, training_done: bool) -> Finished:
         """The session ended (``training_done``: every epoch was trained and evaluated here).
