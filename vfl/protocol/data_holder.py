@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import re
 import traceback
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
 from .errors import ErrorCode, RemoteProtocolError
@@ -132,8 +132,18 @@ class DataHolderMachine:
 
     # ------------------------------------------------------------------------------------------------ inputs
 
-    def receive(self, frames: Sequence, now: float) -> list[Output]:
-        """One message from the label holder: a transition, or an ERROR back; never an exception (see the LH's)."""
+    #: a data holder's one peer is the label holder: if it stops reading, the liveness rules end the session
+    drops_non_readers = False
+
+    def receive(self, *args: Any) -> list[Output]:
+        """One message from the label holder: a transition, or an ERROR back; never an exception (see the LH's).
+
+        Called ``receive(frames, now)``, or ``receive(routing_id, identity, frames, now)`` like the label holder's
+        (the node loop's form): a data holder's socket has one peer, so routing id and identity say nothing here.
+        """
+        if len(args) not in (2, 4):
+            raise TypeError(f"receive(frames, now) or receive(routing_id, identity, frames, now), not {len(args)} arguments")
+        frames, now = args[-2:]
         if self.finished is not None:
             return []
         try:
@@ -373,6 +383,12 @@ class DataHolderMachine:
         except RemoteProtocolError as exc:
             out: list[Output] = [self._send(Error(code=int(exc.code), message=exc.detail, ref=exc.ref), now)]
             return out + self._finish(1, f"training with label holder {self.label_holder} failed: {exc}")
+
+    @property
+    def training_done(self) -> bool:
+        """Every epoch of the schedule was trained and evaluated here: the bottom segment is a finished model."""
+        t = self._train
+        return t is not None and t.epochs is not None and t.finished_epochs >= t.epochs
 
     def finish_aligned(self, ok: bool, reason: str, now: float) -> list[Output]:
         """The node has used the aligned rows (e.g. written them out): leave the session with ``ok``."""
