@@ -364,7 +364,7 @@ class LabelHolderMachine:
         """Every epoch of the plan was trained and evaluated: the top segment is a finished model."""
         return self.training is not None and self.training.done
 
-    def refused_by_zap(self) -> list[Output]:
+    def refused_by_zap(self, status: int = 400, now: float = 0.0) -> list[Output]:
         """Only a connecting node sees its key refused; the label holder's own ZAP handler does the refusing."""
         return []
 
