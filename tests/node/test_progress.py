@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vfl.node.progress import MIN_RATE_S, PLAIN_EVERY_S, Progress, Throughput, Totals
+from vfl.node.progress import MIN_RATE_S, PLAIN_EVERY_S, QUARTER_STEPS, Progress, Throughput, Totals
 from vfl.protocol.training_phase import LabelHolderTraining, TrainingProgress, TrainPlan
 
 
@@ -145,11 +145,21 @@ def test_plain_log_lines_at_most_every_few_seconds_and_none_for_a_short_run():
         p.update(snapshot(step), 0.25, now=step * 2.0)
     lines = [line for line in records.lines if line.startswith("epoch")]
     assert len(lines) == int(78 // PLAIN_EVERY_S), records.lines
-    assert lines[0] == "epoch 1 of 4: step 5 of 10, loss 0.2500, 16 samples/s over the last 6 s"
+    assert lines[0] == "epoch 1: 5/10 steps, loss 0.2500, 16 samples/s over the last 6 s"
     p.update(snapshot(40, done=True), 0.25, now=80.0)
     assert records.lines[-1] == "training throughput: 1280 samples in 80.000 s of training: 16 samples/s"
     p.update(snapshot(40, done=True), 0.25, now=81.0)
     assert len([line for line in records.lines if line.startswith("training throughput")]) == 1
+
+
+def test_plain_lines_at_each_quarter_of_a_long_epoch_without_the_last_which_the_epoch_line_says():
+    log, records = logger("quarters")
+    p = Progress(log, stream=io.StringIO(), tty=False)
+    steps = 2 * QUARTER_STEPS
+    for step in range(2 * steps):  # 1 ms a step: quick, but long in steps
+        p.update(snapshot(step, steps=2 * steps, epochs=2), None, now=step * 0.001)
+    assert [line.split(",")[0] for line in records.lines] == [
+        f"epoch {e}: {q * steps // 4}/{steps} steps" for e in (1, 2) for q in (1, 2, 3)]
 
 
 # ------------------------------------------------------------------------------------------------- the bar

@@ -2,8 +2,9 @@
 
 On a terminal: one tqdm bar over the whole training, redrawn at most every ``REDRAW_S``, with the node's log lines
 printed above it (never glued onto it); the bar is erased when training ends or the process exits, so what stays on
-screen is the log. Elsewhere (a log file, CI, a `vfl launch` child): a plain log line at most every
-``PLAIN_EVERY_S`` during a long epoch; the runner's "epoch k of N done" lines carry the rest.
+screen is the log. Elsewhere (a log file, CI, a `vfl launch` child): plain log lines, at 25, 50 and 75 % of
+an epoch of ``QUARTER_STEPS`` steps or more, and after ``PLAIN_EVERY_S`` without one; a short epoch gets none, the
+runner's "epoch k of N done" line says enough.
 
 Rates are honest: samples are counted per whole training step at the step's true size (the short last batch as
 short as it is, see :class:`vfl.protocol.training_phase.TrainingProgress`), timed with the monotonic clock the
@@ -21,7 +22,8 @@ from typing import TextIO
 from ..protocol.training_phase import TrainingProgress
 
 REDRAW_S = 0.2  # the bar is redrawn at most this often
-PLAIN_EVERY_S = 10.0  # without a terminal: at most one progress line this often
+PLAIN_EVERY_S = 10.0  # without a terminal: a progress line after this long without one
+QUARTER_STEPS = 50  # ... and at a quarter, half and three quarters of an epoch of at least this many steps
 MIN_RATE_S = 1.0  # no rate is shown over less training time than this: the loop samples the step count every ~10 ms
 WINDOW_S = 5.0  # the rate on the bar and in the plain lines covers about the last this many seconds
 
@@ -103,6 +105,8 @@ class Progress:
         self._swapped: list[tuple[logging.Logger, logging.Handler, logging.Handler]] = []
         self._drawn: float | None = None
         self._plain_at: float | None = None
+        self._epoch: int | None = None
+        self._quarter = 0
 
     def update(self, p: TrainingProgress, loss: float | None, now: float) -> None:
         if self.finished:
@@ -113,9 +117,14 @@ class Progress:
             return
         if self.tty:
             self._draw(p, loss, now)
-        elif self._plain_at is None:
+            return
+        if self._plain_at is None:
             self._plain_at = now + PLAIN_EVERY_S
-        elif now >= self._plain_at:
+        if p.epoch != self._epoch:
+            self._epoch, self._quarter = p.epoch, 0
+        quarter = 4 * p.epoch_step // p.epoch_steps if p.epoch_steps >= QUARTER_STEPS else 0
+        if 0 < quarter < 4 and quarter > self._quarter or now >= self._plain_at:
+            self._quarter = max(self._quarter, quarter)
             self._plain_at = now + PLAIN_EVERY_S
             self.log.info("%s", plain_line(p, loss, self.meter.recent))
 
@@ -201,7 +210,7 @@ class _AboveTheBar(logging.Handler):
 
 
 def plain_line(p: TrainingProgress, loss: float | None, recent: Totals) -> str:
-    parts = [f"epoch {p.epoch + 1} of {p.epochs}: step {p.epoch_step} of {p.epoch_steps}"]
+    parts = [f"epoch {p.epoch + 1}: {p.epoch_step}/{p.epoch_steps} steps"]
     if loss is not None:
         parts.append(f"loss {loss:.4f}")
     rate = rate_text(recent)
