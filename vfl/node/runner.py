@@ -122,6 +122,8 @@ class NodeRunner:
         #: encoded messages libzmq could not take yet (no connection, full queue), per peer: the loop never blocks on
         #: a send, and a peer that does not read only ever holds up its own messages
         self.outbox = Outbox(outbox_bytes(cfg), stall_s=cfg.timeouts.peer)
+        #: peers a send failed for (EHOSTUNREACH): said once, then quiet until a send to them succeeds again
+        self.unreachable: set[bytes | None] = set()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_requested = signal.Signals(signum).name
@@ -143,7 +145,13 @@ class NodeRunner:
             role = "label holder" if cfg.is_label_holder else "data holder"
             verb = "listening on" if cfg.is_label_holder else "connecting to"
             security = "insecure" if cfg.insecure else "CurveZMQ"
-            self.log.info("%s %r (run %s) %s %s [%s]", role, cfg.party, cfg.run, verb, transport.endpoint, security)
+            if cfg.is_label_holder:
+                n = len(cfg.session.data_holders)
+                waits = f"waiting up to {cfg.timeouts.join:g} s for {n} data holder{'s' if n != 1 else ''} to join"
+            else:
+                waits = f"waiting up to {cfg.timeouts.handshake:g} s for the label holder to answer"
+            self.log.info("%s %r (run %s) %s %s [%s]; %s", role, cfg.party, cfg.run, verb, transport.endpoint, security,
+                          waits)
             try:
                 return self._loop(transport)
             except Exception as exc:  # a bug or a local failure: tell the peers before dying, so nobody waits for us
@@ -294,11 +302,18 @@ class NodeRunner:
             self._unreachable(to, mtype, exc)
             return True
         self.bytes_sent += frames_bytes(frames)
+        self.unreachable.discard(to)
         return True
 
     def _unreachable(self, to: bytes | None, mtype: str, exc: zmq.ZMQError) -> None:
+        """Once per outage: a lost peer is retried every heartbeat, and the liveness rules say what happens next."""
         who = peer_text(to, 80) if to else "the label holder"
-        self.log.warning("could not send %s to %s: %s", mtype, who, exc.strerror)
+        if to in self.unreachable:
+            self.log.debug("could not send %s to %s: %s", mtype, who, exc.strerror)
+            return
+        self.unreachable.add(to)
+        self.log.warning("cannot reach %s (%s sending %s): its messages are dropped until it is back", who,
+                         exc.strerror, mtype)
 
     def _flush(self, transport: Transport, until: float | None = None) -> None:
         """Hand queued messages to libzmq, each peer's in order, without blocking (or, with ``until``, retrying).
@@ -317,6 +332,7 @@ class NodeRunner:
                         self._unreachable(to, mtype, exc)
                     else:
                         self.bytes_sent += frames_bytes(frames)
+                        self.unreachable.discard(to)
                     self.outbox.pop(to, time.monotonic())
             if not self.outbox or until is None or time.monotonic() >= until:
                 return
@@ -410,14 +426,13 @@ class NodeRunner:
 
     def _show_progress(self, machine) -> None:
         training = getattr(machine, "training", None)
-        if training is None or training.done or self.cfg.session.predict:
+        if training is None or self.cfg.session.predict:
             return
         if self.progress is None:
             from .progress import Progress
 
-            self.progress = Progress(batch_size=self.cfg.session.batch_size)
-        epoch, done, total = training.epoch_progress
-        self.progress.update(epoch, done, total, getattr(self.segment, "last_loss", None))
+            self.progress = Progress(self.log)
+        self.progress.update(training.progress, getattr(self.segment, "last_loss", None), time.monotonic())
 
     def _epoch_done(self, metrics: dict) -> None:
         from .training import append_metrics
@@ -426,6 +441,7 @@ class NodeRunner:
         total = self.cfg.train.epochs if not self.cfg.session.predict else 1
         self.log.info("epoch %d of %d done: %s", metrics["epoch"] + 1, total, shown)
         append_metrics(self.cfg, metrics)
+        self._show_progress(self.machine)  # the last epoch ends the training before the loop looks again
 
     def _finish_segment(self, finished: Finished) -> Finished:
         """After a successful session: save the trained segment, or (prediction) write the predictions."""
