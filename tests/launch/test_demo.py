@@ -13,6 +13,7 @@ import pytest
 
 from ..node.procs import Nodes
 from .test_launcher import Launcher, launchers  # noqa: F401 - launchers is a fixture
+from .test_record import RECORD_KEYS
 
 pytest.importorskip("sklearn", reason="the demo data sets come from scikit-learn")
 
@@ -107,6 +108,8 @@ def test_demo_breast_end_to_end(breast_run):
     assert code == 0, output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] is True and summary["demo"] == "breast", summary
+    assert set(summary) == RECORD_KEYS | {"demo", "rows"}  # the shape `vfl launch` writes, plus the demo's own
+    assert summary["train_samples"] == summary["train_rows"] * 25 and summary["psi_seconds"] > 0
     assert summary["final"]["val_auc"] >= 0.97, summary["final"]
     assert summary["epochs"] == 25 and summary["aligned_rows"] and summary["aligned_rows"] < summary["rows"]
     assert set(summary["exit_codes"]) == {"bank", "dh1"} and not any(summary["exit_codes"].values())

@@ -12,16 +12,15 @@ import csv
 import gzip
 import importlib.util
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write_text
 from ..errors import SetupError
 from ..train.specs import fingerprint
+from .local import LaunchResult, summarize_run, write_summary
 from .prepare import LABEL_HOLDER, prepare_session
 
 DATASETS = ("breast", "digits")
@@ -166,44 +165,17 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
     return Demo(name=name, configs=configs, out=out, rows=n)
 
 
-_SENT = re.compile(r"\(exit (-?\d+); sent (\d+) bytes, received (\d+) bytes\)")
-
-
 def summarize(demo: Demo, launch_s: float, logs: dict[str, list[str]], exit_codes: dict[str, int], *,
               started: float | None = None) -> dict:
-    """summary.json: final metrics, wall times, bytes per party, samples/s; written atomically into the run folder.
-
-    ``wall_seconds`` is the whole command's wall time, from ``started`` (a ``time.monotonic()`` taken when the
-    command began) to this summary (without ``started``: the nodes' part); ``launch_seconds`` only the nodes' part,
-    from starting them to the last exit.
-    """
-    metrics_path = demo.out / "model" / "metrics.jsonl"
-    epochs = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-    traffic = {}
-    for party, lines in logs.items():
-        for line in lines:
-            m = _SENT.search(line)
-            if m:
-                traffic[party] = {"sent_bytes": int(m.group(2)), "received_bytes": int(m.group(3))}
-    aligned = None
-    for line in logs.get(LABEL_HOLDER, []):
-        m = re.search(r"rows aligned: (\d+)", line)
-        if m:
-            aligned = int(m.group(1))
-    final = epochs[-1] if epochs else {}
-    train_rows = aligned - round(aligned * 0.25) if aligned else None
-    summary = {
-        "demo": demo.name,
-        "ok": all(code == 0 for code in exit_codes.values()),
-        "exit_codes": exit_codes,
-        "wall_seconds": round(time.monotonic() - started if started is not None else launch_s, 2),
-        "launch_seconds": round(launch_s, 2),
-        "rows": demo.rows,
-        "aligned_rows": aligned,
-        "epochs": len(epochs),
-        "final": {k: v for k, v in final.items() if k not in ("epoch", "step")},
-        "samples_per_second": round(train_rows * len(epochs) / launch_s, 1) if train_rows and launch_s else None,
-        "traffic": traffic,
-    }
-    atomic_write_text(demo.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    """summary.json of a demo run: the launcher's record of it (:func:`vfl.launch.local.summarize_run`, written by
+    ``launch``) plus the demo's name and data set size, with ``wall_seconds`` from ``started`` (the command's
+    start) to now; written atomically into the run folder."""
+    try:
+        summary = json.loads((demo.out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # the launcher recorded elsewhere: summarize from what the caller has
+        summary = summarize_run(LaunchResult(exit_codes, launch_s, logs), demo.configs[LABEL_HOLDER])
+    summary.update(demo=demo.name, rows=demo.rows)
+    if started is not None:
+        summary["wall_seconds"] = round(time.monotonic() - started, 2)
+    write_summary(demo.out, summary)
     return summary

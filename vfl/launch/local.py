@@ -2,11 +2,14 @@
 
 A convenience, not a coordinator: each node runs ``python -m vfl node --config FILE`` exactly as a user would from a
 terminal. The launcher prefixes their logs, forwards Ctrl-C, waits, and exits non-zero naming any node that failed.
+It then records the run in its folder: ``logs/NAME.log`` per node and ``summary.json`` (:func:`summarize_run`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable
+
+from ..files import atomic_write_text
 
 STOP_GRACE_S = 3.0  # then SIGKILL: a Ctrl-C never takes the launcher more than a few seconds
 COLOURS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m"]
@@ -27,6 +32,7 @@ class NodeProcess:
     config: Path
     proc: subprocess.Popen
     lines: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # when each line arrived (the launcher's monotonic clock)
     pump: threading.Thread | None = None
 
 
@@ -36,6 +42,7 @@ def node_command(config: Path) -> list[str]:
 
 def _pump(node: NodeProcess, stream: IO[str], write: Callable[[str], None], prefix: str) -> None:
     for line in stream:
+        node.times.append(time.monotonic())
         node.lines.append(line)
         write(f"{prefix}{line}")
 
@@ -45,6 +52,8 @@ class LaunchResult:
     exit_codes: dict[str, int]
     wall_s: float
     logs: dict[str, list[str]] = field(default_factory=dict)
+    times: dict[str, list[float]] = field(default_factory=dict)  # per node: each log line's arrival
+    summary: dict | None = None  # what summary.json says, when the run was recorded
 
     @property
     def failed(self) -> list[str]:
@@ -57,8 +66,14 @@ def launch(
     out: IO[str] = sys.stderr,
     colour: bool | None = None,
     timeout_s: float | None = None,
+    record: Path | None = None,
+    started: float | None = None,
 ) -> LaunchResult:
-    """Run every (name, config) as a node process; the first must be the label holder (it binds)."""
+    """Run every (name, config) as a node process; the first must be the label holder (it binds).
+
+    ``record``: the run folder for ``logs/`` and ``summary.json`` (default: the folder of the configs, when they
+    share one). ``started``: a ``time.monotonic()`` taken when the command began, for ``wall_seconds``.
+    """
     colour = out.isatty() if colour is None else colour
     width = max(len(name) for name, _ in configs)
     lock = threading.Lock()
@@ -69,7 +84,7 @@ def launch(
             out.flush()
 
     nodes: list[NodeProcess] = []
-    started = time.monotonic()
+    began = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -91,7 +106,7 @@ def launch(
             node.pump.start()
             nodes.append(node)
         while any(n.proc.poll() is None for n in nodes) and not stop.is_set():
-            if timeout_s is not None and time.monotonic() - started > timeout_s:
+            if timeout_s is not None and time.monotonic() - began > timeout_s:
                 write(f"launcher: timeout after {timeout_s:g} s, stopping every node\n")
                 break
             failed = [n for n in nodes if n.proc.poll() not in (None, 0)]
@@ -106,9 +121,18 @@ def launch(
     for n in nodes:
         if n.pump is not None:
             n.pump.join(timeout=2)
-    return LaunchResult(
-        {n.name: n.proc.returncode for n in nodes}, time.monotonic() - started, {n.name: n.lines for n in nodes}
+    result = LaunchResult(
+        {n.name: n.proc.returncode for n in nodes},
+        time.monotonic() - began,
+        {n.name: n.lines for n in nodes},
+        {n.name: n.times for n in nodes},
     )
+    folders = {Path(path).resolve().parent for _, path in configs}
+    if record is None and len(folders) == 1:
+        record = folders.pop()
+    if record is not None:
+        result.summary = record_run(record, result, configs[0][1], started=started)
+    return result
 
 
 def stop_all(nodes: list[NodeProcess], write: Callable[[str], None]) -> None:
@@ -125,3 +149,107 @@ def stop_all(nodes: list[NodeProcess], write: Callable[[str], None]) -> None:
             write(f"launcher: {n.name} did not stop within {STOP_GRACE_S:g} s, killing it\n")
             n.proc.kill()
             n.proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------- the record
+
+_SENT = re.compile(r"\(exit (-?\d+); sent (\d+) bytes, received (\d+) bytes\)")
+_ALIGNED = re.compile(r"rows aligned: (\d+)")
+_TRAINING = re.compile(r"training on (\d+) aligned rows \((\d+) for validation\)")
+_THROUGHPUT = re.compile(r"training throughput: (\d+) samples in ([\d.]+) s of training(: [\d,]+ samples/s)?")
+_STARTED = re.compile(r"listening on ")
+
+
+def _first(lines: list[str], pattern: re.Pattern) -> tuple[int, re.Match] | None:
+    for i, line in enumerate(lines):
+        m = pattern.search(line)
+        if m:
+            return i, m
+    return None
+
+
+def _last(lines: list[str], pattern: re.Pattern) -> re.Match | None:
+    found = [m for m in map(pattern.search, lines) if m]
+    return found[-1] if found else None
+
+
+def _metrics_path(label_holder_config: Path) -> Path | None:
+    from ..node.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(label_holder_config)
+    except ConfigError:
+        return None
+    output = cfg.train.output if cfg.train is not None else None
+    return output / "metrics.jsonl" if output is not None else None
+
+
+def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: float | None = None) -> dict:
+    """What a run did, each figure named for what it covers.
+
+    ``wall_seconds``: the whole command, from ``started`` (else the nodes' part) to this summary, so process start,
+    PSI, training and exit; ``launch_seconds``: the nodes, from starting them to the last exit; ``psi_seconds``:
+    from the label holder's first line to its "rows aligned" line (joins, handshakes, link check, PSI), by the
+    launcher's clock on their arrival; ``train_samples`` / ``train_seconds`` / ``train_samples_per_second``: the
+    label holder's own measure of its training phase (whole steps at their true size; validation and checkpoints
+    inside the phase included; no rate over less than a second). ``epochs`` and ``final`` come from the label
+    holder's metrics.jsonl (one record per epoch).
+    """
+    from .plot import PlotError, load_metrics
+
+    lh = next(iter(result.logs), None)
+    lines = result.logs.get(lh, []) if lh is not None else []
+    times = result.times.get(lh, []) if lh is not None else []
+    metrics_path = _metrics_path(label_holder_config)
+    try:
+        epochs = load_metrics(metrics_path) if metrics_path is not None and metrics_path.exists() else []
+    except PlotError:
+        epochs = []
+    traffic = {}
+    for party, party_lines in result.logs.items():
+        m = _last(party_lines, _SENT)
+        if m:
+            traffic[party] = {"sent_bytes": int(m.group(2)), "received_bytes": int(m.group(3))}
+    aligned = _last(lines, _ALIGNED)
+    training = _last(lines, _TRAINING)
+    throughput = _last(lines, _THROUGHPUT)
+    psi_seconds = None
+    start, end = _first(lines, _STARTED), _first(lines, _ALIGNED)
+    if start is not None and end is not None and len(times) > end[0]:
+        psi_seconds = round(times[end[0]] - times[start[0]], 3)
+    train_samples = int(throughput.group(1)) if throughput else None
+    train_seconds = float(throughput.group(2)) if throughput else None
+    final = epochs[-1] if epochs else {}
+    return {
+        "ok": bool(result.exit_codes) and all(code == 0 for code in result.exit_codes.values()),
+        "exit_codes": result.exit_codes,
+        "wall_seconds": round(time.monotonic() - started if started is not None else result.wall_s, 2),
+        "launch_seconds": round(result.wall_s, 2),
+        "psi_seconds": psi_seconds,
+        "aligned_rows": int(aligned.group(1)) if aligned else None,
+        "train_rows": int(training.group(1)) - int(training.group(2)) if training else None,
+        "epochs": len(epochs),
+        "final": {k: v for k, v in final.items() if k not in ("epoch", "step")},
+        "train_samples": train_samples,
+        "train_seconds": train_seconds,
+        "train_samples_per_second": (round(train_samples / train_seconds, 1)
+                                     if throughput and throughput.group(3) and train_seconds else None),
+        "traffic": traffic,
+        "logs": {name: f"logs/{name}.log" for name in result.logs},
+    }
+
+
+def record_run(folder: Path, result: LaunchResult, label_holder_config: Path, *, started: float | None = None,
+               extra: dict | None = None) -> dict:
+    """Write ``logs/NAME.log`` per node and ``summary.json`` into the run folder (each atomically); returns the
+    summary. ``extra``: fields a caller adds (``vfl demo``: the data set's name and rows)."""
+    folder = Path(folder)
+    for name, lines in result.logs.items():
+        atomic_write_text(folder / "logs" / f"{name}.log", "".join(lines))
+    summary = {**summarize_run(result, label_holder_config, started=started), **(extra or {})}
+    write_summary(folder, summary)
+    return summary
+
+
+def write_summary(folder: Path, summary: dict) -> None:
+    atomic_write_text(Path(folder) / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")

@@ -121,6 +121,8 @@ class NodeRunner:
         #: encoded messages libzmq could not take yet (no connection, full queue), per peer: the loop never blocks on
         #: a send, and a peer that does not read only ever holds up its own messages
         self.outbox = Outbox(outbox_bytes(cfg), stall_s=cfg.timeouts.peer)
+        #: peers a send failed for (EHOSTUNREACH): said once, then quiet until a send to them succeeds again
+        self.unreachable: set[bytes | None] = set()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_requested = signal.Signals(signum).name
@@ -142,7 +144,13 @@ class NodeRunner:
             role = "label holder" if cfg.is_label_holder else "data holder"
             verb = "listening on" if cfg.is_label_holder else "connecting to"
             security = "insecure" if cfg.insecure else "CurveZMQ"
-            self.log.info("%s %r (run %s) %s %s [%s]", role, cfg.party, cfg.run, verb, transport.endpoint, security)
+            if cfg.is_label_holder:
+                n = len(cfg.session.data_holders)
+                waits = f"waiting up to {cfg.timeouts.join:g} s for {n} data holder{'s' if n != 1 else ''} to join"
+            else:
+                waits = f"waiting up to {cfg.timeouts.handshake:g} s for the label holder to answer"
+            self.log.info("%s %r (run %s) %s %s [%s]; %s", role, cfg.party, cfg.run, verb, transport.endpoint, security,
+                          waits)
             try:
                 return self._loop(transport)
             except Exception as exc:  # a bug or a local failure: tell the peers before dying, so nobody waits for us
@@ -277,6 +285,7 @@ class NodeRunner:
                 finished = self._aligned(out, transport) or finished
             elif isinstance(out, EpochDone):
                 self.training.epoch_done(out.metrics)
+                self._show_progress(self.machine)  # the last epoch ends the training before the loop looks again
             elif isinstance(out, Finished):
                 finished = out if self.training is None else self.training.finish(out, self.machine.training_done)
         return finished
@@ -291,11 +300,18 @@ class NodeRunner:
             self._unreachable(to, mtype, exc)
             return True
         self.bytes_sent += frames_bytes(frames)
+        self.unreachable.discard(to)
         return True
 
     def _unreachable(self, to: bytes | None, mtype: str, exc: zmq.ZMQError) -> None:
+        """Once per outage: a lost peer is retried every heartbeat, and the liveness rules say what happens next."""
         who = peer_text(to, 80) if to else "the label holder"
-        self.log.warning("could not send %s to %s: %s", mtype, who, exc.strerror)
+        if to in self.unreachable:
+            self.log.debug("could not send %s to %s: %s", mtype, who, exc.strerror)
+            return
+        self.unreachable.add(to)
+        self.log.warning("cannot reach %s (%s sending %s): its messages are dropped until it is back", who,
+                         exc.strerror, mtype)
 
     def _flush(self, transport: Transport, until: float | None = None) -> None:
         """Hand queued messages to libzmq, each peer's in order, without blocking (or, with ``until``, retrying).
@@ -314,6 +330,7 @@ class NodeRunner:
                         self._unreachable(to, mtype, exc)
                     else:
                         self.bytes_sent += frames_bytes(frames)
+                        self.unreachable.discard(to)
                     self.outbox.pop(to, time.monotonic())
             if not self.outbox or until is None or time.monotonic() >= until:
                 return
@@ -346,12 +363,11 @@ class NodeRunner:
 
     def _show_progress(self, machine) -> None:
         training = getattr(machine, "training", None)
-        if training is None or training.done or self.cfg.session.predict:
+        if training is None or self.cfg.session.predict:
             return
         if self.progress is None:
-            self.progress = Progress(batch_size=self.cfg.session.batch_size)
-        epoch, done, total = training.epoch_progress
-        self.progress.update(epoch, done, total, self.training.last_loss)
+            self.progress = Progress(self.log)
+        self.progress.update(training.progress, self.training.last_loss, time.monotonic())
 
     def _report_link(self, lc: LinkChecked) -> None:
         if not lc.rtts:

@@ -88,6 +88,25 @@ class TrainPlan:
         return self.epochs, first
 
 
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where the label holder's training stands, for a progress display and throughput figures.
+
+    ``samples`` counts the rows of every training step this pipeline has processed, each step at its true size (the
+    short last batch of an epoch as short as it is); a rolled-back pipeline starts a new count. Epochs are 0-based,
+    as on the wire.
+    """
+
+    epoch: int
+    epochs: int
+    epoch_step: int  # training steps done in this epoch
+    epoch_steps: int
+    step: int  # global steps done
+    steps: int  # global steps of the whole plan
+    samples: int
+    done: bool
+
+
 def _int_positions(msg: Message, name: str, n_rows: int) -> np.ndarray:
     tensors = {t.name: t.array for t in msg.tensor_list}
     arr = tensors.get(name)
@@ -287,6 +306,8 @@ class LabelHolderTraining:
         self._pending: dict[int, dict[str, str]] = {}  # checkpoint step -> digests received so far
         self.latest_checkpoint: int | None = None
         self.latest_digests: dict[str, str] = {}
+        self.samples = 0  # rows of the training steps processed here, each step at its true size
+        self._plan_steps = sum(plan.steps_in(e, batch_size) for e in range(plan.epochs))
 
     def start(self) -> dict[str, list[Message]]:
         """Per data holder: SCHEDULE (with its resume digest when resuming), then the first EPOCH."""
@@ -324,9 +345,17 @@ class LabelHolderTraining:
         return out + [Epoch(epoch=self.epoch, first_step=start, tensors=(Tensor("order", order),))]
 
     @property
-    def epoch_progress(self) -> tuple[int, int, int]:
-        """(epoch, steps done in it, steps in it), for a progress display."""
-        return self.epoch, self.step - self._epoch_first_step, self._epoch_end_step - self._epoch_first_step
+    def progress(self) -> TrainingProgress:
+        return TrainingProgress(
+            epoch=min(self.epoch, self.plan.epochs - 1) if self.plan.epochs else 0,
+            epochs=self.plan.epochs,
+            epoch_step=self.step - self._epoch_first_step,
+            epoch_steps=self._epoch_end_step - self._epoch_first_step,
+            step=self.step,
+            steps=self._plan_steps,
+            samples=self.samples,
+            done=self.done,
+        )
 
     def _checkpoint(self, step: int) -> list[Message]:
         self._pending[step] = {"": self.top.checkpoint(step, self.epoch)}
@@ -386,7 +415,9 @@ class LabelHolderTraining:
                 if not all(self.step in self._inbox[p].forwards for p in self.parties):
                     break
                 acts = {p: self._inbox[p].forwards.pop(self.step) for p in self.parties}
-                grads = self.top.train_step(self.step, self._steps.pop(self.step), acts)
+                rows = self._steps.pop(self.step)
+                grads = self.top.train_step(self.step, rows, acts)
+                self.samples += len(rows)
                 for p in self.parties:
                     out[p].append(Backward(step=self.step, tensors=(Tensor("gradient", grads[p]),)))
                 self.step += 1
