@@ -263,11 +263,8 @@ def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int, pr
         for path in d.configs.values():
             click.echo(f"  vfl node --config {path}")
         return
-    result = launch(list(d.configs.items()))
+    result = launch(list(d.configs.items()), started=STARTED)  # it writes logs/ and summary.json, atomically
     logs_dir = out / "logs"
-    logs_dir.mkdir(parents=True, exist_ok=True)
-    for name, lines in result.logs.items():
-        (logs_dir / f"{name}.log").write_text("".join(lines))
     summary = summarize(d, result.wall_s, result.logs, result.exit_codes, started=STARTED)
     final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items() if k.startswith("val_"))
     click.echo(f"demo {dataset}: {'ok' if summary['ok'] else 'FAILED'} in {summary['wall_seconds']} s "
@@ -296,7 +293,8 @@ def launch_cmd(folder: str) -> None:
         entries.append((0 if cfg.is_label_holder else 1, cfg.party, path))
     if not entries:
         raise ConfigError(f"no *.toml node configs in {folder}")
-    result = launch([(party, path) for _, party, path in sorted(entries)])
+    result = launch([(party, path) for _, party, path in sorted(entries)], started=STARTED)
+    click.echo(f"summary: {Path(folder) / 'summary.json'}", err=True)
     if result.failed:
         click.echo(f"vfl launch: failed: {', '.join(f'{n} (exit {result.exit_codes[n]})' for n in result.failed)}", err=True)
         sys.exit(1)
