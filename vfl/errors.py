@@ -7,13 +7,15 @@ one exit code in one place (``vfl.cli``), instead of catching each module's clas
 Exit codes of every ``vfl`` command (the README's table):
 
 ==  ============  =====================================================================================================
-0   OK            finished (or stopped by SIGINT/SIGTERM, after telling its peers)
+0   OK            finished (or a session without training stopped by SIGINT/SIGTERM, after telling its peers)
 1   FAILED        the session failed: a peer broke the protocol or refused us (e.g. CONFIG_MISMATCH), left with an
                   error, or this node failed during the session
 2   SETUP         a problem on this machine, found before or instead of a session: usage, config file, key file,
                   data table, model settings, a state file, an endpoint another process already listens on
 3   PEER_LOST     a peer stopped answering (the message names it)
 4   JOIN_TIMEOUT  a data holder did not join (label holder) / no WELCOME in time (data holder)
+5   INTERRUPTED   a training or prediction session stopped (SIGINT/SIGTERM) before it finished: no result saved, the
+                  checkpoints kept; the same command resumes it
 ==  ============  =====================================================================================================
 
 Derive an error from :class:`SetupError` when the user fixes it on their own machine (the message then names the
@@ -35,6 +37,7 @@ class ExitCode(enum.IntEnum):
     SETUP = 2
     PEER_LOST = 3
     JOIN_TIMEOUT = 4
+    INTERRUPTED = 5
 
 
 class VflError(Exception):
