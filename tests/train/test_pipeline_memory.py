@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vfl.node.checkpoints import Checkpointer
-from vfl.node.segments import TorchBottom, TorchTop
+from vfl.train.segments import TorchBottom, TorchTop
 from vfl.protocol import (
     Aligned,
     DataHolderMachine,

@@ -37,9 +37,11 @@ from ..protocol.codec import DTYPES
 from ..protocol.errors import LocalProtocolError
 from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.text import peer_text
+from ..psi import PsiEngine
 from .alignment import PartyIds, load_ids, psi_plan, write_aligned
 from .config import NodeConfig
 from .outbox import Outbox, frames_bytes
+from .progress import Progress
 from .transport import LINGER_MS, Transport, largest_message_bytes, outbox_bytes
 
 MAX_SLEEP_S = 0.2
@@ -60,12 +62,6 @@ def _link_check_tensor(cfg: NodeConfig) -> list[Tensor]:
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 256, size=int(np.prod(lc.shape)) * DTYPES[lc.dtype].itemsize, dtype=np.uint8)
     return [Tensor("link_check", arr.view(DTYPES[lc.dtype]).reshape(lc.shape))]
-
-
-def torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
 
 
 def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine | DataHolderMachine:
@@ -111,9 +107,10 @@ class NodeRunner:
         """``ids``: the party's IDs, already read and checked (``load_ids``), when the session runs PSI."""
         self.cfg = cfg
         self.ids = ids
-        self.engine = None
-        self.segment = None  # this party's torch segment, once training starts
-        self.progress = None  # the label holder's progress display
+        self.engine: PsiEngine | None = None  # the PSI's worker pool, when the session runs PSI
+        self.machine: LabelHolderMachine | DataHolderMachine | None = None  # built when the loop starts
+        self.training = None  # the SessionTraining of a training (or prediction) session, once the IDs are read
+        self.progress: Progress | None = None  # the label holder's progress display
         self.clean_exit = True  # False: libzmq did not shut down; the process must exit hard
         self.log = log or logging.getLogger(f"vfl.node.{cfg.party}")
         self.stop_requested: str | None = None
@@ -133,10 +130,10 @@ class NodeRunner:
         if cfg.session.psi and self.ids is None:
             self.ids = load_ids(cfg)
         if cfg.session.train:
-            from .training import check_segment
+            from .training import SessionTraining  # imports torch: only a training session pays for it
 
-            torch_threads(cfg.train.threads)
-            check_segment(cfg, self.ids.table)
+            self.training = SessionTraining(cfg, self.ids, self.log)
+            self.training.check()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         transport = Transport(cfg)
         try:
@@ -147,7 +144,7 @@ class NodeRunner:
             try:
                 return self._loop(transport)
             except Exception as exc:  # a bug or a local failure: tell the peers before dying, so nobody waits for us
-                machine = getattr(self, "machine", None)
+                machine = self.machine
                 if machine is not None and machine.finished is None:
                     self._execute(transport, machine.close(f"internal error at {cfg.party!r}: {type(exc).__name__}", time.monotonic()))
                     self._flush(transport, until=time.monotonic() + FINAL_FLUSH_S)
@@ -163,23 +160,20 @@ class NodeRunner:
     def _loop(self, transport: Transport) -> int:
         psi = None
         if self.cfg.session.psi:
-            from ..psi import PsiEngine
-
             self.engine = PsiEngine(workers=self.cfg.psi.workers or None)
             psi = psi_plan(self.cfg, self.ids, self.engine)
-        machine = build_machine(self.cfg, time.monotonic(), psi)
-        self.machine = machine
+        machine = self.machine = build_machine(self.cfg, time.monotonic(), psi)
         poller = zmq.Poller()
         for sock in transport.poll_items():
             poller.register(sock, zmq.POLLIN)
-        pending: list[Output] = machine.start(time.monotonic()) if isinstance(machine, DataHolderMachine) else []
+        pending: list[Output] = machine.start(time.monotonic())
         poll_flags = zmq.POLLIN
         housekeeping_at = 0.0  # timers and the progress display: at most every HOUSEKEEPING_S while messages flow
         while True:
             finished = self._execute(transport, pending)
             if self.outbox:
                 self._flush(transport)
-                if self.outbox and finished is None and isinstance(machine, LabelHolderMachine):
+                if self.outbox and finished is None and machine.drops_non_readers:
                     pending = self._drop_non_readers(time.monotonic())
                     if pending:
                         continue
@@ -227,17 +221,13 @@ class NodeRunner:
                     else:
                         self.log.warning("CURVE handshake with %s failed (protocol error %s)", transport.endpoint, event["value"])
             if transport.socket in ready:
-                is_label_holder = isinstance(machine, LabelHolderMachine)
                 for _ in range(MAX_BATCH):
                     received = transport.recv()
                     if received is None:
                         break
                     now = time.monotonic()
                     self.bytes_received += sum(len(f) for f in received.frames)
-                    if is_label_holder:
-                        new = machine.receive(received.routing_id, received.identity, received.frames, now)
-                    else:
-                        new = machine.receive(received.frames, now)
+                    new = machine.receive(received.routing_id, received.identity, received.frames, now)
                     pending += new
                     # the node must act on an alignment before the next message is read; and while our own PSI
                     # stream is waiting, answer one message at a time so that the two streams interleave
@@ -277,11 +267,9 @@ class NodeRunner:
             elif isinstance(out, Aligned):
                 finished = self._aligned(out, transport) or finished
             elif isinstance(out, EpochDone):
-                self._epoch_done(out.metrics)
+                self.training.epoch_done(out.metrics)
             elif isinstance(out, Finished):
-                finished = out
-                if out.exit_code == 0 and self.segment is not None:
-                    finished = self._finish_segment(out)
+                finished = out if self.training is None else self.training.finish(out)
         return finished
 
     def _try_send(self, transport: Transport, frames, to: bytes | None, mtype: str) -> bool:
@@ -332,8 +320,7 @@ class NodeRunner:
         return outputs
 
     def _aligned(self, aligned: Aligned, transport: Transport) -> Finished | None:
-        """Write this party's IDs in the agreed order (if asked to); a data holder then leaves the session."""
-        machine = self.machine
+        """Write this party's IDs in the agreed order (if asked to), then train on them or leave the session."""
         now = time.monotonic()
         out = self.cfg.psi.output
         ok, reason = True, f"rows aligned: {len(aligned.rows)}"
@@ -344,116 +331,18 @@ class NodeRunner:
             except OSError as exc:
                 ok, reason = False, f"cannot write the aligned IDs to {out}: {exc.strerror}"
                 self.log.error("%s", reason)
-        if not ok:  # this party cannot deliver what the session is for
-            if isinstance(machine, DataHolderMachine):
-                return self._execute(transport, machine.finish_aligned(ok, reason, now))
-            self._execute(transport, machine.close(reason, now))
-            return Finished(exit_code=1, reason=reason)
-        if self.cfg.session.train:
-            return self._start_training(aligned.rows, transport, now)
-        if isinstance(machine, DataHolderMachine):
-            return self._execute(transport, machine.finish_aligned(ok, reason, now))
-        return None
-
-    def _start_training(self, rows, transport: Transport, now: float) -> Finished | None:
-        from ..protocol.training_phase import CheckpointError
-        from .training import (
-            TrainingSetupError,
-            build_bottom,
-            build_top,
-            load_trained,
-            make_plan,
-            prediction_plan,
-            trained_encoding,
-        )
-
-        predict = self.cfg.session.predict
-
-        machine = self.machine
-        try:
-            if isinstance(machine, DataHolderMachine):
-                self.segment = build_bottom(self.cfg, self.ids.table, rows)
-                if predict:
-                    load_trained(self.cfg, self.segment)
-                return self._execute(transport, machine.start_training(self.segment, len(rows), now))
-            if predict:
-                self.aligned = rows
-                self.segment = build_top(self.cfg, self.ids.table, rows, None, trained_encoding(self.cfg))
-                load_trained(self.cfg, self.segment)
-                self.log.info("predicting %d aligned rows", len(rows))
-                return self._execute(transport, machine.start_training(self.segment, prediction_plan(len(rows)), now))
-            table = self.ids.table
-            plan = make_plan(self.cfg, [table.ids[r] for r in np.asarray(rows).tolist()])
-            self.segment = build_top(self.cfg, self.ids.table, rows, plan)
-            self.log.info(
-                "training on %d aligned rows (%d for validation), %d epoch(s), window %d",
-                len(rows), len(plan.validation), plan.epochs, self.cfg.session.window,
-            )
-            first_step, digests = 0, {}
-            manifest = self.segment.checkpointer.latest()
-            if manifest is not None and manifest["step"] > 0:  # this run was interrupted: resume it
-                first_step = manifest["step"]
-                digests = {p: d for p, d in manifest["digests"].items() if p}
-                self.segment.restore(first_step)
-                self.log.warning("resuming from the checkpoint at step %d (epoch %d)", first_step, manifest["epoch"])
-            return self._execute(transport, machine.start_training(self.segment, plan, now, first_step, digests))
-        except CheckpointError as exc:
-            reason = f"cannot resume: {exc}"
-            self.log.error("%s", reason)
-            self._execute(transport, machine.close(reason, now))
-            return Finished(exit_code=1, reason=reason)
-        except TrainingSetupError as exc:
-            reason = f"cannot build this party's model: {exc}"
-            self.log.error("%s", reason)
-            self._execute(transport, machine.close(reason, now))
-            return Finished(exit_code=1, reason=reason)
+        if ok and self.training is not None:
+            return self._execute(transport, self.training.start(self.machine, aligned.rows, now))
+        return self._execute(transport, self.machine.finish_aligned(ok, reason, now))
 
     def _show_progress(self, machine) -> None:
         training = getattr(machine, "training", None)
         if training is None or training.done or self.cfg.session.predict:
             return
         if self.progress is None:
-            from .progress import Progress
-
             self.progress = Progress(batch_size=self.cfg.session.batch_size)
         epoch, done, total = training.epoch_progress
-        self.progress.update(epoch, done, total, getattr(self.segment, "last_loss", None))
-
-    def _epoch_done(self, metrics: dict) -> None:
-        from .training import append_metrics
-
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        total = self.cfg.train.epochs if not self.cfg.session.predict else 1
-        self.log.info("epoch %d of %d done: %s", metrics["epoch"] + 1, total, shown)
-        append_metrics(self.cfg, metrics)
-
-    def _finish_segment(self, finished: Finished) -> Finished:
-        """After a successful session: save the trained segment, or (prediction) write the predictions."""
-        if not self.cfg.session.predict:
-            self._save_segment()
-            return finished
-        if not self.cfg.is_label_holder:
-            return finished
-        from .training import write_predictions
-
-        path = self.cfg.train.predictions or (self.cfg.train.output or self.cfg.path.parent) / "predictions.csv"
-        try:
-            n = write_predictions(path, self.ids.ids, self.aligned, self.segment)
-        except OSError as exc:
-            return Finished(exit_code=1, reason=f"cannot write the predictions to {path}: {exc.strerror}")
-        self.log.info("wrote %d predictions to %s", n, path)
-        return finished
-
-    def _save_segment(self) -> None:
-        from .training import save_segment
-
-        try:
-            path = save_segment(self.cfg, self.segment.state())
-        except OSError as exc:
-            self.log.error("could not save this party's segment: %s", exc)
-            return
-        if path is not None:
-            self.log.info("saved this party's segment to %s", path)
+        self.progress.update(epoch, done, total, self.training.last_loss)
 
     def _report_link(self, lc: LinkChecked) -> None:
         if not lc.rtts:

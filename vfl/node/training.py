@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,15 @@ import torch
 
 from ..files import PRIVATE, atomic_write, atomic_write_bytes
 from ..psi import encode_ids
-from ..protocol.training_phase import TrainPlan
+from ..protocol.events import Finished, Output
+from ..protocol.training_phase import CheckpointError, TrainPlan
 from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
 from ..train.models import Combiner, ModelError, build_model
 from .checkpoints import Checkpointer, StateFileError, dump_state, load_state
+from .alignment import PartyIds
 from .config import NodeConfig, TrainingSetupError
-from .segments import TorchBottom, TorchTop
+from ..train.segments import TorchBottom, TorchTop
 
 
 def checkpointer(cfg: NodeConfig) -> Checkpointer:
@@ -337,3 +340,103 @@ def append_metrics(cfg: NodeConfig, metrics: dict) -> None:
     cfg.train.output.mkdir(parents=True, exist_ok=True)
     with open(cfg.train.output / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(metrics, sort_keys=True) + "\n")
+
+
+class SessionTraining:
+    """This party's training (or prediction) in one session: the glue between the node loop and the torch segment.
+
+    The runner hands it the aligned rows (``start``), each epoch's metrics (``epoch_done``) and the machine's final
+    ``Finished`` (``finish``); it builds the segment, starts the machine's training phase, resumes from the latest
+    checkpoint, and saves what a successful session produced (the trained segment, or the predictions).
+    """
+
+    def __init__(self, cfg: NodeConfig, ids: PartyIds, log: logging.Logger):
+        self.cfg = cfg
+        self.ids = ids
+        self.log = log
+        self.segment: TorchBottom | TorchTop | None = None  # built over the aligned rows by ``start``
+        self.aligned: np.ndarray | None = None  # the label holder's aligned rows, for the predictions file
+
+    def check(self) -> None:
+        """Before connecting: torch's thread count, and the model spec against this party's data."""
+        torch.set_num_threads(self.cfg.train.threads)
+        check_segment(self.cfg, self.ids.table)
+
+    def start(self, machine, rows: np.ndarray, now: float) -> list[Output]:
+        """Build the segment over the aligned ``rows`` and start ``machine``'s training phase with it.
+
+        A model that cannot be built or a checkpoint that cannot be resumed ends the session (exit 1) naming why.
+        """
+        try:
+            return self._start(machine, rows, now)
+        except CheckpointError as exc:
+            reason = f"cannot resume: {exc}"
+        except TrainingSetupError as exc:
+            reason = f"cannot build this party's model: {exc}"
+        self.log.error("%s", reason)
+        return machine.finish_aligned(False, reason, now)
+
+    def _start(self, machine, rows: np.ndarray, now: float) -> list[Output]:
+        cfg, table = self.cfg, self.ids.table
+        if not cfg.is_label_holder:
+            self.segment = build_bottom(cfg, table, rows)
+            if cfg.session.predict:
+                load_trained(cfg, self.segment)
+            return machine.start_training(self.segment, len(rows), now)
+        if cfg.session.predict:
+            self.aligned = rows
+            self.segment = build_top(cfg, table, rows, None, trained_encoding(cfg))
+            load_trained(cfg, self.segment)
+            self.log.info("predicting %d aligned rows", len(rows))
+            return machine.start_training(self.segment, prediction_plan(len(rows)), now)
+        plan = make_plan(cfg, [table.ids[r] for r in np.asarray(rows).tolist()])
+        self.segment = build_top(cfg, table, rows, plan)
+        self.log.info(
+            "training on %d aligned rows (%d for validation), %d epoch(s), window %d",
+            len(rows), len(plan.validation), plan.epochs, cfg.session.window,
+        )
+        first_step, digests = 0, {}
+        manifest = self.segment.checkpointer.latest()
+        if manifest is not None and manifest["step"] > 0:  # this run was interrupted: resume it
+            first_step = manifest["step"]
+            digests = {p: d for p, d in manifest["digests"].items() if p}
+            self.segment.restore(first_step)
+            self.log.warning("resuming from the checkpoint at step %d (epoch %d)", first_step, manifest["epoch"])
+        return machine.start_training(self.segment, plan, now, first_step, digests)
+
+    @property
+    def last_loss(self) -> float | None:
+        return getattr(self.segment, "last_loss", None)
+
+    def epoch_done(self, metrics: dict) -> None:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        total = self.cfg.train.epochs if not self.cfg.session.predict else 1
+        self.log.info("epoch %d of %d done: %s", metrics["epoch"] + 1, total, shown)
+        append_metrics(self.cfg, metrics)
+
+    def finish(self, finished: Finished) -> Finished:
+        """After a successful session: save the trained segment, or (prediction) write the predictions."""
+        if finished.exit_code != 0 or self.segment is None:
+            return finished
+        if not self.cfg.session.predict:
+            self._save_segment()
+            return finished
+        if not self.cfg.is_label_holder:
+            return finished
+        cfg = self.cfg
+        path = cfg.train.predictions or (cfg.train.output or cfg.path.parent) / "predictions.csv"
+        try:
+            n = write_predictions(path, self.ids.ids, self.aligned, self.segment)
+        except OSError as exc:
+            return Finished(exit_code=1, reason=f"cannot write the predictions to {path}: {exc.strerror}")
+        self.log.info("wrote %d predictions to %s", n, path)
+        return finished
+
+    def _save_segment(self) -> None:
+        try:
+            path = save_segment(self.cfg, self.segment.state())
+        except OSError as exc:
+            self.log.error("could not save this party's segment: %s", exc)
+            return
+        if path is not None:
+            self.log.info("saved this party's segment to %s", path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import re
 import traceback
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
 from .errors import ErrorCode, RemoteProtocolError
@@ -142,8 +142,18 @@ class DataHolderMachine:
 
     # ------------------------------------------------------------------------------------------------ inputs
 
-    def receive(self, frames: Sequence, now: float) -> list[Output]:
-        """One message from the label holder: a transition, or an ERROR back; never an exception (see the LH's)."""
+    #: a data holder's one peer is the label holder: if it stops reading, the liveness rules end the session
+    drops_non_readers = False
+
+    def receive(self, *args: Any) -> list[Output]:
+        """One message from the label holder: a transition, or an ERROR back; never an exception (see the LH's).
+
+        Called ``receive(frames, now)``, or ``receive(routing_id, identity, frames, now)`` like the label holder's
+        (the node loop's form): a data holder's socket has one peer, so routing id and identity say nothing here.
+        """
+        if len(args) not in (2, 4):
+            raise TypeError(f"receive(frames, now) or receive(routing_id, identity, frames, now), not {len(args)} arguments")
+        frames, now = args[-2:]
         if self.finished is not None:
             return []
         try:

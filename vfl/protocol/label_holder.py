@@ -144,6 +144,13 @@ class LabelHolderMachine:
         #: routing ids we no longer talk to: replaced by a newer connection ([S5]) or dropped for not reading (§7)
         self._retired: OrderedDict[bytes, str] = OrderedDict()
 
+    #: the node drops the send queue of a peer that does not read and tells ``peer_not_reading`` (PROTOCOL.md §7)
+    drops_non_readers = True
+
+    def start(self, now: float) -> list[Output]:
+        """Nothing to say first: data holders speak first ([S2]). Here so that both role machines start alike."""
+        return []
+
     # ------------------------------------------------------------------------------------------------ inputs
 
     def receive(self, routing_id: bytes, identity: str | None, frames: Sequence, now: float) -> list[Output]:
@@ -342,6 +349,17 @@ class LabelHolderMachine:
                 pause=True,
             )
         return self._finish(0, reason, now, ok=False)
+
+    def refused_by_zap(self) -> list[Output]:
+        """Only a connecting node sees its key refused; the label holder's own ZAP handler does the refusing."""
+        return []
+
+    def finish_aligned(self, ok: bool, reason: str, now: float) -> list[Output]:
+        """The node has used the aligned rows (e.g. written them out). On success the session goes on until the data
+        holders leave; on failure (``ok`` False) it ends with exit 1 and tells every data holder ``reason``."""
+        if ok or self.finished is not None:
+            return []
+        return self._finish(1, reason, now, ok=False)
 
     # ------------------------------------------------------------------------------------------------ helpers
 

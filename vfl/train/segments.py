@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..train.central import as_targets, pullback, task_loss
-from ..train.metrics import evaluate
-from ..train.models import Combiner
-from ..train.optim import Optimizer
+from .central import as_targets, pullback, task_loss
+from .metrics import evaluate
+from .models import Combiner
+from .optim import Optimizer
 
 
 def _index(rows: np.ndarray) -> torch.Tensor:
