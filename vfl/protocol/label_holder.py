@@ -354,6 +354,10 @@ class LabelHolderMachine:
         """Only a connecting node sees its key refused; the label holder's own ZAP handler does the refusing."""
         return []
 
+    def connection_lost(self, now: float) -> list[Output]:
+        """Only a connecting node rejoins on a dropped connection ([J1]); the label holder's peers come back to it."""
+        return []
+
     def finish_aligned(self, ok: bool, reason: str, now: float) -> list[Output]:
         """The node has used the aligned rows (e.g. written them out). On success the session goes on until the data
         holders leave; on failure (``ok`` False) it ends with exit 1 and tells every data holder ``reason``."""
