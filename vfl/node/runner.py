@@ -34,6 +34,7 @@ from ..protocol import (
     encode,
 )
 from ..protocol.codec import DTYPES
+from ..protocol.events import Reconnect
 from ..protocol.errors import LocalProtocolError
 from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.text import peer_text
@@ -97,14 +98,24 @@ def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine |
         psi=psi,
         progress_timeout_s=t.progress,
         max_psi_items=cfg.psi.max_items,
+        rejoin_timeout_s=t.rejoin,
+        max_rejoins=cfg.train.max_rejoins if cfg.train is not None else DEFAULT_MAX_REJOINS,
     )
 
 
 class NodeRunner:
     """Runs one node until its machine finishes or a signal asks it to stop. ``run()`` returns the exit code."""
 
-    def __init__(self, cfg: NodeConfig, log: logging.Logger | None = None, *, ids: PartyIds | None = None):
-        """``ids``: the party's IDs, already read and checked (``load_ids``), when the session runs PSI."""
+    def __init__(
+        self, cfg: NodeConfig, log: logging.Logger | None = None, *, ids: PartyIds | None = None, end_session: bool = False
+    ):
+        """``ids``: the party's IDs, already read and checked (``load_ids``), when the session runs PSI.
+
+        ``end_session``: SIGINT/SIGTERM end the session for every party. By default the first one pauses this
+        party (PROTOCOL.md [J2]: the others wait for it to be started again) and a second one ends the session."""
+        self.end_session = end_session
+        self.signals = 0
+        self.poller: zmq.Poller | None = None  # rebuilt whenever the data holder opens a fresh socket
         self.cfg = cfg
         self.ids = ids
         self.engine: PsiEngine | None = None  # the PSI's worker pool, when the session runs PSI
@@ -122,6 +133,7 @@ class NodeRunner:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_requested = signal.Signals(signum).name
+        self.signals += 1
 
     def run(self) -> int:
         cfg = self.cfg
@@ -163,14 +175,16 @@ class NodeRunner:
             self.engine = PsiEngine(workers=self.cfg.psi.workers or None)
             psi = psi_plan(self.cfg, self.ids, self.engine)
         machine = self.machine = build_machine(self.cfg, time.monotonic(), psi)
-        poller = zmq.Poller()
-        for sock in transport.poll_items():
-            poller.register(sock, zmq.POLLIN)
         pending: list[Output] = machine.start(time.monotonic())
         poll_flags = zmq.POLLIN
         housekeeping_at = 0.0  # timers and the progress display: at most every HOUSEKEEPING_S while messages flow
         while True:
             finished = self._execute(transport, pending)
+            if self.poller is None:
+                poller = self.poller = zmq.Poller()
+                for sock in transport.poll_items():
+                    poller.register(sock, zmq.POLLIN)
+                poll_flags = zmq.POLLIN
             if self.outbox:
                 self._flush(transport)
                 if self.outbox and finished is None and machine.drops_non_readers:
@@ -189,7 +203,8 @@ class NodeRunner:
                 if pending:
                     continue
             if self.stop_requested:
-                pending = machine.close(f"stopped by {self.stop_requested}", now)
+                pause = not self.end_session and self.signals < 2
+                pending = machine.close(f"stopped by {self.stop_requested}", now, pause=pause)
                 if not pending:  # nothing left to say: the machine had already finished
                     return 0
                 continue
@@ -218,6 +233,8 @@ class NodeRunner:
                 for event in transport.monitor_events():
                     if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                         pending += machine.refused_by_zap()
+                    elif event["event"] == zmq.EVENT_DISCONNECTED:
+                        pending += machine.connection_lost(time.monotonic())
                     else:
                         self.log.warning("CURVE handshake with %s failed (protocol error %s)", transport.endpoint, event["value"])
             if transport.socket in ready:
@@ -254,6 +271,10 @@ class NodeRunner:
                 if out.to not in self.outbox and self._try_send(transport, frames, out.to, out.message.TYPE):
                     continue  # the common case: libzmq took it at once
                 self.outbox.push(out.to, frames, out.message.TYPE, time.monotonic())
+            elif isinstance(out, Reconnect):  # the data holder rejoins on a fresh socket (PROTOCOL.md [J1])
+                self.outbox = Outbox(outbox_bytes(self.cfg), stall_s=self.cfg.timeouts.peer)  # the old socket's
+                transport.reconnect()
+                self.poller = None  # the loop registers the new socket
             elif isinstance(out, Disconnect):
                 self.outbox.drop(out.to)
                 if transport.disconnect(out.to):
