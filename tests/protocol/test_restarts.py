@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from vfl.protocol import (
+    SessionConfig,
     Bye,
     DataHolderMachine,
     DataHolderState,
@@ -12,23 +13,39 @@ from vfl.protocol import (
     Finished,
     Heartbeat,
     Hello,
+    LabelHolderMachine,
     PartyState,
     Send,
     Welcome,
 )
 from vfl.protocol.events import EXIT_PAUSED, Reconnect
+from vfl.protocol.psi_phase import PsiPlan
 
-from .test_machines import CFG, RUN, error_codes, feed, hello, label_holder, ready_lh, sends, wire
+from .test_machines import CFG, RUN, error_codes, feed, hello, label_holder, sends, wire
 
 
-def joined_dh(lh, now=0.0, **kw) -> DataHolderMachine:
-    """A data holder that said HELLO to ``lh`` and accepted its WELCOME (it stays READY: hold_s)."""
-    dh = DataHolderMachine(party="alice", run=RUN, config=CFG, now=now, hold_s=100.0, **kw)
+#: a session that trains: only there does a signal pause a party ([J2]). No PSI runs in these tests (no engine).
+TRAIN = SessionConfig(cut_widths=dict(CFG.cut_widths), batch_size=32, window=2, model="m1", psi=True, train=True)
+NO_PSI = PsiPlan(items=[], engine=None)
+
+
+def joined_dh(lh, now=0.0, config=CFG, **kw) -> DataHolderMachine:
+    """A data holder that said HELLO to ``lh`` and accepted its WELCOME (it stays READY, or starts its PSI)."""
+    psi = NO_PSI if config.psi else None
+    dh = DataHolderMachine(party="alice", run=RUN, config=config, now=now, hold_s=100.0, psi=psi, **kw)
     (hello_msg,) = sends(dh.start(now))
     (welcome,) = sends(lh.receive(b"alice/0000000000000001", "alice", wire(hello_msg), now))
     dh.receive(wire(welcome), now)
-    assert dh.state is DataHolderState.READY
+    assert dh.state in (DataHolderState.READY, DataHolderState.PSI)
     return dh
+
+
+def training_lh(*ready) -> LabelHolderMachine:
+    lh = LabelHolderMachine(party="bank", run=RUN, config=TRAIN, now=0.0, heartbeat_s=1.0, peer_timeout_s=5.0,
+                            join_timeout_s=60.0, psi=NO_PSI)
+    for p in ready:
+        feed(lh, hello(p, cfg=TRAIN), p)
+    return lh
 
 
 def rejoin_welcome(lh, dh: DataHolderMachine, outputs, routing_id: bytes, now: float) -> None:
@@ -89,8 +106,8 @@ def test_J1_a_rejoining_data_holder_waits_up_to_its_rejoin_timeout_for_the_label
 
 
 def test_J2_a_data_holder_stopped_by_a_signal_pauses_and_the_label_holder_keeps_its_place():
-    lh = ready_lh("bob")
-    dh = joined_dh(lh)
+    lh = training_lh("bob")
+    dh = joined_dh(lh, config=TRAIN)
     out = dh.close("stopped by SIGTERM", 1.0, pause=True)
     (bye,) = sends(out)
     assert bye == Bye(ok=False, reason="stopped by SIGTERM", pause=True) and dh.finished.exit_code == EXIT_PAUSED
@@ -101,16 +118,17 @@ def test_J2_a_data_holder_stopped_by_a_signal_pauses_and_the_label_holder_keeps_
 
 
 def test_J2_a_paused_data_holder_restarted_rejoins():
-    lh = ready_lh("bob")
-    dh = joined_dh(lh)
+    lh = training_lh("bob")
+    dh = joined_dh(lh, config=TRAIN)
     feed(lh, sends(dh.close("stopped by SIGINT", 1.0, pause=True))[0], routing_id=b"alice/0000000000000001", now=1.0)
-    welcomes = [m for m in sends(feed(lh, hello(), routing_id=b"alice/0000000000000003", now=5.0)) if isinstance(m, Welcome)]
+    welcomes = [m for m in sends(feed(lh, hello(cfg=TRAIN), routing_id=b"alice/0000000000000003", now=5.0))
+                if isinstance(m, Welcome)]
     assert len(welcomes) == 1 and lh.parties["alice"].state is PartyState.READY
 
 
 def test_J2_the_label_holder_pauses_and_its_data_holders_rejoin():
-    lh = label_holder()
-    dh = joined_dh(lh)
+    lh = training_lh()
+    dh = joined_dh(lh, config=TRAIN)
     out = lh.close("stopped by SIGTERM", 1.0, pause=True)
     assert lh.finished.exit_code == EXIT_PAUSED
     (bye,) = sends(out)
@@ -118,13 +136,14 @@ def test_J2_the_label_holder_pauses_and_its_data_holders_rejoin():
     assert rejoined(dh.receive(wire(bye), 1.0)) and dh.finished is None
 
 
-def test_J2_without_pause_a_signal_ends_the_session_as_before():
-    lh = label_holder()
-    dh = joined_dh(lh)
-    (bye,) = sends(lh.close("stopped by SIGTERM", 1.0))
-    assert bye.pause is None
-    dh.receive(wire(bye), 1.0)
-    assert dh.finished.exit_code == 1
+def test_J2_without_pause_or_without_training_a_signal_ends_the_session_as_before():
+    for pause, config in [(False, TRAIN), (True, CFG)]:
+        lh = training_lh() if config.train else label_holder()
+        dh = joined_dh(lh, config=config)
+        (bye,) = sends(lh.close("stopped by SIGTERM", 1.0, pause=pause))
+        assert bye.pause is None and lh.finished.exit_code == 0
+        dh.receive(wire(bye), 1.0)
+        assert dh.finished.exit_code == 1
 
 
 def test_J3_a_data_holder_rejoins_at_most_max_rejoins_times():

@@ -259,12 +259,13 @@ class DataHolderMachine:
     def close(self, reason: str, now: float, *, pause: bool = False) -> list[Output]:
         """We are stopping early (signal, error): tell the label holder.
 
-        ``pause`` ([J2]): stopped by a signal, to be started again: ``BYE {pause: true}``, and the label holder keeps
-        the session for this party up to its rejoin timeout. Without it the session ends for everyone.
+        ``pause`` ([J2]): stopped by a signal, to be started again: in a session that trains, ``BYE {pause: true}``,
+        and the label holder keeps the session for this party up to its rejoin timeout. Otherwise the session ends
+        for everyone.
         """
         if self.finished is not None:
             return []
-        if pause:
+        if pause and self.config.train:  # a session without training has nothing to resume: it just ends
             out: list[Output] = []
             if self.state in CONNECTED:
                 out.append(Send(message=Bye(ok=False, reason=reason, pause=True)))
@@ -558,7 +559,7 @@ class DataHolderMachine:
         return []
 
     def _on_bye(self, msg: Bye, now: float) -> list[Output]:
-        if msg.pause and not msg.ok and self.state in CONNECTED:  # [J2]: it will be started again
+        if msg.pause and not msg.ok and self.config.train and self.state in CONNECTED:  # [J2]: it will be back
             return self._rejoin(f"{self.label_holder} paused ({peer_text(msg.reason, 400)})", now)
         self.state = DataHolderState.CLOSED
         self.finished = Finished(

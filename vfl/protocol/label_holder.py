@@ -334,13 +334,13 @@ class LabelHolderMachine:
     def close(self, reason: str, now: float, *, pause: bool = False) -> list[Output]:
         """We are stopping (signal, error): tell every connected data holder why.
 
-        ``pause`` ([J2]): this node was stopped by a signal and will be started again; the data holders keep the
-        session and rejoin the restarted label holder, which resumes from its last committed checkpoint. Without
-        it the session ends for everyone.
+        ``pause`` ([J2]): this node was stopped by a signal and will be started again; in a session that trains,
+        the data holders keep the session and rejoin the restarted label holder, which resumes from its last
+        committed checkpoint. Otherwise the session ends for everyone.
         """
         if self.finished is not None:
             return []
-        if pause:
+        if pause and self.config.train:  # a session without training has nothing to resume: it just ends
             return self._finish(
                 EXIT_PAUSED,
                 f"{reason}: paused; start this node again with the same command to resume from the last checkpoint",
@@ -595,7 +595,7 @@ class LabelHolderMachine:
     def _on_bye(self, p: _Party, msg: Bye, now: float) -> list[Output]:
         if p.state is PartyState.LOST and msg.pause:
             return []  # [J2]: it said so already
-        if msg.pause and p.state in CONNECTED:  # [J2]: it was stopped and will be started again: keep its place
+        if msg.pause and self.config.train and p.state in CONNECTED:  # [J2]: it will be started again: keep its place
             p.state, p.lost_at = PartyState.LOST, now
             return [
                 Log(
