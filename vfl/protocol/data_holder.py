@@ -569,6 +569,8 @@ class DataHolderMachine:
         return [self.finished]
 
     def _on_error(self, msg: Error, now: float) -> list[Output]:
+        if msg.code == ErrorCode.UNEXPECTED_MESSAGE and msg.ref == Heartbeat.TYPE:  # [J1]: it has no session with us
+            return self._rejoin(f"{self.label_holder} no longer knows this session (it restarted?)", now)
         return [Log(level="WARNING", text=f"{self.label_holder} reports {_code_name(msg.code)}: {peer_text(msg.message, 400)}")]
 
 

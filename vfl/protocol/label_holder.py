@@ -443,11 +443,11 @@ class LabelHolderMachine:
     def _not_joined(self, routing_id: bytes, identity: str, msg: Message, now: float) -> list[Output]:
         """[S5], [J1]: a message on a connection that has not said HELLO (to this label holder process).
 
-        ``ERROR UNEXPECTED_MESSAGE`` as [S5] says, then a ``HEARTBEAT`` naming our instance: the data holder that
-        was in a session with an earlier label holder process sees a new instance and says HELLO again on a fresh
-        connection. Both go to the sender's own routing id only, and within its party's [R2] budget.
+        ``ERROR UNEXPECTED_MESSAGE`` with ``ref`` the message's type: a data holder that was in a session with an
+        earlier label holder process hears it in answer to its next HEARTBEAT and says HELLO again on a fresh
+        connection. It goes to the sender's own routing id only, within its party's [R2] budget.
         """
-        out = self._error(
+        return self._error(
             routing_id,
             identity,
             RemoteProtocolError(
@@ -458,9 +458,6 @@ class LabelHolderMachine:
             ),
             now,
         )
-        if any(isinstance(o, Send) for o in out):
-            out.append(Send(to=routing_id, message=Heartbeat(instance=self.instance)))
-        return out
 
     def _unexpected(self, routing_id: bytes, identity: str, msg: Message, state: str, now: float) -> list[Output]:
         return self._error(
