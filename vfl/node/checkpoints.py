@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 
 from ..files import PRIVATE, atomic_write_bytes
 from ..protocol.training_phase import CheckpointError
+from ..train.models import ModelError
 
 KEEP = 3  # checkpoint files kept per party (the manifest's step is always among them)
 DIGEST_KEY = "vfl_digest"  # the content digest inside every state file
@@ -212,6 +213,22 @@ class Checkpointer:
         if state.get("vfl_run") != self.run or state.get("vfl_model") != self.model:
             raise CheckpointError(f"{path} belongs to run {state.get('vfl_run')!r} / model {state.get('vfl_model')!r}")
         return state
+
+    def restore(self, step: int, digest: str | None, apply: Callable[[dict, str], None]) -> None:
+        """Load the checkpoint of ``step`` and ``apply(state, what)`` it to the segment.
+
+        A checkpoint that does not fit the model this config builds (``apply`` raises ``ModelError``: the party's
+        features or ``[model]`` changed since it was written) is a ``CheckpointError`` naming the party, the file,
+        the layer and both shapes. It is raised before training starts, so nothing is written over a good model."""
+        state = self.load(step, digest)
+        path = self.path(step)
+        try:
+            apply(state, f"the checkpoint {path}")
+        except ModelError as exc:
+            raise CheckpointError(
+                f"party {self.party!r} cannot resume from step {step}: {exc}. This party's data or [model] changed "
+                "since the checkpoint was written: put them back to resume, or start afresh with a new run id"
+            ) from None
 
     def commit(self, step: int, epoch: int, digests: dict[str, str]) -> None:
         manifest = {"run": self.run, "model": self.model, "step": step, "epoch": epoch, "digests": digests}

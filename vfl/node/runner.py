@@ -290,7 +290,7 @@ class NodeRunner:
             elif isinstance(out, EpochDone):
                 self.training.epoch_done(out.metrics)
             elif isinstance(out, Finished):
-                finished = out if self.training is None else self.training.finish(out)
+                finished = out if self.training is None else self.training.finish(out, self.machine.training_done)
         return finished
 
     def _try_send(self, transport: Transport, frames, to: bytes | None, mtype: str) -> bool:

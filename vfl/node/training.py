@@ -29,7 +29,7 @@ from ..protocol.events import Finished, Output
 from ..protocol.training_phase import CheckpointError, TrainPlan
 from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
-from ..train.models import Combiner, ModelError, build_model
+from ..train.models import Combiner, ModelError, build_model, load_weights
 from .checkpoints import Checkpointer, StateFileError, dump_state, load_state
 from .alignment import PartyIds
 from .config import NodeConfig, TrainingSetupError
@@ -214,19 +214,23 @@ def load_trained(cfg: NodeConfig, segment, path: Path | None = None) -> None:
         raise TrainingSetupError(
             f"{path} is party {state.get('vfl_party')!r}'s segment for model {state.get('vfl_model')!r}, not this node's"
         )
+    what = f"the trained segment {path}"
     try:
         if isinstance(segment, TorchTop):
-            segment.top.load_state_dict(state["top"])
+            load_weights(segment.top, state, what, "top")
             if segment.own is not None:
-                segment.own.model.load_state_dict(state["own"]["model"])
+                load_weights(segment.own.model, state, what, "own", "model")
                 if "own_scaler" in state:
                     scaler = Standardizer.from_dict(state["own_scaler"])
                     segment.own.features = torch.from_numpy(scaler.transform(segment.own.features.numpy()))
         else:
-            segment.model.load_state_dict(state["model"])
+            load_weights(segment.model, state, what, "model")
             segment.use_scaler(Standardizer.from_dict(state["scaler"]) if "scaler" in state else None)
-    except (KeyError, RuntimeError) as exc:
-        raise TrainingSetupError(f"{path} does not fit the model in this config: {exc}") from None
+    except ModelError as exc:
+        raise TrainingSetupError(
+            f"party {cfg.party!r}: {path} does not fit the model in this config: {exc}. This party's data or [model] "
+            "changed since that segment was trained: put them back, or train again"
+        ) from None
 
 
 def trained_encoding(cfg: NodeConfig, path: Path | None = None) -> LabelEncoding:
@@ -342,6 +346,10 @@ def append_metrics(cfg: NodeConfig, metrics: dict) -> None:
         fh.write(json.dumps(metrics, sort_keys=True) + "\n")
 
 
+#: exit code of a training (or prediction) session stopped before it finished, e.g. by SIGINT/SIGTERM
+INTERRUPTED = 5
+
+
 class SessionTraining:
     """This party's training (or prediction) in one session: the glue between the node loop and the torch segment.
 
@@ -409,15 +417,31 @@ class SessionTraining:
         return getattr(self.segment, "last_loss", None)
 
     def epoch_done(self, metrics: dict) -> None:
+        """Log the epoch; a training run also appends it to ``metrics.jsonl`` (a prediction's pass over new rows is
+        not a training epoch: it stays out of that file, whose lines are the training history)."""
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         total = self.cfg.train.epochs if not self.cfg.session.predict else 1
         self.log.info("epoch %d of %d done: %s", metrics["epoch"] + 1, total, shown)
-        append_metrics(self.cfg, metrics)
+        if not self.cfg.session.predict:
+            append_metrics(self.cfg, metrics)
 
-    def finish(self, finished: Finished) -> Finished:
-        """After a successful session: save the trained segment, or (prediction) write the predictions."""
-        if finished.exit_code != 0 or self.segment is None:
+    def finish(self, finished: Finished, training_done: bool) -> Finished:
+        """The session ended (``training_done``: every epoch was trained and evaluated here).
+
+        A successful, complete session saves the trained segment, or (prediction) writes the predictions. A session
+        that ended "successfully" before that (this node was stopped: SIGINT, SIGTERM) writes nothing that looks like
+        a finished model, leaves an earlier run's segment as it is, keeps its checkpoints, and exits ``INTERRUPTED``.
+        """
+        if finished.exit_code != 0:
             return finished
+        if not training_done:
+            what = "prediction" if self.cfg.session.predict else "training"
+            kept = "" if self.cfg.session.predict else (
+                f"; the checkpoints in {self.cfg.train.checkpoint_dir} are kept: start the session again with the "
+                "same configs to resume"
+            )
+            return Finished(exit_code=INTERRUPTED, reason=f"{finished.reason} before the {what} finished: nothing "
+                            f"was saved as this party's result{kept}")
         if not self.cfg.session.predict:
             self._save_segment()
             return finished

@@ -434,6 +434,12 @@ class DataHolderMachine:
             out: list[Output] = [self._send(Error(code=int(exc.code), message=exc.detail, ref=exc.ref), now)]
             return out + self._finish(1, f"training with label holder {self.label_holder} failed: {exc}")
 
+    @property
+    def training_done(self) -> bool:
+        """Every epoch of the schedule was trained and evaluated here: the bottom segment is a finished model."""
+        t = self._train
+        return t is not None and t.epochs is not None and t.finished_epochs >= t.epochs
+
     def finish_aligned(self, ok: bool, reason: str, now: float) -> list[Output]:
         """The node has used the aligned rows (e.g. written them out): leave the session with ``ok``."""
         if self.state is not DataHolderState.ALIGNED:

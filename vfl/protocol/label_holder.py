@@ -350,6 +350,11 @@ class LabelHolderMachine:
             )
         return self._finish(0, reason, now, ok=False)
 
+    @property
+    def training_done(self) -> bool:
+        """Every epoch of the plan was trained and evaluated: the top segment is a finished model."""
+        return self.training is not None and self.training.done
+
     def refused_by_zap(self) -> list[Output]:
         """Only a connecting node sees its key refused; the label holder's own ZAP handler does the refusing."""
         return []

@@ -254,6 +254,39 @@ def _check_shapes(ref: str, module: nn.Module, in_features: int, out_features: i
                          f"(2, {out_features})")
 
 
+def _shape_text(value: Any) -> str:
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}, not a tensor"
+
+
+def load_weights(module: nn.Module, state: Any, what: str, *keys: str) -> None:
+    """Put the weights ``state[keys[0]][keys[1]]...`` (a ``state_dict`` in ``what``, e.g. a checkpoint file) into
+    ``module`` if they fit.
+
+    Every layer of ``module`` must be there with the same shape, and nothing else; otherwise ``ModelError`` names
+    the first layer that differs and both shapes, and nothing is loaded (torch's own error is a multi-line dump
+    raised halfway through the copy)."""
+    for depth, key in enumerate(keys):
+        if not isinstance(state, Mapping) or key not in state:
+            raise ModelError(f"{what} has no {'/'.join(keys[:depth + 1])!r} weights, which the model in this config has")
+        state = state[key]
+    if not isinstance(state, Mapping):
+        raise ModelError(f"{what} holds no weights at {'/'.join(keys)!r} (a {type(state).__name__})")
+    own = module.state_dict()
+    for name, tensor in own.items():
+        if name not in state:
+            raise ModelError(f"{what} has no layer {name!r}, which the model in this config has")
+        theirs = state[name]
+        if not isinstance(theirs, torch.Tensor) or tuple(theirs.shape) != tuple(tensor.shape):
+            raise ModelError(
+                f"layer {name!r} is {_shape_text(theirs)} in {what} but {list(tensor.shape)} in the model this config "
+                "builds"
+            )
+    extra = [name for name in state if name not in own]
+    if extra:
+        raise ModelError(f"{what} has layer(s) {', '.join(map(repr, extra[:3]))} that the model in this config lacks")
+    module.load_state_dict(state)
+
+
 # -------------------------------------------------------------------------------------------------------- fingerprint
 
 

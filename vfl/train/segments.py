@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from .central import as_targets, pullback, task_loss
 from .metrics import evaluate
-from .models import Combiner
+from .models import Combiner, load_weights
 from .optim import Optimizer
 
 
@@ -102,8 +102,9 @@ class TorchBottom:
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+    def load_state(self, state: dict, what: str = "the state") -> None:
+        """Weights and optimizer state; ``ModelError`` (naming the layer and both shapes) if they do not fit."""
+        load_weights(self.model, state, what, "model")
         self.optimizer.load_state_dict(state["optimizer"])
 
     def checkpoint(self, step: int, epoch: int) -> str:
@@ -114,10 +115,10 @@ class TorchBottom:
 
     def restore(self, step: int, digest: str | None) -> None:
         self._stash.clear()
-        self._restore_state(self.checkpointer.load(step, digest))
+        self.checkpointer.restore(step, digest, self._restore_state)
 
-    def _restore_state(self, state: dict) -> None:
-        self.load_state(state)
+    def _restore_state(self, state: dict, what: str) -> None:
+        self.load_state(state, what)
 
 
 class TorchTop:
@@ -237,9 +238,14 @@ class TorchTop:
     def restore(self, step: int) -> None:
         manifest = self.checkpointer.latest() or {}
         digest = manifest.get("digests", {}).get("") if manifest.get("step") == step else None
-        state = self.checkpointer.load(step, digest)
-        self.top.load_state_dict(state["top"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.own is not None:
-            self.own.load_state(state["own"])
+        self.checkpointer.restore(step, digest, self._restore_state)
         self._train_out, self._train_rows, self._val_out, self._val_rows = [], [], [], []
+
+    def _restore_state(self, state: dict, what: str) -> None:
+        """Each part is checked against the model as it is loaded (``load_weights``): a misfit raises ``ModelError``,
+        and the session ends before this segment trains or saves anything."""
+        load_weights(self.top, state, what, "top")
+        if self.own is not None:
+            load_weights(self.own.model, state, what, "own", "model")
+            self.own.optimizer.load_state_dict(state["own"]["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
