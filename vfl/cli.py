@@ -96,15 +96,18 @@ insecure_option = click.option(
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="The node's TOML config.")
 @click.option("-v", "--verbose", is_flag=True, help="Log protocol details (every refused message).")
+@click.option("--end-session", is_flag=True,
+              help="On SIGINT/SIGTERM end the session for every party. Default: in a training session, a signal "
+                   "pauses this party (exit 5); the others wait up to [timeouts].rejoin for it to be started again.")
 @insecure_option
-def node(config_path: str, verbose: bool, allow_insecure_remote: bool) -> None:
+def node(config_path: str, verbose: bool, end_session: bool, allow_insecure_remote: bool) -> None:
     """Run one node (label holder or data holder) as described by its config file.
 
     The config is checked before any network activity; a problem is reported as one line naming the key and the
     file (exit code 2).
     """
     cfg = _checked_config("vfl node", config_path, allow_insecure_remote=allow_insecure_remote)
-    _run_node(cfg, verbose)
+    _run_node(cfg, verbose, end_session=end_session)
 
 
 def _checked_config(command: str, config_path: str, needs: str | None = None, why: str = "", *,
@@ -120,14 +123,15 @@ def _checked_config(command: str, config_path: str, needs: str | None = None, wh
     return cfg
 
 
-def _run_node(cfg, verbose: bool) -> NoReturn:
-    """Run a checked config. An error is reported by :class:`_Command`; a finished session exits at once."""
+def _run_node(cfg, verbose: bool, *, end_session: bool = False) -> NoReturn:
+    """Run a checked config. An error is reported by :class:`_Command`; a finished session exits at once.
+    ``end_session``: a signal ends the session for every party instead of pausing this one ([J2])."""
     from .node import NodeRunner
     from .node.alignment import load_ids
 
     log = _setup_logging(cfg.party, verbose)
     ids = load_ids(cfg) if cfg.session.psi else None
-    code = NodeRunner(cfg, log, ids=ids).run()
+    code = NodeRunner(cfg, log, ids=ids, end_session=end_session).run()
     # Everything this node writes is closed and fsynced by now. Exit at once: tearing down torch and libzmq takes
     # seconds on a busy machine (and a stalled libzmq context would never finish), which a launcher's Ctrl-C or a
     # peer waiting on our exit should not have to wait for.

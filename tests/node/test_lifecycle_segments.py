@@ -80,7 +80,8 @@ def test_bug4_a_trained_segment_that_does_not_fit_is_refused_before_predicting(t
 
 def finished_then_interrupted(tmp_path: Path, stop: str):
     """A finished 1-epoch run (its segments), then a new run in the same folder, 8 epochs, and ``stop`` (a party)
-    sent SIGTERM once the label holder has finished epoch 1. Returns (codes, outputs, segments before)."""
+    sent SIGTERM (started with ``--end-session``) once the label holder has finished epoch 1. Returns (codes, outputs,
+    segments before)."""
     configs = resumable_session(tmp_path, epochs=1)
     run_nodes(tmp_path, configs)
     segments = digests(tmp_path / "model", "*-segment.pt")
@@ -89,7 +90,8 @@ def finished_then_interrupted(tmp_path: Path, stop: str):
     configs = session_configs(tmp_path, run="second", epochs=8, opt={"kind": "sgd", "lr": 0.05, "momentum": 0.5},
                               timeouts=timeouts, batch_size=8, window=1, checkpoint_every=5)
     with Nodes(tmp_path) as nodes:
-        procs = {name: nodes.start(path) for name, path in configs.items()}
+        # --end-session: the signal ends the session for everyone ([J2]; without it the stopped party pauses)
+        procs = {name: nodes.start(path, *(["--end-session"] if name == stop else [])) for name, path in configs.items()}
         procs["bank"].wait_for("epoch 1 of 8 done", timeout=120)
         procs[stop].proc.send_signal(signal.SIGTERM)
         codes = {name: p.wait(timeout=30) for name, p in procs.items()}

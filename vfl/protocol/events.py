@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ExitCode
 from .messages import Message
 
 
@@ -99,7 +100,7 @@ class Finished:
 
 
 #: ``Finished.exit_code`` of a node that paused ([J2]): not a finished model, not a failure; start it again
-EXIT_PAUSED = 5
+EXIT_PAUSED = int(ExitCode.INTERRUPTED)
 
 
 Output = Send | Disconnect | Reconnect | Log | PeerReady | PeerLeft | LinkChecked | Aligned | EpochDone | Finished
