@@ -322,3 +322,21 @@ def test_peer_text_a_refusal_diff_from_the_label_holder_is_printed_escaped_and_c
     lines = fin.reason.split("\n")
     assert fin.exit_code == 1 and "\x1b" not in fin.reason and not any(line.startswith("12:00:00") for line in lines)
     assert len(lines) <= 1 + 64 and len(fin.reason) < 64 * 300
+
+
+def test_a_waiting_node_says_so_every_ten_seconds_and_never_names_a_party_that_has_not_joined():
+    """Issue 13: a lone data holder, or a label holder whose data holders have not joined, is never silent."""
+    from vfl.protocol.label_holder import WAITING_NOTE_S
+
+    dh = DataHolderMachine(party="alice", run=RUN, config=CFG, now=0.0, handshake_timeout_s=60.0)
+    dh.start(0.0)
+    assert dh.next_timer() == WAITING_NOTE_S
+    (note,) = [o for o in dh.handle_timer(10.0) if isinstance(o, Log)]
+    assert note.text.startswith("still waiting for") and "10 s of 60 s" in note.text
+    assert not [o for o in dh.handle_timer(15.0) if isinstance(o, Log)]  # not before the next ten seconds
+    lh = label_holder()
+    (note,) = [o for o in lh.handle_timer(WAITING_NOTE_S) if isinstance(o, Log)]
+    assert "still waiting for 2 of 2 data holder(s) to join" in note.text and "alice" not in note.text
+    joined(lh, A1, now=19.5)
+    (note,) = [o for o in lh.handle_timer(20.0) if isinstance(o, Log)]
+    assert "1 of 2" in note.text

@@ -45,6 +45,7 @@ ERROR_RATE = 100.0
 DEFAULT_MAX_REJOINS = 3  # [J3]: rejoins of one data holder process, whatever made it rejoin
 #: [J1] a connection that drops before the WELCOME is replaced by a fresh one at most this often
 RECONNECT_MIN_S = 0.5
+WAITING_NOTE_S = 10.0  # how often a data holder that waits for its label holder says it still does
 
 
 class DataHolderState(enum.Enum):
@@ -95,6 +96,7 @@ class DataHolderMachine:
         self.limits = limits
         self.state = DataHolderState.CONNECTING
         self.handshake_deadline = now + handshake_timeout_s
+        self._waiting_since, self._waiting_note_at = now, now + WAITING_NOTE_S  # "still waiting" while CONNECTING
         self.label_holder = label_holder
         self.link_check = tuple(link_check)
         self.link_rounds = link_rounds
@@ -225,10 +227,20 @@ class DataHolderMachine:
                     f"no WELCOME from {self.label_holder} within the handshake timeout: is it running, is the address "
                     "right, and is its public key the one in this node's config?",
                 )
+            out: list[Output] = []
+            if now >= self._waiting_note_at:  # a node that waits says so now and then, never silently
+                self._waiting_note_at = now + WAITING_NOTE_S
+                out.append(
+                    Log(
+                        level="INFO",
+                        text=f"still waiting for {self.label_holder} ({now - self._waiting_since:.0f} s of "
+                        f"{self.handshake_deadline - self._waiting_since:g} s)",
+                    )
+                )
             if self._reconnect_at is not None and now >= self._reconnect_at:
                 self._reconnect_at, self._socket_at = None, now
-                return [Reconnect()] + self.start(now)
-            return []
+                return out + [Reconnect()] + self.start(now)
+            return out
         if self.state not in CONNECTED:
             return []
         if self.state in PROGRESSING and now >= self._last_progress + self.progress_timeout_s:
@@ -255,7 +267,7 @@ class DataHolderMachine:
         if self.finished is not None:
             return None
         if self.state is DataHolderState.CONNECTING:
-            return min(self.handshake_deadline, self._reconnect_at or self.handshake_deadline)
+            return min(self.handshake_deadline, self._reconnect_at or self.handshake_deadline, self._waiting_note_at)
         if self.state in CONNECTED:
             times = [self.clock.heartbeat_due(self.heartbeat_s), self.clock.lost_at(self.peer_timeout_s)]
             if self._leave_at is not None:
@@ -315,6 +327,7 @@ class DataHolderMachine:
             )
         self.state = DataHolderState.CONNECTING
         self.handshake_deadline = now + self.rejoin_timeout_s
+        self._waiting_since, self._waiting_note_at = now, now + WAITING_NOTE_S
         self.clock, self._psi, self._final, self._nonce, self._train = None, None, None, None, None
         self._echo_seq, self._rtts, self._leave_at = 0, [], None
         self._socket_at, self._reconnect_at = now, None

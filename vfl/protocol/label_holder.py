@@ -55,6 +55,7 @@ OUTSIDER_REFUSED_BYTES_PER_S = float(64 * 2**10)
 #: [B5] a dropped connection that comes back: its key is refused at the CURVE handshake for 1 s, then 2, 4, ... 8 s
 KEY_COOLDOWN_FIRST_S = 1.0
 KEY_COOLDOWN_MAX_S = 8.0
+WAITING_NOTE_S = 10.0  # how often a node that waits for a peer says it still does
 DEFAULT_MAX_REJOINS = 3  # [train].max_rejoins: each rejoin rolls every party back to the last checkpoint
 
 
@@ -129,6 +130,8 @@ class LabelHolderMachine:
         self.heartbeat_s = heartbeat_s
         self.peer_timeout_s = peer_timeout_s
         self.join_deadline = now + join_timeout_s
+        self._started_at = now
+        self._waiting_note_at = now + WAITING_NOTE_S  # "still waiting for ... to join", while some have not
         self.progress_timeout_s = progress_timeout_s
         self.rejoin_timeout_s = rejoin_timeout_s
         self.limits = limits
@@ -286,6 +289,15 @@ class LabelHolderMachine:
                 "running, point at this node's address and use keys on its allow-list",
                 now,
             )
+        if missing and now >= self._waiting_note_at:  # a node that waits says so now and then, never silently
+            self._waiting_note_at = now + WAITING_NOTE_S
+            out.append(
+                Log(
+                    level="INFO",
+                    text=f"still waiting for {len(missing)} of {len(self.parties)} data holder(s) to join "
+                    f"({now - self._started_at:.0f} s of the {self.join_deadline - self._started_at:g} s join timeout)",
+                )
+            )
         for p in self.parties.values():
             if p.state is PartyState.LOST and now >= p.lost_at + self.rejoin_timeout_s:
                 step = self.training.latest_checkpoint if self.training is not None else None
@@ -343,7 +355,7 @@ class LabelHolderMachine:
             if p.state in (PartyState.PSI, PartyState.TRAINING)
         ]
         if any(not p.joined for p in self.parties.values()):
-            times.append(self.join_deadline)
+            times += [self.join_deadline, self._waiting_note_at]
         times += [p.lost_at + self.rejoin_timeout_s for p in self.parties.values() if p.state is PartyState.LOST]
         return min(times) if times else None
 
