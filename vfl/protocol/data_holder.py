@@ -38,7 +38,7 @@ from .psi_phase import DEFAULT_MAX_PSI_ITEMS, FinalRows, PairwisePsi, PsiPlan
 from .text import peer_text
 from .training_phase import BottomSegment, CheckpointError, DataHolderTraining
 from .session import SessionConfig, describe_diff
-from .timers import PeerClock, TokenBucket
+from .timers import PeerClock, Reminder, TokenBucket
 
 ERROR_BURST = 100  # [R2]
 ERROR_RATE = 100.0
@@ -96,7 +96,7 @@ class DataHolderMachine:
         self.limits = limits
         self.state = DataHolderState.CONNECTING
         self.handshake_deadline = now + handshake_timeout_s
-        self._waiting_since, self._waiting_note_at = now, now + WAITING_NOTE_S  # "still waiting" while CONNECTING
+        self._reminder = Reminder(now, WAITING_NOTE_S)  # "still waiting" while CONNECTING
         self.label_holder = label_holder
         self.link_check = tuple(link_check)
         self.link_rounds = link_rounds
@@ -228,15 +228,10 @@ class DataHolderMachine:
                     "right, and is its public key the one in this node's config?",
                 )
             out: list[Output] = []
-            if now >= self._waiting_note_at:  # a node that waits says so now and then, never silently
-                self._waiting_note_at = now + WAITING_NOTE_S
-                out.append(
-                    Log(
-                        level="INFO",
-                        text=f"still waiting for {self.label_holder} ({now - self._waiting_since:.0f} s of "
-                        f"{self.handshake_deadline - self._waiting_since:g} s)",
-                    )
-                )
+            waited = self._reminder.due(now)  # a node that waits never does so silently
+            if waited is not None:
+                timeout = self.handshake_deadline - self._reminder.since
+                out.append(Log(level="INFO", text=f"still waiting for {self.label_holder} ({waited:.0f} s of {timeout:g} s)"))
             if self._reconnect_at is not None and now >= self._reconnect_at:
                 self._reconnect_at, self._socket_at = None, now
                 return out + [Reconnect()] + self.start(now)
@@ -267,7 +262,7 @@ class DataHolderMachine:
         if self.finished is not None:
             return None
         if self.state is DataHolderState.CONNECTING:
-            return min(self.handshake_deadline, self._reconnect_at or self.handshake_deadline, self._waiting_note_at)
+            return min(self.handshake_deadline, self._reconnect_at or self.handshake_deadline, self._reminder.at)
         if self.state in CONNECTED:
             times = [self.clock.heartbeat_due(self.heartbeat_s), self.clock.lost_at(self.peer_timeout_s)]
             if self._leave_at is not None:
@@ -327,7 +322,7 @@ class DataHolderMachine:
             )
         self.state = DataHolderState.CONNECTING
         self.handshake_deadline = now + self.rejoin_timeout_s
-        self._waiting_since, self._waiting_note_at = now, now + WAITING_NOTE_S
+        self._reminder = Reminder(now, WAITING_NOTE_S)
         self.clock, self._psi, self._final, self._nonce, self._train = None, None, None, None, None
         self._echo_seq, self._rtts, self._leave_at = 0, [], None
         self._socket_at, self._reconnect_at = now, None

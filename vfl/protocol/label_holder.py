@@ -39,7 +39,7 @@ from .routing import party_of
 from .text import peer_text
 from .training_phase import CheckpointError, LabelHolderTraining, TopSegment, TrainPlan
 from .session import SessionConfig, config_diff, describe_diff, digest_of
-from .timers import PeerClock, TokenBucket
+from .timers import PeerClock, Reminder, TokenBucket
 
 ERROR_BURST = 100  # [R2]
 ERROR_RATE = 100.0
@@ -131,7 +131,7 @@ class LabelHolderMachine:
         self.peer_timeout_s = peer_timeout_s
         self.join_deadline = now + join_timeout_s
         self._started_at = now
-        self._waiting_note_at = now + WAITING_NOTE_S  # "still waiting for ... to join", while some have not
+        self._join_reminder = Reminder(now, WAITING_NOTE_S)  # "still waiting for ... to join", while some have not
         self.progress_timeout_s = progress_timeout_s
         self.rejoin_timeout_s = rejoin_timeout_s
         self.limits = limits
@@ -289,15 +289,11 @@ class LabelHolderMachine:
                 "running, point at this node's address and use keys on its allow-list",
                 now,
             )
-        if missing and now >= self._waiting_note_at:  # a node that waits says so now and then, never silently
-            self._waiting_note_at = now + WAITING_NOTE_S
-            out.append(
-                Log(
-                    level="INFO",
-                    text=f"still waiting for {len(missing)} of {len(self.parties)} data holder(s) to join "
-                    f"({now - self._started_at:.0f} s of the {self.join_deadline - self._started_at:g} s join timeout)",
-                )
-            )
+        waited = self._join_reminder.due(now) if missing else None  # a node that waits never does so silently
+        if waited is not None:
+            timeout = self.join_deadline - self._started_at
+            out.append(Log(level="INFO", text=f"still waiting for {len(missing)} of {len(self.parties)} data "
+                           f"holder(s) to join ({waited:.0f} s of the {timeout:g} s join timeout)"))
         for p in self.parties.values():
             if p.state is PartyState.LOST and now >= p.lost_at + self.rejoin_timeout_s:
                 step = self.training.latest_checkpoint if self.training is not None else None
@@ -355,7 +351,7 @@ class LabelHolderMachine:
             if p.state in (PartyState.PSI, PartyState.TRAINING)
         ]
         if any(not p.joined for p in self.parties.values()):
-            times += [self.join_deadline, self._waiting_note_at]
+            times += [self.join_deadline, self._join_reminder.at]
         times += [p.lost_at + self.rejoin_timeout_s for p in self.parties.values() if p.state is PartyState.LOST]
         return min(times) if times else None
 

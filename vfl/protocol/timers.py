@@ -38,3 +38,17 @@ class PeerClock:
 
     def lost_at(self, timeout: float) -> float:
         return self.last_received + timeout
+
+
+class Reminder:
+    """When a node that waits should say again that it still does: every ``every_s`` seconds from ``since``."""
+
+    def __init__(self, since: float, every_s: float = 10.0):
+        self.since, self.every_s, self.at = since, every_s, since + every_s
+
+    def due(self, now: float) -> float | None:
+        """The seconds waited so far if a reminder is due now (the next is then ``every_s`` later), else None."""
+        if now < self.at:
+            return None
+        self.at = now + self.every_s
+        return now - self.since
