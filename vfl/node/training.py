@@ -409,7 +409,7 @@ class SessionTraining:
             first_step = manifest["step"]
             digests = {p: d for p, d in manifest["digests"].items() if p}
             self.segment.restore(first_step)
-            self.log.warning("resuming from the checkpoint at step %d (epoch %d)", first_step, manifest["epoch"])
+            self.log.warning("resuming from the checkpoint at step %d (epoch %d)", first_step, manifest["epoch"] + 1)
         return machine.start_training(self.segment, plan, now, first_step, digests)
 
     @property
@@ -421,7 +421,7 @@ class SessionTraining:
         not a training epoch: it stays out of that file, whose lines are the training history)."""
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         total = self.cfg.train.epochs if not self.cfg.session.predict else 1
-        self.log.info("epoch %d of %d done: %s", metrics["epoch"] + 1, total, shown)
+        self.log.info("epoch %d of %d done: %s", metrics["epoch"], total, shown)
         if not self.cfg.session.predict:
             append_metrics(self.cfg, metrics)
 

@@ -93,8 +93,8 @@ class TrainingProgress:
     """Where the label holder's training stands, for a progress display and throughput figures.
 
     ``samples`` counts the rows of every training step this pipeline has processed, each step at its true size (the
-    short last batch of an epoch as short as it is); a rolled-back pipeline starts a new count. Epochs are 0-based,
-    as on the wire.
+    short last batch of an epoch as short as it is); a rolled-back pipeline starts a new count. Epochs here are 0-based,
+    as on the wire (metrics.jsonl and the log count from 1).
     """
 
     epoch: int
@@ -439,7 +439,8 @@ class LabelHolderTraining:
                 self._eval_next += 1
             if self._eval_next < len(self.validation):
                 break
-            result = {"epoch": self.epoch, "step": self.step, **self.top.end_epoch(self.epoch)}
+            # what users see (metrics.jsonl, the log) counts epochs from 1; the wire and self.epoch from 0
+            result = {"epoch": self.epoch + 1, "step": self.step, **self.top.end_epoch(self.epoch)}
             self.history.append(result)
             metrics.append(result)
             self.epoch += 1
