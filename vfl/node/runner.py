@@ -104,10 +104,13 @@ def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine |
 class NodeRunner:
     """Runs one node until its machine finishes or a signal asks it to stop. ``run()`` returns the exit code."""
 
-    def __init__(self, cfg: NodeConfig, log: logging.Logger | None = None, *, ids: PartyIds | None = None):
-        """``ids``: the party's IDs, already read and checked (``load_ids``), when the session runs PSI."""
+    def __init__(self, cfg: NodeConfig, log: logging.Logger | None = None, *, ids: PartyIds | None = None,
+                 start: str = "auto"):
+        """``ids``: the party's IDs, already read and checked (``load_ids``), when the session runs PSI. ``start``:
+        ``auto``, ``fresh`` or ``resume`` (``vfl node --fresh/--resume``; see ``lifecycle``)."""
         self.cfg = cfg
         self.ids = ids
+        self.start = start
         self.engine: PsiEngine | None = None  # the PSI's worker pool, when the session runs PSI
         self.machine: LabelHolderMachine | DataHolderMachine | None = None  # built when the loop starts
         self.training = None  # the SessionTraining of a training (or prediction) session, once the IDs are read
@@ -136,7 +139,7 @@ class NodeRunner:
         if cfg.session.train:
             from .training import SessionTraining  # imports torch: only a training session pays for it
 
-            self.training = SessionTraining(cfg, self.ids, self.log)
+            self.training = SessionTraining(cfg, self.ids, self.log, self.start)
             self.training.check()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         transport = Transport(cfg)

@@ -164,6 +164,9 @@ class DataHolderTraining:
     def on_schedule(self, msg: Schedule) -> None:
         if self.epochs is not None:
             raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a second SCHEDULE", ref=msg.TYPE)
+        begin = getattr(self.bottom, "begin", None)
+        if begin is not None:  # e.g. the node checks where the run starts against its --fresh / --resume
+            begin(msg.first_step)
         if msg.first_step > 0:  # resume: every party goes back to its checkpoint at first_step
             self.bottom.restore(msg.first_step, msg.resume_digest)
         self.applied = msg.first_step
