@@ -207,17 +207,19 @@ class Checkpointer:
         except OSError:
             raise CheckpointError(
                 f"no checkpoint of party {self.party!r} at step {step} in {self.dir}: the run cannot resume "
-                "from there (start it afresh with a new run id)"
+                "from there (start it afresh: `vfl node --fresh`, or a new run id)"
             ) from None
         if digest is not None and hashlib.sha256(data).hexdigest() != digest:
             raise CheckpointError(
                 f"{path} does not match the digest recorded for step {step}: it was changed; the run cannot resume "
-                "from there (restore the file, or start afresh with a new run id)"
+                "from there (restore the file, or start afresh: `vfl node --fresh`, or a new run id)"
             )
         try:
             state = load_state(data, path)
         except StateFileError as exc:
-            raise CheckpointError(f"{exc}; the run cannot resume from there (start afresh with a new run id)") from None
+            raise CheckpointError(
+                f"{exc}; the run cannot resume from there (start afresh: `vfl node --fresh`, or a new run id)"
+            ) from None
         if state.get("vfl_run") != self.run or state.get("vfl_model") != self.model:
             raise CheckpointError(f"{path} belongs to run {state.get('vfl_run')!r} / model {state.get('vfl_model')!r}")
         return state
@@ -235,7 +237,8 @@ class Checkpointer:
         except ModelError as exc:
             raise CheckpointError(
                 f"party {self.party!r} cannot resume from step {step}: {exc}. This party's data or [model] changed "
-                "since the checkpoint was written: put them back to resume, or start afresh with a new run id"
+                "since the checkpoint was written: put them back to resume, or start afresh (`vfl node --fresh`, or a "
+                "new run id)"
             ) from None
 
     def commit(self, step: int, epoch: int, digests: dict[str, str]) -> None:
