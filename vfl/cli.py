@@ -93,21 +93,44 @@ insecure_option = click.option(
          "then neither encrypted nor authenticated on that network. Without this flag such a config is refused.")
 
 
+fresh_option = click.option(
+    "--fresh", is_flag=True,
+    help="Train from epoch 1, even if the folder holds a finished or interrupted run: this party's earlier results "
+         "are first moved to OUTPUT/previous-TIME/ (never deleted).")
+resume_option = click.option(
+    "--resume", is_flag=True,
+    help="Resume the interrupted run from its checkpoint; refuse to start if there is none. Default (neither flag): "
+         "resume an unfinished run, refuse a finished one. A data holder follows the label holder.")
+
+
+def _start_mode(fresh: bool, resume: bool) -> str:
+    if fresh and resume:
+        raise click.UsageError("--fresh and --resume exclude each other: choose one (or neither: resume an unfinished "
+                               "run, refuse a finished one)")
+    return "fresh" if fresh else "resume" if resume else "auto"
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="The node's TOML config.")
 @click.option("-v", "--verbose", is_flag=True, help="Log protocol details (every refused message).")
 @click.option("--end-session", is_flag=True,
               help="On SIGINT/SIGTERM end the session for every party. Default: in a training session, a signal "
                    "pauses this party (exit 5); the others wait up to [timeouts].rejoin for it to be started again.")
+@fresh_option
+@resume_option
 @insecure_option
-def node(config_path: str, verbose: bool, end_session: bool, allow_insecure_remote: bool) -> None:
+def node(config_path: str, verbose: bool, end_session: bool, fresh: bool, resume: bool,
+         allow_insecure_remote: bool) -> None:
     """Run one node (label holder or data holder) as described by its config file.
 
     The config is checked before any network activity; a problem is reported as one line naming the key and the
-    file (exit code 2).
+    file (exit code 2). A folder whose run finished is not trained again unless --fresh says so.
     """
+    start = _start_mode(fresh, resume)
     cfg = _checked_config("vfl node", config_path, allow_insecure_remote=allow_insecure_remote)
-    _run_node(cfg, verbose, end_session=end_session)
+    if start != "auto" and not cfg.session.train:
+        raise click.UsageError(f"--{start} is about training, and {config_path} has [session].train = false")
+    _run_node(cfg, verbose, start, end_session=end_session)
 
 
 def _checked_config(command: str, config_path: str, needs: str | None = None, why: str = "", *,
@@ -123,15 +146,16 @@ def _checked_config(command: str, config_path: str, needs: str | None = None, wh
     return cfg
 
 
-def _run_node(cfg, verbose: bool, *, end_session: bool = False) -> NoReturn:
+def _run_node(cfg, verbose: bool, start: str = "auto", *, end_session: bool = False) -> NoReturn:
     """Run a checked config. An error is reported by :class:`_Command`; a finished session exits at once.
-    ``end_session``: a signal ends the session for every party instead of pausing this one ([J2])."""
+    ``start``: auto, fresh or resume; ``end_session``: a signal ends the session for every party instead of pausing
+    this one ([J2])."""
     from .node import NodeRunner
     from .node.alignment import load_ids
 
     log = _setup_logging(cfg.party, verbose)
     ids = load_ids(cfg) if cfg.session.psi else None
-    code = NodeRunner(cfg, log, ids=ids, end_session=end_session).run()
+    code = NodeRunner(cfg, log, ids=ids, start=start, end_session=end_session).run()
     # Everything this node writes is closed and fsynced by now. Exit at once: tearing down torch and libzmq takes
     # seconds on a busy machine (and a stalled libzmq context would never finish), which a launcher's Ctrl-C or a
     # peer waiting on our exit should not have to wait for.
@@ -283,11 +307,15 @@ def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int, pr
 
 @main.command(name="launch")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
-def launch_cmd(folder: str) -> None:
+@fresh_option
+@resume_option
+def launch_cmd(folder: str, fresh: bool, resume: bool) -> None:
     """Start every node config (*.toml) in FOLDER as its own process; label holder first.
 
     Logs are prefixed with each node's name; Ctrl-C stops every node; the exit code is non-zero if any node failed.
+    --fresh / --resume are passed to every node.
     """
+    start = _start_mode(fresh, resume)
     from .launch import launch
     from .node import ConfigError, load_config
 
@@ -297,7 +325,8 @@ def launch_cmd(folder: str) -> None:
         entries.append((0 if cfg.is_label_holder else 1, cfg.party, path))
     if not entries:
         raise ConfigError(f"no *.toml node configs in {folder}")
-    result = launch([(party, path) for _, party, path in sorted(entries)], started=STARTED)
+    node_args = [] if start == "auto" else [f"--{start}"]
+    result = launch([(party, path) for _, party, path in sorted(entries)], started=STARTED, node_args=node_args)
     click.echo(f"summary: {Path(folder) / 'summary.json'}", err=True)
     if result.failed:
         click.echo(f"vfl launch: failed: {', '.join(f'{n} (exit {result.exit_codes[n]})' for n in result.failed)}", err=True)

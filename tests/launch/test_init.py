@@ -77,7 +77,7 @@ def test_init_then_launch_trains_two_parties_from_their_own_csvs(tmp_path):
     model = out / "model"
     assert (model / "bank-segment.pt").is_file() and (model / "shop-segment.pt").is_file()
     metrics = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
-    assert sorted({m["epoch"] for m in metrics}) == [0, 1, 2], metrics
+    assert sorted({m["epoch"] for m in metrics}) == [1, 2, 3], metrics
     assert f"rows aligned: {shared}" in launcher.output
 
 

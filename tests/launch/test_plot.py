@@ -33,7 +33,7 @@ def write_metrics(run, records) -> None:
 
 
 def binary_epochs(n: int = 6) -> list[dict]:
-    return [{"epoch": e, "step": 10 * (e + 1), "train_loss": 0.7 / (e + 1), "val_loss": 0.6 / (e + 1) + 0.01,
+    return [{"epoch": e + 1, "step": 10 * (e + 1), "train_loss": 0.7 / (e + 1), "val_loss": 0.6 / (e + 1) + 0.01,
              "train_accuracy": 0.7 + 0.04 * e, "val_accuracy": 0.72 + 0.035 * e,
              "train_auc": 0.8 + 0.03 * e, "val_auc": 0.82 + 0.025 * e} for e in range(n)]
 
@@ -63,10 +63,10 @@ def test_plot_writes_a_png_into_the_run_folder(tmp_path):
 @pytest.mark.parametrize("task", ["multiclass", "regression"])
 def test_plot_other_tasks_and_out(tmp_path, task):
     if task == "multiclass":
-        records = [{"epoch": e, "train_loss": 2.0 / (e + 1), "val_loss": 1.5 / (e + 1),
+        records = [{"epoch": e + 1, "train_loss": 2.0 / (e + 1), "val_loss": 1.5 / (e + 1),
                     "train_accuracy": 0.5 + 0.1 * e, "val_accuracy": 0.55 + 0.1 * e} for e in range(4)]
     else:
-        records = [{"epoch": e, "train_loss": 4.0 / (e + 1), "val_loss": 3.0 / (e + 1),
+        records = [{"epoch": e + 1, "train_loss": 4.0 / (e + 1), "val_loss": 3.0 / (e + 1),
                     "train_rmse": math.sqrt(4.0 / (e + 1)), "val_rmse": math.sqrt(3.0 / (e + 1))} for e in range(50)]
     write_metrics(tmp_path, records)
     out = plot_run(tmp_path, tmp_path / "elsewhere" / "curves.png")
@@ -110,7 +110,7 @@ def test_load_metrics_keeps_the_last_record_of_a_repeated_epoch(tmp_path):
     records = binary_epochs(3) + [{**binary_epochs(3)[2], "val_loss": 0.123}]  # a resumed run re-ran epoch 2
     write_metrics(tmp_path, records)
     epochs = load_metrics(tmp_path / "model" / "metrics.jsonl")
-    assert [e["epoch"] for e in epochs] == [0, 1, 2] and epochs[2]["val_loss"] == 0.123
-    (tmp_path / "model" / "metrics.jsonl").write_text('{"epoch": 0}\nnot json\n')
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and epochs[2]["val_loss"] == 0.123
+    (tmp_path / "model" / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
     with pytest.raises(PlotError, match="line 2 is not JSON"):
         load_metrics(tmp_path / "model" / "metrics.jsonl")

@@ -195,7 +195,7 @@ def run_split(
     wall = time.monotonic() - started
     assert codes == {name: 0 for name in configs}, outputs
     metrics = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == list(range(epochs)), metrics
+    assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1)), metrics
 
     # The rows that trained: the IDs every party holds, in the order the PSI agreed on.
     order = read_aligned_ids(tmp_path / f"{LABEL_HOLDER}-aligned.csv")

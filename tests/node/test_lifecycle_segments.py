@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import signal
 from pathlib import Path
 
@@ -37,13 +38,17 @@ def run_all(tmp_path: Path, configs: dict[str, Path], timeout: float) -> tuple[d
 
 
 def test_bug4_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error_and_the_segments_stay(tmp_path):
-    """A finished 2-epoch run, then dh1's table gains a column and the same folder is run again: the label holder
-    resumes from its manifest (the start of epoch 2), and dh1's checkpoint has a first layer of 5 inputs where the
-    model now has 6. dh1 ends the session at once naming itself, the layer and both shapes; every party exits
-    non-zero in seconds (not after the progress timeout), and no segment or checkpoint file changes."""
+    """A 2-epoch run whose manifest points at the start of epoch 2, as an interrupted run leaves it (a finished run
+    is refused instead: test_lifecycle_resume), then dh1's table gains a column and the same folder is run again: the
+    label holder resumes from its manifest, and dh1's checkpoint has a first layer of 5 inputs where the model now has
+    6. dh1 ends the session at once naming itself, the layer and both shapes; every party exits non-zero in seconds
+    (not after the progress timeout), and no segment or checkpoint file changes."""
     configs, _ = training_session(tmp_path, window=1, epochs=2)
     run_nodes(tmp_path, configs)
     model = tmp_path / "model"
+    manifest = json.loads((model / "checkpoints" / "manifest.json").read_text())
+    unfinished = {k: v for k, v in manifest.items() if k not in ("finished", "epochs")}
+    (model / "checkpoints" / "manifest.json").write_text(json.dumps(unfinished))
     segments, checkpoints = digests(model, "*-segment.pt"), digests(model / "checkpoints", "*")
     assert set(segments) == {"bank-segment.pt", "dh1-segment.pt", "dh2-segment.pt"}
 

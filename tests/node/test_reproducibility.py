@@ -101,7 +101,7 @@ def test_the_same_session_run_twice_gives_identical_metrics_and_segments(tmp_pat
     # the test means something: the PSI agreed on different row orders, over the same rows
     assert first["aligned"] != second["aligned"]
     assert sorted(first["aligned"]) == sorted(second["aligned"])
-    assert [m["epoch"] for m in first["metrics"]] == [0, 1, 2]
+    assert [m["epoch"] for m in first["metrics"]] == [1, 2, 3]
     assert first["metrics"] == second["metrics"]  # every training and validation metric, exactly
     for party in ("bank", "dh1"):
         a, b = dict(tensors(first["segments"][party])), dict(tensors(second["segments"][party]))

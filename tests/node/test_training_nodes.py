@@ -114,7 +114,7 @@ def test_X3_X10_window_1_between_processes_equals_central_training(tmp_path):
             worst = max(worst, torch.max(torch.abs(got[k] - want[k])).item())
     assert worst <= 1e-5, worst
     metrics = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert "training finished after 3 epoch(s)" in outputs["bank"]
 
 
@@ -167,7 +167,7 @@ def test_X8_a_data_holder_killed_mid_epoch_2_and_restarted_resumes_and_the_run_c
         assert "resuming every party from the checkpoint at step" in lh.output
         assert "rolling back to the checkpoint" in dh2.output
     got = read_metrics(tmp_path / "model" / "metrics.jsonl")
-    assert [m["epoch"] for m in got] == [0, 1, 2, 3]
+    assert [m["epoch"] for m in got] == [1, 2, 3, 4]
 
     x1, x2, y = synthetic(n=900)
     aligned = aligned_ids(tmp_path / "bank-aligned.csv")

@@ -36,8 +36,8 @@ class NodeProcess:
     pump: threading.Thread | None = None
 
 
-def node_command(config: Path) -> list[str]:
-    return [sys.executable, "-m", "vfl", "node", "--config", str(config)]
+def node_command(config: Path, node_args: list[str] | tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "vfl", "node", "--config", str(config), *node_args]
 
 
 def _pump(node: NodeProcess, stream: IO[str], write: Callable[[str], None], prefix: str) -> None:
@@ -68,11 +68,13 @@ def launch(
     timeout_s: float | None = None,
     record: Path | None = None,
     started: float | None = None,
+    node_args: list[str] | tuple[str, ...] = (),
 ) -> LaunchResult:
     """Run every (name, config) as a node process; the first must be the label holder (it binds).
 
     ``record``: the run folder for ``logs/`` and ``summary.json`` (default: the folder of the configs, when they
     share one). ``started``: a ``time.monotonic()`` taken when the command began, for ``wall_seconds``.
+    ``node_args``: added to every node's command line (``--fresh`` / ``--resume``).
     """
     colour = out.isatty() if colour is None else colour
     width = max(len(name) for name, _ in configs)
@@ -91,7 +93,7 @@ def launch(
     try:
         for i, (name, config) in enumerate(configs):
             proc = subprocess.Popen(
-                node_command(config),
+                node_command(config, node_args),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

@@ -62,7 +62,7 @@ def load_metrics(path: Path) -> list[dict]:
             raise PlotError(f"{path}: line {number} is not JSON") from None
         if not isinstance(record, dict):
             raise PlotError(f"{path}: line {number} is not a JSON object")
-        epoch = record.get("epoch", len(by_epoch))
+        epoch = record.get("epoch", len(by_epoch) + 1)
         if not isinstance(epoch, int):
             raise PlotError(f"{path}: line {number}: epoch must be an integer")
         by_epoch[epoch] = record
@@ -125,8 +125,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, dpi: int = 1
     except ImportError:
         raise MissingMatplotlib() from None
 
-    # the node writes 0-based epochs; people count from 1
-    xs = [r["epoch"] + 1 if isinstance(r.get("epoch"), int) else i + 1 for i, r in enumerate(epochs)]
+    xs = [r["epoch"] if isinstance(r.get("epoch"), int) else i + 1 for i, r in enumerate(epochs)]  # 1-based
     quality = [(k, label, colour) for k, label, colour in QUALITY
                if _has(epochs, f"val_{k}") or _has(epochs, f"train_{k}")]
     regression = any(k == "rmse" for k, _, _ in quality)

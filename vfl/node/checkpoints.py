@@ -27,6 +27,7 @@ import torch
 from ..files import PRIVATE, atomic_write_bytes
 from ..errors import SetupError
 from ..protocol.training_phase import CheckpointError
+from .lifecycle import MANIFEST, read_manifest
 from ..train.models import ModelError
 
 KEEP = 3  # checkpoint files kept per party (the manifest's step is always among them)
@@ -185,12 +186,18 @@ class Checkpointer:
         return hashlib.sha256(data).hexdigest()
 
     def _prune(self, newest: int) -> None:
+        """Keep the ``KEEP`` latest checkpoints up to ``newest``; drop any at a later step.
+
+        A file past the step just written belongs to a pipeline this run has left (a rollback) or to an earlier run
+        in the same folder: no manifest will ever point there again, and kept it would outrank (and get) the new
+        run's own checkpoints pruned."""
         steps = sorted(
             int(p.name.rsplit("-", 1)[1][:-3])
             for p in self.dir.glob(f"{self.party}-step-*.pt")
             if p.name.rsplit("-", 1)[1][:-3].isdigit()
         )
-        for step in steps[:-KEEP]:
+        current = [s for s in steps if s <= newest]
+        for step in current[:-KEEP] + [s for s in steps if s > newest]:
             self.path(step).unlink(missing_ok=True)
 
     def load(self, step: int, digest: str | None) -> dict:
@@ -200,17 +207,19 @@ class Checkpointer:
         except OSError:
             raise CheckpointError(
                 f"no checkpoint of party {self.party!r} at step {step} in {self.dir}: the run cannot resume "
-                "from there (start it afresh with a new run id)"
+                "from there (start it afresh: `vfl node --fresh`, or a new run id)"
             ) from None
         if digest is not None and hashlib.sha256(data).hexdigest() != digest:
             raise CheckpointError(
                 f"{path} does not match the digest recorded for step {step}: it was changed; the run cannot resume "
-                "from there (restore the file, or start afresh with a new run id)"
+                "from there (restore the file, or start afresh: `vfl node --fresh`, or a new run id)"
             )
         try:
             state = load_state(data, path)
         except StateFileError as exc:
-            raise CheckpointError(f"{exc}; the run cannot resume from there (start afresh with a new run id)") from None
+            raise CheckpointError(
+                f"{exc}; the run cannot resume from there (start afresh: `vfl node --fresh`, or a new run id)"
+            ) from None
         if state.get("vfl_run") != self.run or state.get("vfl_model") != self.model:
             raise CheckpointError(f"{path} belongs to run {state.get('vfl_run')!r} / model {state.get('vfl_model')!r}")
         return state
@@ -228,22 +237,26 @@ class Checkpointer:
         except ModelError as exc:
             raise CheckpointError(
                 f"party {self.party!r} cannot resume from step {step}: {exc}. This party's data or [model] changed "
-                "since the checkpoint was written: put them back to resume, or start afresh with a new run id"
+                "since the checkpoint was written: put them back to resume, or start afresh (`vfl node --fresh`, or a "
+                "new run id)"
             ) from None
 
     def commit(self, step: int, epoch: int, digests: dict[str, str]) -> None:
-        manifest = {"run": self.run, "model": self.model, "step": step, "epoch": epoch, "digests": digests}
+        self._write_manifest({"run": self.run, "model": self.model, "step": step, "epoch": epoch, "digests": digests})
+
+    def finish(self, epochs: int) -> None:
+        """The run is complete (every epoch trained, the label holder's segment saved): say so in the manifest, so a
+        start on this folder does not silently train the last epoch again (``lifecycle.label_holder_start``)."""
+        manifest = self.latest()
+        if manifest is not None:
+            self._write_manifest({**manifest, "finished": True, "epochs": epochs})
+
+    def _write_manifest(self, manifest: dict) -> None:
         try:
-            atomic_write_bytes(self.dir / "manifest.json", json.dumps(manifest, sort_keys=True, indent=1).encode())
+            atomic_write_bytes(self.dir / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1).encode())
         except OSError as exc:
-            raise CheckpointError(f"cannot write {self.dir / 'manifest.json'}: {exc.strerror}") from None
+            raise CheckpointError(f"cannot write {self.dir / MANIFEST}: {exc.strerror}") from None
 
     def latest(self) -> dict | None:
         """The label holder's manifest, if it belongs to this run and model."""
-        try:
-            manifest = json.loads((self.dir / "manifest.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if manifest.get("run") != self.run or manifest.get("model") != self.model:
-            return None
-        return manifest
+        return read_manifest(self.dir, self.run, self.model)

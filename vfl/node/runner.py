@@ -107,9 +107,16 @@ class NodeRunner:
     """Runs one node until its machine finishes or a signal asks it to stop. ``run()`` returns the exit code."""
 
     def __init__(
-        self, cfg: NodeConfig, log: logging.Logger | None = None, *, ids: PartyIds | None = None, end_session: bool = False
+        self,
+        cfg: NodeConfig,
+        log: logging.Logger | None = None,
+        *,
+        ids: PartyIds | None = None,
+        start: str = "auto",
+        end_session: bool = False,
     ):
-        """``ids``: the party's IDs, already read and checked (``load_ids``), when the session runs PSI.
+        """``ids``: the party's IDs, already read and checked (``load_ids``), when the session runs PSI. ``start``:
+        ``auto``, ``fresh`` or ``resume`` (``vfl node --fresh/--resume``; see ``lifecycle``).
 
         ``end_session``: SIGINT/SIGTERM end the session for every party. By default the first one pauses this
         party (PROTOCOL.md [J2]: the others wait for it to be started again) and a second one ends the session."""
@@ -118,6 +125,7 @@ class NodeRunner:
         self.poller: zmq.Poller | None = None  # rebuilt whenever the data holder opens a fresh socket
         self.cfg = cfg
         self.ids = ids
+        self.start = start
         self.engine: PsiEngine | None = None  # the PSI's worker pool, when the session runs PSI
         self.machine: LabelHolderMachine | DataHolderMachine | None = None  # built when the loop starts
         self.training = None  # the SessionTraining of a training (or prediction) session, once the IDs are read
@@ -146,7 +154,7 @@ class NodeRunner:
         if cfg.session.train:
             from .training import SessionTraining  # imports torch: only a training session pays for it
 
-            self.training = SessionTraining(cfg, self.ids, self.log)
+            self.training = SessionTraining(cfg, self.ids, self.log, self.start)
             self.training.check()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         transport = Transport(cfg)

@@ -31,6 +31,7 @@ from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
 from ..train.models import Combiner, ModelError, build_model, load_weights
 from .checkpoints import Checkpointer, StateFileError, dump_state, load_state
+from .lifecycle import METRICS, StartMode, data_holder_check, label_holder_start, run_files, set_aside, trim_metrics
 from .alignment import PartyIds
 from .config import NodeConfig, TrainingSetupError
 from ..train.segments import TorchBottom, TorchTop
@@ -65,6 +66,9 @@ class PreparedBottom(TorchBottom):
         self.standardize = standardize
         self.scaler: Standardizer | None = None
         self.frozen = False  # prediction: the trained segment's scaler applies, nothing is fitted again
+        #: called with the SCHEDULE's ``first_step`` before anything is restored (``SessionTraining`` checks it
+        #: against ``--fresh``/``--resume``); may raise ``CheckpointError``
+        self.begin = None
 
     def prepare(self, train_rows: np.ndarray) -> None:
         if self.standardize and not self.frozen:
@@ -338,11 +342,13 @@ def save_segment(cfg: NodeConfig, state: dict, extra: dict | None = None) -> Pat
 
 
 def append_metrics(cfg: NodeConfig, metrics: dict) -> None:
-    """One JSON line per epoch in ``OUTPUT/metrics.jsonl`` (label holder)."""
+    """One JSON line per epoch in ``OUTPUT/metrics.jsonl`` (label holder); an epoch trained again (a rollback to a
+    checkpoint in an epoch already recorded) first drops the lines of that epoch and later ones: one line per epoch."""
     if cfg.train.output is None:
         return
     cfg.train.output.mkdir(parents=True, exist_ok=True)
-    with open(cfg.train.output / "metrics.jsonl", "a", encoding="utf-8") as fh:
+    trim_metrics(cfg.train.output / METRICS, metrics["epoch"] - 1)
+    with open(cfg.train.output / METRICS, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(metrics, sort_keys=True) + "\n")
 
 
@@ -358,10 +364,14 @@ class SessionTraining:
     checkpoint, and saves what a successful session produced (the trained segment, or the predictions).
     """
 
-    def __init__(self, cfg: NodeConfig, ids: PartyIds, log: logging.Logger):
+    def __init__(self, cfg: NodeConfig, ids: PartyIds, log: logging.Logger, start: StartMode = StartMode.AUTO):
+        """``start``: the command line's ``--fresh``/``--resume`` (``lifecycle``); a prediction always starts afresh."""
         self.cfg = cfg
         self.ids = ids
         self.log = log
+        self.start_mode = StartMode(start)
+        self.manifest: dict | None = None  # label holder: the checkpoint to resume from (``check``), or None
+        self._scheduled = False  # data holder: the first SCHEDULE has been checked against ``start_mode``
         self.segment: TorchBottom | TorchTop | None = None  # built over the aligned rows by ``start``
         self.aligned: np.ndarray | None = None  # the label holder's aligned rows, for the predictions file
 
@@ -369,6 +379,12 @@ class SessionTraining:
         """Before connecting: torch's thread count, and the model spec against this party's data."""
         torch.set_num_threads(self.cfg.train.threads)
         check_segment(self.cfg, self.ids.table)
+        if self.cfg.session.predict:
+            return
+        if self.cfg.is_label_holder:  # resume, start afresh, or refuse a finished run: decided before connecting
+            self.manifest = label_holder_start(self.cfg, self.start_mode, self.log)
+        else:
+            data_holder_check(self.cfg, self.start_mode)
 
     def start(self, machine, rows: np.ndarray, now: float) -> list[Output]:
         """Build the segment over the aligned ``rows`` and start ``machine``'s training phase with it.
@@ -390,6 +406,8 @@ class SessionTraining:
             self.segment = build_bottom(cfg, table, rows)
             if cfg.session.predict:
                 load_trained(cfg, self.segment)
+            else:
+                self.segment.begin = self._check_schedule
             return machine.start_training(self.segment, len(rows), now)
         if cfg.session.predict:
             self.aligned = rows
@@ -404,13 +422,35 @@ class SessionTraining:
             len(rows), len(plan.validation), plan.epochs, cfg.session.window,
         )
         first_step, digests = 0, {}
-        manifest = self.segment.checkpointer.latest()
+        manifest = self.manifest
         if manifest is not None and manifest["step"] > 0:  # this run was interrupted: resume it
             first_step = manifest["step"]
             digests = {p: d for p, d in manifest["digests"].items() if p}
             self.segment.restore(first_step)
-            self.log.warning("resuming from the checkpoint at step %d (epoch %d)", first_step, manifest["epoch"])
+            self.log.warning("resuming from the checkpoint at step %d (epoch %d)", first_step, manifest["epoch"] + 1)
+        if manifest is not None:  # the epoch of the checkpoint is trained again: its line (and later ones) go
+            trim_metrics(cfg.train.output / METRICS, manifest["epoch"])
         return machine.start_training(self.segment, plan, now, first_step, digests)
+
+    def _check_schedule(self, first_step: int) -> None:
+        """Data holder: the label holder's first SCHEDULE says where the run starts; it must match ``--fresh`` /
+        ``--resume``. A mismatch ends the session naming both sides, before this party's files change."""
+        if self._scheduled:
+            return  # a rollback within this session: the label holder's to decide
+        self._scheduled = True
+        how = "start every party the same way (or this one without the flag: a data holder follows the label holder)"
+        if self.start_mode is StartMode.FRESH:
+            if first_step > 0:
+                raise CheckpointError(
+                    f"this data holder was started with --fresh, but the label holder resumes run {self.cfg.run!r} "
+                    f"from its checkpoint at step {first_step}: {how}"
+                )
+            set_aside(self.cfg, run_files(self.cfg), self.log, f"--fresh: training run {self.cfg.run!r} from epoch 1")
+        elif self.start_mode is StartMode.RESUME and first_step == 0:
+            raise CheckpointError(
+                f"this data holder was started with --resume, but the label holder starts run {self.cfg.run!r} from "
+                f"epoch 1 (it has no checkpoint to resume from, or was started with --fresh): {how}"
+            )
 
     @property
     def last_loss(self) -> float | None:
@@ -421,7 +461,7 @@ class SessionTraining:
         not a training epoch: it stays out of that file, whose lines are the training history)."""
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         total = self.cfg.train.epochs if not self.cfg.session.predict else 1
-        self.log.info("epoch %d of %d done: %s", metrics["epoch"] + 1, total, shown)
+        self.log.info("epoch %d of %d done: %s", metrics["epoch"], total, shown)
         if not self.cfg.session.predict:
             append_metrics(self.cfg, metrics)
 
@@ -443,7 +483,11 @@ class SessionTraining:
             return Finished(exit_code=INTERRUPTED, reason=f"{finished.reason} before the {what} finished: nothing "
                             f"was saved as this party's result{kept}")
         if not self.cfg.session.predict:
-            self._save_segment()
+            if self._save_segment() and self.cfg.is_label_holder:
+                try:  # this run is complete: starting it again by accident must not train its last epoch again
+                    self.segment.checkpointer.finish(self.cfg.train.epochs)
+                except CheckpointError as exc:
+                    self.log.error("%s", exc)
             return finished
         if not self.cfg.is_label_holder:
             return finished
@@ -456,11 +500,12 @@ class SessionTraining:
         self.log.info("wrote %d predictions to %s", n, path)
         return finished
 
-    def _save_segment(self) -> None:
+    def _save_segment(self) -> bool:
         try:
             path = save_segment(self.cfg, self.segment.state())
         except OSError as exc:
             self.log.error("could not save this party's segment: %s", exc)
-            return
+            return False
         if path is not None:
             self.log.info("saved this party's segment to %s", path)
+        return path is not None

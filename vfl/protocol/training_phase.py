@@ -93,8 +93,8 @@ class TrainingProgress:
     """Where the label holder's training stands, for a progress display and throughput figures.
 
     ``samples`` counts the rows of every training step this pipeline has processed, each step at its true size (the
-    short last batch of an epoch as short as it is); a rolled-back pipeline starts a new count. Epochs are 0-based,
-    as on the wire.
+    short last batch of an epoch as short as it is); a rolled-back pipeline starts a new count. Epochs here are 0-based,
+    as on the wire (metrics.jsonl and the log count from 1).
     """
 
     epoch: int
@@ -164,6 +164,9 @@ class DataHolderTraining:
     def on_schedule(self, msg: Schedule) -> None:
         if self.epochs is not None:
             raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a second SCHEDULE", ref=msg.TYPE)
+        begin = getattr(self.bottom, "begin", None)
+        if begin is not None:  # e.g. the node checks where the run starts against its --fresh / --resume
+            begin(msg.first_step)
         if msg.first_step > 0:  # resume: every party goes back to its checkpoint at first_step
             self.bottom.restore(msg.first_step, msg.resume_digest)
         self.applied = msg.first_step
@@ -439,7 +442,8 @@ class LabelHolderTraining:
                 self._eval_next += 1
             if self._eval_next < len(self.validation):
                 break
-            result = {"epoch": self.epoch, "step": self.step, **self.top.end_epoch(self.epoch)}
+            # what users see (metrics.jsonl, the log) counts epochs from 1; the wire and self.epoch from 0
+            result = {"epoch": self.epoch + 1, "step": self.step, **self.top.end_epoch(self.epoch)}
             self.history.append(result)
             metrics.append(result)
             self.epoch += 1
