@@ -206,8 +206,7 @@ class PredictingTop(TorchTop):
 
 
 def segment_path(cfg: NodeConfig) -> Path:
-    out = cfg.train.output if cfg.train.output is not None else cfg.path.parent
-    return out / f"{cfg.party}-segment.pt"
+    return cfg.train.output / f"{cfg.party}-segment.pt"
 
 
 def load_trained(cfg: NodeConfig, segment, path: Path | None = None) -> None:
@@ -331,11 +330,9 @@ def label_encoding(cfg: NodeConfig, table: PartyTable) -> LabelEncoding:
     return encode_labels(table.labels, cfg.train.task)[1]
 
 
-def save_segment(cfg: NodeConfig, state: dict, extra: dict | None = None) -> Path | None:
+def save_segment(cfg: NodeConfig, state: dict, extra: dict | None = None) -> Path:
     """This party's trained segment (and nothing of anyone else's) as ``OUTPUT/PARTY-segment.pt``."""
-    if cfg.train.output is None:
-        return None
-    path = cfg.train.output / f"{cfg.party}-segment.pt"
+    path = segment_path(cfg)
     payload = {**state, **(extra or {}), "vfl_party": cfg.party, "vfl_run": cfg.run, "vfl_model": cfg.session.model}
     atomic_write_bytes(path, dump_state(payload), mode=PRIVATE)  # model state: owner only; digest inside
     return path
@@ -344,8 +341,6 @@ def save_segment(cfg: NodeConfig, state: dict, extra: dict | None = None) -> Pat
 def append_metrics(cfg: NodeConfig, metrics: dict) -> None:
     """One JSON line per epoch in ``OUTPUT/metrics.jsonl`` (label holder); an epoch trained again (a rollback to a
     checkpoint in an epoch already recorded) first drops the lines of that epoch and later ones: one line per epoch."""
-    if cfg.train.output is None:
-        return
     cfg.train.output.mkdir(parents=True, exist_ok=True)
     trim_metrics(cfg.train.output / METRICS, metrics["epoch"] - 1)
     with open(cfg.train.output / METRICS, "a", encoding="utf-8") as fh:
@@ -492,7 +487,7 @@ class SessionTraining:
         if not self.cfg.is_label_holder:
             return finished
         cfg = self.cfg
-        path = cfg.train.predictions or (cfg.train.output or cfg.path.parent) / "predictions.csv"
+        path = cfg.train.predictions or cfg.train.output / "predictions.csv"
         try:
             n = write_predictions(path, self.ids.ids, self.aligned, self.segment)
         except OSError as exc:
@@ -506,6 +501,5 @@ class SessionTraining:
         except OSError as exc:
             self.log.error("could not save this party's segment: %s", exc)
             return False
-        if path is not None:
-            self.log.info("saved this party's segment to %s", path)
-        return path is not None
+        self.log.info("saved this party's segment to %s", path)
+        return True
