@@ -153,7 +153,7 @@ def test_welcome_names_the_lower_minor_version():
     from vfl.protocol import PROTOCOL_VERSION
 
     (welcome,) = sends(feed(label_holder(), hello(version=(1, 7))))
-    assert welcome.version == PROTOCOL_VERSION == (1, 3)
+    assert welcome.version == PROTOCOL_VERSION == (1, 4)
     (welcome,) = sends(feed(label_holder(), hello(version=(1, 0))))
     assert welcome.version == (1, 0)
 
@@ -293,7 +293,7 @@ def test_L1_heartbeat_when_nothing_was_sent_for_heartbeat_interval():
     lh = ready_lh("alice", now=0.0)
     assert lh.next_timer() == pytest.approx(1.0)
     assert sends(lh.handle_timer(0.9)) == []
-    assert sends(lh.handle_timer(1.0)) == [Heartbeat()]
+    assert sends(lh.handle_timer(1.0)) == [Heartbeat(instance=lh.instance)]  # [J1]
     assert sends(lh.handle_timer(1.5)) == []  # we just sent one
 
 

@@ -34,6 +34,7 @@ from ..protocol import (
     encode,
 )
 from ..protocol.codec import DTYPES
+from ..protocol.events import Reconnect
 from ..protocol.errors import LocalProtocolError
 from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.text import peer_text
@@ -47,7 +48,6 @@ from .transport import LINGER_MS, Transport, largest_message_bytes, outbox_bytes
 MAX_SLEEP_S = 0.2
 FINAL_FLUSH_S = 2.0  # how long a finishing node keeps trying to hand its last messages (BYE, ERROR) to libzmq
 MAX_BATCH = 256  # messages handled per wake-up before timers get a turn
-RETRY_REFUSED_S = 0.5  # a data holder whose key the label holder refuses for now ([B5]) tries again this often
 HOUSEKEEPING_S = 0.01  # while messages keep arriving, timers and progress are looked at this often, not per message
 
 INSECURE_WARNING = (
@@ -98,14 +98,24 @@ def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine |
         psi=psi,
         progress_timeout_s=t.progress,
         max_psi_items=cfg.psi.max_items,
+        rejoin_timeout_s=t.rejoin,
+        max_rejoins=cfg.train.max_rejoins if cfg.train is not None else DEFAULT_MAX_REJOINS,
     )
 
 
 class NodeRunner:
     """Runs one node until its machine finishes or a signal asks it to stop. ``run()`` returns the exit code."""
 
-    def __init__(self, cfg: NodeConfig, log: logging.Logger | None = None, *, ids: PartyIds | None = None):
-        """``ids``: the party's IDs, already read and checked (``load_ids``), when the session runs PSI."""
+    def __init__(
+        self, cfg: NodeConfig, log: logging.Logger | None = None, *, ids: PartyIds | None = None, end_session: bool = False
+    ):
+        """``ids``: the party's IDs, already read and checked (``load_ids``), when the session runs PSI.
+
+        ``end_session``: SIGINT/SIGTERM end the session for every party. By default the first one pauses this
+        party (PROTOCOL.md [J2]: the others wait for it to be started again) and a second one ends the session."""
+        self.end_session = end_session
+        self.signals = 0
+        self.poller: zmq.Poller | None = None  # rebuilt whenever the data holder opens a fresh socket
         self.cfg = cfg
         self.ids = ids
         self.engine: PsiEngine | None = None  # the PSI's worker pool, when the session runs PSI
@@ -115,7 +125,6 @@ class NodeRunner:
         self.clean_exit = True  # False: libzmq did not shut down; the process must exit hard
         self.log = log or logging.getLogger(f"vfl.node.{cfg.party}")
         self.stop_requested: str | None = None
-        self.reconnect_at: float | None = None  # data holder: when to connect again after a key refused for now
         self.bytes_sent = 0
         self.bytes_received = 0
         #: encoded messages libzmq could not take yet (no connection, full queue), per peer: the loop never blocks on
@@ -126,6 +135,7 @@ class NodeRunner:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_requested = signal.Signals(signum).name
+        self.signals += 1
 
     def run(self) -> int:
         cfg = self.cfg
@@ -173,14 +183,16 @@ class NodeRunner:
             self.engine = PsiEngine(workers=self.cfg.psi.workers or None)
             psi = psi_plan(self.cfg, self.ids, self.engine)
         machine = self.machine = build_machine(self.cfg, time.monotonic(), psi)
-        poller = zmq.Poller()
-        for sock in transport.poll_items():
-            poller.register(sock, zmq.POLLIN)
         pending: list[Output] = machine.start(time.monotonic())
         poll_flags = zmq.POLLIN
         housekeeping_at = 0.0  # timers and the progress display: at most every HOUSEKEEPING_S while messages flow
         while True:
             finished = self._execute(transport, pending)
+            if self.poller is None:
+                poller = self.poller = zmq.Poller()
+                for sock in transport.poll_items():
+                    poller.register(sock, zmq.POLLIN)
+                poll_flags = zmq.POLLIN
             if self.outbox:
                 self._flush(transport)
                 if self.outbox and finished is None and machine.drops_non_readers:
@@ -192,9 +204,6 @@ class NodeRunner:
                     self._flush(transport, until=time.monotonic() + FINAL_FLUSH_S)
                 return self._report(finished)
             now = time.monotonic()
-            if self.reconnect_at is not None and now >= self.reconnect_at:
-                self.reconnect_at = None
-                transport.reconnect()
             if now >= housekeeping_at:
                 housekeeping_at = now + HOUSEKEEPING_S
                 self._show_progress(machine)
@@ -202,7 +211,8 @@ class NodeRunner:
                 if pending:
                     continue
             if self.stop_requested:
-                pending = machine.close(f"stopped by {self.stop_requested}", now)
+                pause = not self.end_session and self.signals < 2
+                pending = machine.close(f"stopped by {self.stop_requested}", now, pause=pause)
                 if not pending:  # nothing left to say: the machine had already finished
                     return 0
                 continue
@@ -231,8 +241,8 @@ class NodeRunner:
                 for event in transport.monitor_events():
                     if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                         pending += machine.refused_by_zap(event["value"], time.monotonic())
-                        if event["value"] in (300, 500):  # refused for now ([B5]): connect again in a moment
-                            self.reconnect_at = time.monotonic() + RETRY_REFUSED_S
+                    elif event["event"] == zmq.EVENT_DISCONNECTED:
+                        pending += machine.connection_lost(time.monotonic())
                     else:
                         self.log.warning("CURVE handshake with %s failed (protocol error %s)", transport.endpoint, event["value"])
             if transport.socket in ready:
@@ -269,6 +279,10 @@ class NodeRunner:
                 if out.to not in self.outbox and self._try_send(transport, frames, out.to, out.message.TYPE):
                     continue  # the common case: libzmq took it at once
                 self.outbox.push(out.to, frames, out.message.TYPE, time.monotonic())
+            elif isinstance(out, Reconnect):  # the data holder rejoins on a fresh socket (PROTOCOL.md [J1])
+                self.outbox = Outbox(outbox_bytes(self.cfg), stall_s=self.cfg.timeouts.peer)  # the old socket's
+                transport.reconnect()
+                self.poller = None  # the loop registers the new socket
             elif isinstance(out, Disconnect):
                 self.outbox.drop(out.to)
                 if out.refuse_key_s > 0:  # before the close: its key is known by the connection

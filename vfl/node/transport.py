@@ -38,6 +38,8 @@ HWM_MIN, HWM_MAX = 16, 100_000
 MAX_CONNECTIONS = 4096  # routing id -> TCP connection entries kept for ``disconnect``
 LINGER_MS = 2_000  # flush BYE and ERROR on close, but never hang on exit
 TERM_GRACE_S = 3.0
+#: data holder monitor events: the label holder refused our key ([L3]), a CURVE failure, and a dropped connection ([J1])
+MONITORED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_DISCONNECTED
 
 log = logging.getLogger("vfl.transport")
 
@@ -193,40 +195,62 @@ class Transport:
         self.partner_by_key: dict[bytes, str] = {}
         #: label holder: routing id -> (descriptor, peer address) of the TCP connection its messages came on
         self._connections: OrderedDict[bytes, tuple[int, Any]] = OrderedDict()
-        kind = zmq.ROUTER if cfg.is_label_holder else zmq.DEALER
-        sock = self.ctx.socket(kind)
-        for name, value in socket_options(cfg).items():
-            sock.setsockopt(getattr(zmq, name), value)
         if not cfg.insecure:
-            public, secret = load_secret_key(cfg.secret_key)
-            sock.curve_publickey, sock.curve_secretkey = public, secret
+            self._keypair = load_secret_key(cfg.secret_key)
             self.partner_by_key = {load_public_key(path): name for name, path in cfg.partners.items()}
-        if cfg.is_label_holder:
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # see the module docstring: [S5] replaces, libzmq never hands over
-            if not cfg.insecure:
-                self.allow_list = _AllowList(self.partner_by_key)
-                self.auth = _Authenticator(self.ctx, self.allow_list)
-                self.auth.start()
-                sock.curve_server = True
-                sock.zap_domain = ZAP_DOMAIN.encode()
-            try:
-                sock.bind(cfg.endpoint)
-            except zmq.ZMQError as exc:
-                self.socket = sock
-                self.close(linger_ms=0)  # the authenticator's thread and the context too: nothing was sent
-                raise bind_error(cfg, exc) from None
-            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            self.routing_id = new_routing_id(cfg.party)
-            sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
-            if not cfg.insecure:
-                (server_key,) = self.partner_by_key
-                sock.curve_serverkey = server_key
-            self.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-            sock.connect(cfg.endpoint)
+        if not cfg.is_label_holder:
+            self.socket = self._dealer()
             self.endpoint = cfg.endpoint
+            return
+        sock = self._socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # see the module docstring: [S5] replaces, libzmq never hands over
+        if not cfg.insecure:
+            self.allow_list = _AllowList(self.partner_by_key)
+            self.auth = _Authenticator(self.ctx, self.allow_list)
+            self.auth.start()
+            sock.curve_server = True
+            sock.zap_domain = ZAP_DOMAIN.encode()
+        try:
+            sock.bind(cfg.endpoint)
+        except zmq.ZMQError as exc:
+            self.socket = sock
+            self.close(linger_ms=0)  # the authenticator's thread and the context too: nothing was sent
+            raise bind_error(cfg, exc) from None
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.socket = sock
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        for name, value in socket_options(self.cfg).items():
+            sock.setsockopt(getattr(zmq, name), value)
+        if not self.cfg.insecure:
+            sock.curve_publickey, sock.curve_secretkey = self._keypair
+        return sock
+
+    def _dealer(self) -> zmq.Socket:
+        """A data holder's DEALER with a fresh routing id ([S1]), its monitor, connected to the label holder."""
+        sock = self._socket(zmq.DEALER)
+        self.routing_id = new_routing_id(self.cfg.party)
+        sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
+        if not self.cfg.insecure:
+            (server_key,) = self.partner_by_key
+            sock.curve_serverkey = server_key
+        self.monitor = sock.get_monitor_socket(MONITORED)
+        sock.connect(self.cfg.endpoint)
+        return sock
+
+    def reconnect(self) -> None:
+        """Data holder ([J1]): drop the socket (and whatever it still queues) and connect a fresh one.
+
+        The new socket has a new routing id, so the label holder sees a new connection even while it still holds
+        the old one (half-open, or not yet noticed as closed): libzmq's ROUTER would ignore a second connection
+        with a routing id in use. The caller must poll ``poll_items()`` again.
+        """
+        assert not self.cfg.is_label_holder
+        self._close_monitor()
+        self.socket.close(linger=0)
+        self.socket = self._dealer()
 
     # ------------------------------------------------------------------------------------------------ I/O
 
@@ -355,20 +379,15 @@ class Transport:
                 break
         return events
 
-    def reconnect(self) -> None:
-        """Data holder: connect again after a refused handshake. libzmq gives up on a connection whose handshake
-        failed (it only retries lost connections), so a key refused "for now" ([B5]) needs a new connect."""
-        try:
-            self.socket.disconnect(self.endpoint)
-        except zmq.ZMQError:  # libzmq already forgot the endpoint
-            pass
-        self.socket.connect(self.endpoint)
-
-    def close(self, linger_ms: int = LINGER_MS) -> bool:
-        """``linger_ms``: how long libzmq may keep delivering queued messages (BYE, ERROR) after we close."""
+    def _close_monitor(self) -> None:
         if self.monitor is not None:
             self.socket.disable_monitor()
             self.monitor.close(linger=0)
+            self.monitor = None
+
+    def close(self, linger_ms: int = LINGER_MS) -> bool:
+        """``linger_ms``: how long libzmq may keep delivering queued messages (BYE, ERROR) after we close."""
+        self._close_monitor()
         self.socket.close(linger=linger_ms)
         if self.auth is not None:
             self.auth.stop()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
 from .errors import ErrorCode, RemoteProtocolError
-from .events import Aligned, Finished, LinkChecked, Log, Output, Send
+from .events import EXIT_PAUSED, Aligned, Finished, LinkChecked, Log, Output, Reconnect, Send
 from .messages import (
     Backward,
     Bye,
@@ -42,6 +42,9 @@ from .timers import PeerClock, TokenBucket
 
 ERROR_BURST = 100  # [R2]
 ERROR_RATE = 100.0
+DEFAULT_MAX_REJOINS = 3  # [J3]: rejoins of one data holder process, whatever made it rejoin
+#: [J1] a connection that drops before the WELCOME is replaced by a fresh one at most this often
+RECONNECT_MIN_S = 0.5
 
 
 class DataHolderState(enum.Enum):
@@ -83,6 +86,8 @@ class DataHolderMachine:
         psi: PsiPlan | None = None,
         progress_timeout_s: float = 600.0,
         max_psi_items: int = DEFAULT_MAX_PSI_ITEMS,
+        rejoin_timeout_s: float = 120.0,
+        max_rejoins: int = DEFAULT_MAX_REJOINS,
     ):
         self.party = party
         self.run = run
@@ -114,6 +119,12 @@ class DataHolderMachine:
         self._nonce: str | None = None
         self._last_progress = 0.0
         self._train: DataHolderTraining | None = None
+        self.rejoin_timeout_s = rejoin_timeout_s
+        self.max_rejoins = max_rejoins
+        self.rejoins = 0
+        self._instance: str | None = None  # [J1] the label holder process we are in a session with
+        self._socket_at = now  # when the current connection was opened
+        self._reconnect_at: float | None = None  # [J1] a dropped connection before WELCOME: replace it then
 
     def start(self, now: float) -> list[Output]:
         """The first message on the connection ([S2])."""
@@ -194,6 +205,12 @@ class DataHolderMachine:
         if self.finished is not None:
             return []
         if self.state is DataHolderState.CONNECTING:
+            if now >= self.handshake_deadline and self.rejoins:
+                return self._finish(
+                    3,
+                    f"{self.label_holder} did not come back within {self.rejoin_timeout_s:g} s ([timeouts].rejoin); "
+                    "start it again with its same command, then this node, to resume from the last checkpoint",
+                )
             if now >= self.handshake_deadline:
                 if self._cooling_since is not None:
                     return self._finish(
@@ -208,6 +225,9 @@ class DataHolderMachine:
                     f"no WELCOME from {self.label_holder} within the handshake timeout: is it running, is the address "
                     "right, and is its public key the one in this node's config?",
                 )
+            if self._reconnect_at is not None and now >= self._reconnect_at:
+                self._reconnect_at, self._socket_at = None, now
+                return [Reconnect()] + self.start(now)
             return []
         if self.state not in CONNECTED:
             return []
@@ -235,7 +255,7 @@ class DataHolderMachine:
         if self.finished is not None:
             return None
         if self.state is DataHolderState.CONNECTING:
-            return self.handshake_deadline
+            return min(self.handshake_deadline, self._reconnect_at or self.handshake_deadline)
         if self.state in CONNECTED:
             times = [self.clock.heartbeat_due(self.heartbeat_s), self.clock.lost_at(self.peer_timeout_s)]
             if self._leave_at is not None:
@@ -245,11 +265,65 @@ class DataHolderMachine:
             return min(times)
         return None
 
-    def close(self, reason: str, now: float) -> list[Output]:
-        """We are stopping early (signal, error): tell the label holder."""
+    def close(self, reason: str, now: float, *, pause: bool = False) -> list[Output]:
+        """We are stopping early (signal, error): tell the label holder.
+
+        ``pause`` ([J2]): stopped by a signal, to be started again: in a session that trains, ``BYE {pause: true}``,
+        and the label holder keeps the session for this party up to its rejoin timeout. Otherwise the session ends
+        for everyone.
+        """
         if self.finished is not None:
             return []
+        if pause and self.config.train:  # a session without training has nothing to resume: it just ends
+            out: list[Output] = []
+            if self.state in CONNECTED:
+                out.append(Send(message=Bye(ok=False, reason=reason, pause=True)))
+            self.state = DataHolderState.CLOSED
+            self.finished = Finished(
+                exit_code=EXIT_PAUSED,
+                reason=f"{reason}: paused; start this node again with the same command to rejoin and resume",
+            )
+            return out + [self.finished]
         return self._finish(0, reason, ok=False)
+
+    def connection_lost(self, now: float) -> list[Output]:
+        """The transport saw the connection to the label holder drop ([J1]).
+
+        In a session, whatever was in flight is lost with it: rejoin on a fresh connection. Before the WELCOME
+        (our HELLO may have gone down with it, or the label holder refuses the routing id because it still holds a
+        half-open connection with it), open a fresh connection and say HELLO again, at most every
+        ``RECONNECT_MIN_S``.
+        """
+        if self.finished is not None:
+            return []
+        if self.state in CONNECTED:
+            return self._rejoin(f"the connection to {self.label_holder} dropped", now)
+        if self.state is DataHolderState.CONNECTING and self._reconnect_at is None:
+            self._reconnect_at = max(now, self._socket_at + RECONNECT_MIN_S)
+            return self.handle_timer(now)
+        return []
+
+    def _rejoin(self, why: str, now: float) -> list[Output]:
+        """[J1], [J3]: forget the session and say HELLO on a fresh connection; at most ``max_rejoins`` times."""
+        self.rejoins += 1
+        if self.rejoins > self.max_rejoins:
+            return self._finish(
+                1,
+                f"{why}, and this data holder has rejoined {self.max_rejoins} times already ([train].max_rejoins): "
+                "fix what keeps stopping the session, then start every node again to resume from the last checkpoint",
+                bye=False,
+            )
+        self.state = DataHolderState.CONNECTING
+        self.handshake_deadline = now + self.rejoin_timeout_s
+        self.clock, self._psi, self._final, self._nonce, self._train = None, None, None, None, None
+        self._echo_seq, self._rtts, self._leave_at = 0, [], None
+        self._socket_at, self._reconnect_at = now, None
+        log = Log(
+            level="WARNING",
+            text=f"{why}: rejoining on a new connection (rejoin {self.rejoins} of at most {self.max_rejoins}); "
+            f"waiting up to {self.rejoin_timeout_s:g} s for it",
+        )
+        return [log, Reconnect()] + self.start(now)
 
     def refused_by_zap(self, status: int = 400, now: float = 0.0) -> list[Output]:
         """The CURVE handshake was refused by the label holder's ZAP handler ([L3]).
@@ -260,16 +334,20 @@ class DataHolderMachine:
         if self.finished is not None:
             return []
         if status in (300, 500):
-            if self._cooling_since is not None:
-                return []
-            self._cooling_since = now
-            return [
-                Log(
-                    level="WARNING",
-                    text=f"{self.label_holder} refuses this node's key for now (it closed a connection with this key "
-                    "that kept sending after it was dropped); trying again until the handshake timeout",
+            out: list[Output] = []
+            if self._cooling_since is None:
+                self._cooling_since = now
+                out.append(
+                    Log(
+                        level="WARNING",
+                        text=f"{self.label_holder} refuses this node's key for now (it closed a connection with this "
+                        "key that kept sending after it was dropped); trying again until the handshake timeout",
+                    )
                 )
-            ]
+            # libzmq gives up on a connection whose handshake failed: try again on a fresh one, as after a drop
+            if self.state is DataHolderState.CONNECTING and self._reconnect_at is None:
+                self._reconnect_at = max(now, self._socket_at + RECONNECT_MIN_S)
+            return out
         return self._finish(
             1,
             f"{self.label_holder} refused this node's key: add this party's public key to the label holder's "
@@ -440,12 +518,18 @@ class DataHolderMachine:
             self.state = DataHolderState.READY  # so that _finish says BYE: the label holder is listening
             return [Send(message=err)] + self._finish(1, f"{who} sent a bad WELCOME: {problem}", ok=False)
         self._nonce = msg.psi_nonce
+        if self.rejoins and msg.instance is not None and self._instance is not None:
+            again = "restarted label holder" if msg.instance != self._instance else "label holder"
+            log = Log(level="WARNING", text=f"rejoined the {again} {who}: it resumes the session")
+        else:
+            log = None
+        self._instance = msg.instance
         self.label_holder = who
         self.heartbeat_s = max(msg.heartbeat_ms, 1) / 1000.0
         self.peer_timeout_s = max(msg.peer_timeout_ms, 1) / 1000.0
         self.state = DataHolderState.READY
         self.clock = PeerClock(last_received=now, last_sent=now)
-        out: list[Output] = [Log(level="INFO", text=f"joined label holder {msg.party!r} (run {msg.run})")]
+        out: list[Output] = [log or Log(level="INFO", text=f"joined label holder {msg.party!r} (run {msg.run})")]
         return out + self._next_echo(now)
 
     def _check_welcome(self, msg: Welcome) -> str | None:
@@ -472,6 +556,8 @@ class DataHolderMachine:
             return "WELCOME.psi_nonce must be 32 lowercase hex digits in a session with PSI"
         if self.psi_plan is None and msg.psi_nonce is not None:
             return "WELCOME.psi_nonce is set in a session without PSI"
+        if msg.instance is not None and not _NONCE.fullmatch(msg.instance):
+            return "WELCOME.instance must be 32 lowercase hex digits"
         return None
 
     def _on_refusal(self, msg: Error, now: float) -> list[Output]:
@@ -502,9 +588,13 @@ class DataHolderMachine:
         return self._next_echo(now)
 
     def _on_heartbeat(self, msg: Heartbeat, now: float) -> list[Output]:
+        if msg.instance is not None and self._instance is not None and msg.instance != self._instance:
+            return self._rejoin(f"{self.label_holder} restarted (a new instance) and no longer knows this session", now)
         return []
 
     def _on_bye(self, msg: Bye, now: float) -> list[Output]:
+        if msg.pause and not msg.ok and self.config.train and self.state in CONNECTED:  # [J2]: it will be back
+            return self._rejoin(f"{self.label_holder} paused ({peer_text(msg.reason, 400)})", now)
         self.state = DataHolderState.CLOSED
         self.finished = Finished(
             exit_code=0 if msg.ok else 1,
@@ -513,6 +603,8 @@ class DataHolderMachine:
         return [self.finished]
 
     def _on_error(self, msg: Error, now: float) -> list[Output]:
+        if msg.code == ErrorCode.UNEXPECTED_MESSAGE and msg.ref == Heartbeat.TYPE:  # [J1]: it has no session with us
+            return self._rejoin(f"{self.label_holder} no longer knows this session (it restarted?)", now)
         return [Log(level="WARNING", text=f"{self.label_holder} reports {_code_name(msg.code)}: {peer_text(msg.message, 400)}")]
 
 

@@ -36,6 +36,16 @@ class Disconnect:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Reconnect:
+    """Data holder: close the socket and open a fresh one with a new routing id before the next ``Send`` ([J1]).
+
+    A new routing id, not the old socket reconnecting: libzmq's ROUTER ignores a second connection that claims a
+    routing id it still holds (a half-open connection the label holder has not noticed yet), and a restarted label
+    holder must see a HELLO on a connection it has never heard of, not the tail of the old session's pipe.
+    """
+
+
+@dataclass(frozen=True, kw_only=True)
 class Log:
     """Something a person running the node should see. ``level`` is a ``logging`` level name."""
 
@@ -81,10 +91,15 @@ class EpochDone:
 
 @dataclass(frozen=True, kw_only=True)
 class Finished:
-    """The session is over. ``exit_code``: 0 ok, 1 protocol/peer failure, 3 peer lost, 4 join/handshake timeout."""
+    """The session is over. ``exit_code``: 0 ok, 1 protocol/peer failure, 3 peer lost, 4 join/handshake timeout,
+    5 paused (stopped by a signal; the session waits for this node to be started again, [J2])."""
 
     exit_code: int
     reason: str
 
 
-Output = Send | Disconnect | Log | PeerReady | PeerLeft | LinkChecked | Aligned | EpochDone | Finished
+#: ``Finished.exit_code`` of a node that paused ([J2]): not a finished model, not a failure; start it again
+EXIT_PAUSED = 5
+
+
+Output = Send | Disconnect | Reconnect | Log | PeerReady | PeerLeft | LinkChecked | Aligned | EpochDone | Finished

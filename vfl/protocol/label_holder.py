@@ -8,6 +8,7 @@ with ``Send``/``Log``/... outputs and never touches a socket or a clock.
 from __future__ import annotations
 
 import enum
+import secrets
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Callable, Sequence
 
 from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
 from .errors import ErrorCode, RemoteProtocolError
-from .events import Aligned, Disconnect, EpochDone, Finished, Log, Output, PeerLeft, PeerReady, Send
+from .events import EXIT_PAUSED, Aligned, Disconnect, EpochDone, Finished, Log, Output, PeerLeft, PeerReady, Send
 from .messages import (
     Bye,
     CheckpointDone,
@@ -136,6 +137,9 @@ class LabelHolderMachine:
         self.max_echo_bytes = max_echo_bytes
         self.max_psi_items = max_psi_items
         self.max_rejoins = max_rejoins
+        #: [J1] this process's instance nonce, in every WELCOME and HEARTBEAT: a data holder that hears another one
+        #: knows its label holder restarted (and so forgot the session) and rejoins
+        self.instance = secrets.token_hex(16)
         if config.psi and psi is None:
             raise ValueError("the session config says psi = true: give the label holder a PsiPlan")
         self.psi = psi if config.psi else None
@@ -230,17 +234,7 @@ class LabelHolderMachine:
             return self._unexpected(routing_id, identity, msg, "IDLE", now)
         current = routing_id == p.route
         if not current and not isinstance(msg, Hello):  # [S5]: a connection speaks for its party after its HELLO
-            return self._error(
-                routing_id,
-                identity,
-                RemoteProtocolError(
-                    ErrorCode.UNEXPECTED_MESSAGE,
-                    f"{msg.TYPE} on a connection that has not said HELLO: the label holder talks to party "
-                    f"{identity!r} on the connection whose HELLO it accepted last",
-                    ref=msg.TYPE,
-                ),
-                now,
-            )
+            return self._not_joined(routing_id, identity, msg, now)
         if current and p.state in CONNECTED:
             p.clock.last_received = now
         handler = _TABLE.get((p.state, msg.TYPE))
@@ -333,7 +327,7 @@ class LabelHolderMachine:
                 )
                 return [self._timeout_error(p, reason, now)] + self._finish(3, reason, now)
             if now >= p.clock.heartbeat_due(self.heartbeat_s):
-                out.append(self._send(p, Heartbeat(), now))
+                out.append(self._send(p, Heartbeat(instance=self.instance), now))
         return out
 
     def next_timer(self) -> float | None:
@@ -353,10 +347,23 @@ class LabelHolderMachine:
         times += [p.lost_at + self.rejoin_timeout_s for p in self.parties.values() if p.state is PartyState.LOST]
         return min(times) if times else None
 
-    def close(self, reason: str, now: float) -> list[Output]:
-        """We are stopping (signal, error): tell every READY data holder why."""
+    def close(self, reason: str, now: float, *, pause: bool = False) -> list[Output]:
+        """We are stopping (signal, error): tell every connected data holder why.
+
+        ``pause`` ([J2]): this node was stopped by a signal and will be started again; in a session that trains,
+        the data holders keep the session and rejoin the restarted label holder, which resumes from its last
+        committed checkpoint. Otherwise the session ends for everyone.
+        """
         if self.finished is not None:
             return []
+        if pause and self.config.train:  # a session without training has nothing to resume: it just ends
+            return self._finish(
+                EXIT_PAUSED,
+                f"{reason}: paused; start this node again with the same command to resume from the last checkpoint",
+                now,
+                ok=False,
+                pause=True,
+            )
         return self._finish(0, reason, now, ok=False)
 
     @property
@@ -366,6 +373,10 @@ class LabelHolderMachine:
 
     def refused_by_zap(self, status: int = 400, now: float = 0.0) -> list[Output]:
         """Only a connecting node sees its key refused; the label holder's own ZAP handler does the refusing."""
+        return []
+
+    def connection_lost(self, now: float) -> list[Output]:
+        """Only a connecting node rejoins on a dropped connection ([J1]); the label holder's peers come back to it."""
         return []
 
     def finish_aligned(self, ok: bool, reason: str, now: float) -> list[Output]:
@@ -391,10 +402,12 @@ class LabelHolderMachine:
         while len(self._retired) > MAX_TRACKED_ROUTING_IDS:
             self._retired.popitem(last=False)
 
-    def _finish(self, code: int, reason: str, now: float, *, lost: str | None = None, ok: bool | None = None) -> list[Output]:
+    def _finish(
+        self, code: int, reason: str, now: float, *, lost: str | None = None, ok: bool | None = None, pause: bool = False
+    ) -> list[Output]:
         bye_ok = code == 0 if ok is None else ok
         out: list[Output] = [
-            self._send(p, Bye(ok=bye_ok, reason=reason), now)
+            self._send(p, Bye(ok=bye_ok, reason=reason, pause=True if pause else None), now)
             for p in self.parties.values()
             if p.state in CONNECTED and p.name != lost
         ]
@@ -469,6 +482,25 @@ class LabelHolderMachine:
         else:
             text = f"{peer_text(identity, 64)} {reason}: closed its connection"
         return out + [Log(level="WARNING", text=text)]
+
+    def _not_joined(self, routing_id: bytes, identity: str, msg: Message, now: float) -> list[Output]:
+        """[S5], [J1]: a message on a connection that has not said HELLO (to this label holder process).
+
+        ``ERROR UNEXPECTED_MESSAGE`` with ``ref`` the message's type: a data holder that was in a session with an
+        earlier label holder process hears it in answer to its next HEARTBEAT and says HELLO again on a fresh
+        connection. It goes to the sender's own routing id only, within its party's [R2] budget.
+        """
+        return self._error(
+            routing_id,
+            identity,
+            RemoteProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"{msg.TYPE} on a connection that has not said HELLO: the label holder talks to party "
+                f"{identity!r} on the connection whose HELLO it accepted last (if it restarted, say HELLO again)",
+                ref=msg.TYPE,
+            ),
+            now,
+        )
 
     def _unexpected(self, routing_id: bytes, identity: str, msg: Message, state: str, now: float) -> list[Output]:
         return self._error(
@@ -572,6 +604,7 @@ class LabelHolderMachine:
             peer_timeout_ms=int(self.peer_timeout_s * 1000),
             data_holders=self.config.data_holders,
             psi_nonce=p.nonce,
+            instance=self.instance,
         )
         return out + [
             self._send(p, welcome, now),
@@ -600,6 +633,17 @@ class LabelHolderMachine:
         return []
 
     def _on_bye(self, p: _Party, msg: Bye, now: float) -> list[Output]:
+        if p.state is PartyState.LOST and msg.pause:
+            return []  # [J2]: it said so already
+        if msg.pause and self.config.train and p.state in CONNECTED:  # [J2]: it will be started again: keep its place
+            p.state, p.lost_at = PartyState.LOST, now
+            return [
+                Log(
+                    level="WARNING",
+                    text=f"data holder {p.name!r} paused ({peer_text(msg.reason)}): waiting up to "
+                    f"{self.rejoin_timeout_s:g} s for it to be started again and rejoin",
+                )
+            ]
         if self.config.train and p.state is not PartyState.DONE:
             return self._finish(
                 1, f"data holder {p.name!r} left during the session: {peer_text(msg.reason)}", now, lost=p.name
@@ -841,5 +885,6 @@ _TABLE: dict[tuple[PartyState, str], Handler] = {
     (PartyState.TRAINING, Rollback.TYPE): LabelHolderMachine._on_training_message,
     (PartyState.TRAINING, Hello.TYPE): LabelHolderMachine._on_hello,
     (PartyState.LOST, Hello.TYPE): LabelHolderMachine._on_hello,
+    (PartyState.LOST, Bye.TYPE): LabelHolderMachine._on_bye,  # [J2]: a paused party ends the session after all
 }
 """(state, message type) -> transition. Every pair not listed is UNEXPECTED_MESSAGE ([T1]); ERROR never gets here."""

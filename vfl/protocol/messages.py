@@ -152,6 +152,7 @@ class Welcome(Message):
         "peer_timeout_ms": (FieldKind.INT, True),
         "data_holders": (FieldKind.ID_LIST, True),
         "psi_nonce": (FieldKind.STR, False),
+        "instance": (FieldKind.STR, False),
     }
     version: tuple[int, int]
     party: str
@@ -161,6 +162,9 @@ class Welcome(Message):
     peer_timeout_ms: int
     data_holders: tuple[str, ...]
     psi_nonce: str | None = None  # hex; present when the session runs PSI (v1.1)
+    #: 32 lowercase hex, fresh for every label holder process (v1.4): a data holder that later hears another one in
+    #: a HEARTBEAT knows the label holder restarted and rejoins ([J1])
+    instance: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,9 +186,14 @@ class Error(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Heartbeat(Message):
-    """Proof of life when there is nothing else to send (PROTOCOL.md [L1])."""
+    """Proof of life when there is nothing else to send (PROTOCOL.md [L1]).
+
+    A label holder's heartbeat names its ``instance`` (v1.4, as in its WELCOME): a restarted label holder answers
+    a connection it does not know with one, so that the data holder behind it rejoins ([J1])."""
 
     TYPE: ClassVar[str] = "HEARTBEAT"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"instance": (FieldKind.STR, False)}
+    instance: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,15 +218,20 @@ class EchoReply(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Bye(Message):
-    """The sender leaves the session; ``ok`` says whether it finished normally."""
+    """The sender leaves the session; ``ok`` says whether it finished normally.
+
+    ``pause`` (v1.4): the sender was stopped (SIGINT/SIGTERM) and will be started again; its peers keep the session
+    for it up to their rejoin timeout instead of ending it ([J2])."""
 
     TYPE: ClassVar[str] = "BYE"
     FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
         "ok": (FieldKind.BOOL, True),
         "reason": (FieldKind.STR, True),
+        "pause": (FieldKind.BOOL, False),
     }
     ok: bool
     reason: str
+    pause: bool | None = None
 
 
 # ----------------------------------------------------------------------------------------------- PSI (v1.1)
