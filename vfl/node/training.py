@@ -30,7 +30,7 @@ from ..protocol.training_phase import CheckpointError, TrainPlan
 from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
 from ..train.models import Combiner, ModelError, build_model, load_weights
-from .checkpoints import Checkpointer, StateFileError, dump_state, load_state
+from .checkpoints import Checkpointer, StateFileError, dump_state, load_state, remove_stale_temps
 from .alignment import PartyIds
 from .config import NodeConfig, TrainingSetupError
 from ..train.segments import TorchBottom, TorchTop
@@ -333,6 +333,7 @@ def save_segment(cfg: NodeConfig, state: dict, extra: dict | None = None) -> Pat
         return None
     path = cfg.train.output / f"{cfg.party}-segment.pt"
     payload = {**state, **(extra or {}), "vfl_party": cfg.party, "vfl_run": cfg.run, "vfl_model": cfg.session.model}
+    remove_stale_temps(path.parent, path.name)  # an earlier process of this party killed while saving it
     atomic_write_bytes(path, dump_state(payload), mode=PRIVATE)  # model state: owner only; digest inside
     return path
 
