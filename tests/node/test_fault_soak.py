@@ -87,7 +87,7 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def check_files(root: Path, finished_ok: bool) -> list[str]:
+def check_files(root: Path, finished_ok: bool, epochs: int = EPOCHS) -> list[str]:
     """What is wrong with the files a run left (empty: nothing)."""
     problems = [f"leftover {p.relative_to(root)}" for p in root.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.suffixes]
     model = root / "model"
@@ -109,9 +109,9 @@ def check_files(root: Path, finished_ok: bool) -> list[str]:
             lines = [json.loads(line) for line in metrics.read_text().splitlines()]
         except ValueError as exc:
             return problems + [f"metrics.jsonl does not parse: {exc}"]
-        epochs = [m.get("epoch") for m in lines]
-        if finished_ok and epochs != list(range(EPOCHS)):
-            problems.append(f"metrics.jsonl epochs {epochs}, not one line per epoch")
+        seen = [m.get("epoch") for m in lines]
+        if finished_ok and seen != list(range(epochs)):
+            problems.append(f"metrics.jsonl epochs {seen}, not one line per epoch")
         if finished_ok and not all(isinstance(m.get("val_accuracy"), float) for m in lines):
             problems.append("metrics.jsonl lacks val_accuracy")
     elif finished_ok:
@@ -241,3 +241,22 @@ def test_a_data_holder_that_hears_the_pause_and_the_drop_at_once_waits_for_the_l
         codes = {"bank": restarted.wait(timeout=RUN_S), "dh1": dh1.wait(timeout=30), "dh2": dh2.wait(timeout=30)}
         assert codes == {"bank": 0, "dh1": 0, "dh2": 0}, (restarted.output, dh1.output, dh2.output)
     assert check_files(tmp_path, finished_ok=True) == []
+
+
+def test_what_a_node_killed_mid_write_left_is_removed_by_its_next_run(tmp_path):
+    """``kill -9`` during an atomic write leaves a hidden ``.NAME.*.tmp`` (the soak found a manifest's). The next run
+    of that party removes its own leftovers (checkpoints, the label holder's manifest, the segment), and only its own:
+    another party's temporary may be a write in progress."""
+    configs = resumable_session(tmp_path, epochs=1)
+    checkpoints, model = tmp_path / "model" / "checkpoints", tmp_path / "model"
+    checkpoints.mkdir(parents=True)
+    planted = [checkpoints / ".manifest.json.k1ll3d.tmp", checkpoints / ".bank-step-5.pt.k1ll3d.tmp",
+               checkpoints / ".dh1-step-10.pt.k1ll3d.tmp", model / ".dh2-segment.pt.k1ll3d.tmp"]
+    for path in planted:
+        path.write_bytes(b"half a file")
+    with Nodes(tmp_path) as nodes:
+        procs = {p: nodes.start(configs[p]) for p in PARTIES}
+        codes = {p: n.wait(timeout=RUN_S) for p, n in procs.items()}
+    assert codes == {p: 0 for p in PARTIES}, {p: n.output for p, n in procs.items()}
+    assert [p.name for p in planted if p.exists()] == []
+    assert check_files(tmp_path, finished_ok=True, epochs=1) == []
