@@ -260,3 +260,20 @@ def test_what_a_node_killed_mid_write_left_is_removed_by_its_next_run(tmp_path):
     assert codes == {p: 0 for p in PARTIES}, {p: n.output for p, n in procs.items()}
     assert [p.name for p in planted if p.exists()] == []
     assert check_files(tmp_path, finished_ok=True, epochs=1) == []
+
+
+def test_a_data_holder_killed_in_the_psi_and_restarted_after_the_peer_timeout_rejoins(tmp_path):
+    """A session that trains waits for a lost data holder in the PSI as it does in training ([L2], [X8]): one
+    killed (-9) in the PSI and started again later than the peer timeout (3 s here) joins again and the run
+    finishes. The session used to end at the peer timeout, and the restarted node waited out its handshake timeout."""
+    configs = resumable_session(tmp_path, epochs=1)
+    with Nodes(tmp_path) as nodes:
+        lh, dh2, dh1 = (nodes.start(configs[p]) for p in ("bank", "dh2", "dh1"))
+        lh.wait_for("PSI with data holder 'dh1'", timeout=TRIGGER_S)
+        os.kill(dh1.proc.pid, signal.SIGKILL)
+        dh1.wait(timeout=10)
+        lh.wait_for("data holder 'dh1' has sent nothing", timeout=20)
+        restarted = nodes.start(configs["dh1"])
+        codes = {"bank": lh.wait(timeout=RUN_S), "dh1": restarted.wait(timeout=30), "dh2": dh2.wait(timeout=30)}
+        assert codes == {"bank": 0, "dh1": 0, "dh2": 0}, (lh.output, restarted.output, dh2.output)
+    assert check_files(tmp_path, finished_ok=True, epochs=1) == []
