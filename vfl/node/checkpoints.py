@@ -164,12 +164,28 @@ def load_state(data: bytes, path: str | Path) -> dict:
     return state
 
 
+def remove_stale_temps(directory: Path, name: str) -> None:
+    """Delete the hidden ``.NAME.*.tmp`` files (``name`` may be a glob) that an atomic write leaves when its process
+    is killed mid-write (``kill -9``). Call it only for files no other live process writes: other parties write
+    their own files in the same folder at the same time."""
+    for stale in Path(directory).glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 class Checkpointer:
     def __init__(self, directory: Path, party: str, run: str, model: str):
         self.dir = Path(directory)
         self.party = party
         self.run = run
         self.model = model
+        self._swept: set[str] = set()  # which of our files' stale temporaries this process removed already
+        if self.dir.is_dir():  # what a killed earlier process of this party left half-written
+            self._sweep(f"{self.party}-step-*.pt")
+
+    def _sweep(self, name: str) -> None:
+        if name not in self._swept:
+            self._swept.add(name)
+            remove_stale_temps(self.dir, name)
 
     def path(self, step: int) -> Path:
         return self.dir / f"{self.party}-step-{step}.pt"
@@ -252,6 +268,7 @@ class Checkpointer:
             self._write_manifest({**manifest, "finished": True, "epochs": epochs})
 
     def _write_manifest(self, manifest: dict) -> None:
+        self._sweep("manifest.json")  # only the label holder writes the manifest
         try:
             atomic_write_bytes(self.dir / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1).encode())
         except OSError as exc:

@@ -245,14 +245,6 @@ class NodeRunner:
                     poll_flags = flags
                 ready = dict(poller.poll(int(sleep * 1000)))
             pending = []
-            if transport.monitor is not None and transport.monitor in ready:
-                for event in transport.monitor_events():
-                    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                        pending += machine.refused_by_zap(event["value"], time.monotonic())
-                    elif event["event"] == zmq.EVENT_DISCONNECTED:
-                        pending += machine.connection_lost(time.monotonic())
-                    else:
-                        self.log.warning("CURVE handshake with %s failed (protocol error %s)", transport.endpoint, event["value"])
             if transport.socket in ready:
                 for _ in range(MAX_BATCH):
                     received = transport.recv()
@@ -266,6 +258,18 @@ class NodeRunner:
                     # stream is waiting, answer one message at a time so that the two streams interleave
                     if machine.finished is not None or machine.has_work or any(type(o) is Aligned for o in new):
                         break
+            # The connection's events after its messages: what the label holder said before the drop (a BYE that
+            # pauses or ends the session) is heard first, in order. Once the machine chose a fresh connection, the
+            # old one's events are dropped with it (a rejoin on the drop too would end the session it rejoins).
+            if (transport.monitor is not None and transport.monitor in ready and not transport.has_input()
+                    and not any(type(o) is Reconnect for o in pending)):
+                for event in transport.monitor_events():
+                    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                        pending += machine.refused_by_zap(event["value"], time.monotonic())
+                    elif event["event"] == zmq.EVENT_DISCONNECTED:
+                        pending += machine.connection_lost(time.monotonic())
+                    else:
+                        self.log.warning("CURVE handshake with %s failed (protocol error %s)", transport.endpoint, event["value"])
 
     def _encode(self, out: Send) -> list:
         """The frames of one message. Our own ERROR can outgrow the limits (it quotes what a peer sent, a diff of

@@ -30,7 +30,7 @@ from ..protocol.training_phase import CheckpointError, TrainPlan
 from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
 from ..train.models import Combiner, ModelError, build_model, load_weights
-from .checkpoints import Checkpointer, StateFileError, dump_state, load_state
+from .checkpoints import Checkpointer, StateFileError, dump_state, load_state, remove_stale_temps
 from .lifecycle import METRICS, StartMode, data_holder_check, label_holder_start, run_files, set_aside, trim_metrics
 from .alignment import PartyIds
 from .config import NodeConfig, TrainingSetupError
@@ -334,6 +334,7 @@ def save_segment(cfg: NodeConfig, state: dict, extra: dict | None = None) -> Pat
     """This party's trained segment (and nothing of anyone else's) as ``OUTPUT/PARTY-segment.pt``."""
     path = segment_path(cfg)
     payload = {**state, **(extra or {}), "vfl_party": cfg.party, "vfl_run": cfg.run, "vfl_model": cfg.session.model}
+    remove_stale_temps(path.parent, path.name)  # an earlier process of this party killed while saving it
     atomic_write_bytes(path, dump_state(payload), mode=PRIVATE)  # model state: owner only; digest inside
     return path
 

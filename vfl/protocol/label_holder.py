@@ -314,7 +314,7 @@ class LabelHolderMachine:
                     f"(progress timeout {self.progress_timeout_s:g} s)"
                 )
                 return [self._timeout_error(p, reason, now)] + self._finish(1, reason, now)
-            if now >= p.clock.lost_at(self.peer_timeout_s) and p.state is PartyState.TRAINING:
+            if now >= p.clock.lost_at(self.peer_timeout_s) and self.config.train:  # [X8]: from the join on
                 reason = f"you sent nothing for {now - p.clock.last_received:.1f} s (peer timeout {self.peer_timeout_s:g} s)"
                 out.append(self._timeout_error(p, reason, now))
                 out.append(self._send(p, Bye(ok=False, reason=f"{reason}: you were declared lost; restart to rejoin"), now))
