@@ -16,17 +16,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
-
-import numpy as np
-import torch
-
-from vfl.node.training import canonical_order
-from vfl.train.central import OptimizerSpec, make_schedule, train_central
-from vfl.train.models import Combiner, MlpSpec, build_mlp
 
 from .procs import Node, Nodes
-from .test_training_nodes import aligned_ids, read_metrics, resumable_session, synthetic
+from .test_training_nodes import assert_matches_central, resumable_session
 
 EPOCHS = 4
 SCENARIO_S = 240.0  # the whole scenario, from the first start to the last exit, on a loaded 2-core box
@@ -48,34 +40,6 @@ def all_finish(began: float, **procs: Node) -> None:
     assert codes == {name: 0 for name in procs}, {name: p.output for name, p in procs.items()}
     assert time.monotonic() - began < SCENARIO_S
 
-
-def assert_matches_central(tmp_path: Path, configs: dict) -> None:
-    """The saved segments and the last validation accuracy equal central training on this run's aligned rows."""
-    got = read_metrics(tmp_path / "model" / "metrics.jsonl")
-    assert [m["epoch"] for m in got][-2:] == [EPOCHS - 1, EPOCHS], got  # 1-based, as in the log
-    x1, x2, y = synthetic(n=900)
-    aligned = aligned_ids(tmp_path / "bank-aligned.csv")
-    order = [int(k.split("-")[1]) for k in aligned]
-    assert order == [int(k.split("-")[1]) for k in aligned_ids(tmp_path / "dh1-aligned.csv")]
-    rows = np.array(order)[canonical_order(aligned, 5, "resume-test")]
-    torch.set_num_threads(1)
-    opt = OptimizerSpec.from_dict({"kind": "sgd", "lr": 0.05, "momentum": 0.5})
-    schedule = make_schedule(len(rows), 8, EPOCHS, 5, 0.25)
-    central = train_central(
-        [x1[rows], x2[rows]], y[rows],
-        [build_mlp(5, MlpSpec(widths=(6, 4)), seed=1), build_mlp(7, MlpSpec(widths=(6, 4)), seed=2)],
-        build_mlp(8, MlpSpec(widths=(16, 3)), seed=4),
-        combiner=Combiner([4, 4]), task="multiclass", schedule=schedule, bottom_optimizers=opt, top_optimizer=opt,
-        validation=schedule.validation,
-    )
-    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=True) for p in configs}
-    pairs = [(saved["dh1"]["model"], central.bottom_states[0]), (saved["dh2"]["model"], central.bottom_states[1]),
-             (saved["bank"]["top"], central.top_state)]
-    worst = max(torch.max(torch.abs(state[k] - want[k])).item() for state, want in pairs for k in want)
-    assert worst <= 1e-5, worst
-    assert abs(got[-1]["val_accuracy"] - central.history[-1]["val_accuracy"]) <= 0.005, (got[-1], central.history[-1])
-
-
 def test_J1_a_label_holder_killed_mid_training_and_restarted_resumes_and_matches_an_uninterrupted_run(tmp_path):
     """Bug 1 of issue 13: this used to flood UNEXPECTED_MESSAGE for 600 s and end with every node failing."""
     configs = resumable_session(tmp_path, epochs=EPOCHS)
@@ -95,7 +59,7 @@ def test_J1_a_label_holder_killed_mid_training_and_restarted_resumes_and_matches
         assert "rejoining on a new connection" in procs[dh].output, procs[dh].output
         assert "rejoined the restarted label holder" in procs[dh].output, procs[dh].output
     assert lh.output.count("UNEXPECTED_MESSAGE") <= 4, lh.output  # at most an answer or two per data holder
-    assert_matches_central(tmp_path, configs)
+    assert_matches_central(tmp_path, configs, EPOCHS)
 
 
 def test_J2_a_data_holder_stopped_by_SIGTERM_pauses_and_started_again_resumes(tmp_path):
@@ -113,7 +77,7 @@ def test_J2_a_data_holder_stopped_by_SIGTERM_pauses_and_started_again_resumes(tm
         dh1 = nodes.start(configs["dh1"])  # the same command
         all_finish(began, bank=procs["bank"], dh1=dh1, dh2=procs["dh2"])
     assert "resuming every party from the checkpoint at step" in procs["bank"].output
-    assert_matches_central(tmp_path, configs)
+    assert_matches_central(tmp_path, configs, EPOCHS)
 
 
 def test_J2_the_label_holder_stopped_by_SIGTERM_pauses_and_started_again_resumes(tmp_path):
@@ -132,4 +96,4 @@ def test_J2_the_label_holder_stopped_by_SIGTERM_pauses_and_started_again_resumes
         lh = nodes.start(configs["bank"])
         lh.wait_for("resuming from the checkpoint at step", timeout=RESUME_S)
         all_finish(began, bank=lh, dh1=procs["dh1"], dh2=procs["dh2"])
-    assert_matches_central(tmp_path, configs)
+    assert_matches_central(tmp_path, configs, EPOCHS)
