@@ -52,3 +52,12 @@ def test_demonstration_the_best_defence_brings_both_attacks_to_chance():
     # max_norm stops the norm attack only, as Li et al. report
     heuristic = audited(PrivacySpec("max_norm"), grads, labels, ids)
     assert heuristic["leak_auc_norm"] <= 0.65 and heuristic["leak_auc_direction"] > 0.6
+
+
+@pytest.mark.parametrize("spec", [PrivacySpec("max_norm"), PrivacySpec("marvell"), PrivacySpec("gradient_noise")])
+def test_a_diverged_gradient_is_refused_with_the_way_out(spec):
+    from vfl.privacy.spec import PrivacyError
+
+    g = np.array([[np.nan, 1.0], [1.0, 1.0]], np.float32)
+    with pytest.raises(PrivacyError, match="diverged.*learning rate"):
+        defend(spec, g, np.array([0, 1]), np.random.default_rng(0))
