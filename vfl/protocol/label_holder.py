@@ -815,7 +815,7 @@ class LabelHolderMachine:
             best=best,
         )
         out: list[Output] = []
-        for name, msgs in self.training.start().items():
+        for name, msgs in self.training.start(now).items():
             p = self.parties[name]
             if rollback and p.state is PartyState.TRAINING:
                 p.rolling_back = True
@@ -851,12 +851,12 @@ class LabelHolderMachine:
             return [Log(level="DEBUG", text=f"dropped a stale {msg.TYPE} from {p.name!r} (rollback pending)")]
         try:
             if isinstance(msg, Forward):
-                per_party, metrics = self.training.on_forward(p.name, msg)
+                per_party, metrics = self.training.on_forward(p.name, msg, now)
             elif isinstance(msg, CheckpointDone):
                 self.training.on_checkpoint_done(p.name, msg)
                 per_party, metrics = {}, []
             else:
-                per_party, metrics = self.training.on_eval(p.name, msg)
+                per_party, metrics = self.training.on_eval(p.name, msg, now)
         except CheckpointError as exc:
             return self._finish(1, f"checkpoint: {exc}", now)
         except RemoteProtocolError as exc:

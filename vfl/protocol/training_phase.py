@@ -148,6 +148,9 @@ class TrainingProgress:
     steps: int  # global steps of the whole plan
     samples: int
     done: bool
+    #: seconds of whole training steps: from each epoch's EPOCH to its last step processed here, on the clock the
+    #: node passes in as ``now`` (validation, checkpoints between epochs and the waits of a rollback not counted)
+    step_seconds: float = 0.0
 
 
 def _int_positions(msg: Message, name: str, n_rows: int) -> np.ndarray:
@@ -387,12 +390,14 @@ class LabelHolderTraining:
         #: once ``done``: the epoch whose weights are the result (None: the last one), and whether patience stopped it
         self.kept: BestEpoch | None = None
         self.stopped_early = False
+        self.step_seconds = 0.0  # see TrainingProgress.step_seconds
+        self._step_mark: float | None = None  # ``now`` of the epoch's EPOCH, then of its latest step
         self._plan_steps = sum(plan.steps_in(e, batch_size) for e in range(plan.epochs))
 
-    def start(self) -> dict[str, list[Message]]:
+    def start(self, now: float | None = None) -> dict[str, list[Message]]:
         """Per data holder: SCHEDULE (with its resume digest when resuming), then the first EPOCH."""
         validation = Tensor("validation", np.asarray(self.plan.validation, dtype=np.int64))
-        opening = self._open_epoch(first=True)
+        opening = self._open_epoch(first=True, now=now)
         return {
             p: [
                 Schedule(
@@ -407,8 +412,9 @@ class LabelHolderTraining:
             for p in self.parties
         }
 
-    def _open_epoch(self, first: bool = False) -> list[Message]:
+    def _open_epoch(self, first: bool = False, now: float | None = None) -> list[Message]:
         """Checkpoint at the epoch's start (not when resuming from exactly there), then EPOCH."""
+        self._step_mark = now
         out: list[Message] = []
         if self.plan.checkpoints and not (first and self.step > 0):
             keep = self.plan.keep == "best" and self.best is not None and self.best.step == self.step
@@ -436,6 +442,7 @@ class LabelHolderTraining:
             steps=self._plan_steps,
             samples=self.samples,
             done=self.done,
+            step_seconds=self.step_seconds,
         )
 
     def _checkpoint(self, step: int, keep: bool = False) -> list[Message]:
@@ -462,8 +469,11 @@ class LabelHolderTraining:
             self.latest_digests = dict(digests)
             del self._pending[msg.step]
 
-    def on_forward(self, party: str, msg: Forward) -> tuple[dict[str, list[Message]], list[dict]]:
-        """Returns (messages per party, finished-epoch metrics)."""
+    def on_forward(
+        self, party: str, msg: Forward, now: float | None = None
+    ) -> tuple[dict[str, list[Message]], list[dict]]:
+        """Returns (messages per party, finished-epoch metrics). ``now``: the node's monotonic clock, for
+        ``step_seconds`` (without it no time is counted)."""
         box = self._inbox[party]
         if msg.step != box.next_forward or msg.step not in self._steps:
             raise RemoteProtocolError(
@@ -478,9 +488,11 @@ class LabelHolderTraining:
             )
         box.forwards[msg.step] = _activations(msg, "activations", len(self._steps[msg.step]), self.widths[party])
         box.next_forward += 1
-        return self._advance()
+        return self._advance(now)
 
-    def on_eval(self, party: str, msg: EvalForward) -> tuple[dict[str, list[Message]], list[dict]]:
+    def on_eval(
+        self, party: str, msg: EvalForward, now: float | None = None
+    ) -> tuple[dict[str, list[Message]], list[dict]]:
         box = self._inbox[party]
         if not self._evaluating or msg.epoch != self.epoch or msg.batch != box.next_eval:
             raise RemoteProtocolError(
@@ -491,9 +503,9 @@ class LabelHolderTraining:
             )
         box.evals[msg.batch] = _activations(msg, "activations", len(self.validation[msg.batch]), self.widths[party])
         box.next_eval += 1
-        return self._advance()
+        return self._advance(now)
 
-    def _advance(self) -> tuple[dict[str, list[Message]], list[dict]]:
+    def _advance(self, now: float | None = None) -> tuple[dict[str, list[Message]], list[dict]]:
         out: dict[str, list[Message]] = {p: [] for p in self.parties}
         metrics: list[dict] = []
         while not self.done:
@@ -504,6 +516,9 @@ class LabelHolderTraining:
                 rows = self._steps.pop(self.step)
                 grads = self.top.train_step(self.step, rows, acts)
                 self.samples += len(rows)
+                if now is not None and self._step_mark is not None:
+                    self.step_seconds += max(now - self._step_mark, 0.0)
+                self._step_mark = now
                 for p in self.parties:
                     out[p].append(Backward(step=self.step, tensors=(Tensor("gradient", grads[p]),)))
                 self.step += 1
@@ -513,6 +528,7 @@ class LabelHolderTraining:
                     for p in self.parties:
                         out[p].extend(ask)
                 if self.step == self._epoch_end_step:
+                    self._step_mark = None  # validation is not a training step
                     self._evaluating, self._eval_next = True, 0
                     for p in self.parties:
                         self._inbox[p].next_eval = 0
@@ -538,7 +554,7 @@ class LabelHolderTraining:
                     out[p].extend(msgs)
                 self.done = True
                 break
-            opening = self._open_epoch()
+            opening = self._open_epoch(now=now)
             for p in self.parties:
                 out[p].extend(opening)
         return out, metrics
