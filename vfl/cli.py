@@ -302,6 +302,8 @@ def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int, pr
     logs_dir = out / "logs"
     summary = summarize(d, result.wall_s, result.logs, result.exit_codes, started=STARTED)
     final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items() if k.startswith("val_"))
+    if summary.get("kept_epoch") not in (None, summary["epochs"]):
+        final += f" (the weights after epoch {summary['kept_epoch']} of {summary['epochs']}: the lowest validation loss)"
     click.echo(f"demo {dataset}: {'ok' if summary['ok'] else 'FAILED'} in {summary['wall_seconds']} s "
                f"(nodes {summary['launch_seconds']} s); {summary['aligned_rows']} aligned rows; {final}")
     leak = leak_line(summary)
