@@ -231,7 +231,8 @@ def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: f
     ``epochs`` (trained) comes from the label holder's metrics.jsonl (one record per epoch); ``kept_epoch`` is the
     epoch whose weights the saved segments hold (the last one, or with ``[train].keep = "best"`` the one with the
     lowest validation loss, from the checkpoint manifest), and ``final`` that epoch's metrics. ``defence`` is the
-    session's ``[privacy]`` defence as the nodes log it, and ``leak`` the label-leakage audit of the last epoch
+    session's ``[privacy]`` defence as the nodes log it, ``window`` the pipeline window (with ``"auto"``: the one the
+    label holder chose, as its metrics.jsonl records it), and ``leak`` the label-leakage audit of the last epoch
     trained, party -> {``leak_auc_norm``, ...}.
     """
     from .plot import PlotError, load_metrics
@@ -282,6 +283,8 @@ def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: f
         "train_step_samples_per_second": (round(train_samples / step_seconds, 1)
                                           if steps_alone and steps_alone.group(2) and step_seconds else None),
         "traffic": traffic,
+        "window": (epochs[-1].get("window") if epochs and "window" in epochs[-1] else
+                   cfg.session.window if cfg is not None else None),
         "defence": cfg.session.privacy.describe() if cfg is not None else None,
         "leak": leak_by_party(epochs[-1] if epochs else {}),
         "logs": {name: f"logs/{name}.log" for name in result.logs},

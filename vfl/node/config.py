@@ -23,6 +23,7 @@ from ..privacy.spec import PrivacyError, PrivacySpec
 from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.messages import is_party_id
 from ..protocol.psi_phase import DEFAULT_MAX_PSI_ITEMS
+from ..protocol.session import DEFAULT_MAX_WINDOW
 from ..train.specs import OptimizerSpec
 
 ROLES = ("label_holder", "data_holder")
@@ -183,7 +184,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
     "session": {
         "cut_widths": (dict, True, None),
         "batch_size": (int, True, None),
-        "window": (int, True, None),
+        "window": ((int, str), True, None),
+        "max_window": (int, False, DEFAULT_MAX_WINDOW),
         "model": (str, True, None),
         "psi": (bool, False, False),
         "train": (bool, False, False),
@@ -472,6 +474,9 @@ def _session(top: dict, keys, problems: _Problems) -> SessionConfig | None:
     """[session], and whether it fits this node: its data holder entry, the label holder's partner keys."""
     s = problems.table(top["session"], "session")
     if len(s) != len(_SCHEMA["session"]):
+        return None
+    if "max_window" in top["session"] and s["window"] != "auto":
+        problems.add('[session].max_window is set but window is not "auto": set window = "auto", or drop max_window')
         return None
     try:
         session = SessionConfig(**s)

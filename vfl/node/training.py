@@ -451,7 +451,7 @@ class SessionTraining:
         plan = make_plan(cfg, [table.ids[r] for r in np.asarray(rows).tolist()])
         self.segment = build_top(cfg, table, rows, plan)
         self.log.info(
-            "training on %d aligned rows (%d for validation), %d epoch(s), window %d",
+            "training on %d aligned rows (%d for validation), %d epoch(s), window %s",
             len(rows), len(plan.validation), plan.epochs, cfg.session.window,
         )
         first_step, digests, best = 0, {}, None

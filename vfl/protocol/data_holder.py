@@ -33,6 +33,7 @@ from .messages import (
     Tensor,
     TrainingDone,
     Welcome,
+    Window,
 )
 from .messages import Epoch as EpochMessage
 from .psi_phase import DEFAULT_MAX_PSI_ITEMS, FinalRows, PairwisePsi, PsiPlan
@@ -438,8 +439,9 @@ class DataHolderMachine:
             self._bottom,
             n_rows=self._n_rows,
             batch_size=self.config.batch_size,
-            window=self.config.window,
+            window=self.config.first_window,
             width=self.config.cut_widths[self.party],
+            max_window=self.config.max_window if self.config.auto_window else None,
         )
 
     def _on_training_message(self, msg: Message, now: float) -> list[Output]:
@@ -458,6 +460,9 @@ class DataHolderMachine:
                 return []
             if isinstance(msg, Checkpoint):
                 return [self._send(self._train.on_checkpoint(msg), now)]
+            if isinstance(msg, Window):
+                self._train.on_window(msg)
+                return [Log(level="INFO", text=f"window auto: {msg.window}, as the label holder chose")]
             if isinstance(msg, TrainingDone):
                 self._train.on_training_done(msg)
                 return [Log(level="INFO", text=_done_text(msg))]
@@ -671,6 +676,7 @@ _TABLE: dict[tuple[DataHolderState, str], Handler] = {
     (DataHolderState.TRAINING, Backward.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, Checkpoint.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, TrainingDone.TYPE): DataHolderMachine._on_training_message,
+    (DataHolderState.TRAINING, Window.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, Rollback.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, Schedule.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, Heartbeat.TYPE): DataHolderMachine._on_heartbeat,

@@ -34,6 +34,7 @@ from .messages import (
     Rollback,
     TrainingDone,
     Welcome,
+    Window,
 )
 from .psi_phase import DEFAULT_MAX_PSI_ITEMS, PairwisePsi, PsiPlan, combine, final_rows_messages, new_nonce, positions_for
 from .routing import party_of
@@ -808,7 +809,8 @@ class LabelHolderMachine:
             parties=self.config.data_holders,
             widths=self.config.cut_widths,
             batch_size=self.config.batch_size,
-            window=self.config.window,
+            window=self.config.first_window,
+            max_window=self.config.max_window if self.config.auto_window else None,
             n_rows=len(self.final_rows),
             first_step=first_step,
             resume_digests=digests,
@@ -863,6 +865,11 @@ class LabelHolderMachine:
             err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref)
             return [self._send(p, err, now)] + self._finish(1, f"training with data holder {p.name!r} failed: {exc}", now)
         out: list[Output] = []
+        if any(isinstance(m, Window) for msgs in per_party.values() for m in msgs):
+            t = self.training
+            out.append(Log(level="INFO", text=(
+                f"window auto: {t.window} (a step took {t.probe['period_ms']:.1f} ms from one to the next at window 1, "
+                f"{t.probe['step_ms']:.1f} ms of it here; max_window {self.config.max_window})")))
         for name, msgs in per_party.items():
             q = self.parties[name]  # TRAINING_DONE (v1.5) only to a party that speaks 1.5
             out += [self._send(q, m, now) for m in msgs if not (isinstance(m, TrainingDone) and q.minor < 5)]

@@ -421,11 +421,21 @@ class TrainingDone(Message):
     early_stop: bool | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class Window(Message):
+    """v1.6, ``window = "auto"``: from now on this pipeline's window is ``window`` (the label holder timed its first
+    steps at window 1 and chose it, at most the session's ``max_window``)."""
+
+    TYPE: ClassVar[str] = "WINDOW"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"window": (FieldKind.INT, True)}
+    window: int
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Error, Heartbeat, Echo, EchoReply, Bye,
         PsiStart, PsiItems, PsiReply, PsiResult, PsiRows,
-        Schedule, Epoch, Forward, Backward, EvalForward, Checkpoint, CheckpointDone, Rollback, TrainingDone,
+        Schedule, Epoch, Forward, Backward, EvalForward, Checkpoint, CheckpointDone, Rollback, TrainingDone, Window,
     )
 }

@@ -22,6 +22,10 @@ from .text import peer_text
 MAX_DATA_HOLDERS = 64
 MAX_CUT_WIDTH = 1 << 20
 MAX_MODEL_FINGERPRINT = 256
+#: ``window = "auto"`` (v1.6): the label holder picks the window once it has timed a few steps, up to ``max_window``
+AUTO_WINDOW = "auto"
+DEFAULT_MAX_WINDOW = 16
+MAX_WINDOW = 1024
 
 
 #: Deepest nesting ``digest_of`` canonicalises (the config map is level 1). A peer's config arrives in a header,
@@ -122,12 +126,13 @@ class SessionConfig:
 
     cut_widths: Mapping[str, int]
     batch_size: int
-    window: int
+    window: int | str  # an integer >= 1, or "auto" (v1.6: the label holder picks it, up to max_window)
     model: str
     psi: bool = False  # the session aligns rows with a private set intersection (v1.1)
     train: bool = False  # after the PSI, the session trains the split network (v1.2)
     predict: bool = False  # ... or, with train, only runs trained segments forward on the aligned rows (v1.2)
     privacy: PrivacySpec = PrivacySpec()  # the label-leakage defence of the training (v1.5); "none": absent on the wire
+    max_window: int = DEFAULT_MAX_WINDOW  # the largest window "auto" may pick (on the wire only with "auto")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cut_widths", MappingProxyType(dict(self.cut_widths)))
@@ -145,8 +150,10 @@ class SessionConfig:
                 return f"cut_widths.{party} must be an integer in 1..{MAX_CUT_WIDTH}"
         if not (is_wire_int(self.batch_size) and self.batch_size >= 1):
             return "batch_size must be an integer >= 1"
-        if not (is_wire_int(self.window) and self.window >= 1):
-            return "window must be an integer >= 1"
+        if self.window != AUTO_WINDOW and not (is_wire_int(self.window) and self.window >= 1):
+            return "window must be an integer >= 1 or \"auto\""
+        if not (is_wire_int(self.max_window) and 1 <= self.max_window <= MAX_WINDOW):
+            return f"max_window must be an integer in 1..{MAX_WINDOW}"
         if type(self.model) is not str or not (1 <= len(self.model) <= MAX_MODEL_FINGERPRINT):
             return f"model must be a string of 1..{MAX_MODEL_FINGERPRINT} characters"
         if type(self.psi) is not bool or type(self.train) is not bool:
@@ -165,6 +172,15 @@ class SessionConfig:
     def data_holders(self) -> tuple[str, ...]:
         return tuple(sorted(self.cut_widths))
 
+    @property
+    def auto_window(self) -> bool:
+        return self.window == AUTO_WINDOW
+
+    @property
+    def first_window(self) -> int:
+        """The window every pipeline starts with: the configured one, or 1 until "auto" has chosen."""
+        return 1 if self.auto_window else self.window
+
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
             "cut_widths": dict(sorted(self.cut_widths.items())),
@@ -172,6 +188,8 @@ class SessionConfig:
             "window": self.window,
             "model": self.model,
         }
+        if self.auto_window:  # absent with a fixed window, so those sessions keep their digests
+            wire["max_window"] = self.max_window
         if self.psi:  # absent means false, so a session without PSI has the same digest as in v1.0
             wire["psi"] = True
         if self.train:
@@ -200,6 +218,10 @@ class SessionConfig:
                 raise RemoteProtocolError(
                     ErrorCode.BAD_FIELD, f"HELLO.config.{flag} must be true when present (absent means false)", ref="HELLO"
                 )
+        if "max_window" in value and value.get("window") != AUTO_WINDOW:
+            raise RemoteProtocolError(
+                ErrorCode.BAD_FIELD, "HELLO.config.max_window is present but window is not \"auto\"", ref="HELLO"
+            )
         privacy = PrivacySpec()
         if "privacy" in value:
             privacy = _privacy_from_wire(value["privacy"])
@@ -213,6 +235,7 @@ class SessionConfig:
                 train=value.get("train", False),
                 predict=value.get("predict", False),
                 privacy=privacy,
+                max_window=value.get("max_window", DEFAULT_MAX_WINDOW),
             )
         except ValueError as exc:
             raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"HELLO.config: {exc}", ref="HELLO") from None

@@ -19,8 +19,23 @@ import numpy as np
 
 from .errors import ErrorCode, RemoteProtocolError, VflError
 from .messages import (
-    Backward, Checkpoint, CheckpointDone, Epoch, EvalForward, Forward, Message, Schedule, Tensor, TrainingDone,
+    Backward, Checkpoint, CheckpointDone, Epoch, EvalForward, Forward, Message, Schedule, Tensor, TrainingDone, Window,
 )
+
+#: ``window = "auto"``: the steps timed at window 1 before the label holder picks the window
+PROBE_STEPS = 8
+
+
+def auto_window(periods: Sequence[float], step_seconds: Sequence[float], max_window: int) -> int:
+    """The window that keeps the label holder busy: a step's whole period at window 1 (its own compute, the round
+    trip, the data holders' backward and next forward) over its own compute, rounded up, within 1..``max_window``.
+
+    Medians, so one slow step (a page fault, another process) does not decide it."""
+    period, own = float(np.median(periods)), float(np.median(step_seconds))
+    if not (math.isfinite(period) and math.isfinite(own)) or own <= 0:
+        return max_window
+    return int(min(max(math.ceil(period / own - 1e-9), 1), max_window))
+
 
 
 class CheckpointError(VflError):
@@ -190,11 +205,16 @@ def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
 class DataHolderTraining:
     """A data holder's pipeline: up to ``window`` FORWARDs ahead of their BACKWARDs, validation after each epoch."""
 
-    def __init__(self, bottom: BottomSegment, *, n_rows: int, batch_size: int, window: int, width: int):
+    def __init__(self, bottom: BottomSegment, *, n_rows: int, batch_size: int, window: int, width: int,
+                 max_window: int | None = None):
+        """``max_window``: the session's window is "auto" (v1.6): ``window`` is where it starts, and one WINDOW of
+        at most this may raise it."""
         self.bottom = bottom
         self.n_rows = n_rows
         self.batch_size = batch_size
         self.window = window
+        self.max_window = max_window
+        self.chosen_window: int | None = None
         self.width = width
         self.epochs: int | None = None
         self.validation: list[np.ndarray] = []
@@ -306,6 +326,19 @@ class DataHolderTraining:
             )
         return CheckpointDone(step=msg.step, digest=self.bottom.checkpoint(msg.step, msg.epoch, keep=bool(msg.keep)))
 
+    def on_window(self, msg: Window) -> None:
+        """[X12]: the label holder chose this pipeline's window ("auto"); it applies to every FORWARD from now on."""
+        if self.max_window is None or self.chosen_window is not None or self.epochs is None:
+            why = ("in a session with a fixed window" if self.max_window is None else
+                   "before SCHEDULE" if self.epochs is None else "a second time in one pipeline")
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"WINDOW {why}", ref=msg.TYPE)
+        if not 1 <= msg.window <= self.max_window:
+            raise RemoteProtocolError(
+                ErrorCode.BAD_FIELD, f"WINDOW.window {msg.window} is outside 1..{self.max_window} (max_window)",
+                ref=msg.TYPE,
+            )
+        self.window = self.chosen_window = msg.window
+
     def on_training_done(self, msg: TrainingDone) -> None:
         """[X10]: training is over; the result is this segment after ``keep_step`` steps (an earlier, kept
         checkpoint when ``keep = "best"`` chose an earlier epoch: loaded here, its digest checked)."""
@@ -359,9 +392,11 @@ class LabelHolderTraining:
         first_step: int = 0,
         resume_digests: Mapping[str, str] | None = None,
         best: BestEpoch | None = None,
+        max_window: int | None = None,
     ):
         """``best``: when resuming, the best epoch recorded with the checkpoint at ``first_step`` (``keep``,
-        ``patience``)."""
+        ``patience``). ``max_window``: the window is "auto": ``window`` (1) until ``PROBE_STEPS`` steps are timed,
+        then the one ``auto_window`` picks, announced by WINDOW."""
         self.top = top
         self.plan = plan
         self.resume_digests = dict(resume_digests or {})
@@ -391,6 +426,12 @@ class LabelHolderTraining:
         self.kept: BestEpoch | None = None
         self.stopped_early = False
         self.step_seconds = 0.0  # see TrainingProgress.step_seconds
+        self.max_window = max_window
+        self.chosen_window: int | None = None
+        self.probe: dict[str, float] = {}  # what chose the window: the medians it used (for the log)
+        self._periods: list[float] = []  # "auto": seconds from one step to the next within an epoch, at window 1
+        self._own: list[float] = []  # "auto": the top segment's compute per step
+        self._last_step_at: float | None = None
         self._step_mark: float | None = None  # ``now`` of the epoch's EPOCH, then of its latest step
         self._plan_steps = sum(plan.steps_in(e, batch_size) for e in range(plan.epochs))
 
@@ -516,11 +557,14 @@ class LabelHolderTraining:
                 rows = self._steps.pop(self.step)
                 grads = self.top.train_step(self.step, rows, acts)
                 self.samples += len(rows)
+                choose = self._time_step(now)
                 if now is not None and self._step_mark is not None:
                     self.step_seconds += max(now - self._step_mark, 0.0)
                 self._step_mark = now
                 for p in self.parties:
                     out[p].append(Backward(step=self.step, tensors=(Tensor("gradient", grads[p]),)))
+                    if choose:
+                        out[p].append(Window(window=self.window))
                 self.step += 1
                 every = self.plan.checkpoint_every
                 if self.plan.checkpoints and every and self.step % every == 0 and self.step < self._epoch_end_step:
@@ -528,7 +572,7 @@ class LabelHolderTraining:
                     for p in self.parties:
                         out[p].extend(ask)
                 if self.step == self._epoch_end_step:
-                    self._step_mark = None  # validation is not a training step
+                    self._step_mark = self._last_step_at = None  # validation is not a training step
                     self._evaluating, self._eval_next = True, 0
                     for p in self.parties:
                         self._inbox[p].next_eval = 0
@@ -543,6 +587,8 @@ class LabelHolderTraining:
                 break
             # what users see (metrics.jsonl, the log) counts epochs from 1; the wire and self.epoch from 0
             result = {"epoch": self.epoch + 1, "step": self.step, **self.top.end_epoch(self.epoch)}
+            if self.max_window is not None:  # "auto": the window this epoch ended with
+                result["window"] = self.window
             self.history.append(result)
             metrics.append(result)
             self._track_best(result)
@@ -558,6 +604,24 @@ class LabelHolderTraining:
             for p in self.parties:
                 out[p].extend(opening)
         return out, metrics
+
+    def _time_step(self, now: float | None) -> bool:
+        """"auto": time steps at window 1 (``now`` of each step, the top's own compute); True once, when the window is
+        chosen (``self.window`` is then raised before its WINDOW goes out, so no FORWARD it allows is refused)."""
+        if self.max_window is None or self.chosen_window is not None or now is None:
+            return False
+        own = getattr(self.top, "last_step_seconds", None)
+        if self._last_step_at is not None:
+            self._periods.append(now - self._last_step_at)
+            if isinstance(own, float):
+                self._own.append(own)
+        self._last_step_at = now
+        if len(self._periods) < PROBE_STEPS or not self._own:
+            return False
+        self.window = self.chosen_window = auto_window(self._periods, self._own, self.max_window)
+        self.probe = {"period_ms": 1000 * float(np.median(self._periods)),
+                      "step_ms": 1000 * float(np.median(self._own))}
+        return True
 
     def _track_best(self, result: Mapping) -> None:
         loss = result.get("val_loss")

@@ -14,6 +14,7 @@ with the same seeds repeats every mask, whatever the window, and a resumed run d
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -216,6 +217,13 @@ class TorchTop:
             return self.own.model(x)
 
     def train_step(self, step: int, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One step; ``last_step_seconds`` is what it took here (``window = "auto"`` sizes the window from it)."""
+        started = time.perf_counter()
+        sent = self._train_step(step, rows, activations)
+        self.last_step_seconds = time.perf_counter() - started
+        return sent
+
+    def _train_step(self, step: int, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.optimizer.zero_grad(set_to_none=True)
         if self.own is not None:
             self.own.optimizer.zero_grad(set_to_none=True)
