@@ -311,20 +311,9 @@ def figures(task: Task, folder: Path, summary: dict) -> dict:
 # --------------------------------------------------------------------------------------- recorder, attacks, inversion
 
 
-def rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC of ``scores`` for ``labels`` in {0, 1} (ties count one half), by the rank-sum formula."""
-    from scipy.stats import rankdata
-
-    pos = labels == 1
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def recorded_gradients(task: Task, record_dir: Path) -> dict[str, dict]:
-    """Per data holder: the gradient rows it received in training order, each row's true label, and its epoch."""
+    """Per data holder: the gradient rows it received in the order received, each row's true label, and the rows
+    per step."""
     out = {}
     index = {k: i for i, k in enumerate(task.ids)}
     for h in task.holders:
@@ -342,24 +331,36 @@ def epochs_of(sizes: np.ndarray, train_rows: int) -> np.ndarray:
 
 
 def attacker_check(task: Task, recorded: dict[str, dict], audit_row: dict, train_rows: int) -> dict:
-    """The norm attack computed by the bench from what the data holders recorded, per epoch, against the audit."""
-    if task.kind != "binary":
-        return {}
-    own = []
+    """The attacks a data holder runs on what it received, computed by the bench from the recorded rows with the
+    functions of ``vfl.privacy.audit`` (batch = one step), per epoch, max over data holders, against the label
+    holder's audit of the same run: equal up to rounding if the audit scores exactly what was sent."""
+    from vfl.privacy.audit import cluster_attack_accuracy, direction_leak_auc, norm_leak_auc
+
+    keys = ("leak_auc_norm", "leak_auc_direction") if task.kind == "binary" else ("leak_attack_accuracy",)
+    own: dict[str, list[list[float]]] = {k: [] for k in keys}
     for rec in recorded.values():
         epoch = epochs_of(rec["sizes"], train_rows)
-        norms = np.linalg.norm(rec["grads"], axis=1)
-        aucs = []
+        batch = np.repeat(np.arange(len(rec["sizes"])), rec["sizes"])
+        per = {k: [] for k in keys}
         for e in range(int(epoch.max()) + 1):
-            a = rank_auc(norms[epoch == e], rec["labels"][epoch == e])
-            aucs.append(max(a, 1 - a))
-        own.append(aucs)
-    own_max = np.max(np.array(own), axis=0)  # max over data holders, per epoch
-    audit = audit_row.get("leak_auc_norm_per_epoch") or []
-    check = {"bench_norm_auc_per_epoch": [round(float(v), 4) for v in own_max]}
-    if audit:
-        k = min(len(audit), len(own_max))
-        check["max_abs_diff_vs_audit"] = round(float(np.max(np.abs(np.array(audit[:k]) - own_max[:k]))), 4)
+            m = epoch == e
+            g, y, b = rec["grads"][m], rec["labels"][m], batch[m]
+            if task.kind == "binary":
+                per["leak_auc_norm"].append(norm_leak_auc(g, y))
+                per["leak_auc_direction"].append(direction_leak_auc(g, y, b))
+            else:
+                per["leak_attack_accuracy"].append(cluster_attack_accuracy(g, y, b, int(task.y.max()) + 1))
+        for k in keys:
+            own[k].append(per[k])
+    check = {}
+    for k in keys:
+        mine = np.max(np.array(own[k]), axis=0)  # max over data holders, per epoch
+        check[f"bench_{k}_per_epoch"] = [round(float(v), 4) for v in mine]
+        check[f"bench_{k}_mean"] = round(float(np.mean(mine)), 4)
+        audit = audit_row.get(f"{k}_per_epoch") or []
+        if audit:
+            n = min(len(audit), len(mine))
+            check[f"{k}_max_abs_diff_vs_audit"] = round(float(np.max(np.abs(np.array(audit[:n]) - mine[:n]))), 4)
     return check
 
 
@@ -551,6 +552,12 @@ def print_table(result: dict) -> None:
             sps = f"{r['samples_per_s']:,.0f}" if r["samples_per_s"] else "-"
             print(f"{r['cell']:<30} {r['val']:>8.4f} {r['val_drop_pp']:>7.2f} {leak} {sps:>9} {_f(r['cost'], 2):>5}")
     print()
+    for name, check in result["attacker_check"].items():
+        parts = [f"{k[6:-5]} {v:.3f}" for k, v in check.items() if k.startswith("bench_") and k.endswith("_mean")]
+        diffs = [f"{k.split('_max_abs')[0]} {v:.4f}" for k, v in check.items() if "_max_abs_diff" in k]
+        print(f"attacker check {name}: the attacks on the gradients dh recorded without defence, epoch mean: "
+              + ", ".join(parts) + ("; max |bench - audit| per epoch: " + ", ".join(diffs) if diffs else
+                                    "; (no audit figures in metrics.jsonl to compare)"))
     for name, inv in result["inversion"].items():
         for h, v in inv.items():
             print(f"feature inversion {name}/{h}: {v['features']} features from {v['cut_width']} activations, decoder "
