@@ -372,8 +372,18 @@ def typical_row_norm(recorded: dict[str, dict], train_rows: int) -> float:
                                            for r in recorded.values()])))
 
 
-def inversion(task: Task, folder: Path, seed: int = 0) -> dict[str, dict]:
-    """Per data holder: how well the label holder reconstructs its standardised features from its activations."""
+def shared_rows(task: Task) -> np.ndarray:
+    """Data set rows every party holds (what the PSI aligns), in data set order."""
+    shared = set(_file_ids(Path(task.data[LABEL_HOLDER]["path"])))
+    for h in task.holders:
+        shared &= set(_file_ids(Path(task.data[h]["path"])))
+    index = {k: i for i, k in enumerate(task.ids)}
+    return np.array(sorted(index[k] for k in shared))
+
+
+def segment_activations(task: Task, folder: Path, h: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Data holder ``h``'s standardised features of data set ``rows`` and its trained segment's activations on them
+    (evaluation mode: what the label holder received in the last validation pass, and at ``vfl predict``)."""
     import torch
 
     from vfl.node.training import read_segment
@@ -381,29 +391,57 @@ def inversion(task: Task, folder: Path, seed: int = 0) -> dict[str, dict]:
     from vfl.train.models import build_model, load_weights
 
     torch.set_num_threads(1)
-    shared = set(_file_ids(Path(task.data[LABEL_HOLDER]["path"])))
-    for h in task.holders:
-        shared &= set(_file_ids(Path(task.data[h]["path"])))
-    index = {k: i for i, k in enumerate(task.ids)}
-    rows = np.array(sorted(index[k] for k in shared))
-    rng = np.random.default_rng(seed)
-    aux = np.zeros(len(rows), bool)
-    aux[rng.choice(len(rows), size=max(2, int(round(AUX_FRACTION * len(rows)))), replace=False)] = True
+    state = read_segment(folder / "model" / f"{h}-segment.pt")  # checked against the digest it carries
+    features = task.x[np.ix_(rows, task.columns[h])].astype(np.float32)
+    if "scaler" in state:
+        features = Standardizer.from_dict(state["scaler"]).transform(features).astype(np.float32)
+    model = build_model(features.shape[1], task.bottoms[h], out_features=task.widths[h])
+    load_weights(model, state, "segment", "model")
+    model.eval()
+    with torch.no_grad():
+        return features, model(torch.from_numpy(features)).numpy()
+
+
+def aux_mask(n: int, seed: int = 0) -> np.ndarray:
+    aux = np.zeros(n, bool)
+    aux[np.random.default_rng(seed).choice(n, size=max(2, int(round(AUX_FRACTION * n))), replace=False)] = True
+    return aux
+
+
+def inversion(task: Task, folder: Path, seed: int = 0) -> dict[str, dict]:
+    """Per data holder: how well the label holder reconstructs its standardised features from its activations."""
+    rows = shared_rows(task)
+    aux = aux_mask(len(rows), seed)
     out = {}
     for h in task.holders:
-        state = read_segment(folder / "model" / f"{h}-segment.pt")
-        features = task.x[np.ix_(rows, task.columns[h])].astype(np.float32)
-        if "scaler" in state:
-            features = Standardizer.from_dict(state["scaler"]).transform(features).astype(np.float32)
-        model = build_model(features.shape[1], task.bottoms[h], out_features=task.widths[h])
-        load_weights(model, state, "segment", "model")
-        model.eval()
-        with torch.no_grad():
-            acts = model(torch.from_numpy(features)).numpy()
+        features, acts = segment_activations(task, folder, h, rows)
         out[h] = _decode(acts, features, aux, seed)
         out[h].update(aux_rows=int(aux.sum()), scored_rows=int((~aux).sum()), cut_width=int(acts.shape[1]),
                       features=int(features.shape[1]))
     return out
+
+
+def completion(task: Task, folder: Path, seed: int = 0) -> float:
+    """Model completion (Fu et al. 2022): a data holder that knows the labels of an auxiliary 10 % of the rows fits
+    a logistic regression on its own trained segment's activations and labels the other rows. Returns the max over
+    data holders of the AUC (binary) or accuracy (multiclass) on those rows."""
+    from sklearn.linear_model import LogisticRegression
+
+    from vfl.train.metrics import roc_auc
+
+    rows = shared_rows(task)
+    aux = aux_mask(len(rows), seed + 1)
+    y = task.y[rows]
+    best = 0.0
+    for h in task.holders:
+        _, acts = segment_activations(task, folder, h, rows)
+        mu, sd = acts[aux].mean(0), acts[aux].std(0) + 1e-6
+        clf = LogisticRegression(max_iter=2000).fit((acts[aux] - mu) / sd, y[aux])
+        z = (acts[~aux] - mu) / sd
+        score = (roc_auc(y[~aux], clf.decision_function(z)) if task.kind == "binary"
+                 else float(np.mean(clf.predict(z) == y[~aux])))
+        best = max(best, float(score))
+    return best
 
 
 def _decode(acts: np.ndarray, features: np.ndarray, aux: np.ndarray, seed: int) -> dict:
@@ -482,7 +520,7 @@ def choose_best(rows: list[dict]) -> dict:
     }
 
 
-def sweep(folder: Path, *, quick: bool, defences: list[str], log) -> dict:
+def sweep(folder: Path, *, quick: bool, defences: list[str], repeats: int, log) -> dict:
     epochs = {"breast": 8, "digits": 8} if quick else {"breast": 25, "digits": 20}
     strengths = {k: v for k, v in (QUICK_STRENGTHS if quick else STRENGTHS).items() if k in defences}
     tasks = [
@@ -497,16 +535,16 @@ def sweep(folder: Path, *, quick: bool, defences: list[str], log) -> dict:
     for task in tasks:
         log(f"--- {task.name} ({task.kind}, {len(task.y)} rows"
             + (f", {100 * task.positives:.1f} % positives" if task.kind == "binary" else "") + ")")
-        rows = []
-
         def one(cell: Cell, n: int) -> dict:
             t0 = time.monotonic()
             run_folder = folder / task.name / f"run{n:02d}"
             row = run_cell(task, cell, run_folder, record_dir=recorder if cell.recorded else None)
-            row.update(defence=cell.defence, params=dict(cell.params), cell=cell.label, folder=str(run_folder))
+            row.update(defence=cell.defence, params=dict(cell.params), cell=cell.label, folder=str(run_folder),
+                       completion=completion(task, run_folder))
             log(f"{cell.label:<34} {row['val_metric']} {row['val']:.4f}  " + "  ".join(
                 f"{k[:-5]} {row[k]:.3f}" for k in ("leak_auc_norm_mean", "leak_auc_direction_mean",
                                                    "leak_attack_accuracy_mean") if row.get(k) is not None)
+                + f"  completion {row['completion']:.3f}"
                 + f"  {row['samples_per_s'] or float('nan'):,.0f} samples/s  ({time.monotonic() - t0:.1f} s)")
             return row
 
@@ -518,19 +556,43 @@ def sweep(folder: Path, *, quick: bool, defences: list[str], log) -> dict:
         result["inversion"][task.name] = inversion(task, Path(first["folder"]))
         for h in task.holders:
             (recorder / f"{h}.npz").unlink()
-        for n, cell in enumerate(cells_for(task, strengths, clip), 1):
-            rows.append(one(cell, n))
-        base = one(Cell("none"), len(rows) + 1)
-        for r in rows + [first]:
+        cells = [Cell("none"), *cells_for(task, strengths, clip)]
+        runs: dict[Cell, list[dict]] = {c: [] for c in cells}
+        n = 0
+        for _ in range(repeats):  # rounds of every cell, so a slow spell of the shared box hits every cell alike
+            for cell in cells:
+                n += 1
+                runs[cell].append(one(cell, n))
+        table = [aggregate(c, runs[c]) for c in cells]
+        base = table[0]
+        first["runs"] = 1
+        table.insert(1, first)
+        for r in table:
             r["cost"] = (r["samples_per_s"] / base["samples_per_s"]
                          if r["samples_per_s"] and base["samples_per_s"] else None)
-        base["cost"] = 1.0
-        table = [base, first, *rows]
-        for r in table:
             r["val_drop_pp"] = 100 * (base["val"] - r["val"])
         result["tasks"][task.name] = {"kind": task.kind, "rows": len(task.y), "positives": task.positives,
-                                      "epochs": first["epochs"], "clip": clip, "cells": table}
+                                      "epochs": first["epochs"], "clip": clip, "repeats": repeats, "cells": table}
     return result
+
+
+MEANS = ("val", "completion", *(f"{k}_{m}" for k in ("leak_auc_norm", "leak_auc_direction", "leak_attack_accuracy")
+                                 for m in ("mean", "max", "last")))
+
+
+def aggregate(cell: Cell, runs: list[dict]) -> dict:
+    """One cell over its repeats: the mean of every figure, the MEDIAN samples/s, and each run's own figures."""
+    row = {k: v for k, v in runs[0].items() if k not in ("folder",)}
+    for k in MEANS:
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        row[k] = float(np.mean(vals)) if vals else None
+    sps = [r["samples_per_s"] for r in runs if r["samples_per_s"]]
+    row["samples_per_s"] = float(np.median(sps)) if sps else None
+    row["runs"] = len(runs)
+    row["per_run"] = [{k: r.get(k) for k in ("val", "completion", "samples_per_s", "leak_auc_norm_mean",
+                                              "leak_auc_direction_mean", "leak_attack_accuracy_mean")} for r in runs]
+    row["folder"] = runs[0]["folder"]
+    return row
 
 
 def print_table(result: dict) -> None:
@@ -543,14 +605,15 @@ def print_table(result: dict) -> None:
         head = (f"{'cell':<30} {'val AUC' if binary else 'val acc':>8} {'drop pp':>7} "
                 + (f"{'norm mean':>9} {'norm max':>8} {'dir mean':>8} {'dir max':>8}" if binary
                    else f"{'attack acc mean':>15} {'max':>6}")
-                + f" {'samples/s':>9} {'cost':>5}")
+                + f" {'complete':>8} {'samples/s':>9} {'cost':>5}")
         print(head)
         for r in t["cells"]:
             leak = (f"{_f(r.get('leak_auc_norm_mean')):>9} {_f(r.get('leak_auc_norm_max')):>8} "
                     f"{_f(r.get('leak_auc_direction_mean')):>8} {_f(r.get('leak_auc_direction_max')):>8}" if binary
                     else f"{_f(r.get('leak_attack_accuracy_mean')):>15} {_f(r.get('leak_attack_accuracy_max')):>6}")
             sps = f"{r['samples_per_s']:,.0f}" if r["samples_per_s"] else "-"
-            print(f"{r['cell']:<30} {r['val']:>8.4f} {r['val_drop_pp']:>7.2f} {leak} {sps:>9} {_f(r['cost'], 2):>5}")
+            print(f"{r['cell']:<30} {r['val']:>8.4f} {r['val_drop_pp']:>7.2f} {leak} {_f(r['completion']):>8} {sps:>9} "
+                  f"{_f(r['cost'], 2):>5}")
     print()
     for name, check in result["attacker_check"].items():
         parts = [f"{k[6:-5]} {v:.3f}" for k, v in check.items() if k.startswith("bench_") and k.endswith("_mean")]
@@ -573,9 +636,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="8 epochs, fewer strengths (about 2.5 minutes)")
     ap.add_argument("--keep", metavar="DIR", help="write every run's folder (configs, CSVs, logs, model) here")
+    ap.add_argument("--repeats", type=int, default=None, help="runs of every cell (default 2; --quick: 1)")
     ap.add_argument("--defences", nargs="*", choices=list(STRENGTHS), default=list(STRENGTHS),
                     help="the defences to run (default: all; none given: the no-defence runs only)")
     args = ap.parse_args()
+    repeats = args.repeats or (1 if args.quick else 2)
+    if repeats < 1:
+        ap.error("--repeats must be >= 1")
     signal.signal(signal.SIGTERM, _stop)
     started = time.monotonic()
 
@@ -587,10 +654,10 @@ def main() -> int:
         if folder.exists() and any(folder.iterdir()):
             ap.error(f"--keep {folder}: the folder is not empty")
         folder.mkdir(parents=True, exist_ok=True)
-        result = sweep(folder.resolve(), quick=args.quick, defences=args.defences, log=log)
+        result = sweep(folder.resolve(), quick=args.quick, defences=args.defences, repeats=repeats, log=log)
     else:
         with tempfile.TemporaryDirectory(prefix="vfl-leakage-") as tmp:
-            result = sweep(Path(tmp), quick=args.quick, defences=args.defences, log=log)
+            result = sweep(Path(tmp), quick=args.quick, defences=args.defences, repeats=repeats, log=log)
     print_table(result)
     goal = choose_best([{**r} for r in result["tasks"]["digits0"]["cells"] if not r["cell"].endswith("(recorded)")])
     if goal:
