@@ -154,3 +154,14 @@ def test_leak_audit_multiclass_and_regression():
         LeakAudit("ranking", 2)
     with pytest.raises(PrivacyError):
         LeakAudit("binary", 2).add("dh1", g[:3], np.array([0, 1, 3]))
+
+
+def test_a_diverged_step_gives_nan_figures_not_an_error():
+    audit = LeakAudit("binary", 2)
+    g = np.ones((4, 2), np.float32)
+    audit.add("dh1", g, np.array([0, 1, 0, 1]))
+    audit.add("dh1", np.full((4, 2), np.nan, np.float32), np.array([0, 1, 0, 1]))
+    figures = audit.result()["dh1"]
+    assert set(figures) == {"leak_auc_norm", "leak_auc_direction"} and all(map(math.isnan, figures.values()))
+    audit.add("dh1", g * np.arange(1, 5)[:, None], np.array([0, 1, 0, 1]))
+    assert audit.result()["dh1"]["leak_auc_norm"] == 0.75  # the next epoch is scored again

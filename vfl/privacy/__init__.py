@@ -16,6 +16,9 @@ from .spec import DEFENCES, PARAMETERS, PrivacyError, PrivacySpec
 # the functions named like their module (max_norm, marvell, gradient_noise) are not re-exported: once the submodule
 # is imported, the package attribute of that name is the module, so import them from their modules
 _LAZY = {
+    "marvell": ("MarvellNoise", "marvell_noise", "sum_kl"),
+    "label_dp": ("flip_probability", "randomize_labels"),
+    "defences": ("defend",),
     "audit": ("LeakAudit", "cluster_attack_accuracy", "direction_leak_auc", "norm_leak_auc"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}

@@ -7,16 +7,17 @@ import numpy as np
 from .spec import PrivacyError
 
 
-def as_grads(grads) -> np.ndarray:
-    """``grads`` as a float64 ``[b, w]`` array (a copy; float32 in, so float64 math stays exact per element)."""
+def as_grads(grads, *, finite: bool = True) -> np.ndarray:
+    """``grads`` as a float64 ``[b, w]`` array (a copy; float32 in, so float64 math stays exact per element).
+    NaN or infinity is refused unless ``finite`` is False."""
     g = np.asarray(grads)
     if g.ndim != 2:
         raise PrivacyError(f"gradients must have shape [rows, width], got {g.shape}")
     if g.dtype.kind not in "fiu":
         raise PrivacyError(f"gradients must be numbers, got dtype {g.dtype}")
     g = g.astype(np.float64)
-    if not np.isfinite(g).all():
-        raise PrivacyError("gradients contain NaN or infinity")
+    if finite and not np.isfinite(g).all():
+        raise PrivacyError("gradients contain NaN or infinity: the training diverged (lower the learning rate)")
     return g
 
 

@@ -144,7 +144,8 @@ class LeakAudit:
     audit keeps only a few numbers per row, not the gradients. ``result`` gives, per party, ``leak_auc_norm`` and
     ``leak_auc_direction`` (binary) or ``leak_attack_accuracy`` (multiclass); for regression it is ``{}`` (label
     leakage through these attacks is defined for class labels) and ``add`` does nothing. A figure is NaN when it is
-    undefined (e.g. an epoch whose rows are all of one class). ``result`` then resets for the next epoch.
+    undefined (an epoch whose rows are all of one class) or unknown (a step sent NaN or infinite gradients: the
+    audit never stops a run). ``result`` then resets for the next epoch.
     """
 
     def __init__(self, task: str, n_classes: int):
@@ -160,11 +161,13 @@ class LeakAudit:
         """Score one step's gradient ``[b, w]`` as sent to ``party``, with the true labels ``[b]``."""
         if self.task == "regression":
             return
-        g = as_grads(grads)
+        g = as_grads(grads, finite=False)
         y = as_labels(labels, g.shape[0], self.n_classes)
         acc = self._parties.setdefault(party, {"norm": [], "label": [], "direction": [], "dir_label": [],
-                                               "hits": [0, 0]})
-        if g.shape[0] == 0:
+                                               "hits": [0, 0], "finite": True})
+        if not np.isfinite(g).all():  # a diverged step: no figure this epoch, but the run goes on
+            acc["finite"] = False
+        if g.shape[0] == 0 or not acc["finite"]:
             return
         if self.task == "binary":
             acc["norm"].append(_norms(g))
@@ -180,7 +183,10 @@ class LeakAudit:
         """The epoch's figures per party (see the class docstring), then an empty audit for the next epoch."""
         out: dict[str, dict[str, float]] = {}
         for party, acc in self._parties.items():
-            if self.task == "binary":
+            if not acc["finite"]:
+                keys = ("leak_auc_norm", "leak_auc_direction") if self.task == "binary" else ("leak_attack_accuracy",)
+                out[party] = dict.fromkeys(keys, math.nan)
+            elif self.task == "binary":
                 out[party] = {
                     "leak_auc_norm": _folded_auc(_cat(acc["label"]), _cat(acc["norm"])),
                     "leak_auc_direction": _folded_auc(_cat(acc["dir_label"]), _cat(acc["direction"])),
