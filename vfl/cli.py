@@ -268,7 +268,12 @@ def keys_generate(names: tuple[str, ...], out_dir: str, overwrite: bool) -> None
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run folder. Default: runs/demo-DATASET.")
 @click.option("--window", default=2, show_default=True, type=click.IntRange(1, 64), help="Pipeline window W.")
 @click.option("--prepare-only", is_flag=True, help="Write data, keys and configs; print the per-node commands.")
-def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int, prepare_only: bool) -> None:
+@click.option("--defence", type=click.Choice(["none", "max_norm", "marvell", "label_dp", "gradient_noise"]),
+              default="none", show_default=True, help="The training's label-leakage defence ([privacy].defence).")
+@click.option("--defence-param", "defence_params", multiple=True, metavar="KEY=VALUE",
+              help="A parameter of the defence, e.g. sumkl=4 (repeatable; see PRIVACY.md).")
+def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int, prepare_only: bool, defence: str,
+         defence_params: tuple[str, ...]) -> None:
     """Zero set-up: partition a data set that scikit-learn ships across parties, then PSI + split training.
 
     breast: breast cancer, split as FATE's hetero demo (the label holder has the label and 10 features, one data
@@ -280,12 +285,13 @@ def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int, pr
     import shutil
 
     from .launch import launch
-    from .launch.demo import prepare_demo, summarize
+    from .launch.demo import leak_line, prepare_demo, privacy_table, summarize
 
+    privacy = privacy_table(defence, defence_params)
     out = Path(out_dir or f"runs/demo-{dataset}")
     if out.exists() and not prepare_only:
         shutil.rmtree(out / "model", ignore_errors=True)  # a fresh run, not a resume of the last one
-    d = prepare_demo(dataset, out, data_holders=n_data_holders, window=window)
+    d = prepare_demo(dataset, out, data_holders=n_data_holders, window=window, privacy=privacy)
     if prepare_only:
         click.echo(f"wrote data, keys and configs to {out}; start each node in its own terminal:")
         for path in d.configs.values():
@@ -297,6 +303,9 @@ def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int, pr
     final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items() if k.startswith("val_"))
     click.echo(f"demo {dataset}: {'ok' if summary['ok'] else 'FAILED'} in {summary['wall_seconds']} s "
                f"(nodes {summary['launch_seconds']} s); {summary['aligned_rows']} aligned rows; {final}")
+    leak = leak_line(summary)
+    if leak:
+        click.echo(leak)
     click.echo(f"summary: {out / 'summary.json'}")
     if result.failed:
         click.echo(f"vfl demo: failed: {', '.join(f'{n} (exit {result.exit_codes[n]})' for n in result.failed)}; "

@@ -114,6 +114,13 @@ def test_demo_breast_end_to_end(breast_run):
     assert summary["epochs"] == 25 and summary["aligned_rows"] and summary["aligned_rows"] < summary["rows"]
     assert set(summary["exit_codes"]) == {"bank", "dh1"} and not any(summary["exit_codes"].values())
     assert f"demo breast: ok in {summary['wall_seconds']} s (nodes {summary['launch_seconds']} s)" in output
+    # the default run has no defence, is audited, and says what the data holder could infer (issue 14)
+    leak = summary["leak"]["dh1"]
+    assert summary["defence"] == "none" and set(leak) == {"leak_auc_norm", "leak_auc_direction"}
+    assert leak == {k: summary["final"][k]["dh1"] for k in leak}
+    assert (f"label leakage (what each data holder could infer from its gradients): dh1 norm AUC "
+            f"{leak['leak_auc_norm']:.2f}, direction AUC {leak['leak_auc_direction']:.2f} — see PRIVACY.md; set "
+            "[privacy].defence to reduce it") in output
     # wall_seconds is the whole command up to summary.json, the nodes' launch is part of it
     assert 0 < summary["launch_seconds"] <= summary["wall_seconds"] <= took, (summary, took)
     for name in ("bank", "dh1"):

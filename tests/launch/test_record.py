@@ -15,7 +15,8 @@ pytest.importorskip("sklearn", reason="the demo data sets come from scikit-learn
 RUN_TIMEOUT_S = 300.0
 #: every summary.json has these; `vfl demo` adds "demo" and "rows"
 RECORD_KEYS = {"ok", "exit_codes", "wall_seconds", "launch_seconds", "psi_seconds", "aligned_rows", "train_rows",
-               "epochs", "final", "train_samples", "train_seconds", "train_samples_per_second", "traffic", "logs"}
+               "epochs", "final", "train_samples", "train_seconds", "train_samples_per_second", "traffic", "logs",
+               "defence", "leak"}
 
 
 def test_vfl_launch_writes_summary_json_and_logs_with_true_sample_counts(tmp_path, launchers):  # noqa: F811

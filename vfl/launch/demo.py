@@ -95,7 +95,44 @@ def _cell(v) -> str:
     return str(int(v)) if isinstance(v, (np.integer, int)) else repr(float(v))
 
 
-def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, window: int = 2) -> Demo:
+def privacy_table(defence: str, params: tuple[str, ...] | list[str] = ()) -> dict | None:
+    """``vfl demo --defence NAME --defence-param KEY=VALUE ...`` as the ``[privacy]`` table every node gets; None for
+    no defence (the configs then have no [privacy] table, and the session config its digest without one).
+
+    Checked here, as a node would check it, so a wrong name or value stops the demo before anything is written."""
+    from ..privacy.spec import PrivacyError, PrivacySpec
+
+    table: dict = {"defence": defence}
+    for item in params:
+        key, sep, value = item.partition("=")
+        try:
+            table[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise DemoError(f"--defence-param {item!r} must be KEY=NUMBER, e.g. --defence-param sumkl=4")
+    try:
+        spec = PrivacySpec.from_table(table)
+    except PrivacyError as exc:
+        raise DemoError(f"--defence {defence}: {exc}") from None
+    if spec.defence == "none":
+        return None
+    return {"defence": spec.defence, **dict(spec.params)}
+
+
+def _check_task(privacy: dict, task: str) -> None:
+    from ..privacy.spec import PrivacyError, PrivacySpec
+
+    try:
+        PrivacySpec.from_table(privacy).check_task(task)
+    except PrivacyError as exc:
+        raise DemoError(f"--defence {privacy.get('defence')}: {exc}") from None
+
+
+def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, window: int = 2,
+                 privacy: dict | None = None) -> Demo:
+    """The demo's data, keys and configs in ``out``. ``privacy``: a ``[privacy]`` table (``defence`` and its
+    parameters) for every node (``vfl demo --defence``); left out, the run has no defence (and is audited)."""
     x, y = _load(name)
     n = len(y)
     rng = np.random.default_rng(seed)
@@ -148,6 +185,8 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
                       "optimizer": opt, "output": out_model},
         }
         batch = 32
+    if privacy:
+        _check_task(privacy, tables[LABEL_HOLDER]["train"]["task"])
     model = "demo-" + name + "-" + fingerprint({"tables": tables, "widths": widths})[:16]
     configs = prepare_session(
         out,
@@ -161,6 +200,7 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
         data=data,
         psi={"workers": 1},
         tables=tables,
+        privacy=privacy,
     )
     return Demo(name=name, configs=configs, out=out, rows=n)
 
@@ -179,3 +219,23 @@ def summarize(demo: Demo, launch_s: float, logs: dict[str, list[str]], exit_code
         summary["wall_seconds"] = round(time.monotonic() - started, 2)
     write_summary(demo.out, summary)
     return summary
+
+
+_LEAK_NAMES = (("leak_auc_norm", "norm AUC"), ("leak_auc_direction", "direction AUC"),
+               ("leak_attack_accuracy", "attack accuracy"))
+
+
+def leak_line(summary: dict) -> str | None:
+    """The demo's closing line on label leakage, from the last epoch's audit in ``summary`` (None: not audited).
+
+    With no defence it says how to get one: the number is there to be reduced, not only read."""
+    leak = summary.get("leak") or {}
+    parties = [f"{party} " + ", ".join(f"{name} {figures[key]:.2f}" for key, name in _LEAK_NAMES if key in figures)
+               for party, figures in leak.items()]
+    if not parties:
+        return None
+    defence = summary.get("defence") or "none"
+    head = "label leakage (what each data holder could infer from its gradients"
+    if defence == "none":
+        return f"{head}): {'; '.join(parties)} — see PRIVACY.md; set [privacy].defence to reduce it"
+    return f"{head}, defence {defence}): {'; '.join(parties)} — see PRIVACY.md"

@@ -175,15 +175,34 @@ def _last(lines: list[str], pattern: re.Pattern) -> re.Match | None:
     return found[-1] if found else None
 
 
-def _metrics_path(label_holder_config: Path) -> Path | None:
+def _label_holder(label_holder_config: Path):
     from ..node.config import ConfigError, load_config
 
     try:
-        cfg = load_config(label_holder_config)
+        return load_config(label_holder_config)
     except ConfigError:
         return None
-    output = cfg.train.output if cfg.train is not None else None
+
+
+def _metrics_path(cfg) -> Path | None:
+    output = cfg.train.output if cfg is not None and cfg.train is not None else None
     return output / "metrics.jsonl" if output is not None else None
+
+
+#: the audit's per-epoch figures in metrics.jsonl, each a map party -> value (``vfl.train.segments.TorchTop``)
+LEAK_KEYS = ("leak_auc_norm", "leak_auc_direction", "leak_attack_accuracy")
+
+
+def leak_by_party(record: dict) -> dict[str, dict[str, float]]:
+    """One epoch record's audit figures as party -> {figure: value} (empty when the run was not audited)."""
+    out: dict[str, dict[str, float]] = {}
+    for key in LEAK_KEYS:
+        values = record.get(key)
+        if isinstance(values, dict):
+            for party, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out.setdefault(str(party), {})[key] = float(value)
+    return dict(sorted(out.items()))
 
 
 def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: float | None = None) -> dict:
@@ -195,14 +214,16 @@ def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: f
     launcher's clock on their arrival; ``train_samples`` / ``train_seconds`` / ``train_samples_per_second``: the
     label holder's own measure of its training phase (whole steps at their true size; validation and checkpoints
     inside the phase included; no rate over less than a second). ``epochs`` and ``final`` come from the label
-    holder's metrics.jsonl (one record per epoch).
+    holder's metrics.jsonl (one record per epoch); ``defence`` is the session's ``[privacy]`` defence as the nodes
+    log it, and ``leak`` the label-leakage audit of the last epoch, party -> {``leak_auc_norm``, ...}.
     """
     from .plot import PlotError, load_metrics
 
     lh = next(iter(result.logs), None)
     lines = result.logs.get(lh, []) if lh is not None else []
     times = result.times.get(lh, []) if lh is not None else []
-    metrics_path = _metrics_path(label_holder_config)
+    cfg = _label_holder(label_holder_config)
+    metrics_path = _metrics_path(cfg)
     try:
         epochs = load_metrics(metrics_path) if metrics_path is not None and metrics_path.exists() else []
     except PlotError:
@@ -237,6 +258,8 @@ def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: f
         "train_samples_per_second": (round(train_samples / train_seconds, 1)
                                      if throughput and throughput.group(3) and train_seconds else None),
         "traffic": traffic,
+        "defence": cfg.session.privacy.describe() if cfg is not None else None,
+        "leak": leak_by_party(final),
         "logs": {name: f"logs/{name}.log" for name in result.logs},
     }
 

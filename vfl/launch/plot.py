@@ -1,7 +1,9 @@
 """`vfl plot`: learning curves of a run as a PNG, from the label holder's ``model/metrics.jsonl``.
 
 One panel for the loss (training vs validation), one for the task's quality metrics (accuracy and ROC AUC for a
-binary task, accuracy for a multiclass one, RMSE for regression). matplotlib is an optional extra (``vfl[plot]``);
+binary task, accuracy for a multiclass one, RMSE for regression), and, when the run was audited, one for the label
+leakage: per data holder and epoch, the AUC of the norm and direction attacks on the gradients it was sent (0.5: the
+gradients say nothing about the labels; 1: they give every label away), or the multiclass attack's accuracy. matplotlib is an optional extra (``vfl[plot]``);
 it is used through the Agg canvas directly, so no GUI backend and no global pyplot state are touched.
 """
 
@@ -21,6 +23,10 @@ NEEDS_MATPLOTLIB = "needs matplotlib: pip install 'vfl[plot]'"
 # (metric, label in the legend, colour); train curves are dashed, validation curves solid
 QUALITY = [("accuracy", "accuracy", "tab:blue"), ("auc", "ROC AUC", "tab:orange"), ("rmse", "RMSE", "tab:purple")]
 LOSS_COLOUR = "tab:red"
+# the audit's figures (metrics.jsonl: figure -> {party: value}), with their legend label and line style
+LEAK = [("leak_auc_norm", "norm attack AUC", "-"), ("leak_auc_direction", "direction attack AUC", "--"),
+        ("leak_attack_accuracy", "attack accuracy", ":")]
+LEAK_COLOURS = ["tab:green", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
 
 
 class PlotError(SetupError):
@@ -105,6 +111,21 @@ def _last_finite(values: list[float]) -> float | None:
     return None
 
 
+def _leak_series(epochs: list[dict]) -> list[tuple[str, str, str, list[float]]]:
+    """(party, figure key, label, values per epoch) of every audit figure recorded, parties in name order."""
+    parties = sorted({str(p) for r in epochs for key, _, _ in LEAK if isinstance(r.get(key), dict) for p in r[key]})
+    out = []
+    for party in parties:
+        for key, label, _ in LEAK:
+            ys = []
+            for record in epochs:
+                v = record.get(key).get(party) if isinstance(record.get(key), dict) else None
+                ys.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan)
+            if any(math.isfinite(y) for y in ys):
+                out.append((party, key, label, ys))
+    return out
+
+
 def _epoch_ticks(last: int) -> list[int]:
     """1, then multiples of a round step, at most ~12 ticks."""
     step = next(s for s in (1, 5, 10, 25, 50, 100, 250, 500, 1000, 10**9) if last / s <= 12)
@@ -139,10 +160,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, dpi: int = 1
     subtitle = (f"{len(epochs)} epoch{'s' if len(epochs) != 1 else ''}; final validation: "
                 + (", ".join(final) if final else "none recorded"))
 
-    fig = Figure(figsize=(12, 5.2), dpi=dpi, layout="constrained")
+    leak = _leak_series(epochs)
+    fig = Figure(figsize=(18 if leak else 12, 5.2), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(f"{title}\n{subtitle}", fontsize=13)
-    ax_loss, ax_q = fig.subplots(1, 2)
+    axes = list(fig.subplots(1, 3 if leak else 2))
+    ax_loss, ax_q = axes[:2]
     marker = "o" if len(xs) <= 40 else None
 
     def curve(ax, key: str, label: str, colour: str) -> None:
@@ -167,7 +190,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, dpi: int = 1
             ax_q.set_ylim(max(0.0, low - 0.02), 1.005)
     else:
         ax_q.set_title("no quality metric recorded", fontsize=12)
-    for ax in (ax_loss, ax_q):
+    if leak:
+        ax_leak = axes[2]
+        parties = sorted({party for party, _, _, _ in leak})
+        styles = {key: style for key, _, style in LEAK}
+        for party, key, label, ys in leak:
+            ax_leak.plot(xs, ys, styles[key], color=LEAK_COLOURS[parties.index(party) % len(LEAK_COLOURS)],
+                         marker=marker, markersize=3.5, linewidth=1.8, label=f"{party} {label}")
+        ax_leak.axhline(0.5, color="0.5", linewidth=1, linestyle=":")
+        ax_leak.set_title("label leakage to each data holder (0.5: none)", fontsize=12)
+        ax_leak.set_ylabel("attack AUC / accuracy on the gradients sent", fontsize=11)
+        ax_leak.set_ylim(0.0 if any(k == "leak_attack_accuracy" for _, k, _, _ in leak) else 0.45, 1.02)
+    for ax in axes:
         ax.set_xlabel("epoch", fontsize=11)
         ax.set_xlim(0.5, max(xs) + 0.5)
         ax.set_xticks(_epoch_ticks(max(xs)))

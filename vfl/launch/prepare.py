@@ -75,6 +75,13 @@ COMMENTS = {
     "train.seed": "seed of the train/validation split and every epoch's order",
     "train.optimizer": "this party's optimizer (adam: lr, betas, eps, weight_decay; sgd: lr, momentum, ...)",
     "train.output": "folder for this party's trained segment, checkpoints/ and (label holder) metrics.jsonl",
+    "privacy": "the training's label-leakage defence: the same at every node (it is in the session config)",
+    "privacy.defence": "none, max_norm, marvell (binary), label_dp or gradient_noise; see PRIVACY.md",
+    "privacy.sumkl": "marvell's privacy budget: smaller is more private (more noise)",
+    "privacy.epsilon": "label_dp: randomized response at this epsilon (smaller flips more labels)",
+    "privacy.clip": "gradient_noise: each row's gradient is clipped to this L2 norm",
+    "privacy.sigma": "gradient_noise: Gaussian noise of standard deviation sigma * clip is added",
+    "privacy.audit": "label holder: measure each epoch what every data holder could infer from its gradients",
     "link_check": "ECHO round trips after joining",
     "link_check.rounds": "0 = skip the check",
 }
@@ -117,6 +124,8 @@ def prepare_session(
     cut_widths: dict[str, int] | None = None,
     label_holder: str = LABEL_HOLDER,
     comments: bool = False,
+    privacy: dict | None = None,
+    audit: bool | None = None,
 ) -> dict[str, Path]:
     """Keys in ``out/keys`` and one ``NAME.toml`` per node; returns {party: config path}, label holder first.
 
@@ -124,7 +133,9 @@ def prepare_session(
     ``psi`` and ``limits`` are ``[psi]`` and ``[limits]`` tables written for every node. ``tables`` adds per-party
     tables ({party: {"model": {...}, "train": {...}}}); a ``train`` table anywhere turns training on. ``data`` entries
     may carry more ``[data]`` keys (features, label_column, standardize). ``comments``: a line above every key
-    saying what it does (``vfl init``, for configs a user reads).
+    saying what it does (``vfl init``, for configs a user reads). ``privacy``: the ``[privacy]`` table (defence and
+    its parameters), written into EVERY node's config, since it is part of the session config every party must
+    agree on; ``audit``: the label holder's ``[privacy].audit`` (left out: the default, on).
     """
     out.mkdir(parents=True, exist_ok=True)
     keys = out / "keys"
@@ -144,6 +155,12 @@ def prepare_session(
     common += _table("limits", limits, comments) if limits else ""
     configs: dict[str, Path] = {}
 
+    def privacy_table(is_label_holder: bool) -> str:
+        values = dict(privacy or {})
+        if is_label_holder and audit is not None:
+            values["audit"] = audit
+        return _table("privacy", values, comments) if values else ""
+
     def node(name: str, role: str, partners: list[str], extra: str) -> None:
         head = "".join(
             (_comment(k) if comments else "") + f"{k} = {_toml_value(v)}\n"
@@ -162,6 +179,7 @@ def prepare_session(
             + (_table("psi", {**(psi or {}), "output": f"{name}-aligned.csv"}, comments) if data else "")
             + "".join(_table(section, values, comments)
                       for section, values in ((tables or {}).get(name) or {}).items())
+            + privacy_table(role == "label_holder")
             + extra
         )
         path = out / f"{name}.toml"

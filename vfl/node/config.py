@@ -7,6 +7,7 @@ folder can be moved or copied to another host as a whole.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..protocol import DTYPES, Limits, SessionConfig
 from ..errors import SetupError
+from ..privacy.spec import PrivacyError, PrivacySpec
 from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.messages import is_party_id
 from ..protocol.psi_phase import DEFAULT_MAX_PSI_ITEMS
@@ -113,6 +115,9 @@ class NodeConfig:
     data: DataSource | None = None
     psi: PsiSettings = field(default_factory=PsiSettings)
     train: TrainSettings | None = None
+    #: [privacy].audit (label holder): measure each epoch what every data holder could infer about the labels from
+    #: the gradients it was sent (``vfl.privacy.audit``); the defence itself is in ``session.privacy``
+    audit: bool = True
 
     @property
     def is_label_holder(self) -> bool:
@@ -135,6 +140,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "psi": (dict, False, {}),
         "model": (dict, False, None),
         "train": (dict, False, None),
+        "privacy": (dict, False, None),
     },
     "data": {
         "path": (str, True, None),
@@ -319,6 +325,9 @@ def load_config(path: str | Path, *, allow_insecure_remote: bool = False) -> Nod
     if session is not None and session.psi and "data" in top and top["data"] is None:
         problems.add("[session].psi = true needs a [data] table with path and id_column")
     psi = _psi(top["psi"], limits, base, problems) if "psi" in top else None
+    privacy, audit = _privacy(top, session, problems)
+    if session is not None and privacy is not None:
+        session = dataclasses.replace(session, privacy=privacy)
     train = None
     training = session.train if session is not None else _raw_flag(top.get("session"), "train")
     if training and role in ROLES:
@@ -345,6 +354,7 @@ def load_config(path: str | Path, *, allow_insecure_remote: bool = False) -> Nod
         data=data,
         psi=psi,
         train=train,
+        audit=audit,
     )
 
 
@@ -579,6 +589,38 @@ def _psi(raw: dict, limits: Limits | None, base: Path, problems: _Problems) -> P
         output=(base / p["output"]).resolve() if p["output"] else None,
         max_items=p["max_items"],
     )
+
+
+def _privacy(top: dict, session: SessionConfig | None, problems: _Problems) -> tuple[PrivacySpec | None, bool]:
+    """[privacy]: the training defence (into the session config: every party must set the same one) and, at the
+    label holder, ``audit``. Returns (spec or None if it has a problem, audit)."""
+    raw = top.get("privacy")
+    if raw is None:
+        return PrivacySpec(), True
+    table = dict(raw)
+    audit = table.pop("audit", True)
+    if not isinstance(audit, bool):
+        problems.add(f"[privacy].audit must be true or false, got {audit!r}")
+        audit = True
+    elif "audit" in raw and top.get("role") == "data_holder":
+        problems.add("[privacy].audit is the label holder's to set (it measures the leak; a data holder cannot)")
+    try:
+        spec = PrivacySpec.from_table(table)
+    except PrivacyError as exc:
+        problems.add(str(exc))
+        return None, audit
+    training = session.train if session is not None else _raw_flag(top.get("session"), "train")
+    if spec.defence != "none" and not training:
+        problems.add(f"[privacy].defence = {spec.defence!r} protects training, but [session].train is not true")
+        return None, audit
+    task = (top.get("train") or {}).get("task") if top.get("role") == "label_holder" else None
+    if isinstance(task, str) and task in TASKS:
+        try:
+            spec.check_task(task)
+        except PrivacyError as exc:
+            problems.add(str(exc))
+            return None, audit
+    return spec, audit
 
 
 TASKS = ("multiclass", "binary", "regression")

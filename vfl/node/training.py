@@ -34,7 +34,7 @@ from .checkpoints import Checkpointer, StateFileError, dump_state, load_state, r
 from .lifecycle import METRICS, StartMode, data_holder_check, label_holder_start, run_files, set_aside, trim_metrics
 from .alignment import PartyIds
 from .config import NodeConfig, TrainingSetupError
-from ..train.segments import TorchBottom, TorchTop
+from ..train.segments import TorchBottom, TorchTop, label_dp_targets
 
 
 def checkpointer(cfg: NodeConfig) -> Checkpointer:
@@ -142,6 +142,10 @@ def build_top(
             raise TrainingSetupError(f"{table.path}: label column {table.label_column!r}: {exc}") from None
     else:
         targets = np.zeros(table.n_rows, dtype=np.int64 if t.task == "multiclass" else np.float32)
+    privacy = cfg.session.privacy
+    trained_on = targets  # label_dp: randomised once, over the whole table in file order (the same every run)
+    if not cfg.session.predict:
+        trained_on = label_dp_targets(privacy, targets, encoding.n_classes, t.seed)
     widths = dict(cfg.session.cut_widths)
     own = None
     if t.bottom is not None:
@@ -179,11 +183,16 @@ def build_top(
         combiner=combiner,
         order=order,
         task=t.task,
-        targets=targets[rows],
+        targets=trained_on[rows],
         own=own,
         own_name=cfg.party if own is not None else None,
         checkpointer=checkpointer(cfg),
         dropout_seed=dropout_seed(cfg),
+        privacy=privacy,
+        audit=cfg.audit and not cfg.session.predict,
+        true_targets=targets[rows],
+        privacy_seed=t.seed,
+        n_classes=encoding.n_classes,
     )
     segment.label_encoding = encoding
     segment.own_scaler = own_scaler if own is not None else None
@@ -348,6 +357,28 @@ def append_metrics(cfg: NodeConfig, metrics: dict) -> None:
         fh.write(json.dumps(metrics, sort_keys=True) + "\n")
 
 
+#: (metrics key, short name in the log) of the audit's figures, each a map party -> value (``TorchTop.end_epoch``)
+LEAK_FIGURES = (("leak_auc_norm", "norm"), ("leak_auc_direction", "dir"), ("leak_attack_accuracy", "attack"))
+
+
+def leak_text(metrics: dict) -> str:
+    """The audit's figures of one epoch, compactly: ``leak dh1 norm 0.97 dir 0.99, dh2 norm 0.71 dir 0.80``."""
+    parties = sorted({p for key, _ in LEAK_FIGURES if isinstance(metrics.get(key), dict) for p in metrics[key]})
+    shown = [" ".join([p] + [f"{name} {metrics[key][p]:.2f}" for key, name in LEAK_FIGURES
+                             if isinstance(metrics.get(key), dict) and p in metrics[key]]) for p in parties]
+    return "leak " + ", ".join(shown) if shown else ""
+
+
+def privacy_line(cfg: NodeConfig) -> str:
+    """Which defence this training runs with, as every node logs it at the start: it is in the session config (so
+    in its digest, which every party's HELLO/WELCOME carries), hence the same at every node."""
+    spec = cfg.session.privacy
+    audit = ""
+    if cfg.is_label_holder:
+        audit = "; label-leakage audit " + ("on" if cfg.audit else "off ([privacy].audit = false)")
+    return (f"privacy: {spec.describe()} — from the session config (digest {cfg.session.digest[:16]}){audit}")
+
+
 #: exit code of a training (or prediction) session stopped before it finished, e.g. by SIGINT/SIGTERM
 INTERRUPTED = 5
 
@@ -387,6 +418,8 @@ class SessionTraining:
 
         A model that cannot be built or a checkpoint that cannot be resumed ends the session (exit 1) naming why.
         """
+        if not self.cfg.session.predict:
+            self.log.info("%s", privacy_line(self.cfg))
         try:
             return self._start(machine, rows, now)
         except CheckpointError as exc:
@@ -456,6 +489,9 @@ class SessionTraining:
         """Log the epoch; a training run also appends it to ``metrics.jsonl`` (a prediction's pass over new rows is
         not a training epoch: it stays out of that file, whose lines are the training history)."""
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        leak = leak_text(metrics)
+        if leak:
+            shown += "  " + leak
         total = self.cfg.train.epochs if not self.cfg.session.predict else 1
         self.log.info("epoch %d of %d done: %s", metrics["epoch"], total, shown)
         if not self.cfg.session.predict:

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import msgpack
 
+from ..privacy.spec import PrivacyError, PrivacySpec
 from .codec import MAX_HEADER_DEPTH
 from .errors import ErrorCode, RemoteProtocolError
 from .messages import is_party_id, is_wire_int
@@ -69,6 +70,8 @@ def _flatten(value: Any) -> dict[str, Any]:
 
 
 _MISSING = "<missing>"
+#: what an absent leaf means, shown in a diff instead of '<missing>' (PROTOCOL.md §6: no ``privacy`` map is "none")
+_ABSENT = {"privacy.defence": "none"}
 
 
 def _shown(value: Any) -> Any:
@@ -94,7 +97,8 @@ def config_diff(ours: Mapping[str, Any], theirs: Mapping[str, Any], budget: int 
         x, y = a.get(path, _MISSING), b.get(path, _MISSING)
         if x == y and type(a.get(path)) is type(b.get(path)):
             continue
-        entry = [_shown(x), _shown(y)]
+        entry = [_shown(_ABSENT.get(path, x) if x is _MISSING else x),
+                 _shown(_ABSENT.get(path, y) if y is _MISSING else y)]
         key = path if len(path) <= DIFF_TEXT_LIMIT else peer_text(path, DIFF_TEXT_LIMIT)
         used += len(key) + len(repr(entry)) + 32
         if used > budget:
@@ -113,7 +117,8 @@ def describe_diff(
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """Cut-layer widths per data holder, batch size, pipeline window and the model fingerprint."""
+    """Cut-layer widths per data holder, batch size, pipeline window, the model fingerprint and the training
+    defence (``privacy``: every party applies or expects the same one, so it is agreed like the rest)."""
 
     cut_widths: Mapping[str, int]
     batch_size: int
@@ -122,6 +127,7 @@ class SessionConfig:
     psi: bool = False  # the session aligns rows with a private set intersection (v1.1)
     train: bool = False  # after the PSI, the session trains the split network (v1.2)
     predict: bool = False  # ... or, with train, only runs trained segments forward on the aligned rows (v1.2)
+    privacy: PrivacySpec = PrivacySpec()  # the label-leakage defence of the training (v1.5); "none": absent on the wire
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cut_widths", MappingProxyType(dict(self.cut_widths)))
@@ -149,6 +155,10 @@ class SessionConfig:
             return "train = true needs psi = true (training runs on the aligned rows)"
         if type(self.predict) is not bool or (self.predict and not self.train):
             return "predict must be true or false, and needs train = true"
+        if not isinstance(self.privacy, PrivacySpec):
+            return "privacy must be a PrivacySpec"
+        if self.privacy.defence != "none" and not self.train:
+            return f"privacy (the training defence {self.privacy.defence!r}) needs train = true"
         return None
 
     @property
@@ -168,6 +178,9 @@ class SessionConfig:
             wire["train"] = True
         if self.predict:
             wire["predict"] = True
+        privacy = self.privacy.to_wire()
+        if privacy is not None:  # absent means none, so a session without a defence keeps its v1.4 digest
+            wire["privacy"] = privacy
         return wire
 
     @property
@@ -187,6 +200,9 @@ class SessionConfig:
                 raise RemoteProtocolError(
                     ErrorCode.BAD_FIELD, f"HELLO.config.{flag} must be true when present (absent means false)", ref="HELLO"
                 )
+        privacy = PrivacySpec()
+        if "privacy" in value:
+            privacy = _privacy_from_wire(value["privacy"])
         try:
             return cls(
                 cut_widths=widths,
@@ -196,6 +212,26 @@ class SessionConfig:
                 psi=value.get("psi", False),
                 train=value.get("train", False),
                 predict=value.get("predict", False),
+                privacy=privacy,
             )
         except ValueError as exc:
             raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"HELLO.config: {exc}", ref="HELLO") from None
+
+
+def _privacy_from_wire(value: Any) -> PrivacySpec:
+    """A peer's ``privacy`` map (section 6): a defence other than none with exactly its parameters, as floats.
+
+    Present means a defence: ``{"defence": "none"}`` is refused like ``psi: false``, so one session config has one
+    encoding and one digest."""
+    try:
+        spec = PrivacySpec.from_wire(value)
+    except PrivacyError as exc:
+        raise RemoteProtocolError(
+            ErrorCode.BAD_FIELD, f"HELLO.config.privacy: {peer_text(str(exc), 300)}", ref="HELLO"
+        ) from None
+    if spec.defence == "none":
+        raise RemoteProtocolError(
+            ErrorCode.BAD_FIELD, "HELLO.config.privacy must name a defence when present (absent means none)",
+            ref="HELLO",
+        )
+    return spec

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..privacy.audit import LeakAudit
+from ..privacy.spec import PrivacySpec
 from .central import as_targets, pullback, task_loss
 from .metrics import evaluate
 from .models import Combiner, load_weights
@@ -41,6 +43,27 @@ def step_seed(base: int, step: int) -> int:
     """The seed of training step ``step`` of a segment whose dropout seed is ``base`` (63 bits)."""
     digest = hashlib.sha256(b"vfl step seed\0%d\0%d" % (base, step)).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def privacy_rng(seed: int, step: int, party: str) -> np.random.Generator:
+    """The defence's generator for ``party``'s gradient of training step ``step``: from ``[model].seed``, the step
+    and the party only, so a rerun (or a resumed run) perturbs every gradient exactly as before, whatever the window."""
+    digest = hashlib.sha256(b"vfl privacy\0%d\0%d\0" % (seed, step) + party.encode("utf-8")).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "big"))
+
+
+def label_dp_targets(spec: PrivacySpec, targets: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    """The labels a label_dp run trains on: ``targets`` (the label holder's whole table, in FILE order, which is the
+    same in every run, unlike the PSI's aligned order) randomised once with randomized response at the spec's
+    epsilon, from ``[model].seed``. Any other defence: ``targets`` unchanged."""
+    if spec.defence != "label_dp":
+        return targets
+    from ..privacy.label_dp import randomize_labels
+
+    digest = hashlib.sha256(b"vfl label_dp\0%d" % seed).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:16], "big"))
+    flipped = randomize_labels(np.asarray(targets).astype(np.int64), n_classes, spec.params["epsilon"], rng)
+    return np.asarray(flipped).astype(np.asarray(targets).dtype)
 
 
 def _seed_step(base: int | None, step: int) -> None:
@@ -122,7 +145,14 @@ class TorchBottom:
 
 
 class TorchTop:
-    """The label holder's top model, loss and metrics; optionally also its own bottom over its own features."""
+    """The label holder's top model, loss and metrics; optionally also its own bottom over its own features.
+
+    ``privacy``: the session's defence, applied to each data holder's gradient as the last thing before it is
+    returned (so before BACKWARD), with :func:`privacy_rng`. ``targets`` are what the loss trains on; with label_dp
+    they are the randomised labels, and ``true_targets`` the real ones, which validation metrics and the audit use
+    (default: ``targets``). ``audit``: a :class:`~vfl.privacy.audit.LeakAudit` sees exactly what each data holder is
+    sent, and ``end_epoch`` reports its figures as ``leak_auc_norm`` etc., each a map party -> figure.
+    """
 
     def __init__(
         self,
@@ -137,16 +167,29 @@ class TorchTop:
         own_name: str | None = None,
         checkpointer=None,
         dropout_seed: int | None = None,
+        privacy: PrivacySpec = PrivacySpec(),
+        audit: bool = False,
+        true_targets: np.ndarray | None = None,
+        privacy_seed: int = 0,
+        n_classes: int | None = None,
     ):
         self.checkpointer = checkpointer
         self.dropout_seed = dropout_seed  # the top's and the own bottom's dropout, reseeded every step
+        self.privacy = privacy
+        self.privacy_seed = privacy_seed
         self.top = top
         self.optimizer = optimizer
         self.combiner = combiner
         self.order = list(order)  # party order at the cut layer (the combiner's)
         self.task = task
         self.targets = as_targets(task, targets)
+        self.true_targets = self.targets if true_targets is None else as_targets(task, true_targets)
+        self._true_labels = self.true_targets.numpy()
         self.loss_fn = task_loss(task)
+        if n_classes is None:
+            n_classes = int(self._true_labels.max()) + 1 if task == "multiclass" and len(self._true_labels) else 2
+        self.audit = LeakAudit(task, n_classes) if audit else None
+        self._audited_step = -1  # the last step the audit saw: a step again means a rollback (``_audit``)
         self.own = own
         self.own_name = own_name
         self._train_out: list[np.ndarray] = []
@@ -191,7 +234,42 @@ class TorchTop:
         self.last_loss = float(loss.detach())
         self._train_out.append(outputs.detach().numpy().copy())
         self._train_rows.append(np.asarray(rows))
-        return {name: np.ascontiguousarray(g.numpy(), dtype=np.float32) for name, g in grads.items()}
+        sent = {name: self._defended(step, name, rows, g) for name, g in grads.items()}
+        self._audit(step, rows, sent)
+        return sent
+
+    def _defended(self, step: int, party: str, rows: np.ndarray, grad: torch.Tensor) -> np.ndarray:
+        """What ``party`` is sent for ``step``: its gradient after the session's defence (none: unchanged)."""
+        g = np.ascontiguousarray(grad.numpy(), dtype=np.float32)
+        if self.privacy.defence == "none":
+            return g
+        from ..privacy.defences import defend  # once loaded, a dictionary look-up
+
+        labels = self._train_labels(rows)
+        out = defend(self.privacy, g, labels, privacy_rng(self.privacy_seed, step, party))
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def _train_labels(self, rows: np.ndarray) -> np.ndarray:
+        """The labels the step trained on (a defence knows only those: with label_dp, the randomised ones)."""
+        return self._labels(self.targets.numpy(), rows)
+
+    def _labels(self, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``labels`` of ``rows`` as the privacy functions take them: class ids (int64), or regression targets."""
+        picked = labels[np.asarray(rows, dtype=np.int64)]
+        return picked if self.task == "regression" else picked.astype(np.int64)
+
+    def _audit(self, step: int, rows: np.ndarray, sent: Mapping[str, np.ndarray]) -> None:
+        """Give the audit exactly what each data holder is sent, with the TRUE labels of the rows. A step at or before
+        the last one audited is a rollback to a checkpoint (``restore`` also drops the epoch's training outputs):
+        what the audit had of this epoch goes too, so no gradient is counted twice."""
+        if self.audit is None:
+            return
+        if step <= self._audited_step:
+            self.audit.result()  # discards (and resets) the epoch so far
+        self._audited_step = step
+        labels = self._labels(self._true_labels, rows)
+        for party in sorted(sent):
+            self.audit.add(party, sent[party], labels)
 
     def eval_batch(self, epoch: int, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> None:
         combined, _ = self._combined(rows, activations, False)
@@ -206,9 +284,13 @@ class TorchTop:
             if not outs:
                 continue
             idx = np.concatenate(rows)
-            for key, value in evaluate(self.task, np.concatenate(outs), self.targets.numpy()[idx]).items():
+            for key, value in evaluate(self.task, np.concatenate(outs), self._true_labels[idx]).items():
                 metrics[f"{prefix}_{key}"] = float(value)
         self._train_out, self._train_rows, self._val_out, self._val_rows = [], [], [], []
+        if self.audit is not None:
+            for party, figures in sorted(self.audit.result().items()):  # party -> {figure: value}, nested the
+                for key, value in figures.items():                        # other way round: figure -> {party: value}
+                    metrics.setdefault(key, {})[party] = float(value)
         return metrics
 
     def predict(self, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> np.ndarray:
