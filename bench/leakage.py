@@ -1,7 +1,7 @@
 """Label leakage through the gradients, and what each defence buys at what cost, measured on real node processes.
 
-    PYTHONPATH=. .venv/bin/python bench/leakage.py            # about 10 minutes on the shared 2-core box
-    PYTHONPATH=. .venv/bin/python bench/leakage.py --quick    # about 2.5 minutes: fewer epochs and strengths
+    PYTHONPATH=. .venv/bin/python bench/leakage.py            # about 8-10 minutes on the shared 2-core box
+    PYTHONPATH=. .venv/bin/python bench/leakage.py --quick    # about 1.5 minutes: 8 epochs, 1 run a cell
     PYTHONPATH=. .venv/bin/python bench/leakage.py --keep runs/leakage   # keep every run's folder
 
 Three tasks, each written as party CSVs with the demo's own machinery (``vfl.launch.demo``: scikit-learn's bundled
@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import math
 import os
@@ -649,7 +648,7 @@ def _f(v, digits: int = 3) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="8 epochs, fewer strengths (about 2.5 minutes)")
+    ap.add_argument("--quick", action="store_true", help="8 epochs, 1 run per cell, fewer strengths (about 1.5 minutes)")
     ap.add_argument("--keep", metavar="DIR", help="write every run's folder (configs, CSVs, logs, model) here")
     ap.add_argument("--repeats", type=int, default=None, help="runs of every cell (default 2; --quick: 1)")
     ap.add_argument("--defences", nargs="*", choices=list(STRENGTHS), default=list(STRENGTHS),
