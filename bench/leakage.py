@@ -284,7 +284,8 @@ def run_cell(task: Task, cell: Cell, folder: Path, *, record_dir: Path | None = 
                 os.environ[key] = value
     if result.failed:
         tail = "".join(result.logs.get(result.failed[0], [])[-15:])
-        raise RuntimeError(f"{task.name} {cell.label}: {', '.join(result.failed)} failed; logs in {folder}/logs\n{tail}")
+        raise RuntimeError(f"{task.name} {cell.label}: {', '.join(result.failed)} failed; "
+                           f"logs in {folder}/logs\n{tail}")
     return figures(task, folder, result.summary or {})
 
 
@@ -638,7 +639,8 @@ def print_table(result: dict) -> None:
     for name, inv in result["inversion"].items():
         for h, v in inv.items():
             print(f"feature inversion {name}/{h}: {v['features']} features from {v['cut_width']} activations, decoder "
-                  f"on {v['aux_rows']} aux rows, scored on {v['scored_rows']}: MSE {v['mse']:.3f} vs {v['mean_baseline_mse']:.3f} "
+                  f"on {v['aux_rows']} aux rows, scored on {v['scored_rows']}: MSE {v['mse']:.3f} vs "
+                  f"{v['mean_baseline_mse']:.3f} "
                   f"for the mean (R2 {v['r2']:.3f}; ridge R2 {v['ridge_r2']:.3f})")
 
 
@@ -648,7 +650,8 @@ def _f(v, digits: int = 3) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="8 epochs, 1 run per cell, fewer strengths (about 1.5 minutes)")
+    ap.add_argument("--quick", action="store_true",
+                    help="8 epochs, 1 run per cell, fewer strengths (about 1.5 minutes)")
     ap.add_argument("--keep", metavar="DIR", help="write every run's folder (configs, CSVs, logs, model) here")
     ap.add_argument("--repeats", type=int, default=None, help="runs of every cell (default 2; --quick: 1)")
     ap.add_argument("--defences", nargs="*", choices=list(STRENGTHS), default=list(STRENGTHS),
@@ -688,7 +691,8 @@ def main() -> int:
         print("\ndigits0: the runs report no leak figures (no audit in metrics.jsonl): no defence comparison")
     for r in (c for t in result["tasks"].values() for c in t["cells"]):
         r.pop("folder", None)
-    summary = {**result, "goal": goal, "quick": args.quick, "repeats": repeats, "wall_s": round(time.monotonic() - started, 1)}
+    wall = round(time.monotonic() - started, 1)
+    summary = {**result, "goal": goal, "quick": args.quick, "repeats": repeats, "wall_s": wall}
     print(json.dumps(summary, sort_keys=True, default=_json_default))
     return 0
 
