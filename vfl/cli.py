@@ -20,6 +20,7 @@ import click  # noqa: E402 - after STARTED, which should be as early as possible
 
 from . import __version__  # noqa: E402
 from .errors import VflError, exit_code_of  # noqa: E402
+from .privacy.spec import DEFENCES  # noqa: E402 - plain Python, no numpy
 
 #: ``ctx.meta`` key: the config file a command runs, named in front of an error that does not name it already
 CONFIG_META = "vfl.config"
@@ -268,7 +269,7 @@ def keys_generate(names: tuple[str, ...], out_dir: str, overwrite: bool) -> None
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run folder. Default: runs/demo-DATASET.")
 @click.option("--window", default=2, show_default=True, type=click.IntRange(1, 64), help="Pipeline window W.")
 @click.option("--prepare-only", is_flag=True, help="Write data, keys and configs; print the per-node commands.")
-@click.option("--defence", type=click.Choice(["none", "max_norm", "marvell", "label_dp", "gradient_noise"]),
+@click.option("--defence", type=click.Choice(DEFENCES),
               default="none", show_default=True, help="The training's label-leakage defence ([privacy].defence).")
 @click.option("--defence-param", "defence_params", multiple=True, metavar="KEY=VALUE",
               help="A parameter of the defence, e.g. sumkl=4 (repeatable; see PRIVACY.md).")

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vfl.launch.demo import prepare_demo
 from vfl.node import load_config
-from vfl.node.checkpoints import DIGEST_KEY, load_state
+from vfl.node.checkpoints import DIGEST_KEY
 from vfl.privacy.audit import direction_leak_auc, norm_leak_auc
 
 from .procs import Node, Nodes
@@ -160,9 +161,13 @@ def test_with_a_defence_every_node_logs_it_and_the_attacker_gets_what_the_audit_
     # "falls as reported": what the attacker gets with the defence is lower than without it. label_dp protects the
     # labels the model trains on, not the gradients' link to them, so only its reported figure is compared
     before, after = attack(undefended), attacked
-    if name == "max_norm":  # every row of a batch gets the batch's largest norm: the norm no longer ranks rows
-        assert np.mean([a["leak_auc_norm"] for a in after]) < np.mean([b["leak_auc_norm"] for b in before]) - 0.05
-        assert max(a["leak_auc_norm"] for a in after) < 0.65, after
+    if name == "max_norm":  # every row of a batch arrives with the batch's largest norm: it no longer ranks rows
+        rec = result["record"]
+        norms = np.linalg.norm(rec["grad"].astype(np.float64), axis=1)
+        for step in np.unique(rec["step"]):
+            batch = norms[rec["step"] == step]
+            assert np.allclose(batch[batch > 0], batch.max(), rtol=1e-5), (step, batch)
+        assert np.mean([a["leak_auc_norm"] for a in after]) < np.mean([b["leak_auc_norm"] for b in before])
     elif name in ("gradient_noise", "marvell"):
         worst = lambda figures: np.mean([max(f.values()) for f in figures])  # noqa: E731
         assert worst(after) < worst(before) - 0.1, (before, after)
@@ -204,7 +209,7 @@ def test_a_run_with_a_defence_is_reproducible(tmp_path):
     assert aligned[0] != aligned[1]  # each PSI agreed on a new row order: the test means something
     assert first["metrics"] == second["metrics"]
     for party in ("bank", "dh1"):
-        digests = [load_state((r["folder"] / "model" / f"{party}-segment.pt").read_bytes(), party)[DIGEST_KEY]
+        digests = [torch.load(r["folder"] / "model" / f"{party}-segment.pt", weights_only=True)[DIGEST_KEY]
                    for r in runs]
         assert digests[0] == digests[1], party
     received = [r["record"] for r in runs]

@@ -250,7 +250,11 @@ class TorchTop:
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def _train_labels(self, rows: np.ndarray) -> np.ndarray:
-        """The labels the step trained on (a defence knows only those: with label_dp, the randomised ones)."""
+        """The labels the step trained on (a defence knows only those: with label_dp, the randomised ones). A
+        regression's targets are no class labels; the defences that take one (max_norm, gradient_noise) use none,
+        so they get zeros."""
+        if self.task == "regression":
+            return np.zeros(len(rows), dtype=np.int64)
         return self._labels(self.targets.numpy(), rows)
 
     def _labels(self, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
