@@ -240,80 +240,17 @@ def _own_hwm_mb() -> float:
 
 
 def proxy_main(spec: dict) -> int:
-    """Child process: a TCP relay 127.0.0.1:listen -> 127.0.0.1:target that delays every chunk by ``one_way_ms``
-    in each direction. Per direction a reader thread timestamps each chunk as it arrives and a writer thread sends it
-    when its time has come: order is kept and a busy link is not slowed beyond the delay."""
-    import collections
+    """Child process: ``vfl.launch.link.LinkProxy`` from 127.0.0.1:listen to 127.0.0.1:target adding ``one_way_ms``
+    in each direction (and ``mbit`` per direction, if given), until this bench process goes away."""
+    from vfl.launch.link import LinkProxy
 
-    delay = spec["one_way_ms"] / 1000.0
     parent = os.getppid()
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind((HOST, spec["listen"]))
-    lsock.listen(16)
-    lsock.settimeout(0.5)
-    stats = {"connections": 0, "bytes": 0}
-
-    def direction(src: socket.socket, dst: socket.socket) -> None:
-        queue: collections.deque = collections.deque()
-        cond = threading.Condition()
-
-        def reader() -> None:
-            try:
-                while True:
-                    data = src.recv(1 << 18)
-                    with cond:
-                        queue.append((time.monotonic() + delay, data))
-                        cond.notify()
-                    if not data:
-                        return
-            except OSError:
-                with cond:
-                    queue.append((time.monotonic(), b""))
-                    cond.notify()
-
-        def writer() -> None:
-            try:
-                while True:
-                    with cond:
-                        while not queue:
-                            cond.wait()
-                        due, data = queue.popleft()
-                    wait = due - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                    if not data:
-                        break
-                    dst.sendall(data)
-                    stats["bytes"] += len(data)
-            except OSError:
-                pass
-            for s, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
-                try:
-                    s.shutdown(how)
-                except OSError:
-                    pass
-
-        threading.Thread(target=reader, daemon=True).start()
-        threading.Thread(target=writer, daemon=True).start()
-
-    print("READY", flush=True)
-    while os.getppid() == parent:
-        try:
-            client, _ = lsock.accept()
-        except socket.timeout:
-            continue
-        try:
-            upstream = socket.create_connection((HOST, spec["target"]), timeout=5)
-        except OSError:
-            client.close()
-            continue
-        upstream.settimeout(None)
-        for s in (client, upstream):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        stats["connections"] += 1
-        direction(client, upstream)
-        direction(upstream, client)
+    proxy = LinkProxy((HOST, spec["listen"]), (HOST, spec["target"]), rtt_ms=2 * spec["one_way_ms"],
+                      mbit=spec.get("mbit", 0.0))
+    with proxy:
+        print("READY", flush=True)
+        while os.getppid() == parent:
+            time.sleep(0.5)
     return 0
 
 

@@ -302,6 +302,8 @@ def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int, pr
     logs_dir = out / "logs"
     summary = summarize(d, result.wall_s, result.logs, result.exit_codes, started=STARTED)
     final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items() if k.startswith("val_"))
+    if summary.get("kept_epoch") not in (None, summary["epochs"]):
+        final += f" (the weights after epoch {summary['kept_epoch']} of {summary['epochs']}: the lowest validation loss)"
     click.echo(f"demo {dataset}: {'ok' if summary['ok'] else 'FAILED'} in {summary['wall_seconds']} s "
                f"(nodes {summary['launch_seconds']} s); {summary['aligned_rows']} aligned rows; {final}")
     leak = leak_line(summary)
@@ -396,3 +398,22 @@ def init_cmd(out_dir: str, **options) -> None:
         click.echo(f"vfl init: {exc}", err=True)
         sys.exit(2)
     click.echo(result.report())
+
+
+@main.command(name="link-proxy")
+@click.option("--listen", required=True, metavar="HOST:PORT", help="Where the data holders connect (their endpoint).")
+@click.option("--target", required=True, metavar="HOST:PORT", help="Where the label holder listens.")
+@click.option("--rtt-ms", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Round-trip time to add (half each way).")
+@click.option("--mbit", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Bandwidth per direction in Mbit/s (0: unlimited).")
+def link_proxy(listen: str, target: str, rtt_ms: float, mbit: float) -> None:
+    """Relay TCP from LISTEN to TARGET through an emulated WAN link: added delay and a bandwidth cap per direction.
+
+    To see how a run behaves across organisations on one machine: the label holder binds TARGET, the data holders'
+    endpoint is LISTEN. Example (50 ms, 100 Mbit/s):
+    vfl link-proxy --listen 127.0.0.1:6001 --target 127.0.0.1:6000 --rtt-ms 50 --mbit 100
+    """
+    from .launch.link import serve
+
+    serve(listen, target, rtt_ms, mbit, echo=click.echo)

@@ -16,7 +16,7 @@ RUN_TIMEOUT_S = 300.0
 #: every summary.json has these; `vfl demo` adds "demo" and "rows"
 RECORD_KEYS = {"ok", "exit_codes", "wall_seconds", "launch_seconds", "psi_seconds", "aligned_rows", "train_rows",
                "epochs", "final", "train_samples", "train_seconds", "train_samples_per_second", "traffic", "logs",
-               "defence", "leak"}
+               "defence", "leak", "kept_epoch", "train_step_seconds", "train_step_samples_per_second"}
 
 
 def test_vfl_launch_writes_summary_json_and_logs_with_true_sample_counts(tmp_path, launchers):  # noqa: F811
@@ -40,6 +40,14 @@ def test_vfl_launch_writes_summary_json_and_logs_with_true_sample_counts(tmp_pat
     assert 0 < summary["train_seconds"] < summary["launch_seconds"]
     rate = summary["train_samples_per_second"]
     assert rate is None or rate == round(summary["train_samples"] / summary["train_seconds"], 1)
+    # the steps alone: part of the training phase (no validation, no checkpoints), the same samples
+    assert 0 < summary["train_step_seconds"] <= summary["train_seconds"]
+    step_rate = summary["train_step_samples_per_second"]
+    assert step_rate is None or step_rate == round(summary["train_samples"] / summary["train_step_seconds"], 1)
+    # the demo keeps its best epoch: final holds that epoch's metrics, as metrics.jsonl has them
+    lines = [json.loads(x) for x in (run / "model" / "metrics.jsonl").read_text().splitlines()]
+    best = min(lines, key=lambda m: m["val_loss"])
+    assert summary["kept_epoch"] == best["epoch"] and summary["final"]["val_loss"] == best["val_loss"]
     for name in ("bank", "dh1"):
         log = (run / summary["logs"][name]).read_text()
         assert f"vfl[{name}]" in log and "(exit 0; sent" in log

@@ -56,3 +56,24 @@ def test_old_checkpoints_are_pruned_but_the_newest_are_kept(tmp_path):
         c.save(state(float(step)), step=step, epoch=0)
     kept = sorted(int(p.name.split("-")[-1][:-3]) for p in tmp_path.glob("dh1-step-*.pt"))
     assert kept == [30, 40, 50] and len(kept) == KEEP
+
+
+def steps_on_disk(folder, party="dh1") -> list[int]:
+    return sorted(int(p.name.split("-")[-1][:-3]) for p in folder.glob(f"{party}-step-*.pt"))
+
+
+def test_the_kept_checkpoint_of_the_best_epoch_outlives_pruning_and_a_restart(tmp_path):
+    """[X7] v1.5: CHECKPOINT {keep: true} spares that file until another one is kept, also in a new process."""
+    c = Checkpointer(tmp_path, "dh1", "run-1", "m1")
+    for step in range(0, 60, 10):
+        c.save(state(float(step)), step=step, epoch=0, keep=step == 10)
+    assert steps_on_disk(tmp_path) == [10, 30, 40, 50]
+    again = Checkpointer(tmp_path, "dh1", "run-1", "m1")  # a restarted data holder
+    assert again.kept == 10
+    again.save(state(6.0), step=60, epoch=0)
+    assert steps_on_disk(tmp_path) == [10, 40, 50, 60]
+    again.save(state(7.0), step=70, epoch=0, keep=True)  # a new best replaces the old one
+    assert steps_on_disk(tmp_path) == [50, 60, 70]
+    assert Checkpointer(tmp_path, "dh1", "run-2", "m1").kept is None  # another run's record is not ours
+    again.save(state(0.5), step=5, epoch=0)  # a rollback to before the kept step: it belongs to the left pipeline
+    assert again.kept is None and not (tmp_path / "dh1-kept.json").exists() and steps_on_disk(tmp_path) == [5]

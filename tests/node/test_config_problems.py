@@ -111,3 +111,21 @@ def test_vfl_node_prints_every_problem_and_exits_2(tmp_path):
     again = subprocess.run([sys.executable, "-m", "vfl", "node", "--config", str(bank)], capture_output=True,
                            text=True, timeout=60)
     assert again.returncode == 2 and "[train].task must be one of multiclass, binary, regression" in again.stderr
+
+
+def test_keep_and_patience_are_checked_and_belong_to_the_label_holder(tmp_path):
+    configs = training_configs(tmp_path)
+    bank, dh1 = configs["bank"], configs["dh1"]
+    text = bank.read_text()
+    bank.write_text(text.replace("[train]\n", '[train]\nkeep = "lowest"\npatience = -1\n'))
+    body = "\n".join(problems_of(bank))
+    assert "[train].keep must be one of 'last', 'best', got 'lowest'" in body
+    assert "[train].patience must be >= 0 (0: train every epoch), got -1" in body
+    bank.write_text(text.replace("[train]\n", '[train]\nkeep = "best"\nvalidation_fraction = 0\n'))
+    assert "set [train].validation_fraction > 0" in "\n".join(problems_of(bank))
+    bank.write_text(text.replace("[train]\n", '[train]\nkeep = "best"\npatience = 3\n'))
+    cfg = load_config(bank)
+    assert (cfg.train.keep, cfg.train.patience) == ("best", 3)
+    assert (load_config(dh1).train.keep, load_config(dh1).train.patience) == ("last", 0)
+    dh1.write_text(dh1.read_text().replace("[train]\n", '[train]\nkeep = "best"\n'))
+    assert "[train].keep is the label holder's to set" in "\n".join(problems_of(dh1))

@@ -5,6 +5,7 @@ import logging
 import re
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -220,3 +221,42 @@ def test_an_interrupted_run_erases_its_bar_when_logging_shuts_down():
         h.close()
     assert screen(term.getvalue()) == ["stopped by SIGINT"]
     assert term.getvalue().endswith("\r") or "\x1b[A" in term.getvalue() or term.getvalue().endswith("\n")
+
+
+def test_step_seconds_cover_the_steps_alone_not_the_validation_between_epochs():
+    """The machine times each epoch from its EPOCH to its last step on the node's clock: 4 steps of 0.5 s an epoch,
+    then 10 s of validation that are not counted."""
+    from vfl.protocol.messages import EvalForward, Forward, Tensor
+
+    plan = TrainPlan(validation=np.arange(100, 132), epoch_orders=[np.arange(100), np.arange(100)],
+                     checkpoints=False)
+    t = LabelHolderTraining(fake_top(), plan, parties=["dh1"], widths={"dh1": 2}, batch_size=32, window=1,
+                            n_rows=132)
+    now = 50.0
+    t.start(now)
+    step = 0
+    for epoch in range(2):
+        for size in (32, 32, 32, 4):
+            now += 0.5
+            t.on_forward("dh1", Forward(step=step, tensors=(Tensor("activations", np.zeros((size, 2), np.float32)),)),
+                         now)
+            step += 1
+        now += 10.0  # validation
+        t.on_eval("dh1", EvalForward(epoch=epoch, batch=0, tensors=(Tensor("activations", np.zeros((32, 2),
+                                                                                                    np.float32)),)), now)
+    assert t.done and t.progress.step_seconds == pytest.approx(4.0)
+    m = Throughput()
+    m.observe(0, 50.0, 0.0)
+    m.observe(t.progress.samples, now, t.progress.step_seconds)
+    assert m.totals == Totals(200, now - 50.0, pytest.approx(4.0)) and m.totals.step_rate == pytest.approx(50.0)
+
+
+def test_the_final_line_names_both_figures_and_what_each_covers():
+    log, records = logger("both")
+    p = Progress(log, stream=io.StringIO(), tty=False)
+    p.update(snapshot(0), None, 10.0)
+    done = TrainingProgress(epoch=1, epochs=2, epoch_step=4, epoch_steps=4, step=8, steps=8, samples=3000, done=True,
+                            step_seconds=1.5)
+    p.update(done, None, 13.0)
+    assert records.lines[-1] == ("training throughput: 3000 samples in 3.000 s of training: 1,000 samples/s; steps "
+                                 "alone (no validation or checkpoints) 1.500 s: 2,000 samples/s")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vfl.protocol import Backward, Checkpoint, CheckpointDone, Epoch, ErrorCode, EvalForward, Forward, Schedule
-from vfl.protocol import RemoteProtocolError, Tensor
+from vfl.protocol import RemoteProtocolError, Tensor, TrainingDone
 from vfl.protocol.training_phase import DataHolderTraining, LabelHolderTraining, TrainPlan
 
 B, WIDTH = 4, 3
@@ -23,8 +23,10 @@ class FakeBottom:
     def backward(self, step, gradient):
         self.calls.append(("backward", step))
 
-    def checkpoint(self, step, epoch):
+    def checkpoint(self, step, epoch, keep=False):
         self.saved[step] = epoch
+        if keep:
+            self.kept = step
         return f"digest-{step}"
 
     def restore(self, step, digest):
@@ -45,14 +47,29 @@ class FakeTop:
     def end_epoch(self, epoch):
         return {"val_accuracy": 1.0}
 
-    def checkpoint(self, step, epoch):
+    def checkpoint(self, step, epoch, keep=False):
         return f"top-{step}"
 
-    def commit(self, step, epoch, digests):
+    def commit(self, step, epoch, digests, best=None):
         self.commits.append((step, dict(digests)))
+        self.best = best
 
-    def restore(self, step):
-        pass
+    def restore(self, step, digest=None):
+        self.restored = (step, digest)
+
+
+def deliver(t: LabelHolderTraining, d: DataHolderTraining, m) -> None:
+    """One message from the label holder ``t`` to the data holder ``d`` (a CHECKPOINT's answer goes straight back)."""
+    if isinstance(m, Schedule):
+        d.on_schedule(m)
+    elif isinstance(m, Epoch):
+        d.on_epoch(m)
+    elif isinstance(m, Backward):
+        d.on_backward(m)
+    elif isinstance(m, Checkpoint):
+        t.on_checkpoint_done("dh1", d.on_checkpoint(m))
+    elif isinstance(m, TrainingDone):
+        d.on_training_done(m)
 
 
 def plan(n_train=10, n_val=5, epochs=2, every=0):
@@ -127,15 +144,7 @@ def test_X5_validation_follows_the_last_backward_of_the_epoch_then_the_next_epoc
     metrics = []
     for _ in range(200):
         while inbox:
-            m = inbox.pop(0)
-            if isinstance(m, Schedule):
-                d.on_schedule(m)
-            elif isinstance(m, Epoch):
-                d.on_epoch(m)
-            elif isinstance(m, Backward):
-                d.on_backward(m)
-            elif isinstance(m, Checkpoint):
-                t.on_checkpoint_done("dh1", d.on_checkpoint(m))
+            deliver(t, d, inbox.pop(0))
         if not d.has_work:
             break
         for m in d.work():

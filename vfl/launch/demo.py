@@ -160,7 +160,7 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
         tables[LABEL_HOLDER] = {
             "model": {"bottom": bottom, "top": {"widths": [1]}, "seed": 0},
             "train": {"task": "binary", "epochs": 25, "validation_fraction": 0.25, "seed": seed, "optimizer": adam,
-                      "output": out_model},
+                      "output": out_model, "keep": "best"},  # it overfits after a few epochs: keep the best one
         }
         tables["dh1"] = {"model": {"bottom": bottom, "seed": 1}, "train": {"optimizer": adam, "output": out_model}}
         widths["dh1"] = 16
@@ -182,7 +182,7 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
         tables[LABEL_HOLDER] = {
             "model": {"top": {"widths": [32, 10], "dropout": 0.2}, "seed": 0},
             "train": {"task": "multiclass", "epochs": 20, "validation_fraction": 0.25, "seed": seed,
-                      "optimizer": opt, "output": out_model},
+                      "optimizer": opt, "output": out_model, "keep": "best"},
         }
         batch = 32
     if privacy:

@@ -159,6 +159,7 @@ _SENT = re.compile(r"\(exit (-?\d+); sent (\d+) bytes, received (\d+) bytes\)")
 _ALIGNED = re.compile(r"rows aligned: (\d+)")
 _TRAINING = re.compile(r"training on (\d+) aligned rows \((\d+) for validation\)")
 _THROUGHPUT = re.compile(r"training throughput: (\d+) samples in ([\d.]+) s of training(: [\d,]+ samples/s)?")
+_STEPS_ALONE = re.compile(r"; steps alone (?:\(no validation or checkpoints\) )?([\d.]+) s(: [\d,]+ samples/s)?")
 _STARTED = re.compile(r"listening on ")
 
 
@@ -205,6 +206,18 @@ def leak_by_party(record: dict) -> dict[str, dict[str, float]]:
     return dict(sorted(out.items()))
 
 
+def _kept_epoch(cfg, trained: int) -> int | None:
+    """The epoch (1-based) whose weights the segments hold: the finished manifest's ``kept_epoch``, else the last."""
+    if not trained:
+        return None
+    try:
+        manifest = json.loads((cfg.train.checkpoint_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (AttributeError, OSError, ValueError):
+        return trained
+    kept = manifest.get("kept_epoch") if isinstance(manifest, dict) and manifest.get("finished") is True else None
+    return kept if type(kept) is int and 1 <= kept <= trained else trained
+
+
 def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: float | None = None) -> dict:
     """What a run did, each figure named for what it covers.
 
@@ -213,9 +226,13 @@ def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: f
     from the label holder's first line to its "rows aligned" line (joins, handshakes, link check, PSI), by the
     launcher's clock on their arrival; ``train_samples`` / ``train_seconds`` / ``train_samples_per_second``: the
     label holder's own measure of its training phase (whole steps at their true size; validation and checkpoints
-    inside the phase included; no rate over less than a second). ``epochs`` and ``final`` come from the label
-    holder's metrics.jsonl (one record per epoch); ``defence`` is the session's ``[privacy]`` defence as the nodes
-    log it, and ``leak`` the label-leakage audit of the last epoch, party -> {``leak_auc_norm``, ...}.
+    inside the phase included; no rate over less than a second); ``train_step_seconds`` /
+    ``train_step_samples_per_second``: the same samples over the steps alone (no validation, no checkpoints).
+    ``epochs`` (trained) comes from the label holder's metrics.jsonl (one record per epoch); ``kept_epoch`` is the
+    epoch whose weights the saved segments hold (the last one, or with ``[train].keep = "best"`` the one with the
+    lowest validation loss, from the checkpoint manifest), and ``final`` that epoch's metrics. ``defence`` is the
+    session's ``[privacy]`` defence as the nodes log it, and ``leak`` the label-leakage audit of the last epoch
+    trained, party -> {``leak_auc_norm``, ...}.
     """
     from .plot import PlotError, load_metrics
 
@@ -242,7 +259,10 @@ def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: f
         psi_seconds = round(times[end[0]] - times[start[0]], 3)
     train_samples = int(throughput.group(1)) if throughput else None
     train_seconds = float(throughput.group(2)) if throughput else None
-    final = epochs[-1] if epochs else {}
+    steps_alone = _STEPS_ALONE.search(throughput.string) if throughput else None
+    step_seconds = float(steps_alone.group(1)) if steps_alone else None
+    kept = _kept_epoch(cfg, len(epochs))
+    final = next((e for e in epochs if e.get("epoch") == kept), epochs[-1] if epochs else {})
     return {
         "ok": bool(result.exit_codes) and all(code == 0 for code in result.exit_codes.values()),
         "exit_codes": result.exit_codes,
@@ -252,14 +272,18 @@ def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: f
         "aligned_rows": int(aligned.group(1)) if aligned else None,
         "train_rows": int(training.group(1)) - int(training.group(2)) if training else None,
         "epochs": len(epochs),
-        "final": {k: v for k, v in final.items() if k not in ("epoch", "step")},
+        "kept_epoch": kept,
+        "final": {k: v for k, v in final.items() if k not in ("epoch", "step") and k not in LEAK_KEYS},
         "train_samples": train_samples,
         "train_seconds": train_seconds,
         "train_samples_per_second": (round(train_samples / train_seconds, 1)
                                      if throughput and throughput.group(3) and train_seconds else None),
+        "train_step_seconds": step_seconds,
+        "train_step_samples_per_second": (round(train_samples / step_seconds, 1)
+                                          if steps_alone and steps_alone.group(2) and step_seconds else None),
         "traffic": traffic,
         "defence": cfg.session.privacy.describe() if cfg is not None else None,
-        "leak": leak_by_party(final),
+        "leak": leak_by_party(epochs[-1] if epochs else {}),
         "logs": {name: f"logs/{name}.log" for name in result.logs},
     }
 

@@ -181,6 +181,20 @@ class Checkpointer:
         self._swept: set[str] = set()  # which of our files' stale temporaries this process removed already
         if self.dir.is_dir():  # what a killed earlier process of this party left half-written
             self._sweep(f"{self.party}-step-*.pt")
+        self.kept = self._read_kept()  # the step of the best epoch's checkpoint, spared by the pruning
+
+    @property
+    def _kept_path(self) -> Path:
+        return self.dir / f"{self.party}-kept.json"
+
+    def _read_kept(self) -> int | None:
+        """A restarted process still spares the checkpoint an earlier one was told to keep ([train].keep = "best")."""
+        try:
+            value = json.loads(self._kept_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        step = value.get("step") if isinstance(value, dict) else None
+        return step if type(step) is int and step >= 0 and value.get("run") == self.run else None
 
     def _sweep(self, name: str) -> None:
         if name not in self._swept:
@@ -190,23 +204,33 @@ class Checkpointer:
     def path(self, step: int) -> Path:
         return self.dir / f"{self.party}-step-{step}.pt"
 
-    def save(self, state: dict, step: int, epoch: int) -> str:
-        """Write the checkpoint of ``step``; returns the SHA-256 of the file (the label holder's manifest keeps it)."""
+    def save(self, state: dict, step: int, epoch: int, keep: bool = False) -> str:
+        """Write the checkpoint of ``step``; returns the SHA-256 of the file (the label holder's manifest keeps it).
+
+        ``keep``: the best epoch's weights so far ([train].keep = "best"): spared by the pruning until another
+        checkpoint is kept instead (recorded in ``PARTY-kept.json``, so a restarted process spares it too)."""
         meta = {"vfl_party": self.party, "vfl_run": self.run, "vfl_model": self.model, "vfl_step": step, "vfl_epoch": epoch}
         data = dump_state({**state, **meta})
         try:
             atomic_write_bytes(self.path(step), data, mode=PRIVATE)
+            if keep:
+                self._sweep(self._kept_path.name)
+                atomic_write_bytes(self._kept_path, json.dumps({"run": self.run, "step": step}).encode(), mode=PRIVATE)
+                self.kept = step
         except OSError as exc:
             raise CheckpointError(f"cannot write {self.path(step)}: {exc.strerror}") from None
         self._prune(step)
         return hashlib.sha256(data).hexdigest()
 
     def _prune(self, newest: int) -> None:
-        """Keep the ``KEEP`` latest checkpoints up to ``newest``; drop any at a later step.
+        """Keep the ``KEEP`` latest checkpoints up to ``newest`` and the kept one; drop any at a later step.
 
         A file past the step just written belongs to a pipeline this run has left (a rollback) or to an earlier run
         in the same folder: no manifest will ever point there again, and kept it would outrank (and get) the new
-        run's own checkpoints pruned."""
+        run's own checkpoints pruned. A kept step past it is forgotten for the same reason."""
+        if self.kept is not None and self.kept > newest:
+            self.kept = None
+            self._kept_path.unlink(missing_ok=True)
         steps = sorted(
             int(p.name.rsplit("-", 1)[1][:-3])
             for p in self.dir.glob(f"{self.party}-step-*.pt")
@@ -214,7 +238,8 @@ class Checkpointer:
         )
         current = [s for s in steps if s <= newest]
         for step in current[:-KEEP] + [s for s in steps if s > newest]:
-            self.path(step).unlink(missing_ok=True)
+            if step != self.kept:
+                self.path(step).unlink(missing_ok=True)
 
     def load(self, step: int, digest: str | None) -> dict:
         path = self.path(step)
@@ -257,15 +282,20 @@ class Checkpointer:
                 "new run id)"
             ) from None
 
-    def commit(self, step: int, epoch: int, digests: dict[str, str]) -> None:
-        self._write_manifest({"run": self.run, "model": self.model, "step": step, "epoch": epoch, "digests": digests})
+    def commit(self, step: int, epoch: int, digests: dict[str, str], best: dict | None = None) -> None:
+        manifest = {"run": self.run, "model": self.model, "step": step, "epoch": epoch, "digests": digests}
+        if best is not None:  # the best epoch so far ([train].keep = "best", patience): a resumed run goes on from it
+            manifest["best"] = best
+        self._write_manifest(manifest)
 
-    def finish(self, epochs: int) -> None:
-        """The run is complete (every epoch trained, the label holder's segment saved): say so in the manifest, so a
-        start on this folder does not silently train the last epoch again (``lifecycle.label_holder_start``)."""
+    def finish(self, epochs: int, kept_epoch: int | None = None) -> None:
+        """The run is complete (every epoch trained, or stopped early; the label holder's segment saved): say so in
+        the manifest, so a start on this folder does not silently train again (``lifecycle.label_holder_start``).
+        ``kept_epoch`` (1-based): the epoch whose weights the segments hold, when not the last one."""
         manifest = self.latest()
         if manifest is not None:
-            self._write_manifest({**manifest, "finished": True, "epochs": epochs})
+            extra = {"kept_epoch": kept_epoch} if kept_epoch is not None else {}
+            self._write_manifest({**manifest, "finished": True, "epochs": epochs, **extra})
 
     def _write_manifest(self, manifest: dict) -> None:
         self._sweep("manifest.json")  # only the label holder writes the manifest

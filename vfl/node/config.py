@@ -77,6 +77,8 @@ class TrainSettings:
     checkpoint_every: int = 0  # label holder: steps between checkpoints inside an epoch (0: each epoch's start)
     predictions: Path | None = None  # vfl predict: where the label holder writes predictions.csv
     max_rejoins: int = DEFAULT_MAX_REJOINS  # label holder: rejoins per session (each rolls everyone back)
+    keep: str = "last"  # label holder: "best" saves the weights after the epoch with the lowest validation loss
+    patience: int = 0  # label holder: stop after this many epochs without a lower validation loss (0: never)
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "checkpoint_dir": (str, False, None),
         "checkpoint_every": (int, False, 0),
         "max_rejoins": (int, False, DEFAULT_MAX_REJOINS),
+        "keep": (str, False, "last"),
+        "patience": (int, False, 0),
     },
     "psi": {
         "chunk_size": (int, False, PsiSettings.chunk_size),
@@ -696,6 +700,7 @@ def _train(raw: dict, role: str, data: dict | None, base: Path, problems: _Probl
         problems.add(f"[train].max_rejoins must be >= 0, got {t['max_rejoins']}")
     if "max_rejoins" in raw and role != "label_holder":
         problems.add("[train].max_rejoins is the label holder's to set (it admits the rejoins)")
+    _early_stopping(t, raw, role, problems)
     optimizer = t["optimizer"] or {"kind": "adam", "lr": 0.001}
     _optimizer(optimizer, problems)
     if len(problems.found) > found:
@@ -715,7 +720,27 @@ def _train(raw: dict, role: str, data: dict | None, base: Path, problems: _Probl
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=t["checkpoint_every"],
         max_rejoins=t["max_rejoins"],
+        keep=t["keep"],
+        patience=t["patience"],
     )
+
+
+KEEPS = ("last", "best")
+
+
+def _early_stopping(t: dict, raw: dict, role: str, problems: _Problems) -> None:
+    """[train].keep and .patience: the label holder's, judged by the validation loss, so they need validation rows."""
+    for key in ("keep", "patience"):
+        if key in raw and role != "label_holder":
+            problems.add(f"[train].{key} is the label holder's to set (it alone sees the validation loss); the data "
+                         "holders keep the epoch it names")
+    if t["keep"] not in KEEPS:
+        problems.add(f"[train].keep must be one of {', '.join(repr(k) for k in KEEPS)}, got {t['keep']!r}")
+    if t["patience"] < 0:
+        problems.add(f"[train].patience must be >= 0 (0: train every epoch), got {t['patience']}")
+    if role == "label_holder" and (t["keep"] == "best" or t["patience"] > 0) and t["validation_fraction"] <= 0:
+        problems.add("[train].keep = \"best\" and .patience judge epochs by the validation loss: set "
+                     "[train].validation_fraction > 0 (e.g. 0.2)")
 
 
 def _optimizer(optimizer: dict, problems: _Problems) -> None:

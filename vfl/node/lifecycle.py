@@ -66,7 +66,7 @@ def run_files(cfg) -> list[Path]:
     files = [t.output / f"{cfg.party}-segment.pt"]
     if cfg.is_label_holder:
         files += [t.output / METRICS, t.checkpoint_dir / MANIFEST]
-    files += checkpoint_files(t.checkpoint_dir, cfg.party)
+    files += checkpoint_files(t.checkpoint_dir, cfg.party) + [t.checkpoint_dir / f"{cfg.party}-kept.json"]
     return [f for f in files if f.is_file()]
 
 

@@ -8,7 +8,9 @@ runner's "epoch k of N done" line says enough.
 
 Rates are honest: samples are counted per whole training step at the step's true size (the short last batch as
 short as it is, see :class:`vfl.protocol.training_phase.TrainingProgress`), timed with the monotonic clock the
-caller passes in as ``now``, and a rate over less than ``MIN_RATE_S`` of training is never shown.
+caller passes in as ``now``, and a rate over less than ``MIN_RATE_S`` of training is never shown. Two figures, each
+labelled for what it covers: the training phase (its steps, and the validation and checkpoints between epochs), and
+the steps alone (``TrainingProgress.step_seconds``, timed by the label holder's machine on the same clock).
 """
 
 from __future__ import annotations
@@ -30,15 +32,22 @@ WINDOW_S = 5.0  # the rate on the bar and in the plain lines covers about the la
 
 @dataclass(frozen=True)
 class Totals:
-    """The whole training so far: samples of whole steps and the training time they took."""
+    """The whole training so far: samples of whole steps, the training time they took, and of that the time of
+    the steps alone (``TrainingProgress.step_seconds``: no validation, no checkpoints between epochs)."""
 
     samples: int
     seconds: float
+    step_seconds: float = 0.0
 
     @property
     def rate(self) -> float | None:
         """Samples per second, or None over less than ``MIN_RATE_S`` (too short to mean anything)."""
         return self.samples / self.seconds if self.seconds >= MIN_RATE_S and self.samples else None
+
+    @property
+    def step_rate(self) -> float | None:
+        """Samples per second of step time alone, or None over less than ``MIN_RATE_S`` of it."""
+        return self.samples / self.step_seconds if self.step_seconds >= MIN_RATE_S and self.samples else None
 
 
 class Throughput:
@@ -53,17 +62,19 @@ class Throughput:
     def __init__(self, window_s: float = WINDOW_S):
         self.window_s = window_s
         self._done = Totals(0, 0.0)  # closed segments
-        self._first: tuple[float, int] | None = None  # (now, samples) of this segment's first reading
+        self._first: tuple[float, int, float] | None = None  # (now, samples, step_seconds) of the first reading
         self._readings: deque[tuple[float, int]] = deque()  # this segment's recent readings, oldest first
+        self._step_seconds = 0.0  # the pipeline's step_seconds at the latest reading
 
-    def observe(self, samples: int, now: float) -> None:
+    def observe(self, samples: int, now: float, step_seconds: float = 0.0) -> None:
         last = self._readings[-1] if self._readings else None
         if last is not None and (samples < last[1] or now < last[0]):  # a new pipeline: close this segment
             self._done = self._segment_totals(self._done)
             self._first, last = None, None
             self._readings.clear()
         if self._first is None:
-            self._first = (now, samples)
+            self._first = (now, samples, step_seconds)
+        self._step_seconds = step_seconds
         self._readings.append((now, samples))
         while len(self._readings) > 2 and self._readings[1][0] <= now - self.window_s:
             self._readings.popleft()  # keep one reading at or before the window's start
@@ -71,8 +82,8 @@ class Throughput:
     def _segment_totals(self, base: Totals) -> Totals:
         if self._first is None or not self._readings:
             return base
-        (t0, s0), (t1, s1) = self._first, self._readings[-1]
-        return Totals(base.samples + s1 - s0, base.seconds + t1 - t0)
+        (t0, s0, d0), (t1, s1) = self._first, self._readings[-1]
+        return Totals(base.samples + s1 - s0, base.seconds + t1 - t0, base.step_seconds + self._step_seconds - d0)
 
     @property
     def totals(self) -> Totals:
@@ -111,7 +122,7 @@ class Progress:
     def update(self, p: TrainingProgress, loss: float | None, now: float) -> None:
         if self.finished:
             return
-        self.meter.observe(p.samples, now)
+        self.meter.observe(p.samples, now, p.step_seconds)
         if p.done:
             self.finish()
             return
@@ -137,6 +148,11 @@ class Progress:
         t = self.meter.totals
         rate = rate_text(t)
         how = f": {rate}" if rate else f" (under {MIN_RATE_S:g} s: too short for a rate)"
+        steps = t.step_rate
+        if steps is not None:
+            how += f"; steps alone (no validation or checkpoints) {t.step_seconds:.3f} s: {steps:,.0f} samples/s"
+        elif t.step_seconds > 0:
+            how += f"; steps alone {t.step_seconds:.3f} s (too short for a rate)"
         self.log.info("training throughput: %d samples in %.3f s of training%s", t.samples, t.seconds, how)
 
     def close(self) -> None:

@@ -83,6 +83,8 @@ def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine |
             max_echo_bytes=largest_message_bytes(cfg),
             max_psi_items=cfg.psi.max_items,
             max_rejoins=cfg.train.max_rejoins if cfg.train is not None else DEFAULT_MAX_REJOINS,
+            # keep = "best" / patience end with TRAINING_DONE naming the epoch to keep: data holders must speak 1.5
+            min_minor=5 if cfg.train is not None and (cfg.train.keep == "best" or cfg.train.patience) else 0,
         )
     return DataHolderMachine(
         party=cfg.party,

@@ -26,7 +26,7 @@ import torch
 from ..files import PRIVATE, atomic_write, atomic_write_bytes
 from ..psi import encode_ids
 from ..protocol.events import Finished, Output
-from ..protocol.training_phase import CheckpointError, TrainPlan
+from ..protocol.training_phase import BestEpoch, CheckpointError, TrainPlan
 from ..train.central import OptimizerSpec, make_schedule
 from ..train.data import DataError, LabelEncoding, PartyTable, Standardizer, encode_labels
 from ..train.models import Combiner, ModelError, build_model, load_weights
@@ -332,6 +332,8 @@ def make_plan(cfg: NodeConfig, aligned_ids: list) -> TrainPlan:
         validation=order[np.asarray(schedule.validation, dtype=np.int64)],
         epoch_orders=[order[np.concatenate(e)] if e else np.empty(0, np.int64) for e in schedule.epochs],
         checkpoint_every=t.checkpoint_every,
+        keep=t.keep,
+        patience=t.patience,
     )
 
 
@@ -401,6 +403,7 @@ class SessionTraining:
         self._scheduled = False  # data holder: the first SCHEDULE has been checked against ``start_mode``
         self.segment: TorchBottom | TorchTop | None = None  # built over the aligned rows by ``start``
         self.aligned: np.ndarray | None = None  # the label holder's aligned rows, for the predictions file
+        self.machine = None  # the role machine whose training this is (``start``)
 
     def check(self) -> None:
         """Before connecting: torch's thread count, and the model spec against this party's data."""
@@ -418,6 +421,7 @@ class SessionTraining:
 
         A model that cannot be built or a checkpoint that cannot be resumed ends the session (exit 1) naming why.
         """
+        self.machine = machine
         if not self.cfg.session.predict:
             self.log.info("%s", privacy_line(self.cfg))
         try:
@@ -450,16 +454,21 @@ class SessionTraining:
             "training on %d aligned rows (%d for validation), %d epoch(s), window %d",
             len(rows), len(plan.validation), plan.epochs, cfg.session.window,
         )
-        first_step, digests = 0, {}
+        first_step, digests, best = 0, {}, None
         manifest = self.manifest
         if manifest is not None and manifest["step"] > 0:  # this run was interrupted: resume it
             first_step = manifest["step"]
             digests = {p: d for p, d in manifest["digests"].items() if p}
+            best = BestEpoch.from_dict(manifest["best"]) if "best" in manifest else None
             self.segment.restore(first_step)
             self.log.warning("resuming from the checkpoint at step %d (epoch %d)", first_step, manifest["epoch"] + 1)
         if manifest is not None:  # the epoch of the checkpoint is trained again: its line (and later ones) go
             trim_metrics(cfg.train.output / METRICS, manifest["epoch"])
-        return machine.start_training(self.segment, plan, now, first_step, digests)
+        if cfg.train.keep == "best" or cfg.train.patience:
+            what = "the epoch with the lowest validation loss" if cfg.train.keep == "best" else "the last epoch"
+            stop = f"; stopping after {cfg.train.patience} epoch(s) without a lower one" if cfg.train.patience else ""
+            self.log.info("keeping %s%s", what, stop)
+        return machine.start_training(self.segment, plan, now, first_step, digests, best)
 
     def _check_schedule(self, first_step: int) -> None:
         """Data holder: the label holder's first SCHEDULE says where the run starts; it must match ``--fresh`` /
@@ -516,8 +525,10 @@ class SessionTraining:
                             f"was saved as this party's result{kept}")
         if not self.cfg.session.predict:
             if self._save_segment() and self.cfg.is_label_holder:
+                t = self.machine.training
+                kept = t.kept.epoch + 1 if t.kept is not None else None
                 try:  # this run is complete: starting it again by accident must not train its last epoch again
-                    self.segment.checkpointer.finish(self.cfg.train.epochs)
+                    self.segment.checkpointer.finish(t.epoch, kept)
                 except CheckpointError as exc:
                     self.log.error("%s", exc)
             return finished

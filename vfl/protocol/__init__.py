@@ -33,7 +33,7 @@ from .messages import (
     Tensor,
     Welcome,
 )
-from .messages import Backward, Checkpoint, CheckpointDone, Epoch, EvalForward, Forward, Rollback, Schedule
+from .messages import Backward, Checkpoint, CheckpointDone, Epoch, EvalForward, Forward, Rollback, Schedule, TrainingDone
 from .session import SessionConfig, config_diff, describe_diff, digest_of
 
 __all__ = [name for name in dir() if not name.startswith("_")]

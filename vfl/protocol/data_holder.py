@@ -31,6 +31,7 @@ from .messages import (
     PsiStart,
     Schedule,
     Tensor,
+    TrainingDone,
     Welcome,
 )
 from .messages import Epoch as EpochMessage
@@ -105,6 +106,7 @@ class DataHolderMachine:
         self.clock: PeerClock | None = None
         self.heartbeat_s = 1.0
         self.peer_timeout_s = 30.0
+        self.session_minor = PROTOCOL_VERSION[1]  # the session's minor version, from the WELCOME
         self._echo_seq = 0
         self._echo_sent_at = 0.0
         self._rtts: list[float] = []
@@ -456,6 +458,9 @@ class DataHolderMachine:
                 return []
             if isinstance(msg, Checkpoint):
                 return [self._send(self._train.on_checkpoint(msg), now)]
+            if isinstance(msg, TrainingDone):
+                self._train.on_training_done(msg)
+                return [Log(level="INFO", text=_done_text(msg))]
             if isinstance(msg, Rollback):  # another party restarted: drop the pipeline, acknowledge, await SCHEDULE
                 self._train = self._new_pipeline()
                 return [
@@ -472,9 +477,14 @@ class DataHolderMachine:
 
     @property
     def training_done(self) -> bool:
-        """Every epoch of the schedule was trained and evaluated here: the bottom segment is a finished model."""
+        """The bottom segment is a finished model: the label holder said so (TRAINING_DONE, v1.5, whose kept
+        checkpoint is loaded by then), or, in a 1.4 session, every epoch of the schedule was trained here."""
         t = self._train
-        return t is not None and t.epochs is not None and t.finished_epochs >= t.epochs
+        if t is None or t.epochs is None:
+            return False
+        if self.session_minor >= 5:
+            return t.done is not None
+        return t.finished_epochs >= t.epochs
 
     def finish_aligned(self, ok: bool, reason: str, now: float) -> list[Output]:
         """The node has used the aligned rows (e.g. written them out): leave the session with ``ok``."""
@@ -536,6 +546,7 @@ class DataHolderMachine:
         self.heartbeat_s = max(msg.heartbeat_ms, 1) / 1000.0
         self.peer_timeout_s = max(msg.peer_timeout_ms, 1) / 1000.0
         self.state = DataHolderState.READY
+        self.session_minor = msg.version[1]
         self.clock = PeerClock(last_received=now, last_sent=now)
         out: list[Output] = [log or Log(level="INFO", text=f"joined label holder {msg.party!r} (run {msg.run})")]
         return out + self._next_echo(now)
@@ -634,6 +645,11 @@ def _code_name(code: int) -> str:
         return f"error code {code}"
 
 
+def _done_text(msg: TrainingDone) -> str:
+    text = f"training done after {msg.epochs} epoch(s)" + (" (the label holder stopped early)" if msg.early_stop else "")
+    return text + f"; this segment keeps the weights after epoch {msg.keep_epoch + 1}"
+
+
 _TABLE: dict[tuple[DataHolderState, str], Handler] = {
     (DataHolderState.CONNECTING, Welcome.TYPE): DataHolderMachine._on_welcome,
     (DataHolderState.CONNECTING, Error.TYPE): DataHolderMachine._on_refusal,
@@ -654,6 +670,7 @@ _TABLE: dict[tuple[DataHolderState, str], Handler] = {
     (DataHolderState.TRAINING, EpochMessage.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, Backward.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, Checkpoint.TYPE): DataHolderMachine._on_training_message,
+    (DataHolderState.TRAINING, TrainingDone.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, Rollback.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, Schedule.TYPE): DataHolderMachine._on_training_message,
     (DataHolderState.TRAINING, Heartbeat.TYPE): DataHolderMachine._on_heartbeat,

@@ -32,12 +32,13 @@ from .messages import (
     PsiResult,
     PsiStart,
     Rollback,
+    TrainingDone,
     Welcome,
 )
 from .psi_phase import DEFAULT_MAX_PSI_ITEMS, PairwisePsi, PsiPlan, combine, final_rows_messages, new_nonce, positions_for
 from .routing import party_of
 from .text import peer_text
-from .training_phase import CheckpointError, LabelHolderTraining, TopSegment, TrainPlan
+from .training_phase import BestEpoch, CheckpointError, LabelHolderTraining, TopSegment, TrainPlan
 from .session import SessionConfig, config_diff, describe_diff, digest_of
 from .timers import PeerClock, Reminder, TokenBucket
 
@@ -98,6 +99,7 @@ class _Party:
     #: [S5] the routing id of the connection whose HELLO we last accepted: the only one this party's messages go to
     route: bytes | None = None
     rejoins: int = 0  # HELLOs accepted after training started (each one rolls every party back)
+    minor: int = 0  # the minor version of the session with this party (min of both sides, as WELCOME says)
 
 
 Handler = Callable[["LabelHolderMachine", _Party, Message, float], list[Output]]
@@ -123,8 +125,12 @@ class LabelHolderMachine:
         max_echo_bytes: int | None = None,
         max_psi_items: int = DEFAULT_MAX_PSI_ITEMS,
         max_rejoins: int = DEFAULT_MAX_REJOINS,
+        min_minor: int = 0,
     ):
+        """``min_minor``: the lowest minor version a data holder may speak; 5 when ``[train].keep = "best"`` or
+        ``patience`` is set, because then a data holder must understand TRAINING_DONE to save the right weights."""
         self.party = party
+        self.min_minor = min_minor
         self.run = run
         self.config = config
         self.heartbeat_s = heartbeat_s
@@ -539,6 +545,12 @@ class LabelHolderMachine:
 
         if msg.version[0] != PROTOCOL_VERSION[0]:
             return refuse(ErrorCode.UNSUPPORTED_VERSION, f"HELLO.version {list(msg.version)}: this label holder speaks 1.x")
+        if msg.version[1] < self.min_minor:
+            return refuse(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"HELLO.version {list(msg.version)}: this run keeps its best epoch or stops early ([train].keep / "
+                f"patience), which needs data holders at 1.{self.min_minor} or later; upgrade vfl on that node",
+            )
         if msg.role != "data_holder":
             return refuse(ErrorCode.BAD_FIELD, f"HELLO.role must be 'data_holder', got {peer_text(msg.role, 40)}")
         try:
@@ -603,8 +615,9 @@ class LabelHolderMachine:
         p.state, p.joined = PartyState.READY, True
         p.clock = PeerClock(last_received=now, last_sent=now)
         p.psi, p.nonce = None, new_nonce() if self.psi is not None else None
+        p.minor = min(PROTOCOL_VERSION[1], msg.version[1])
         welcome = Welcome(
-            version=(PROTOCOL_VERSION[0], min(PROTOCOL_VERSION[1], msg.version[1])),
+            version=(PROTOCOL_VERSION[0], p.minor),
             party=self.party,
             run=self.run,
             digest=self._digest,
@@ -774,18 +787,21 @@ class LabelHolderMachine:
         now: float,
         first_step: int = 0,
         resume_digests: dict[str, str] | None = None,
+        best: BestEpoch | None = None,
     ) -> list[Output]:
         """The node built the top segment over the aligned rows: send every data holder the schedule.
 
         ``first_step`` > 0 resumes from the checkpoint every party holds at that step (``resume_digests``: the
-        digest each data holder reported for it).
+        digest each data holder reported for it; ``best``: the best epoch recorded with it).
         """
         if self.final_rows is None or not self.config.train or self.training is not None:
             return []
         self._top, self._plan = top, plan
-        return self._begin(first_step, resume_digests or {}, now)
+        return self._begin(first_step, resume_digests or {}, now, best=best)
 
-    def _begin(self, first_step: int, digests: dict[str, str], now: float, rollback: bool = False) -> list[Output]:
+    def _begin(
+        self, first_step: int, digests: dict[str, str], now: float, rollback: bool = False, best: BestEpoch | None = None
+    ) -> list[Output]:
         self.training = LabelHolderTraining(
             self._top,
             self._plan,
@@ -796,9 +812,10 @@ class LabelHolderMachine:
             n_rows=len(self.final_rows),
             first_step=first_step,
             resume_digests=digests,
+            best=best,
         )
         out: list[Output] = []
-        for name, msgs in self.training.start().items():
+        for name, msgs in self.training.start(now).items():
             p = self.parties[name]
             if rollback and p.state is PartyState.TRAINING:
                 p.rolling_back = True
@@ -815,12 +832,13 @@ class LabelHolderMachine:
         if step is None:
             return self._finish(1, "a data holder restarted before the first checkpoint was complete", now)
         digests = self.training.latest_digests
+        best = self.training.committed_best
         try:
             self._top.restore(step)
         except CheckpointError as exc:
             return self._finish(1, f"cannot resume: {exc}", now)
         out: list[Output] = [Log(level="WARNING", text=f"resuming every party from the checkpoint at step {step}")]
-        return out + self._begin(step, digests, now, rollback=True)
+        return out + self._begin(step, digests, now, rollback=True, best=best)
 
     def _on_training_message(self, p: _Party, msg: Message, now: float) -> list[Output]:
         p.last_progress = now
@@ -833,12 +851,12 @@ class LabelHolderMachine:
             return [Log(level="DEBUG", text=f"dropped a stale {msg.TYPE} from {p.name!r} (rollback pending)")]
         try:
             if isinstance(msg, Forward):
-                per_party, metrics = self.training.on_forward(p.name, msg)
+                per_party, metrics = self.training.on_forward(p.name, msg, now)
             elif isinstance(msg, CheckpointDone):
                 self.training.on_checkpoint_done(p.name, msg)
                 per_party, metrics = {}, []
             else:
-                per_party, metrics = self.training.on_eval(p.name, msg)
+                per_party, metrics = self.training.on_eval(p.name, msg, now)
         except CheckpointError as exc:
             return self._finish(1, f"checkpoint: {exc}", now)
         except RemoteProtocolError as exc:
@@ -846,14 +864,27 @@ class LabelHolderMachine:
             return [self._send(p, err, now)] + self._finish(1, f"training with data holder {p.name!r} failed: {exc}", now)
         out: list[Output] = []
         for name, msgs in per_party.items():
-            q = self.parties[name]
-            out += [self._send(q, m, now) for m in msgs]
+            q = self.parties[name]  # TRAINING_DONE (v1.5) only to a party that speaks 1.5
+            out += [self._send(q, m, now) for m in msgs if not (isinstance(m, TrainingDone) and q.minor < 5)]
         out += [EpochDone(metrics=m) for m in metrics]
         if self.training.done:
-            last = self.training.history[-1] if self.training.history else {}
-            summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith("val_") and isinstance(v, float))
-            out += self._finish(0, f"training finished after {self.training.epoch} epoch(s)" + (f": {summary}" if summary else ""), now)
+            out += self._finish(0, self._finished_text(), now)
         return out
+
+    def _finished_text(self) -> str:
+        """What BYE and the log say when training ends: how many epochs, why, and which epoch's weights are kept."""
+        t = self.training
+        kept = t.kept
+        shown = t.history[-1] if t.history else {}
+        if kept is not None:  # the kept epoch's line (it may predate this process, after a resume: then its loss)
+            shown = next((h for h in t.history if h["epoch"] == kept.epoch + 1), {"val_loss": kept.val_loss})
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if k.startswith("val_") and isinstance(v, float))
+        text = f"training finished after {t.epoch} epoch(s)"
+        if t.stopped_early:
+            text += f" (early stop: validation loss not improved for {t.plan.patience} epoch(s))"
+        if kept is not None:
+            text += f"; kept the weights after epoch {kept.epoch + 1}, the best validation loss"
+        return text + (f": {summary}" if summary else "")
 
 
 def _replaced_error(ref: str | None) -> RemoteProtocolError:

@@ -366,9 +366,16 @@ class Checkpoint(Message):
     """Save your segment as it is after ``step`` steps (every BACKWARD before ``step`` applied) and confirm."""
 
     TYPE: ClassVar[str] = "CHECKPOINT"
-    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {"step": (FieldKind.INT, True), "epoch": (FieldKind.INT, True)}
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
+        "step": (FieldKind.INT, True),
+        "epoch": (FieldKind.INT, True),
+        "keep": (FieldKind.BOOL, False),
+    }
     step: int
     epoch: int
+    #: v1.5: the weights after ``step`` are the best so far ([train].keep = "best"): keep this checkpoint until a
+    #: later CHECKPOINT with ``keep`` replaces it, or TRAINING_DONE names it
+    keep: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -390,11 +397,35 @@ class Rollback(Message):
     step: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainingDone(Message):
+    """v1.5: training is over after ``epochs`` epochs; the result is every party's segment as it was after
+    ``keep_step`` steps, i.e. after epoch ``keep_epoch`` (0-based, as on the wire).
+
+    ``keep_step`` is the last step unless ``[train].keep = "best"`` chose an earlier epoch; then ``keep_digest`` is
+    the digest the receiver reported for its checkpoint at ``keep_step``, which it loads before saving its segment.
+    ``early_stop``: the label holder stopped before the schedule's last epoch (``[train].patience``)."""
+
+    TYPE: ClassVar[str] = "TRAINING_DONE"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
+        "epochs": (FieldKind.INT, True),
+        "keep_step": (FieldKind.INT, True),
+        "keep_epoch": (FieldKind.INT, True),
+        "keep_digest": (FieldKind.STR, False),
+        "early_stop": (FieldKind.BOOL, False),
+    }
+    epochs: int
+    keep_step: int
+    keep_epoch: int
+    keep_digest: str | None = None
+    early_stop: bool | None = None
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Error, Heartbeat, Echo, EchoReply, Bye,
         PsiStart, PsiItems, PsiReply, PsiResult, PsiRows,
-        Schedule, Epoch, Forward, Backward, EvalForward, Checkpoint, CheckpointDone, Rollback,
+        Schedule, Epoch, Forward, Backward, EvalForward, Checkpoint, CheckpointDone, Rollback, TrainingDone,
     )
 }

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
+
+import math
 
 import numpy as np
 
 from .errors import ErrorCode, RemoteProtocolError, VflError
-from .messages import Backward, Checkpoint, CheckpointDone, Epoch, EvalForward, Forward, Message, Schedule, Tensor
+from .messages import (
+    Backward, Checkpoint, CheckpointDone, Epoch, EvalForward, Forward, Message, Schedule, Tensor, TrainingDone,
+)
 
 
 class CheckpointError(VflError):
@@ -32,8 +36,10 @@ class BottomSegment(Protocol):
     def backward(self, step: int, gradient: np.ndarray) -> None:
         """Apply the gradient of step ``step`` (to the weights its forward used) and step the optimizer."""
 
-    def checkpoint(self, step: int, epoch: int) -> str:
-        """Save the segment after ``step`` steps (atomically); returns the SHA-256 of what was written."""
+    def checkpoint(self, step: int, epoch: int, keep: bool = False) -> str:
+        """Save the segment after ``step`` steps (atomically); returns the SHA-256 of what was written.
+
+        ``keep``: the best epoch's weights so far; the file outlives the usual pruning until another ``keep``."""
 
     def restore(self, step: int, digest: str | None) -> None:
         """Load the checkpoint at ``step`` (checking ``digest`` when given); drop every step in flight."""
@@ -51,13 +57,14 @@ class TopSegment(Protocol):
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """The epoch's training and validation metrics; resets the accumulators."""
 
-    def checkpoint(self, step: int, epoch: int) -> str:
+    def checkpoint(self, step: int, epoch: int, keep: bool = False) -> str:
         """Save the top (and own bottom) after ``step`` steps; returns the SHA-256 of what was written."""
 
-    def commit(self, step: int, epoch: int, digests: Mapping[str, str]) -> None:
-        """Every party saved step ``step``: record it as the checkpoint to resume from (atomically)."""
+    def commit(self, step: int, epoch: int, digests: Mapping[str, str], best: dict | None = None) -> None:
+        """Every party saved step ``step``: record it as the checkpoint to resume from (atomically), with the best
+        epoch so far (``BestEpoch.to_dict``), which a resumed run needs for ``keep = "best"`` and ``patience``."""
 
-    def restore(self, step: int) -> None:
+    def restore(self, step: int, digest: str | None = None) -> None:
         """Load this party's checkpoint at ``step``."""
 
 
@@ -69,6 +76,8 @@ class TrainPlan:
     epoch_orders: Sequence[np.ndarray]
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: only at each epoch's start)
     checkpoints: bool = True  # False: a prediction session, which saves nothing
+    keep: str = "last"  # "best": the result is the weights after the epoch with the lowest validation loss
+    patience: int = 0  # > 0: stop once the validation loss has not improved for this many epochs
 
     @property
     def epochs(self) -> int:
@@ -89,6 +98,40 @@ class TrainPlan:
 
 
 @dataclass(frozen=True)
+class BestEpoch:
+    """The epoch with the lowest validation loss so far: what ``keep = "best"`` keeps and ``patience`` counts from.
+
+    Its weights are every party's checkpoint at ``step`` (the first step after it); ``digests`` are those
+    checkpoints' digests by party (``""``: the label holder's own) once every party has confirmed them."""
+
+    epoch: int  # 0-based, as on the wire
+    step: int
+    val_loss: float
+    digests: Mapping[str, str] | None = None
+
+    def to_dict(self) -> dict:
+        out = {"epoch": self.epoch, "step": self.step, "val_loss": self.val_loss}
+        if self.digests is not None:
+            out["digests"] = dict(self.digests)
+        return out
+
+    @classmethod
+    def from_dict(cls, value) -> "BestEpoch | None":
+        """From a manifest; None for anything that is not a well-formed record (the manifest is the label holder's
+        own file, but a hand-edited one must not crash the resume)."""
+        try:
+            digests = value.get("digests")
+            return cls(
+                epoch=int(value["epoch"]),
+                step=int(value["step"]),
+                val_loss=float(value["val_loss"]),
+                digests=None if digests is None else {str(k): str(v) for k, v in digests.items()},
+            )
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
 class TrainingProgress:
     """Where the label holder's training stands, for a progress display and throughput figures.
 
@@ -105,6 +148,9 @@ class TrainingProgress:
     steps: int  # global steps of the whole plan
     samples: int
     done: bool
+    #: seconds of whole training steps: from each epoch's EPOCH to its last step processed here, on the clock the
+    #: node passes in as ``now`` (validation, checkpoints between epochs and the waits of a rollback not counted)
+    step_seconds: float = 0.0
 
 
 def _int_positions(msg: Message, name: str, n_rows: int) -> np.ndarray:
@@ -160,6 +206,7 @@ class DataHolderTraining:
         self.finished_epochs = 0
         self.applied = 0  # steps whose BACKWARD has been applied: the segment is "after `applied` steps"
         self._resuming = False
+        self.done: TrainingDone | None = None  # v1.5: the label holder said training is over, and what to keep
 
     def on_schedule(self, msg: Schedule) -> None:
         if self.epochs is not None:
@@ -257,7 +304,32 @@ class DataHolderTraining:
                 f"CHECKPOINT at step {msg.step}, but this data holder has applied {self.applied} steps",
                 ref=msg.TYPE,
             )
-        return CheckpointDone(step=msg.step, digest=self.bottom.checkpoint(msg.step, msg.epoch))
+        return CheckpointDone(step=msg.step, digest=self.bottom.checkpoint(msg.step, msg.epoch, keep=bool(msg.keep)))
+
+    def on_training_done(self, msg: TrainingDone) -> None:
+        """[X10]: training is over; the result is this segment after ``keep_step`` steps (an earlier, kept
+        checkpoint when ``keep = "best"`` chose an earlier epoch: loaded here, its digest checked)."""
+        if self.epochs is None or not self._epoch_done or self.done is not None:
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE, "TRAINING_DONE while an epoch is in progress (or twice)", ref=msg.TYPE
+            )
+        if msg.epochs != self.finished_epochs or not 0 <= msg.keep_epoch < msg.epochs or not (
+            0 <= msg.keep_step <= self.applied
+        ):
+            raise RemoteProtocolError(
+                ErrorCode.BAD_FIELD,
+                f"TRAINING_DONE after {msg.epochs} epoch(s) keeping epoch {msg.keep_epoch} at step {msg.keep_step}: "
+                f"this data holder finished {self.finished_epochs} epoch(s) and applied {self.applied} steps",
+                ref=msg.TYPE,
+            )
+        if msg.keep_step < self.applied:
+            if msg.keep_digest is None:
+                raise RemoteProtocolError(
+                    ErrorCode.BAD_FIELD, "TRAINING_DONE.keep_digest is missing for an earlier step", ref=msg.TYPE
+                )
+            self.bottom.restore(msg.keep_step, msg.keep_digest)
+            self.applied = msg.keep_step
+        self.done = msg
 
 
 # ------------------------------------------------------------------------------------------------- label holder
@@ -286,7 +358,10 @@ class LabelHolderTraining:
         n_rows: int,
         first_step: int = 0,
         resume_digests: Mapping[str, str] | None = None,
+        best: BestEpoch | None = None,
     ):
+        """``best``: when resuming, the best epoch recorded with the checkpoint at ``first_step`` (``keep``,
+        ``patience``)."""
         self.top = top
         self.plan = plan
         self.resume_digests = dict(resume_digests or {})
@@ -310,12 +385,19 @@ class LabelHolderTraining:
         self.latest_checkpoint: int | None = None
         self.latest_digests: dict[str, str] = {}
         self.samples = 0  # rows of the training steps processed here, each step at its true size
+        self.best = best if best is not None and best.step <= first_step else None
+        self.committed_best = self.best  # the best epoch as of the latest committed checkpoint (what a rollback keeps)
+        #: once ``done``: the epoch whose weights are the result (None: the last one), and whether patience stopped it
+        self.kept: BestEpoch | None = None
+        self.stopped_early = False
+        self.step_seconds = 0.0  # see TrainingProgress.step_seconds
+        self._step_mark: float | None = None  # ``now`` of the epoch's EPOCH, then of its latest step
         self._plan_steps = sum(plan.steps_in(e, batch_size) for e in range(plan.epochs))
 
-    def start(self) -> dict[str, list[Message]]:
+    def start(self, now: float | None = None) -> dict[str, list[Message]]:
         """Per data holder: SCHEDULE (with its resume digest when resuming), then the first EPOCH."""
         validation = Tensor("validation", np.asarray(self.plan.validation, dtype=np.int64))
-        opening = self._open_epoch(first=True)
+        opening = self._open_epoch(first=True, now=now)
         return {
             p: [
                 Schedule(
@@ -330,11 +412,13 @@ class LabelHolderTraining:
             for p in self.parties
         }
 
-    def _open_epoch(self, first: bool = False) -> list[Message]:
+    def _open_epoch(self, first: bool = False, now: float | None = None) -> list[Message]:
         """Checkpoint at the epoch's start (not when resuming from exactly there), then EPOCH."""
+        self._step_mark = now
         out: list[Message] = []
         if self.plan.checkpoints and not (first and self.step > 0):
-            out += self._checkpoint(self.step)
+            keep = self.plan.keep == "best" and self.best is not None and self.best.step == self.step
+            out += self._checkpoint(self.step, keep)
         order = np.asarray(self.plan.epoch_orders[self.epoch], dtype=np.int64)
         start = self._epoch_first_step
         for i, rows in enumerate(batches(order, self.batch_size)):
@@ -358,11 +442,12 @@ class LabelHolderTraining:
             steps=self._plan_steps,
             samples=self.samples,
             done=self.done,
+            step_seconds=self.step_seconds,
         )
 
-    def _checkpoint(self, step: int) -> list[Message]:
-        self._pending[step] = {"": self.top.checkpoint(step, self.epoch)}
-        return [Checkpoint(step=step, epoch=self.epoch)]
+    def _checkpoint(self, step: int, keep: bool = False) -> list[Message]:
+        self._pending[step] = {"": self.top.checkpoint(step, self.epoch, keep=keep)}
+        return [Checkpoint(step=step, epoch=self.epoch, keep=True if keep else None)]
 
     def on_checkpoint_done(self, party: str, msg: CheckpointDone) -> None:
         digests = self._pending.get(msg.step)
@@ -374,13 +459,21 @@ class LabelHolderTraining:
         if len(digests) == len(self.parties) + 1:
             own = digests.pop("")
             epoch, _ = self.plan.epoch_of(msg.step, self.batch_size)
-            self.top.commit(msg.step, epoch, {**digests, "": own})
+            if self.best is not None and self.best.step == msg.step and self.best.digests is None:
+                self.best = replace(self.best, digests={**digests, "": own})
+            if self.best is not None and self.best.step <= msg.step:
+                self.committed_best = self.best
+            best = self.committed_best.to_dict() if self.committed_best is not None else None
+            self.top.commit(msg.step, epoch, {**digests, "": own}, best=best)
             self.latest_checkpoint = msg.step
             self.latest_digests = dict(digests)
             del self._pending[msg.step]
 
-    def on_forward(self, party: str, msg: Forward) -> tuple[dict[str, list[Message]], list[dict]]:
-        """Returns (messages per party, finished-epoch metrics)."""
+    def on_forward(
+        self, party: str, msg: Forward, now: float | None = None
+    ) -> tuple[dict[str, list[Message]], list[dict]]:
+        """Returns (messages per party, finished-epoch metrics). ``now``: the node's monotonic clock, for
+        ``step_seconds`` (without it no time is counted)."""
         box = self._inbox[party]
         if msg.step != box.next_forward or msg.step not in self._steps:
             raise RemoteProtocolError(
@@ -395,9 +488,11 @@ class LabelHolderTraining:
             )
         box.forwards[msg.step] = _activations(msg, "activations", len(self._steps[msg.step]), self.widths[party])
         box.next_forward += 1
-        return self._advance()
+        return self._advance(now)
 
-    def on_eval(self, party: str, msg: EvalForward) -> tuple[dict[str, list[Message]], list[dict]]:
+    def on_eval(
+        self, party: str, msg: EvalForward, now: float | None = None
+    ) -> tuple[dict[str, list[Message]], list[dict]]:
         box = self._inbox[party]
         if not self._evaluating or msg.epoch != self.epoch or msg.batch != box.next_eval:
             raise RemoteProtocolError(
@@ -408,9 +503,9 @@ class LabelHolderTraining:
             )
         box.evals[msg.batch] = _activations(msg, "activations", len(self.validation[msg.batch]), self.widths[party])
         box.next_eval += 1
-        return self._advance()
+        return self._advance(now)
 
-    def _advance(self) -> tuple[dict[str, list[Message]], list[dict]]:
+    def _advance(self, now: float | None = None) -> tuple[dict[str, list[Message]], list[dict]]:
         out: dict[str, list[Message]] = {p: [] for p in self.parties}
         metrics: list[dict] = []
         while not self.done:
@@ -421,6 +516,9 @@ class LabelHolderTraining:
                 rows = self._steps.pop(self.step)
                 grads = self.top.train_step(self.step, rows, acts)
                 self.samples += len(rows)
+                if now is not None and self._step_mark is not None:
+                    self.step_seconds += max(now - self._step_mark, 0.0)
+                self._step_mark = now
                 for p in self.parties:
                     out[p].append(Backward(step=self.step, tensors=(Tensor("gradient", grads[p]),)))
                 self.step += 1
@@ -430,6 +528,7 @@ class LabelHolderTraining:
                     for p in self.parties:
                         out[p].extend(ask)
                 if self.step == self._epoch_end_step:
+                    self._step_mark = None  # validation is not a training step
                     self._evaluating, self._eval_next = True, 0
                     for p in self.parties:
                         self._inbox[p].next_eval = 0
@@ -446,12 +545,57 @@ class LabelHolderTraining:
             result = {"epoch": self.epoch + 1, "step": self.step, **self.top.end_epoch(self.epoch)}
             self.history.append(result)
             metrics.append(result)
+            self._track_best(result)
             self.epoch += 1
             self._epoch_first_step = self.step
-            if self.epoch >= self.plan.epochs:
+            if self.epoch >= self.plan.epochs or self._out_of_patience():
+                self.stopped_early = self.epoch < self.plan.epochs
+                for p, msgs in self._training_done().items():
+                    out[p].extend(msgs)
                 self.done = True
                 break
-            opening = self._open_epoch()
+            opening = self._open_epoch(now=now)
             for p in self.parties:
                 out[p].extend(opening)
         return out, metrics
+
+    def _track_best(self, result: Mapping) -> None:
+        loss = result.get("val_loss")
+        if isinstance(loss, float) and math.isfinite(loss) and (self.best is None or loss < self.best.val_loss):
+            self.best = BestEpoch(epoch=self.epoch, step=self.step, val_loss=loss)
+
+    def _out_of_patience(self) -> bool:
+        """``patience`` epochs in a row (counted after ``self.epoch`` advanced) without a new best validation loss."""
+        if self.plan.patience <= 0:
+            return False
+        since = self.epoch - (self.best.epoch + 1 if self.best is not None else 0)
+        return since >= self.plan.patience
+
+    def _training_done(self) -> dict[str, list[Message]]:
+        """[X10]: the result is every party's segment after the kept epoch: the best one (``keep = "best"``), whose
+        checkpoint every party holds, or the last one. The label holder loads its own kept checkpoint here."""
+        kept = self.best if self.plan.keep == "best" and self.best is not None else None
+        if kept is not None and kept.step == self.step:
+            kept = None  # the last epoch was the best: the weights in memory are the result
+        if kept is not None:
+            if kept.digests is None:
+                raise CheckpointError(
+                    f"the checkpoint of the best epoch ({kept.epoch + 1}, step {kept.step}) was never confirmed by "
+                    "every party, so it cannot be the result"
+                )
+            self.top.restore(kept.step, kept.digests.get(""))
+        self.kept = kept
+        keep_step = kept.step if kept is not None else self.step
+        keep_epoch = kept.epoch if kept is not None else self.epoch - 1
+        return {
+            p: [
+                TrainingDone(
+                    epochs=self.epoch,
+                    keep_step=keep_step,
+                    keep_epoch=max(keep_epoch, 0),
+                    keep_digest=kept.digests.get(p) if kept is not None else None,
+                    early_stop=True if self.stopped_early else None,
+                )
+            ]
+            for p in self.parties
+        }

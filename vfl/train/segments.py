@@ -130,8 +130,8 @@ class TorchBottom:
         load_weights(self.model, state, what, "model")
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def checkpoint(self, step: int, epoch: int) -> str:
-        return self.checkpointer.save(self._checkpoint_state(), step, epoch)
+    def checkpoint(self, step: int, epoch: int, keep: bool = False) -> str:
+        return self.checkpointer.save(self._checkpoint_state(), step, epoch, keep=keep)
 
     def _checkpoint_state(self) -> dict:
         return self.state()
@@ -315,15 +315,17 @@ class TorchTop:
             out["own_scaler"] = scaler.to_dict()
         return out
 
-    def checkpoint(self, step: int, epoch: int) -> str:
-        return self.checkpointer.save(self.state(), step, epoch)
+    def checkpoint(self, step: int, epoch: int, keep: bool = False) -> str:
+        return self.checkpointer.save(self.state(), step, epoch, keep=keep)
 
-    def commit(self, step: int, epoch: int, digests: Mapping[str, str]) -> None:
-        self.checkpointer.commit(step, epoch, dict(digests))
+    def commit(self, step: int, epoch: int, digests: Mapping[str, str], best: dict | None = None) -> None:
+        self.checkpointer.commit(step, epoch, dict(digests), best)
 
-    def restore(self, step: int) -> None:
-        manifest = self.checkpointer.latest() or {}
-        digest = manifest.get("digests", {}).get("") if manifest.get("step") == step else None
+    def restore(self, step: int, digest: str | None = None) -> None:
+        """Load the checkpoint at ``step``, checked against ``digest`` (default: the manifest's, if it names it)."""
+        if digest is None:
+            manifest = self.checkpointer.latest() or {}
+            digest = manifest.get("digests", {}).get("") if manifest.get("step") == step else None
         self.checkpointer.restore(step, digest, self._restore_state)
         self._train_out, self._train_rows, self._val_out, self._val_rows = [], [], [], []
 
