@@ -366,6 +366,13 @@ def _limit_configs(cfg: dict) -> dict:
         "psi_false": ({**cfg, "psi": False}, "BAD_FIELD"),
         "train_false": ({**cfg, "train": False}, "BAD_FIELD"),
         "psi_int": ({**cfg, "psi": 1}, "BAD_FIELD"),
+        # 1.6: window "auto" with max_window 1..1024; max_window only with "auto"
+        "window_auto": ({**cfg, "window": "auto", "max_window": 16}, "CONFIG_MISMATCH"),
+        "window_auto_max_1024": ({**cfg, "window": "auto", "max_window": 1024}, "CONFIG_MISMATCH"),
+        "window_auto_max_1025": ({**cfg, "window": "auto", "max_window": 1025}, "BAD_FIELD"),
+        "window_auto_max_0": ({**cfg, "window": "auto", "max_window": 0}, "BAD_FIELD"),
+        "window_other_string": ({**cfg, "window": "fast"}, "BAD_FIELD"),
+        "max_window_with_a_fixed_window": ({**cfg, "max_window": 4}, "BAD_FIELD"),
     }
 
 
