@@ -262,18 +262,28 @@ def keys_generate(names: tuple[str, ...], out_dir: str, overwrite: bool) -> None
         click.echo(f"{name}: public {public}  secret {secret}")
 
 
+def _window(value: str) -> int | str:
+    """``--window``: an integer 1..64 or "auto"."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise click.BadParameter(f'{value!r} is neither an integer in 1..64 nor "auto"')
+    return int(value)
+
+
 @main.command()
 @click.argument("dataset", type=click.Choice(["breast", "digits"]), default="breast")
 @click.option("--data-holders", "n_data_holders", default=1, show_default=True, type=click.IntRange(1, 8),
               help="digits: how many data holders share the image columns (breast always has 1).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run folder. Default: runs/demo-DATASET.")
-@click.option("--window", default=2, show_default=True, type=click.IntRange(1, 64), help="Pipeline window W.")
+@click.option("--window", default="2", show_default=True, callback=lambda ctx, param, value: _window(value),
+              help='Pipeline window W: 1..64, or "auto" (the label holder picks it from its first steps).')
 @click.option("--prepare-only", is_flag=True, help="Write data, keys and configs; print the per-node commands.")
 @click.option("--defence", type=click.Choice(DEFENCES),
               default="none", show_default=True, help="The training's label-leakage defence ([privacy].defence).")
 @click.option("--defence-param", "defence_params", multiple=True, metavar="KEY=VALUE",
               help="A parameter of the defence, e.g. sumkl=4 (repeatable; see PRIVACY.md).")
-def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int, prepare_only: bool, defence: str,
+def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int | str, prepare_only: bool, defence: str,
          defence_params: tuple[str, ...]) -> None:
     """Zero set-up: partition a data set that scikit-learn ships across parties, then PSI + split training.
 

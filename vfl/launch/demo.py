@@ -129,7 +129,7 @@ def _check_task(privacy: dict, task: str) -> None:
         raise DemoError(f"--defence {privacy.get('defence')}: {exc}") from None
 
 
-def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, window: int = 2,
+def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, window: int | str = 2,
                  privacy: dict | None = None) -> Demo:
     """The demo's data, keys and configs in ``out``. ``privacy``: a ``[privacy]`` table (``defence`` and its
     parameters) for every node (``vfl demo --defence``); left out, the run has no defence (and is audited)."""
