@@ -352,3 +352,25 @@ def test_a_data_holder_whose_activations_are_not_finite_sends_nothing():
     d.on_epoch(msgs[2])
     with pytest.raises(PrecisionError, match="FORWARD step 0 of dh1: the activations hold NaN or infinity"):
         d.work()
+
+
+# ------------------------------------------------------------------------------------------------ the handshake
+
+
+def test_H4_a_1_5_data_holder_without_the_fields_gets_CONFIG_MISMATCH_naming_activation_precision():
+    """The HELLO a 1.5 data holder sends (version [1, 5], a config without the precision fields) to a label holder
+    configured with int8 activations: CONFIG_MISMATCH whose diff and message name the field, never a WELCOME."""
+    from vfl.protocol import Hello, LabelHolderMachine, Send
+    from vfl.protocol.psi_phase import PsiPlan
+
+    base = dict(cut_widths={"alice": 8}, batch_size=32, window=1, model="m1", psi=True, train=True)
+    lh = LabelHolderMachine(party="bank", run="run-1", config=SessionConfig(**base, activation_precision="int8"),
+                            now=0.0, heartbeat_s=1.0, peer_timeout_s=5.0, join_timeout_s=60.0,
+                            psi=PsiPlan(items=[], engine=None))
+    wire = {"cut_widths": {"alice": 8}, "batch_size": 32, "window": 1, "model": "m1", "psi": True, "train": True}
+    hello = Hello(version=(1, 5), role="data_holder", party="alice", run="run-1", config=wire, digest=digest_of(wire))
+    frames = [bytes(memoryview(f).cast("B")) for f in encode(hello)]
+    (err,) = [o.message for o in lh.receive(b"alice", "alice", frames, 0.0) if isinstance(o, Send)]
+    assert err.TYPE == "ERROR" and err.code == ErrorCode.CONFIG_MISMATCH
+    assert err.diff == {"activation_precision": ["int8", "float32"]}
+    assert "activation_precision: label holder has 'int8', data holder has 'float32'" in err.message
