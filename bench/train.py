@@ -61,6 +61,7 @@ from _children import single_threaded_blas
 _CALLER_ENV = single_threaded_blas()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -354,10 +355,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_helper(args: argparse.Namespace, flag: str, spec: dict, workdir: Path, timeout_s: float) -> dict:
-    """Run this file with ``flag SPEC`` as a child and return the JSON object on its last line."""
+def run_helper(args: argparse.Namespace, flag: str, spec: dict, workdir: Path, timeout_s: float,
+               script: str = __file__) -> dict:
+    """Run this file (or ``script``) with ``flag SPEC`` as a child and return the JSON object on its last line."""
     t0 = time.monotonic()
-    child = Child(flag.strip("-"), [sys.executable, str(Path(__file__).resolve()), flag, json.dumps(spec)],
+    child = Child(flag.strip("-"), [sys.executable, str(Path(script).resolve()), flag, json.dumps(spec)],
                   workdir / f"{flag.strip('-')}-{int(t0 * 1000)}.log", workdir, t0)
     try:
         deadline = t0 + timeout_s
@@ -373,9 +375,11 @@ def run_helper(args: argparse.Namespace, flag: str, spec: dict, workdir: Path, t
         child.stop()
 
 
-def start_proxy(name: str, listen: int, target: int, delay_ms: float, workdir: Path, t0: float) -> Child:
-    """The delay proxy as a child process (this file, ``--proxy``), once it listens."""
-    spec = {"listen": listen, "target": target, "one_way_ms": delay_ms / 2}
+def start_proxy(name: str, listen: int, target: int, delay_ms: float, workdir: Path, t0: float,
+                mbit: float = 0.0) -> Child:
+    """The delay proxy as a child process (this file, ``--proxy``), once it listens; ``mbit`` > 0 caps each direction
+    (``bench/wan.py``)."""
+    spec = {"listen": listen, "target": target, "one_way_ms": delay_ms / 2, "mbit": mbit}
     proxy = Child(name, [sys.executable, str(Path(__file__).resolve()), "--proxy", json.dumps(spec)],
                   workdir / f"{name}.log", workdir, t0)
     try:
@@ -390,43 +394,28 @@ def start_proxy(name: str, listen: int, target: int, delay_ms: float, workdir: P
     return proxy
 
 
-def proxy_rtt_ms(args, tmp: Path, delay_ms: float, rounds: int) -> dict[str, float]:
-    """Round trips of 64 bytes through the delay proxy to an echo socket of this process: what the proxy adds."""
+@contextlib.contextmanager
+def relay_pair(tmp: Path, name: str, delay_ms: float | None, mbit: float = 0.0):
+    """Two connected TCP sockets of this process (TCP_NODELAY, 10 s timeouts), joined through the delay proxy (a
+    child, ``mbit`` > 0 caps it) or, with ``delay_ms`` None, directly; all closed and stopped on the way out."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.bind((HOST, 0))
     srv.listen(1)
     srv.settimeout(10)
-    port = free_port()
     proxy = cli = conn = None
     try:
-        proxy = start_proxy(f"proxy-check-{delay_ms:g}ms", port, srv.getsockname()[1], delay_ms, tmp, time.monotonic())
+        port = srv.getsockname()[1]
+        if delay_ms is not None:
+            port = free_port()
+            proxy = start_proxy(name, port, srv.getsockname()[1], delay_ms, tmp, time.monotonic(), mbit)
         cli = socket.create_connection((HOST, port), timeout=10)
         conn, _ = srv.accept()
         conn.settimeout(10)
         for s in (cli, conn):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        msg = b"x" * 64
-
-        def recv_exactly(s: socket.socket, n: int) -> None:
-            got = 0
-            while got < n:
-                chunk = s.recv(n - got)
-                if not chunk:
-                    raise BenchError("the delay proxy closed the connection")
-                got += len(chunk)
-
-        rtts = []
-        for _ in range(rounds + 1):
-            t = time.perf_counter()
-            cli.sendall(msg)
-            recv_exactly(conn, len(msg))
-            conn.sendall(msg)
-            recv_exactly(cli, len(msg))
-            rtts.append((time.perf_counter() - t) * 1000)
-        rtts = rtts[1:]  # the first includes connection set-up inside the proxy
-        return {"median": round(statistics.median(rtts), 3), "max": round(max(rtts), 3)}
+        yield cli, conn
     except OSError as exc:
-        raise BenchError(f"proxy check: {exc}") from None
+        raise BenchError(f"{name}: {exc}") from None
     finally:
         for s in (cli, conn, srv):
             if s is not None:
@@ -435,18 +424,44 @@ def proxy_rtt_ms(args, tmp: Path, delay_ms: float, rounds: int) -> dict[str, flo
             proxy.stop()
 
 
+def proxy_rtt_ms(args, tmp: Path, delay_ms: float, rounds: int) -> dict[str, float]:
+    """Round trips of 64 bytes through the delay proxy to an echo socket of this process: what the proxy adds."""
+    msg = b"x" * 64
+
+    def recv_exactly(s: socket.socket, n: int) -> None:
+        got = 0
+        while got < n:
+            chunk = s.recv(n - got)
+            if not chunk:
+                raise BenchError("the delay proxy closed the connection")
+            got += len(chunk)
+
+    with relay_pair(tmp, f"proxy-check-{delay_ms:g}ms", delay_ms) as (cli, conn):
+        rtts = []
+        for _ in range(rounds + 1):
+            t = time.perf_counter()
+            cli.sendall(msg)
+            recv_exactly(conn, len(msg))
+            conn.sendall(msg)
+            recv_exactly(cli, len(msg))
+            rtts.append((time.perf_counter() - t) * 1000)
+    rtts = rtts[1:]  # the first includes connection set-up inside the proxy
+    return {"median": round(statistics.median(rtts), 3), "max": round(max(rtts), 3)}
+
+
 # ---------------------------------------------------------------------------------------------------------- sessions
 
 
 def session_configs(out: Path, data_dir: Path, *, window: int, epochs: int, holders: tuple[str, ...],
-                    port: int, proxy_port: int | None, psi_workers: int) -> dict[str, Path]:
+                    port: int, proxy_port: int | None, psi_workers: int,
+                    validation_fraction: float = 0.0) -> dict[str, Path]:
     from vfl.launch.prepare import prepare_session
 
     train_common = {"optimizer": OPTIMIZER, "threads": NODE_THREADS, "output": MODEL_DIR}
     tables: dict[str, dict] = {
         LABEL_HOLDER: {
             "model": {"top": {"widths": TOP_WIDTHS}, "seed": SEEDS["bank"]},
-            "train": {"task": "multiclass", "epochs": epochs, "validation_fraction": 0.0, "seed": SEEDS["schedule"],
+            "train": {"task": "multiclass", "epochs": epochs, "validation_fraction": validation_fraction, "seed": SEEDS["schedule"],
                       **train_common},
         },
     }
@@ -476,8 +491,9 @@ class Session:
     """One training session: the nodes (and a delay proxy), sampled until they exit or ``stop_when`` says so."""
 
     def __init__(self, args: argparse.Namespace, out: Path, configs: dict[str, Path], *, delay_ms: float | None,
-                 port: int, proxy_port: int | None, wait_exit: bool = False):
+                 port: int, proxy_port: int | None, wait_exit: bool = False, mbit: float = 0.0):
         self.args = args
+        self.mbit = mbit  # the proxy's bandwidth cap per direction (0: none)
         self.out = out
         self.configs = configs
         self.delay_ms = delay_ms
@@ -502,7 +518,7 @@ class Session:
         t0 = time.monotonic()
         try:
             if self.proxy_port is not None:
-                self.proxy = start_proxy("proxy", self.proxy_port, self.port, self.delay_ms, self.out, t0)
+                self.proxy = start_proxy("proxy", self.proxy_port, self.port, self.delay_ms, self.out, t0, self.mbit)
             for name, path in self.configs.items():  # label holder first
                 argv = [sys.executable, "-m", "vfl", "node", "--config", str(path)]
                 self.nodes[name] = Child(name, argv, self.out / f"{name}.log", self.out, t0)
@@ -791,12 +807,25 @@ def source_revision() -> str | None:
     return (head + ("+changes" if dirty else "")) or None
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    started = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="vfl-trainbench-"))
+@contextlib.contextmanager
+def bench_folder(prefix: str, keep: bool):
+    """A temporary folder with a snapshot of the sources in it (``snapshot_source``); yields (folder, revision) and
+    removes the folder on every way out (``keep``: says where it is instead)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         revision = source_revision()
         snapshot_source(tmp)
+        yield tmp, revision
+    finally:
+        if keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.monotonic()
+    with bench_folder("vfl-trainbench-", args.keep) as (tmp, revision):
         baseline = baseline_rss(args, tmp)
         if args.rss_only:
             rss = run_rss(args, tmp, baseline)
@@ -841,11 +870,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         s["vfl_revision"] = revision
         s["node_exit_after_final_line_s"] = teardown
         return s
-    finally:
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _median(xs: list[float]) -> float:

@@ -264,7 +264,7 @@ C8 = [  # tensors well-formed -> BAD_FIELD
          lambda c: msg(echo(*[d(f"t{i}", "uint8", [0]) for i in range(c.max_tensors + 1)]))),
 ]
 
-BAD_DTYPES = ["complex64", "complex128", "float128", "bfloat16", "object", "str",
+BAD_DTYPES = ["complex64", "complex128", "float128", "bf16", "BFLOAT16", "object", "str",
               "<f4", ">f4", "f4", "float", "int", "Float32", "FLOAT32", "float32 ", "", "?", "b1"]
 C9 = [  # dtype on the allow-list -> BAD_TENSOR
     Case(f"dtype_{dt or 'empty'}".replace(" ", "_"), U["BAD_TENSOR"],
@@ -309,6 +309,8 @@ C12 = [  # frame is exactly prod(shape) * itemsize bytes -> BAD_TENSOR
     Case("scalar_empty_frame", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "float64", [])), b"")),
     Case("zero_size_with_bytes", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "uint8", [0])), b"\x01")),
     Case("itemsize_ignored", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "int16", [2, 3])), bytes(6))),
+    Case("bfloat16_itemsize_ignored", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "bfloat16", [2, 3])), bytes(6))),
+    Case("bfloat16_odd_bytes", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "bfloat16", [3])), bytes(5))),
     Case("bool_short", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "bool", [4])), b"\x01\x00\x01")),
     Case("bool_byte_2", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "bool", [4])), b"\x01\x00\x02\x01")),
     Case("bool_byte_ff", U["BAD_TENSOR"], lambda c: msg(echo(d("a", "bool", [2, 2])), b"\x00\x00\x00\xff")),

@@ -62,8 +62,10 @@ DTYPES = {
     "float16": np.dtype("<f2"),
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
+    # 1.6: the upper 16 bits of float32 bit patterns; numpy has no bfloat16, so the kit sends it as raw bytes
+    "bfloat16": np.dtype("<u2"),
 }
-WIRE_NAME = {v: k for k, v in DTYPES.items()}
+WIRE_NAME = {v: k for k, v in DTYPES.items() if k != "bfloat16"}  # a numpy uint16 array is a uint16 tensor
 
 DEFAULT_LIMITS = {"max_header_bytes": 65536, "max_tensors": 64, "max_tensor_bytes": 268435456}
 

@@ -342,10 +342,13 @@ def start_own_node(
     queue_bytes: Optional[int] = None,
     psi: Optional[dict] = None,
     peer: float = PEER_TIMEOUT_S,
+    session_strings: Optional[dict] = None,
 ) -> Target:
     """A label holder of a test's own (fresh keys, a free port), for tests that end its session or need settings
     the shared node does not have. ``data_holders`` (plus a ``spare`` that never connects) are its session;
-    ``psi``: the session has ``psi: true`` and these ``[psi]`` settings (the node's own IDs are 0..99)."""
+    ``psi``: the session has ``psi: true`` and these ``[psi]`` settings (the node's own IDs are 0..99);
+    ``session_strings``: more string keys of the session config, written into its ``[session]`` table as they are
+    (e.g. the 1.6 ``activation_precision``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     expected = list(data_holders) + [SPARE]
     keys = make_keys(workdir / "keys", [LH_PARTY, *expected, OUTSIDER])
@@ -359,6 +362,9 @@ def start_own_node(
         (workdir / "ids.csv").write_text("id\n" + "".join(f"{i}\n" for i in range(100)))
         extra = "\n".join(["[data]", 'path = "ids.csv"', 'id_column = "id"', "", "[psi]",
                            *[f"{k} = {v!r}" for k, v in psi.items()], ""])
+    for key, value in (session_strings or {}).items():
+        session[key] = value
+        session_extra += (f"{key} = {_toml_str(value)}",)
     for _attempt in range(3):  # the free port may be taken between choosing and binding it
         port = free_port()
         write_config(workdir / "node.toml", port=port, partners=expected + [OUTSIDER], cut_widths=cut_widths,

@@ -253,6 +253,7 @@ WIRE_DTYPES = {
     "float16": "<f2",
     "float32": "<f4",
     "float64": "<f8",
+    "bfloat16": "<u2",  # 1.6: bfloat16 bit patterns (upper halves of float32)
 }
 
 

@@ -189,6 +189,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "model": (str, True, None),
         "psi": (bool, False, False),
         "train": (bool, False, False),
+        "activation_precision": (str, False, "float32"),  # v1.6: the cut layer's wire precision, each direction
+        "gradient_precision": (str, False, "float32"),
     },
     "timeouts": {
         "heartbeat": ((int, float), False, Timeouts.heartbeat),

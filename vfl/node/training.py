@@ -424,6 +424,7 @@ class SessionTraining:
         self.machine = machine
         if not self.cfg.session.predict:
             self.log.info("%s", privacy_line(self.cfg))
+        self.log.info("cut-layer precision: %s", self.cfg.session.precision.describe())  # v1.6, the same at every node
         try:
             return self._start(machine, rows, now)
         except CheckpointError as exc:

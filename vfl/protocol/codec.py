@@ -26,9 +26,14 @@ from .text import peer_text
 
 SIGNATURE = b"VFL/1"
 SIGNATURE_PREFIX = b"VFL/"
-PROTOCOL_VERSION = (1, 5)
+PROTOCOL_VERSION = (1, 6)
 MAX_NDIM = 8
 MAX_TENSOR_NAME = 64
+
+#: numpy has no bfloat16 (version 1.6): on the wire the dtype is named ``bfloat16`` and its 2-byte items are the
+#: upper halves of float32 bit patterns. A one-field structured dtype over ``<u2`` keeps it distinct from ``uint16``
+#: in the name lookups below (same bytes, another name); ``vfl.protocol.precision`` converts it.
+BFLOAT16 = np.dtype([("bfloat16", "<u2")])
 
 #: wire dtype name -> numpy dtype (little-endian). PROTOCOL.md section 7.
 DTYPES: dict[str, np.dtype] = {
@@ -48,6 +53,7 @@ DTYPES: dict[str, np.dtype] = {
         "float64": "<f8",
     }.items()
 }
+DTYPES["bfloat16"] = BFLOAT16
 _WIRE_NAME = {dt: name for name, dt in DTYPES.items()}
 _BOOL = DTYPES["bool"]
 

@@ -38,6 +38,7 @@ from .messages import (
 from .messages import Epoch as EpochMessage
 from .psi_phase import DEFAULT_MAX_PSI_ITEMS, FinalRows, PairwisePsi, PsiPlan
 from .text import peer_text
+from .precision import PrecisionError
 from .training_phase import BottomSegment, CheckpointError, DataHolderTraining
 from .session import SessionConfig, describe_diff
 from .timers import PeerClock, Reminder, TokenBucket
@@ -423,7 +424,11 @@ class DataHolderMachine:
         if not self.has_work:
             return []
         if self._train is not None:
-            return [self._send(m, now) for m in self._train.work()]
+            try:
+                msgs = self._train.work()
+            except PrecisionError as exc:  # our own activations cannot be sent in the session's precision
+                return self._finish(1, f"data holder {self.party}: {exc}")
+            return [self._send(m, now) for m in msgs]
         return [self._send(m, now) for m in self._psi.work()]
 
     def start_training(self, bottom: BottomSegment, n_rows: int, now: float) -> list[Output]:
@@ -442,6 +447,8 @@ class DataHolderMachine:
             window=self.config.first_window,
             width=self.config.cut_widths[self.party],
             max_window=self.config.max_window if self.config.auto_window else None,
+            precision=self.config.precision,
+            party=self.party,
         )
 
     def _on_training_message(self, msg: Message, now: float) -> list[Output]:

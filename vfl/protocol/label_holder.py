@@ -39,6 +39,7 @@ from .messages import (
 from .psi_phase import DEFAULT_MAX_PSI_ITEMS, PairwisePsi, PsiPlan, combine, final_rows_messages, new_nonce, positions_for
 from .routing import party_of
 from .text import peer_text
+from .precision import PrecisionError
 from .training_phase import BestEpoch, CheckpointError, LabelHolderTraining, TopSegment, TrainPlan
 from .session import SessionConfig, config_diff, describe_diff, digest_of
 from .timers import PeerClock, Reminder, TokenBucket
@@ -815,6 +816,7 @@ class LabelHolderMachine:
             first_step=first_step,
             resume_digests=digests,
             best=best,
+            precision=self.config.precision,
         )
         out: list[Output] = []
         for name, msgs in self.training.start(now).items():
@@ -861,6 +863,8 @@ class LabelHolderMachine:
                 per_party, metrics = self.training.on_eval(p.name, msg, now)
         except CheckpointError as exc:
             return self._finish(1, f"checkpoint: {exc}", now)
+        except PrecisionError as exc:  # our own gradient cannot be sent in the session's precision: never garbage
+            return self._finish(1, f"label holder {self.party}: {exc}", now)
         except RemoteProtocolError as exc:
             err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref)
             return [self._send(p, err, now)] + self._finish(1, f"training with data holder {p.name!r} failed: {exc}", now)

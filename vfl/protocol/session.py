@@ -17,6 +17,7 @@ from ..privacy.spec import PrivacyError, PrivacySpec
 from .codec import MAX_HEADER_DEPTH
 from .errors import ErrorCode, RemoteProtocolError
 from .messages import is_party_id, is_wire_int
+from .precision import DEFAULT_PRECISION, PRECISIONS, CutPrecision
 from .text import peer_text
 
 MAX_DATA_HOLDERS = 64
@@ -75,7 +76,9 @@ def _flatten(value: Any) -> dict[str, Any]:
 
 _MISSING = "<missing>"
 #: what an absent leaf means, shown in a diff instead of '<missing>' (PROTOCOL.md §6: no ``privacy`` map is "none")
-_ABSENT = {"privacy.defence": "none"}
+_ABSENT = {"privacy.defence": "none", "activation_precision": DEFAULT_PRECISION, "gradient_precision": DEFAULT_PRECISION}
+#: the session config's precision fields (v1.6): absent means float32, so present means another precision
+PRECISION_FIELDS = ("activation_precision", "gradient_precision")
 
 
 def _shown(value: Any) -> Any:
@@ -133,6 +136,9 @@ class SessionConfig:
     predict: bool = False  # ... or, with train, only runs trained segments forward on the aligned rows (v1.2)
     privacy: PrivacySpec = PrivacySpec()  # the label-leakage defence of the training (v1.5); "none": absent on the wire
     max_window: int = DEFAULT_MAX_WINDOW  # the largest window "auto" may pick (on the wire only with "auto")
+    #: the wire precision of the cut-layer activations and gradients (v1.6); "float32": absent on the wire
+    activation_precision: str = DEFAULT_PRECISION
+    gradient_precision: str = DEFAULT_PRECISION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cut_widths", MappingProxyType(dict(self.cut_widths)))
@@ -166,7 +172,15 @@ class SessionConfig:
             return "privacy must be a PrivacySpec"
         if self.privacy.defence != "none" and not self.train:
             return f"privacy (the training defence {self.privacy.defence!r}) needs train = true"
+        for name in PRECISION_FIELDS:
+            if getattr(self, name) not in PRECISIONS:
+                return f"{name} must be one of {', '.join(PRECISIONS)}, got {peer_text(repr(getattr(self, name)), 40)}"
         return None
+
+    @property
+    def precision(self) -> CutPrecision:
+        """The wire precision of each direction of the cut layer (section 11)."""
+        return CutPrecision(activations=self.activation_precision, gradients=self.gradient_precision)
 
     @property
     def data_holders(self) -> tuple[str, ...]:
@@ -199,6 +213,9 @@ class SessionConfig:
         privacy = self.privacy.to_wire()
         if privacy is not None:  # absent means none, so a session without a defence keeps its v1.4 digest
             wire["privacy"] = privacy
+        for name in PRECISION_FIELDS:  # absent means float32, so a float32 session keeps its v1.5 digest
+            if getattr(self, name) != DEFAULT_PRECISION:
+                wire[name] = getattr(self, name)
         return wire
 
     @property
@@ -222,6 +239,14 @@ class SessionConfig:
             raise RemoteProtocolError(
                 ErrorCode.BAD_FIELD, "HELLO.config.max_window is present but window is not \"auto\"", ref="HELLO"
             )
+        for name in PRECISION_FIELDS:  # present means another precision than float32, so one config has one digest
+            if name in value and (type(value[name]) is not str or value[name] not in PRECISIONS[1:]):
+                raise RemoteProtocolError(
+                    ErrorCode.BAD_FIELD,
+                    f"HELLO.config.{name} must be one of {', '.join(PRECISIONS[1:])} when present (absent means "
+                    f"float32), got {peer_text(repr(value[name]), 40)}",
+                    ref="HELLO",
+                )
         privacy = PrivacySpec()
         if "privacy" in value:
             privacy = _privacy_from_wire(value["privacy"])
@@ -236,6 +261,8 @@ class SessionConfig:
                 predict=value.get("predict", False),
                 privacy=privacy,
                 max_window=value.get("max_window", DEFAULT_MAX_WINDOW),
+                activation_precision=value.get("activation_precision", DEFAULT_PRECISION),
+                gradient_precision=value.get("gradient_precision", DEFAULT_PRECISION),
             )
         except ValueError as exc:
             raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"HELLO.config: {exc}", ref="HELLO") from None

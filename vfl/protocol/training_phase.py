@@ -21,6 +21,9 @@ from .errors import ErrorCode, RemoteProtocolError, VflError
 from .messages import (
     Backward, Checkpoint, CheckpointDone, Epoch, EvalForward, Forward, Message, Schedule, Tensor, TrainingDone, Window,
 )
+from .precision import CutPrecision
+from .precision import decode as decode_cut
+from .precision import encode as encode_cut
 
 #: ``window = "auto"``: the steps timed at window 1 before the label holder picks the window
 PROBE_STEPS = 8
@@ -182,17 +185,9 @@ def _int_positions(msg: Message, name: str, n_rows: int) -> np.ndarray:
     return arr
 
 
-def _activations(msg: Message, name: str, rows: int, width: int) -> np.ndarray:
-    tensors = {t.name: t.array for t in msg.tensor_list}
-    arr = tensors.get(name)
-    if arr is None or arr.dtype != np.float32 or arr.shape != (rows, width):
-        got = "none" if arr is None else f"{arr.dtype}{list(arr.shape)}"
-        raise RemoteProtocolError(
-            ErrorCode.BAD_TENSOR, f"{msg.TYPE} needs {name!r} float32 [{rows}, {width}], got {got}", ref=msg.TYPE
-        )
-    if not np.isfinite(arr).all():
-        raise RemoteProtocolError(ErrorCode.BAD_TENSOR, f"{msg.TYPE}.{name} holds NaN or infinity", ref=msg.TYPE)
-    return arr
+def _activations(msg: Message, name: str, rows: int, width: int, precision: str = "float32") -> np.ndarray:
+    """[X6]: the cut-layer tensor as float32 [rows, width], checked and decoded from the session's wire precision."""
+    return decode_cut(msg, name, rows, width, precision)
 
 
 def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -205,11 +200,16 @@ def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
 class DataHolderTraining:
     """A data holder's pipeline: up to ``window`` FORWARDs ahead of their BACKWARDs, validation after each epoch."""
 
-    def __init__(self, bottom: BottomSegment, *, n_rows: int, batch_size: int, window: int, width: int,
-                 max_window: int | None = None):
+    def __init__(
+        self, bottom: BottomSegment, *, n_rows: int, batch_size: int, window: int, width: int,
+        max_window: int | None = None, precision: CutPrecision = CutPrecision(), party: str = "this data holder",
+    ):
         """``max_window``: the session's window is "auto" (v1.6): ``window`` is where it starts, and one WINDOW of
-        at most this may raise it."""
+        at most this may raise it. ``precision``: the wire precision of the activations it sends and the gradients
+        it receives (v1.6)."""
         self.bottom = bottom
+        self.precision = precision
+        self.party = party
         self.n_rows = n_rows
         self.batch_size = batch_size
         self.window = window
@@ -285,11 +285,16 @@ class DataHolderTraining:
             step, rows = self._steps.popleft()
             acts = self.bottom.forward(step, rows, True)
             self._in_flight.append((step, len(rows)))
-            return [Forward(step=step, tensors=(Tensor("activations", acts),))]
+            tensors = encode_cut("activations", acts, self.precision.activations, f"FORWARD step {step} of {self.party}")
+            return [Forward(step=step, tensors=tensors)]
         if self._eval:
             batch = self._eval.popleft()
             acts = self.bottom.forward(-1, self.validation[batch], False)
-            out: list[Message] = [EvalForward(epoch=self.epoch, batch=batch, tensors=(Tensor("activations", acts),))]
+            tensors = encode_cut(
+                "activations", acts, self.precision.activations,
+                f"EVAL_FORWARD epoch {self.epoch} batch {batch} of {self.party}",
+            )
+            out: list[Message] = [EvalForward(epoch=self.epoch, batch=batch, tensors=tensors)]
             if not self._eval:
                 self._close_epoch()
             return out
@@ -303,7 +308,7 @@ class DataHolderTraining:
                 ref=msg.TYPE,
             )
         step, rows = self._in_flight[0]
-        grad = _activations(msg, "gradient", rows, self.width)
+        grad = _activations(msg, "gradient", rows, self.width, self.precision.gradients)
         self.bottom.backward(step, grad)
         self._in_flight.popleft()
         self.applied = step + 1
@@ -393,11 +398,14 @@ class LabelHolderTraining:
         resume_digests: Mapping[str, str] | None = None,
         best: BestEpoch | None = None,
         max_window: int | None = None,
+        precision: CutPrecision = CutPrecision(),
     ):
         """``best``: when resuming, the best epoch recorded with the checkpoint at ``first_step`` (``keep``,
         ``patience``). ``max_window``: the window is "auto": ``window`` (1) until ``PROBE_STEPS`` steps are timed,
-        then the one ``auto_window`` picks, announced by WINDOW."""
+        then the one ``auto_window`` picks, announced by WINDOW. ``precision``: the wire precision of the activations
+        received and gradients sent (v1.6)."""
         self.top = top
+        self.precision = precision
         self.plan = plan
         self.resume_digests = dict(resume_digests or {})
         self.parties = tuple(parties)
@@ -527,7 +535,9 @@ class LabelHolderTraining:
                 f"FORWARD for step {msg.step} exceeds the window {self.window} (step {self.step} is unanswered)",
                 ref=msg.TYPE,
             )
-        box.forwards[msg.step] = _activations(msg, "activations", len(self._steps[msg.step]), self.widths[party])
+        box.forwards[msg.step] = _activations(
+            msg, "activations", len(self._steps[msg.step]), self.widths[party], self.precision.activations
+        )
         box.next_forward += 1
         return self._advance(now)
 
@@ -542,7 +552,9 @@ class LabelHolderTraining:
                 + (f"epoch {self.epoch} batch {box.next_eval}" if self._evaluating else "no validation now"),
                 ref=msg.TYPE,
             )
-        box.evals[msg.batch] = _activations(msg, "activations", len(self.validation[msg.batch]), self.widths[party])
+        box.evals[msg.batch] = _activations(
+            msg, "activations", len(self.validation[msg.batch]), self.widths[party], self.precision.activations
+        )
         box.next_eval += 1
         return self._advance(now)
 
@@ -562,7 +574,8 @@ class LabelHolderTraining:
                     self.step_seconds += max(now - self._step_mark, 0.0)
                 self._step_mark = now
                 for p in self.parties:
-                    out[p].append(Backward(step=self.step, tensors=(Tensor("gradient", grads[p]),)))
+                    tensors = encode_cut("gradient", grads[p], self.precision.gradients, f"BACKWARD step {self.step} to {p}")
+                    out[p].append(Backward(step=self.step, tensors=tensors))
                     if choose:
                         out[p].append(Window(window=self.window))
                 self.step += 1
