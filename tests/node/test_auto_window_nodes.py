@@ -1,4 +1,4 @@
-"""`window = "auto"` between real node processes across an emulated 50 ms link (issue 15; PROTOCOL.md [X12]).
+"""`window = "auto"` between real node processes across an emulated 50 ms link (issue 15; PROTOCOL.md [X13]).
 
 The label holder times its first steps at window 1, picks the window, and announces it: every node logs the same
 value, the label holder's metrics.jsonl records it, and the run completes."""
@@ -13,7 +13,7 @@ from vfl.launch.link import LinkProxy
 from .test_training_nodes import run_nodes, training_session
 
 
-def test_X12_every_node_logs_the_window_the_label_holder_chose_across_a_50_ms_link(tmp_path):
+def test_X13_every_node_logs_the_window_the_label_holder_chose_across_a_50_ms_link(tmp_path):
     configs, _ = training_session(tmp_path, window="auto", epochs=3)
     text = configs["bank"].read_text()
     assert 'window = "auto"' in text

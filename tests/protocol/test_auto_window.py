@@ -1,4 +1,4 @@
-"""`window = "auto"` (PROTOCOL.md [X12], v1.6), in memory: the session config, the choice, WINDOW at both ends."""
+"""`window = "auto"` (PROTOCOL.md [X13], v1.6), in memory: the session config, the choice, WINDOW at both ends."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def fwd(step, rows=4):
     return Forward(step=step, tensors=(Tensor("activations", np.zeros((rows, WIDTH), np.float32)),))
 
 
-def test_X12_the_label_holder_times_its_first_steps_at_window_1_then_announces_the_window_once():
+def test_X13_the_label_holder_times_its_first_steps_at_window_1_then_announces_the_window_once():
     plan = TrainPlan(validation=np.arange(80, 84), epoch_orders=[np.arange(80)])
     t = LabelHolderTraining(TimedTop(), plan, parties=["dh1"], widths={"dh1": WIDTH}, batch_size=4, window=1,
                             n_rows=84, max_window=16)
@@ -77,7 +77,7 @@ def test_X12_the_label_holder_times_its_first_steps_at_window_1_then_announces_t
     assert out == []  # only once
 
 
-def test_X12_the_label_holder_accepts_as_many_forwards_ahead_as_the_window_it_announced():
+def test_X13_the_label_holder_accepts_as_many_forwards_ahead_as_the_window_it_announced():
     plan = TrainPlan(validation=np.arange(80, 84), epoch_orders=[np.arange(80)])
     t = LabelHolderTraining(TimedTop(), plan, parties=["dh1", "dh2"], widths={"dh1": WIDTH, "dh2": WIDTH},
                             batch_size=4, window=1, n_rows=84, max_window=16)
@@ -94,7 +94,7 @@ def test_X12_the_label_holder_accepts_as_many_forwards_ahead_as_the_window_it_an
         t.on_forward("dh1", fwd(PROBE_STEPS + 6), now)
 
 
-def test_X12_a_data_holder_takes_the_window_once_within_max_window():
+def test_X13_a_data_holder_takes_the_window_once_within_max_window():
     d = DataHolderTraining(FakeBottom(), n_rows=20, batch_size=4, window=1, width=WIDTH, max_window=8)
     plan = TrainPlan(validation=np.arange(16, 20), epoch_orders=[np.arange(16)])
     t = LabelHolderTraining(FakeTop(), plan, parties=["dh1"], widths={"dh1": WIDTH}, batch_size=4, window=1, n_rows=20)

@@ -374,3 +374,19 @@ def test_H4_a_1_5_data_holder_without_the_fields_gets_CONFIG_MISMATCH_naming_act
     assert err.TYPE == "ERROR" and err.code == ErrorCode.CONFIG_MISMATCH
     assert err.diff == {"activation_precision": ["int8", "float32"]}
     assert "activation_precision: label holder has 'int8', data holder has 'float32'" in err.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["float32", "float16", "bfloat16", "int8"]),
+       st.lists(st.floats(-1e3, 1e3, width=32), min_size=6, max_size=6), st.integers(1, 4))
+def test_as_received_is_what_the_receiver_decodes_and_sending_it_again_sends_the_same(precision, values, rows):
+    """The label holder's audit scores ``as_received`` gradients: they must be what a data holder decodes."""
+    from vfl.protocol.precision import as_received, decode, encode
+
+    x = np.resize(np.asarray(values, np.float32), (rows, 6))
+    msg = Backward(step=0, tensors=encode("gradient", x, precision, "test"))
+    got = decode(msg, "gradient", rows, 6, precision)
+    seen = as_received(x, precision)
+    np.testing.assert_array_equal(seen, got)
+    again = decode(Backward(step=0, tensors=encode("gradient", seen, precision, "test")), "gradient", rows, 6, precision)
+    np.testing.assert_allclose(again, got, rtol=2 ** -23, atol=0)

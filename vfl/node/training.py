@@ -192,6 +192,7 @@ def build_top(
         audit=cfg.audit and not cfg.session.predict,
         true_targets=targets[rows],
         privacy_seed=t.seed,
+        gradient_precision=cfg.session.gradient_precision,
         n_classes=encoding.n_classes,
     )
     segment.label_encoding = encoding

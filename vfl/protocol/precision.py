@@ -166,6 +166,21 @@ def encode(name: str, x: np.ndarray, precision: str, what: str) -> tuple[Tensor,
     raise PrecisionError(f"{what}: unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
 
 
+def as_received(x: np.ndarray, precision: str) -> np.ndarray:
+    """What a receiver decodes from ``encode(x)`` (float32), for a sender that must know exactly what it sent (the
+    label holder's leakage audit). Encoding it again sends the same values (int8: the same ``q``; its scale may move
+    by one float32 step). Values ``encode`` would refuse come back non-finite; ``encode`` still refuses them."""
+    x32 = np.asarray(x, dtype=_F32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if precision == "float16":
+            return x32.astype(_F16).astype(_F32)
+        if precision == "bfloat16":
+            return bfloat16_to_float32(bfloat16_bits(x32))
+        if precision == "int8" and x32.ndim == 2 and np.isfinite(x32).all():
+            return int8_dequantize(*int8_quantize(x32))
+    return x32
+
+
 # ------------------------------------------------------------------------------------------------------ decode
 
 

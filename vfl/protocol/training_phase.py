@@ -332,7 +332,7 @@ class DataHolderTraining:
         return CheckpointDone(step=msg.step, digest=self.bottom.checkpoint(msg.step, msg.epoch, keep=bool(msg.keep)))
 
     def on_window(self, msg: Window) -> None:
-        """[X12]: the label holder chose this pipeline's window ("auto"); it applies to every FORWARD from now on."""
+        """[X13]: the label holder chose this pipeline's window ("auto"); it applies to every FORWARD from now on."""
         if self.max_window is None or self.chosen_window is not None or self.epochs is None:
             why = ("in a session with a fixed window" if self.max_window is None else
                    "before SCHEDULE" if self.epochs is None else "a second time in one pipeline")

@@ -24,6 +24,7 @@ from torch.func import functional_call
 
 from ..privacy.audit import LeakAudit
 from ..privacy.spec import PrivacySpec
+from ..protocol.precision import as_received
 from .central import as_targets, pullback, task_loss
 from .metrics import evaluate
 from .models import Combiner, load_weights
@@ -173,11 +174,14 @@ class TorchTop:
         true_targets: np.ndarray | None = None,
         privacy_seed: int = 0,
         n_classes: int | None = None,
+        gradient_precision: str = "float32",
     ):
         self.checkpointer = checkpointer
         self.dropout_seed = dropout_seed  # the top's and the own bottom's dropout, reseeded every step
         self.privacy = privacy
         self.privacy_seed = privacy_seed
+        #: the session's BACKWARD precision: the gradients returned (and audited) are what the data holders decode
+        self.gradient_precision = gradient_precision
         self.top = top
         self.optimizer = optimizer
         self.combiner = combiner
@@ -243,6 +247,8 @@ class TorchTop:
         self._train_out.append(outputs.detach().numpy().copy())
         self._train_rows.append(np.asarray(rows))
         sent = {name: self._defended(step, name, rows, g) for name, g in grads.items()}
+        if self.gradient_precision != "float32":  # the audit sees what each data holder decodes, not more
+            sent = {name: as_received(g, self.gradient_precision) for name, g in sent.items()}
         self._audit(step, rows, sent)
         return sent
 
