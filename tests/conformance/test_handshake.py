@@ -148,7 +148,26 @@ def _malformed_configs(cfg):
     out["cut_width_str"] = {**cfg, "cut_widths": {**cfg["cut_widths"], first: "8"}}
     out["cut_width_bool"] = {**cfg, "cut_widths": {**cfg["cut_widths"], first: True}}
     out["cut_width_float"] = {**cfg, "cut_widths": {**cfg["cut_widths"], first: 8.0}}
+    for name, privacy in _MALFORMED_PRIVACY.items():  # version 1.5: a hostile data holder's defence map
+        out[f"privacy_{name}"] = {**cfg, "psi": True, "train": True, "privacy": privacy}
     return out
+
+
+#: a session config's ``privacy`` map that is not well formed (section 6): each, in a config that trains, is
+#: BAD_FIELD; ``test_H3_session_config_limits`` has the well-formed control (CONFIG_MISMATCH)
+_MALFORMED_PRIVACY = {
+    "nested": {"defence": "marvell", "sumkl": {"sumkl": {"sumkl": 4.0}}},
+    "nested_defence": {"defence": {"defence": "marvell"}, "sumkl": 4.0},
+    "huge_defence_name": {"defence": "m" * 20_000},
+    "many_keys": {"defence": "marvell", "sumkl": 4.0, **{f"k{i}": 1.0 for i in range(2_000)}},
+    "nan": {"defence": "marvell", "sumkl": float("nan")},
+    "infinite": {"defence": "gradient_noise", "clip": float("inf"), "sigma": 1.0},
+    "bool": {"defence": "label_dp", "epsilon": True},
+    "unknown_defence": {"defence": "rot13"},
+    "none_defence": {"defence": "none"},
+    "not_a_map": ["marvell", 4.0],
+    "empty": {},
+}
 
 
 @pytest.mark.parametrize("which", list(_malformed_configs({"cut_widths": {"a": 1}, "batch_size": 1, "window": 1,
@@ -373,6 +392,9 @@ def _limit_configs(cfg: dict) -> dict:
         "window_auto_max_0": ({**cfg, "window": "auto", "max_window": 0}, "BAD_FIELD"),
         "window_other_string": ({**cfg, "window": "fast"}, "BAD_FIELD"),
         "max_window_with_a_fixed_window": ({**cfg, "max_window": 4}, "BAD_FIELD"),
+        "privacy_well_formed": ({**cfg, "psi": True, "train": True, "privacy": {"defence": "marvell", "sumkl": 4.0}},
+                                "CONFIG_MISMATCH"),
+        "privacy_without_train": ({**cfg, "privacy": {"defence": "max_norm"}}, "BAD_FIELD"),
     }
 
 

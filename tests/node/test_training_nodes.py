@@ -53,15 +53,17 @@ def training_session(tmp_path: Path, window: int, epochs: int = 3, opt: dict = O
 
 
 def session_configs(tmp_path: Path, *, run: str, epochs: int, opt: dict, timeouts: dict, batch_size: int, window: int,
-                    checkpoint_every: int | None = None) -> dict[str, Path]:
-    """The configs of the three parties over bank.csv (labels only), dh1.csv (a0..a4) and dh2.csv (b0..b6)."""
+                    checkpoint_every: int | None = None, task: str = "multiclass", outputs: int = 3,
+                    privacy: dict | None = None) -> dict[str, Path]:
+    """The configs of the three parties over bank.csv (labels only), dh1.csv (a0..a4) and dh2.csv (b0..b6); the top
+    has ``outputs`` outputs for ``task``; ``privacy``: the [privacy] table of every node."""
     out = str(tmp_path / "model")
-    top_train = {"task": "multiclass", "epochs": epochs, "validation_fraction": 0.25, "seed": 5, "optimizer": opt,
+    top_train = {"task": task, "epochs": epochs, "validation_fraction": 0.25, "seed": 5, "optimizer": opt,
                  "output": out}
     if checkpoint_every is not None:
         top_train["checkpoint_every"] = checkpoint_every
     tables = {
-        "bank": {"model": {"top": {"widths": [16, 3]}, "seed": 3}, "train": top_train},
+        "bank": {"model": {"top": {"widths": [16, outputs]}, "seed": 3}, "train": top_train},
         "dh1": {"model": {"bottom": {"widths": [6, 4]}, "seed": 1}, "train": {"optimizer": opt, "output": out}},
         "dh2": {"model": {"bottom": {"widths": [6, 4]}, "seed": 2}, "train": {"optimizer": opt, "output": out}},
     }
@@ -72,7 +74,7 @@ def session_configs(tmp_path: Path, *, run: str, epochs: int, opt: dict, timeout
     }
     return prepare_session(tmp_path, data_holders=["dh1", "dh2"], run=run, timeouts=timeouts,
                            link_check={"rounds": 0}, data=data, psi={"workers": 1}, tables=tables,
-                           cut_width=4, batch_size=batch_size, window=window)
+                           cut_width=4, batch_size=batch_size, window=window, privacy=privacy)
 
 
 def run_nodes(tmp_path: Path, configs: dict[str, Path], timeout: float = 180) -> dict[str, str]:
@@ -127,16 +129,24 @@ def test_X4_a_pipelined_run_between_processes_learns(tmp_path, window):
     assert max(m["val_accuracy"] for m in metrics[-3:]) > 0.6, metrics[-1]
 
 
+#: timeouts of the sessions whose nodes are killed and restarted: a lost peer is noticed within seconds
+RESUMABLE = {**FAST, "peer": 3.0, "heartbeat": 0.3, "rejoin": 60.0}
+
+
+def shared_tables(folder: Path, n: int, labels=None) -> None:
+    """bank.csv, dh1.csv and dh2.csv over the same ``n`` people (``synthetic``); ``labels(y)``: other labels."""
+    x1, x2, y = synthetic(n=n)
+    ids = [f"person-{i:04d}" for i in range(len(y))]
+    write_table(folder / "bank.csv", ids, {"label": y if labels is None else labels(y)})
+    write_table(folder / "dh1.csv", ids, {f"a{j}": x1[:, j] for j in range(5)})
+    write_table(folder / "dh2.csv", ids, {f"b{j}": x2[:, j] for j in range(7)})
+
+
 def resumable_session(tmp_path: Path, epochs: int = 4):
     """Enough steps per epoch (batch 8) to kill a node in the middle of one; checkpoints every 5 steps."""
-    x1, x2, y = synthetic(n=900)
-    ids = [f"person-{i:04d}" for i in range(len(y))]
-    write_table(tmp_path / "bank.csv", ids, {"label": y})
-    write_table(tmp_path / "dh1.csv", ids, {f"a{j}": x1[:, j] for j in range(5)})
-    write_table(tmp_path / "dh2.csv", ids, {f"b{j}": x2[:, j] for j in range(7)})
-    timeouts = {**FAST, "peer": 3.0, "heartbeat": 0.3, "rejoin": 60.0}
+    shared_tables(tmp_path, 900)
     return session_configs(tmp_path, run="resume-test", epochs=epochs, opt={"kind": "sgd", "lr": 0.05, "momentum": 0.5},
-                           timeouts=timeouts, batch_size=8, window=1, checkpoint_every=5)
+                           timeouts=RESUMABLE, batch_size=8, window=1, checkpoint_every=5)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -165,3 +165,26 @@ def test_a_diverged_step_gives_nan_figures_not_an_error():
     assert set(figures) == {"leak_auc_norm", "leak_auc_direction"} and all(map(math.isnan, figures.values()))
     audit.add("dh1", g * np.arange(1, 5)[:, None], np.array([0, 1, 0, 1]))
     assert audit.result()["dh1"]["leak_auc_norm"] == 0.75  # the next epoch is scored again
+
+
+def test_an_audit_carried_over_a_checkpoint_reports_what_an_uninterrupted_one_does():
+    """``state`` / ``load_state``: a label holder resumed mid-epoch goes on from the epoch so far (its checkpoint
+    carries it), and the epoch's figures are those of all its steps, to the last bit."""
+    rng = np.random.default_rng(3)
+    steps = [(rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 2, size=8)) for _ in range(5)]
+    whole, before = LeakAudit("binary", 2), LeakAudit("binary", 2)
+    for i, (g, y) in enumerate(steps):
+        whole.add("dh1", g, y)
+        if i < 2:
+            before.add("dh1", g, y)
+    resumed = LeakAudit("binary", 2)
+    resumed.load_state(before.state())
+    for g, y in steps[2:]:
+        resumed.add("dh1", g, y)
+    want = whole.result()
+    assert resumed.result() == want and not math.isnan(want["dh1"]["leak_auc_direction"])
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    many, again = LeakAudit("multiclass", 3), LeakAudit("multiclass", 3)
+    many.add("dh2", steps[0][0], labels)
+    again.load_state(many.state())
+    assert again.result() == many.result()

@@ -197,6 +197,29 @@ class LeakAudit:
         self._parties = {}
         return out
 
+    def state(self) -> dict:
+        """The epoch so far, as plain numbers and arrays: the label holder's checkpoint carries it, so a run resumed
+        mid-epoch reports the figures of the whole epoch, as an uninterrupted run does (``load_state``)."""
+        return {
+            party: {"norm": _cat(acc["norm"]), "label": _cat(acc["label"], np.int64),
+                    "direction": _cat(acc["direction"]), "dir_label": _cat(acc["dir_label"], np.int64),
+                    "hits": [int(acc["hits"][0]), int(acc["hits"][1])], "finite": bool(acc["finite"])}
+            for party, acc in self._parties.items()
+        }
 
-def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0)
+    def load_state(self, state) -> None:
+        """Go on from ``state`` (a ``state()``, its arrays possibly as tensors or lists): the epoch so far."""
+        self._parties = {}
+        for party, acc in dict(state or {}).items():
+            self._parties[str(party)] = {
+                "norm": [np.asarray(acc["norm"], dtype=np.float64)],
+                "label": [np.asarray(acc["label"], dtype=np.int64)],
+                "direction": [np.asarray(acc["direction"], dtype=np.float64)],
+                "dir_label": [np.asarray(acc["dir_label"], dtype=np.int64)],
+                "hits": [int(acc["hits"][0]), int(acc["hits"][1])],
+                "finite": bool(acc["finite"]),
+            }
+
+
+def _cat(parts: list[np.ndarray], dtype=np.float64) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)

@@ -31,6 +31,10 @@ from .models import Combiner, load_weights
 from .optim import Optimizer
 
 
+#: the key of a label holder's checkpoint that holds the epoch so far (``TorchTop._epoch_state``)
+EPOCH_SO_FAR = "epoch_so_far"
+
+
 def _index(rows: np.ndarray) -> torch.Tensor:
     """Row positions as a torch index (copied: received arrays are read-only views of the wire)."""
     return torch.tensor(np.asarray(rows, dtype=np.int64))
@@ -198,9 +202,9 @@ class TorchTop:
         self.own = own
         self.own_name = own_name
         self._train_out: list[np.ndarray] = []
-        self._train_rows: list[np.ndarray] = []
+        self._train_truth: list[np.ndarray] = []  # the true labels of the rows of ``_train_out``
         self._val_out: list[np.ndarray] = []
-        self._val_rows: list[np.ndarray] = []
+        self._val_truth: list[np.ndarray] = []
 
     def _combined(self, rows: np.ndarray, activations: Mapping[str, np.ndarray], train: bool):
         pieces, own_acts = [], None
@@ -245,7 +249,7 @@ class TorchTop:
             self.own.optimizer.step()
         self.last_loss = float(loss.detach())
         self._train_out.append(outputs.detach().numpy().copy())
-        self._train_rows.append(np.asarray(rows))
+        self._train_truth.append(self._true_labels[np.asarray(rows, dtype=np.int64)])
         sent = {name: self._defended(step, name, rows, g) for name, g in grads.items()}
         if self.gradient_precision != "float32":  # the audit sees what each data holder decodes, not more
             sent = {name: as_received(g, self.gradient_precision) for name, g in sent.items()}
@@ -294,17 +298,16 @@ class TorchTop:
         self.top.eval()
         with torch.no_grad():
             self._val_out.append(self.top(combined).numpy().copy())
-        self._val_rows.append(np.asarray(rows))
+        self._val_truth.append(self._true_labels[np.asarray(rows, dtype=np.int64)])
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        for prefix, outs, rows in (("train", self._train_out, self._train_rows), ("val", self._val_out, self._val_rows)):
+        for prefix, outs, truth in (("train", self._train_out, self._train_truth), ("val", self._val_out, self._val_truth)):
             if not outs:
                 continue
-            idx = np.concatenate(rows)
-            for key, value in evaluate(self.task, np.concatenate(outs), self._true_labels[idx]).items():
+            for key, value in evaluate(self.task, np.concatenate(outs), np.concatenate(truth)).items():
                 metrics[f"{prefix}_{key}"] = float(value)
-        self._train_out, self._train_rows, self._val_out, self._val_rows = [], [], [], []
+        self._train_out, self._train_truth, self._val_out, self._val_truth = [], [], [], []
         if self.audit is not None:
             for party, figures in sorted(self.audit.result().items()):  # party -> {figure: value}, nested the
                 for key, value in figures.items():                        # other way round: figure -> {party: value}
@@ -330,7 +333,38 @@ class TorchTop:
         return out
 
     def checkpoint(self, step: int, epoch: int, keep: bool = False) -> str:
-        return self.checkpointer.save(self.state(), step, epoch, keep=keep)
+        """The segment (``state``) and the epoch so far (``_epoch_state``): this party's checkpoint at ``step``."""
+        return self.checkpointer.save({**self.state(), EPOCH_SO_FAR: self._epoch_state()}, step, epoch, keep=keep)
+
+    def _epoch_state(self) -> dict:
+        """What the epoch's metrics and audit have gathered from its steps so far: the outputs of its training
+        steps, the true labels of their rows and the audit's scores (labels, not row positions: a restarted label
+        holder's PSI may agree on another row order). A run resumed from a checkpoint in the middle of an epoch goes on
+        from them, so that epoch's training figures and leak figures cover all its steps, as in an uninterrupted
+        run, not only those after the checkpoint. Empty at an epoch's start."""
+        out = {"train_out": np.concatenate(self._train_out) if self._train_out else None,
+               "train_truth": np.concatenate(self._train_truth) if self._train_truth else None}
+        if self.audit is not None:
+            out["audit"] = self.audit.state()
+        return out
+
+    def _load_epoch_state(self, state, step: int) -> None:
+        """The epoch so far from a checkpoint's ``_epoch_state`` (none: an epoch start, or an older checkpoint)."""
+        state = state if isinstance(state, Mapping) else {}
+
+        def array(value):
+            return None if value is None else np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value)
+
+        train_out, train_truth = array(state.get("train_out")), array(state.get("train_truth"))
+        fits = train_out is not None and train_truth is not None and len(train_out) == len(train_truth) > 0
+        self._train_out = [train_out] if fits else []
+        self._train_truth = [train_truth] if fits else []
+        self._val_out, self._val_truth = [], []
+        if self.audit is not None:
+            audit = state.get("audit") or {}
+            self.audit.load_state({party: {k: array(v) if isinstance(v, torch.Tensor) else v for k, v in acc.items()}
+                                   for party, acc in audit.items()})
+            self._audited_step = step - 1  # the steps before the checkpoint are in the audit already
 
     def commit(self, step: int, epoch: int, digests: Mapping[str, str], best: dict | None = None) -> None:
         self.checkpointer.commit(step, epoch, dict(digests), best)
@@ -340,14 +374,15 @@ class TorchTop:
         if digest is None:
             manifest = self.checkpointer.latest() or {}
             digest = manifest.get("digests", {}).get("") if manifest.get("step") == step else None
-        self.checkpointer.restore(step, digest, self._restore_state)
-        self._train_out, self._train_rows, self._val_out, self._val_rows = [], [], [], []
+        self.checkpointer.restore(step, digest, lambda state, what: self._restore_state(state, what, step))
 
-    def _restore_state(self, state: dict, what: str) -> None:
+    def _restore_state(self, state: dict, what: str, step: int) -> None:
         """Each part is checked against the model as it is loaded (``load_weights``): a misfit raises ``ModelError``,
-        and the session ends before this segment trains or saves anything."""
+        and the session ends before this segment trains or saves anything. Then the epoch so far
+        (``_load_epoch_state``)."""
         load_weights(self.top, state, what, "top")
         if self.own is not None:
             load_weights(self.own.model, state, what, "own", "model")
             self.own.optimizer.load_state_dict(state["own"]["optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._load_epoch_state(state.get(EPOCH_SO_FAR), step)
