@@ -389,4 +389,4 @@ def test_as_received_is_what_the_receiver_decodes_and_sending_it_again_sends_the
     seen = as_received(x, precision)
     np.testing.assert_array_equal(seen, got)
     again = decode(Backward(step=0, tensors=encode("gradient", seen, precision, "test")), "gradient", rows, 6, precision)
-    np.testing.assert_allclose(again, got, rtol=2 ** -23, atol=0)
+    np.testing.assert_allclose(again, got, rtol=2 ** -22, atol=0)  # int8: the scale may move one float32 step

@@ -470,9 +470,9 @@ class DataHolderMachine:
             if isinstance(msg, Window):
                 self._train.on_window(msg)
                 return [Log(level="INFO", text=f"window auto: {msg.window}, as the label holder chose")]
-            if isinstance(msg, TrainingDone):
+            if isinstance(msg, TrainingDone):  # [X10]: load the kept weights, then confirm with the same message
                 self._train.on_training_done(msg)
-                return [Log(level="INFO", text=_done_text(msg))]
+                return [Log(level="INFO", text=_done_text(msg)), self._send(msg, now)]
             if isinstance(msg, Rollback):  # another party restarted: drop the pipeline, acknowledge, await SCHEDULE
                 self._train = self._new_pipeline()
                 return [

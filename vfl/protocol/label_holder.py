@@ -133,6 +133,8 @@ class LabelHolderMachine:
         ``patience`` is set, because then a data holder must understand TRAINING_DONE to save the right weights."""
         self.party = party
         self.min_minor = min_minor
+        #: [X10] the TRAINING_DONE each data holder at 1.5 has not confirmed yet; the run finishes when none is left
+        self._done_sent: dict[str, TrainingDone] = {}
         self.run = run
         self.config = config
         self.heartbeat_s = heartbeat_s
@@ -853,6 +855,8 @@ class LabelHolderMachine:
             return []
         if p.rolling_back:  # sent before it saw our ROLLBACK: belongs to the abandoned pipeline
             return [Log(level="DEBUG", text=f"dropped a stale {msg.TYPE} from {p.name!r} (rollback pending)")]
+        if isinstance(msg, TrainingDone):
+            return self._on_training_done(p, msg, now)
         try:
             if isinstance(msg, Forward):
                 per_party, metrics = self.training.on_forward(p.name, msg, now)
@@ -879,8 +883,23 @@ class LabelHolderMachine:
             out += [self._send(q, m, now) for m in msgs if not (isinstance(m, TrainingDone) and q.minor < 5)]
         out += [EpochDone(metrics=m) for m in metrics]
         if self.training.done:
-            out += self._finish(0, self._finished_text(), now)
+            self._done_sent = {q.name: m for q in self.parties.values() if q.minor >= 5
+                               for m in per_party.get(q.name, []) if isinstance(m, TrainingDone)}
+            if not self._done_sent:  # no data holder at 1.5 to confirm it: done now, as in 1.4
+                out += self._finish(0, self._finished_text(), now)
         return out
+
+    def _on_training_done(self, p: _Party, msg: TrainingDone, now: float) -> list[Output]:
+        """[X10]: a data holder confirms TRAINING_DONE once its kept weights are loaded. Only when every data holder
+        at 1.5 has, the run is finished: this node saves its segment, marks the run finished, and says BYE."""
+        sent = self._done_sent.get(p.name)
+        if sent is None or msg != sent:
+            return self._unexpected(p.route, p.name, msg, "TRAINING (no TRAINING_DONE of this party to confirm)",
+                                    now)
+        del self._done_sent[p.name]
+        if self._done_sent:
+            return []
+        return self._finish(0, self._finished_text(), now)
 
     def _finished_text(self) -> str:
         """What BYE and the log say when training ends: how many epochs, why, and which epoch's weights are kept."""
@@ -933,6 +952,7 @@ _TABLE: dict[tuple[PartyState, str], Handler] = {
     (PartyState.TRAINING, Bye.TYPE): LabelHolderMachine._on_bye,
     (PartyState.TRAINING, CheckpointDone.TYPE): LabelHolderMachine._on_training_message,
     (PartyState.TRAINING, Rollback.TYPE): LabelHolderMachine._on_training_message,
+    (PartyState.TRAINING, TrainingDone.TYPE): LabelHolderMachine._on_training_message,
     (PartyState.TRAINING, Hello.TYPE): LabelHolderMachine._on_hello,
     (PartyState.LOST, Hello.TYPE): LabelHolderMachine._on_hello,
     (PartyState.LOST, Bye.TYPE): LabelHolderMachine._on_bye,  # [J2]: a paused party ends the session after all
