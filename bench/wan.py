@@ -2,8 +2,8 @@
 """WAN benchmark: split training between real node processes through an emulated link, per RTT, bandwidth, window
 and wire precision of the cut layer (issue 15).
 
-    PYTHONPATH=. .venv/bin/python bench/wan.py            # the full grid, 108 timing cells (about 45 minutes here)
-    PYTHONPATH=. .venv/bin/python bench/wan.py --quick    # 24 timing cells (about 8 minutes here)
+    PYTHONPATH=. .venv/bin/python bench/wan.py            # the full grid: 108 timing cells (about 19 minutes here)
+    PYTHONPATH=. .venv/bin/python bench/wan.py --quick    # 24 timing cells (about 5 minutes here)
     PYTHONPATH=. .venv/bin/python bench/wan.py --rtts 0,50 --mbits 0 --windows 8,auto --precisions float32
 
 The model and data are ``bench/train.py``'s, reused by import: MNIST-shaped synthetic data (784 float32 features in
@@ -29,7 +29,7 @@ What each figure covers:
   ``--epochs`` (default 3) epochs of ``--rows`` (default 8192; ``--quick`` 4096) rows, no validation rows.
 * ``window``: the window the label holder recorded in ``metrics.jsonl`` (``"window"`` of the last epoch line; for
   a fixed window, that window).
-* ``ceiling``: W x B / RTT, with the RTT the proxy really adds (64-byte round trips through it, median, measured
+* ``ceiling``: W x B / RTT (not shown at 0 ms), with the RTT the proxy really adds (64-byte round trips through it, median, measured
   before the cells), and W the chosen window.
 * ``bytes/step (all)``: the bytes every node says it sent in its last log line (``... sent N bytes ...``: header and
   tensor frames, before CurveZMQ), summed over the three nodes and divided by the session's steps: setup (handshake,
@@ -42,7 +42,9 @@ What each figure covers:
   epochs (default 20), the last epoch's ``val_accuracy`` of the label holder's ``metrics.jsonl``, the mean over
   ``--acc-reps`` sessions (default 3; ``--quick`` 2; same seeds, so the window-1 runs are identical and the others
   differ only by the pipeline's timing): every precision of the grid at ``window = "auto"``, and float32 at window 1
-  (exact synchronous SGD, the reference). Differences are in percentage points; one validation row is about 0.28.
+  (exact synchronous SGD, the reference), and every other precision at window 1 too (``accuracy_delta_pp_w1``: the
+  precision's own effect, without the window's). Differences are in percentage points; one validation row is about
+  0.28.
 
 JSON (the last line of stdout): ``pipeline_efficiency_50ms`` = samples/s at 50 ms / min(samples/s at 0 ms, W x B /
 RTT) at W = 8, float32, unlimited bandwidth (goal >= 0.9); ``wan_retained_auto_50ms_100mbit`` = the best precision's
@@ -109,7 +111,7 @@ def plan(args) -> list[dict]:
     cells = [{"kind": "time", "rtt": r, "mbit": m, "window": w, "precision": p, "epochs": args.epochs}
              for p in args.precisions for r in args.rtts for m in args.mbits for w in args.windows]
     cells += [{"kind": "bytes", "window": "8", "precision": p, "epochs": e} for p in PRECISIONS for e in (2, 3)]
-    acc = [("1", "float32")] + [("auto", p) for p in args.precisions]
+    acc = [("1", p) for p in args.precisions] + [("auto", p) for p in args.precisions]
     cells += [{"kind": "acc", "window": w, "precision": p, "epochs": args.acc_epochs} for w, p in acc
               for _ in range(args.acc_reps)]
     for c in cells:
@@ -395,6 +397,10 @@ def summarise(args, results, rtt, check, available, why) -> dict[str, Any]:
         v = _mean(results.get(f"acc-wauto-{SHORT[p]}"), "val_accuracy")
         deltas[p] = round((v - ref) * 100, 3) if v is not None and ref is not None else None
     s["accuracy_delta_pp"] = deltas
+    # diagnostic: the precision alone, at window 1 (float32's window-1 run is the reference itself)
+    s["accuracy_delta_pp_w1"] = {
+        p: round((v - ref) * 100, 3) if (v := _mean(results.get(f"acc-w1-{SHORT[p]}"), "val_accuracy")) is not None
+        and ref is not None else None for p in args.precisions if p != "float32"}
     known = [abs(v) for v in deltas.values() if v is not None]
     s["accuracy_delta_pp_max"] = max(known) if known else None
     s["val_accuracy"] = {name: _mean(rec, "val_accuracy") for name, rec in results.items() if rec["kind"] == "acc"}
@@ -443,7 +449,8 @@ def report(s: dict[str, Any]) -> None:
                         continue
                     chosen = c["window"]
                     measured = (rtt.get(str(r)) or {}).get("median") or 0
-                    ceiling = f"{chosen * setup['batch'] / (measured / 1000):9.0f}" if measured and chosen else f"{'-':>9}"
+                    ceiling = (f"{chosen * setup['batch'] / (measured / 1000):9.0f}" if r and measured and chosen
+                               else f"{'-':>9}")
                     load = ", ".join(f"{x:.2f}" for x in c["other_load_cores"] if x is not None)
                     print(f"{p:<9} {r:>6} {bw:>6} {w:>5} {chosen!s:>6} {c['samples_per_s']:10.0f} {ceiling} "
                           f"{c['bytes_per_step_all']:12.0f}  {load}")
