@@ -208,13 +208,14 @@ def leak_by_party(record: dict) -> dict[str, dict[str, float]]:
 
 def _kept_epoch(cfg, trained: int) -> int | None:
     """The epoch (1-based) whose weights the segments hold: the finished manifest's ``kept_epoch``, else the last."""
+    from ..node.lifecycle import read_manifest
+
     if not trained:
         return None
-    try:
-        manifest = json.loads((cfg.train.checkpoint_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (AttributeError, OSError, ValueError):
-        return trained
-    kept = manifest.get("kept_epoch") if isinstance(manifest, dict) and manifest.get("finished") is True else None
+    manifest = None
+    if cfg is not None and cfg.train is not None:
+        manifest = read_manifest(cfg.train.checkpoint_dir, cfg.run, cfg.session.model)
+    kept = manifest.get("kept_epoch") if manifest is not None and manifest.get("finished") is True else None
     return kept if type(kept) is int and 1 <= kept <= trained else trained
 
 

@@ -8,12 +8,11 @@ loop.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
-
-import math
 
 import numpy as np
 
@@ -38,7 +37,6 @@ def auto_window(periods: Sequence[float], step_seconds: Sequence[float], max_win
     if not (math.isfinite(period) and math.isfinite(own)) or own <= 0:
         return max_window
     return int(min(max(math.ceil(period / own - 1e-9), 1), max_window))
-
 
 
 class CheckpointError(VflError):
@@ -185,11 +183,6 @@ def _int_positions(msg: Message, name: str, n_rows: int) -> np.ndarray:
     return arr
 
 
-def _activations(msg: Message, name: str, rows: int, width: int, precision: str = "float32") -> np.ndarray:
-    """[X6]: the cut-layer tensor as float32 [rows, width], checked and decoded from the session's wire precision."""
-    return decode_cut(msg, name, rows, width, precision)
-
-
 def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -308,7 +301,7 @@ class DataHolderTraining:
                 ref=msg.TYPE,
             )
         step, rows = self._in_flight[0]
-        grad = _activations(msg, "gradient", rows, self.width, self.precision.gradients)
+        grad = decode_cut(msg, "gradient", rows, self.width, self.precision.gradients)
         self.bottom.backward(step, grad)
         self._in_flight.popleft()
         self.applied = step + 1
@@ -535,7 +528,7 @@ class LabelHolderTraining:
                 f"FORWARD for step {msg.step} exceeds the window {self.window} (step {self.step} is unanswered)",
                 ref=msg.TYPE,
             )
-        box.forwards[msg.step] = _activations(
+        box.forwards[msg.step] = decode_cut(
             msg, "activations", len(self._steps[msg.step]), self.widths[party], self.precision.activations
         )
         box.next_forward += 1
@@ -552,7 +545,7 @@ class LabelHolderTraining:
                 + (f"epoch {self.epoch} batch {box.next_eval}" if self._evaluating else "no validation now"),
                 ref=msg.TYPE,
             )
-        box.evals[msg.batch] = _activations(
+        box.evals[msg.batch] = decode_cut(
             msg, "activations", len(self.validation[msg.batch]), self.widths[party], self.precision.activations
         )
         box.next_eval += 1
