@@ -256,9 +256,12 @@ class NodeRunner:
                     self.bytes_received += sum(len(f) for f in received.frames)
                     new = machine.receive(received.routing_id, received.identity, received.frames, now)
                     pending += new
-                    # the node must act on an alignment before the next message is read; and while our own PSI
-                    # stream is waiting, answer one message at a time so that the two streams interleave
-                    if machine.finished is not None or machine.has_work or any(type(o) is Aligned for o in new):
+                    # the node must act on an alignment before the next message is read; while our own PSI stream
+                    # is waiting, answer one message at a time so that the two streams interleave; and an answer goes
+                    # out before the next message is read: across a WAN a window of FORWARDs arrives in one burst,
+                    # and computing it whole before the first BACKWARD leaves would add W steps to every round trip
+                    if (machine.finished is not None or machine.has_work
+                            or any(type(o) is Aligned or type(o) is Send for o in new)):
                         break
             # The connection's events after its messages: what the label holder said before the drop (a BYE that
             # pauses or ends the session) is heard first, in order. Once the machine chose a fresh connection, the
