@@ -153,7 +153,7 @@ def test_welcome_names_the_lower_minor_version():
     from vfl.protocol import PROTOCOL_VERSION
 
     (welcome,) = sends(feed(label_holder(), hello(version=(1, 7))))
-    assert welcome.version == PROTOCOL_VERSION == (1, 6)
+    assert welcome.version == PROTOCOL_VERSION == (1, 7)
     (welcome,) = sends(feed(label_holder(), hello(version=(1, 0))))
     assert welcome.version == (1, 0)
 

@@ -449,6 +449,7 @@ class DataHolderMachine:
             max_window=self.config.max_window if self.config.auto_window else None,
             precision=self.config.precision,
             party=self.party,
+            lookahead=self.session_minor >= 7,
         )
 
     def _on_training_message(self, msg: Message, now: float) -> list[Output]:

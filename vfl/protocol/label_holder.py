@@ -135,6 +135,7 @@ class LabelHolderMachine:
         self.min_minor = min_minor
         #: [X10] the TRAINING_DONE each data holder at 1.5 has not confirmed yet; the run finishes when none is left
         self._done_sent: dict[str, TrainingDone] = {}
+        self._done_announced = False  # TRAINING_DONE went out (to every party at 1.5, in the same round)
         self.run = run
         self.config = config
         self.heartbeat_s = heartbeat_s
@@ -814,6 +815,7 @@ class LabelHolderMachine:
             batch_size=self.config.batch_size,
             window=self.config.first_window,
             max_window=self.config.max_window if self.config.auto_window else None,
+            lookahead=all(self.parties[name].minor >= 7 for name in self.config.data_holders),
             n_rows=len(self.final_rows),
             first_step=first_step,
             resume_digests=digests,
@@ -882,7 +884,10 @@ class LabelHolderMachine:
             q = self.parties[name]  # TRAINING_DONE (v1.5) only to a party that speaks 1.5
             out += [self._send(q, m, now) for m in msgs if not (isinstance(m, TrainingDone) and q.minor < 5)]
         out += [EpochDone(metrics=m) for m in metrics]
-        if self.training.done:
+        # once: FORWARDs of an epoch sent ahead ([X14]) may still arrive after TRAINING_DONE went out, and each
+        # would otherwise find no TRAINING_DONE in its answer and finish the run before every party confirmed
+        if self.training.done and not self._done_announced:
+            self._done_announced = True
             self._done_sent = {q.name: m for q in self.parties.values() if q.minor >= 5
                                for m in per_party.get(q.name, []) if isinstance(m, TrainingDone)}
             if not self._done_sent:  # no data holder at 1.5 to confirm it: done now, as in 1.4

@@ -196,10 +196,12 @@ class DataHolderTraining:
     def __init__(
         self, bottom: BottomSegment, *, n_rows: int, batch_size: int, window: int, width: int,
         max_window: int | None = None, precision: CutPrecision = CutPrecision(), party: str = "this data holder",
+        lookahead: bool = False,
     ):
         """``max_window``: the session's window is "auto" (v1.6): ``window`` is where it starts, and one WINDOW of
         at most this may raise it. ``precision``: the wire precision of the activations it sends and the gradients
-        it receives (v1.6)."""
+        it receives (v1.6). ``lookahead``: the session is at 1.7 or later, so the next epoch's EPOCH may come while
+        this one is still training ([X14]) and the window runs on across the boundary."""
         self.bottom = bottom
         self.precision = precision
         self.party = party
@@ -209,13 +211,19 @@ class DataHolderTraining:
         self.max_window = max_window
         self.chosen_window: int | None = None
         self.width = width
+        self.lookahead = lookahead
         self.epochs: int | None = None
         self.validation: list[np.ndarray] = []
-        self.epoch: int | None = None
+        self.epoch: int | None = None  # the epoch being trained or validated (the oldest open one), else the last
         self._steps: deque[tuple[int, np.ndarray]] = deque()  # (step, rows) not yet forwarded
         self._in_flight: deque[tuple[int, int]] = deque()  # (step, batch rows) forwarded, awaiting BACKWARD
         self._eval: deque[int] = deque()  # validation batches still to send for self.epoch
-        self._epoch_done = True
+        #: epochs whose EPOCH came and that are not closed: (epoch, first step, end step), oldest first; at most two
+        #: (the one training or validating, and with ``lookahead`` the next one, [X14])
+        self._open: deque[tuple[int, int, int]] = deque()
+        self._validating = False  # the oldest open epoch's steps are all applied: its validation is queued or sent
+        self._ahead: int | None = None  # the epoch whose EPOCH came while another one was open ([X14])
+        self.next_epoch = 0  # the epoch the next EPOCH must name
         self.finished_epochs = 0
         self.applied = 0  # steps whose BACKWARD has been applied: the segment is "after `applied` steps"
         self._resuming = False
@@ -237,44 +245,68 @@ class DataHolderTraining:
         prepare = getattr(self.bottom, "prepare", None)
         if prepare is not None:  # e.g. standardisation fitted on this party's own training rows only
             prepare(np.setdiff1d(np.arange(self.n_rows), validation))
-        self.finished_epochs = msg.first_epoch
+        self.finished_epochs = self.next_epoch = msg.first_epoch
         self.next_step = msg.first_step
 
+    @property
+    def _epoch_done(self) -> bool:
+        """No epoch is open: the last one's validation was sent (or none has begun)."""
+        return not self._open
+
     def on_epoch(self, msg: Epoch) -> None:
-        if self.epochs is None or not self._epoch_done:
-            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "EPOCH before the previous one ended", ref=msg.TYPE)
+        if self.epochs is None:
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "EPOCH before SCHEDULE", ref=msg.TYPE)
+        if self.done is not None:
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "EPOCH after TRAINING_DONE", ref=msg.TYPE)
+        if self._open and (not self.lookahead or len(self._open) > 1):
+            why = "two epochs ahead of the one in progress ([X14])" if self.lookahead else "before the previous one ended"
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"EPOCH {why}", ref=msg.TYPE)
         resumed_mid_epoch = self._resuming and msg.first_step <= self.next_step
-        if msg.epoch != self.finished_epochs or msg.epoch >= self.epochs or (
+        if msg.epoch != self.next_epoch or msg.epoch >= self.epochs or (
             msg.first_step != self.next_step and not resumed_mid_epoch
         ):
             raise RemoteProtocolError(
                 ErrorCode.BAD_FIELD,
-                f"EPOCH {msg.epoch} from step {msg.first_step}: expected epoch {self.finished_epochs} from step "
+                f"EPOCH {msg.epoch} from step {msg.first_step}: expected epoch {self.next_epoch} from step "
                 f"{self.next_step}",
                 ref=msg.TYPE,
             )
         order = _int_positions(msg, "order", self.n_rows)
-        self.epoch = msg.epoch
-        self._epoch_done = False
         self._resuming = False
+        first = max(msg.first_step, self.next_step) if resumed_mid_epoch else msg.first_step
         for i, rows in enumerate(batches(order, self.batch_size)):
-            if msg.first_step + i >= self.next_step:  # on a resume, steps before the checkpoint are done
+            if msg.first_step + i >= first:  # on a resume, steps before the checkpoint are done
                 self._steps.append((msg.first_step + i, rows))
         self.next_step = msg.first_step + len(batches(order, self.batch_size))
-        if not self._steps and not self._in_flight:  # nothing to train (prediction): straight to evaluation
-            self._eval.extend(range(len(self.validation)))
-            if not self._eval:
-                self._close_epoch()
+        self.next_epoch = msg.epoch + 1
+        self._open.append((msg.epoch, first, self.next_step))
+        if len(self._open) > 1:
+            self._ahead = msg.epoch
+        else:
+            self.epoch = msg.epoch
+            self._maybe_validate()
+
+    def _maybe_validate(self) -> None:
+        """Once every step of the oldest open epoch is applied: queue its validation batches ([X5]), or close it."""
+        if not self._open or self._validating or self.applied != self._open[0][2]:
+            return
+        self._validating = True
+        self._eval.extend(range(len(self.validation)))  # validate on the weights after the epoch's last step
+        if not self._eval:
+            self._close_epoch()
 
     @property
     def has_work(self) -> bool:
-        if self._steps and len(self._in_flight) < self.window:
-            return True
-        return bool(self._eval)
+        if self.done is not None:
+            return False
+        return bool(self._eval) or bool(self._steps and len(self._in_flight) < self.window)
 
     def work(self) -> list[Message]:
-        """The next FORWARD if the window allows, else the next validation batch once the epoch's steps are done."""
-        if self._steps and len(self._in_flight) < self.window:
+        """The next validation batch once the epoch's steps are all applied (the label holder waits for them before
+        its next step), else the next FORWARD if the window allows: with [X14] that may be the next epoch's."""
+        if self.done is not None:
+            return []
+        if not self._eval and self._steps and len(self._in_flight) < self.window:
             step, rows = self._steps.popleft()
             acts = self.bottom.forward(step, rows, True)
             self._in_flight.append((step, len(rows)))
@@ -300,19 +332,26 @@ class DataHolderTraining:
                 ErrorCode.UNEXPECTED_MESSAGE, f"BACKWARD for step {msg.step}; the oldest step in flight is {expected}",
                 ref=msg.TYPE,
             )
+        if self._validating:  # [X14]: the next epoch's steps wait for this epoch's validation, which is on our weights
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"BACKWARD for step {msg.step} before this data holder sent its validation of epoch {self.epoch}",
+                ref=msg.TYPE,
+            )
         step, rows = self._in_flight[0]
         grad = decode_cut(msg, "gradient", rows, self.width, self.precision.gradients)
         self.bottom.backward(step, grad)
         self._in_flight.popleft()
         self.applied = step + 1
-        if not self._steps and not self._in_flight and not self._epoch_done:
-            self._eval.extend(range(len(self.validation)))  # validate on the weights after the epoch's last step
-            if not self._eval:
-                self._close_epoch()
+        self._maybe_validate()
 
     def _close_epoch(self) -> None:
-        self._epoch_done = True
+        self._open.popleft()
+        self._validating = False
         self.finished_epochs += 1
+        if self._open:  # the next epoch (sent ahead, [X14]) is now the one in progress
+            self.epoch = self._open[0][0]
+            self._maybe_validate()
 
     def on_checkpoint(self, msg: Checkpoint) -> CheckpointDone:
         """Save after ``msg.step`` steps: every BACKWARD before it has arrived (they come first on the socket)."""
@@ -340,7 +379,10 @@ class DataHolderTraining:
     def on_training_done(self, msg: TrainingDone) -> None:
         """[X10]: training is over; the result is this segment after ``keep_step`` steps (an earlier, kept
         checkpoint when ``keep = "best"`` chose an earlier epoch: loaded here, its digest checked)."""
-        if self.epochs is None or not self._epoch_done or self.done is not None:
+        # an epoch sent ahead ([X14]) of which no step was applied is not in progress: training ends before it
+        ahead = (len(self._open) == 1 and self._open[0][0] == self._ahead and not self._validating
+                 and self.applied == self._open[0][1])
+        if self.epochs is None or not (self._epoch_done or ahead) or self.done is not None:
             raise RemoteProtocolError(
                 ErrorCode.UNEXPECTED_MESSAGE, "TRAINING_DONE while an epoch is in progress (or twice)", ref=msg.TYPE
             )
@@ -360,6 +402,9 @@ class DataHolderTraining:
                 )
             self.bottom.restore(msg.keep_step, msg.keep_digest)
             self.applied = msg.keep_step
+        self._steps.clear()  # the epoch sent ahead, if any: its FORWARDs in flight are never answered
+        self._in_flight.clear()
+        self._open.clear()
         self.done = msg
 
 
@@ -392,12 +437,16 @@ class LabelHolderTraining:
         best: BestEpoch | None = None,
         max_window: int | None = None,
         precision: CutPrecision = CutPrecision(),
+        lookahead: bool = False,
     ):
         """``best``: when resuming, the best epoch recorded with the checkpoint at ``first_step`` (``keep``,
         ``patience``). ``max_window``: the window is "auto": ``window`` (1) until ``PROBE_STEPS`` steps are timed,
         then the one ``auto_window`` picks, announced by WINDOW. ``precision``: the wire precision of the activations
-        received and gradients sent (v1.6)."""
+        received and gradients sent (v1.6). ``lookahead``: every data holder speaks 1.7, so each epoch's EPOCH goes
+        out with the previous one's ([X14]) and the pipeline runs on across epoch boundaries."""
         self.top = top
+        self.lookahead = lookahead
+        self._announced = -1  # the last epoch whose EPOCH this pipeline sent
         self.precision = precision
         self.plan = plan
         self.resume_digests = dict(resume_digests or {})
@@ -455,23 +504,33 @@ class LabelHolderTraining:
         }
 
     def _open_epoch(self, first: bool = False, now: float | None = None) -> list[Message]:
-        """Checkpoint at the epoch's start (not when resuming from exactly there), then EPOCH."""
+        """Checkpoint at the epoch's start (not when resuming from exactly there), then its EPOCH unless it went out
+        ahead, then with ``lookahead`` the next epoch's EPOCH ([X14]): the data holders' windows run on into it while
+        this epoch ends, so an epoch boundary no longer drains the pipeline for a round trip."""
         self._step_mark = now
         out: list[Message] = []
         if self.plan.checkpoints and not (first and self.step > 0):
             keep = self.plan.keep == "best" and self.best is not None and self.best.step == self.step
             out += self._checkpoint(self.step, keep)
-        order = np.asarray(self.plan.epoch_orders[self.epoch], dtype=np.int64)
-        start = self._epoch_first_step
-        for i, rows in enumerate(batches(order, self.batch_size)):
-            if start + i >= self.step:
-                self._steps[start + i] = rows
-        self._epoch_end_step = start + self.plan.steps_in(self.epoch, self.batch_size)
+        if self._announced < self.epoch:
+            out.append(self._announce(self.epoch, self._epoch_first_step))
+        self._epoch_end_step = self._epoch_first_step + self.plan.steps_in(self.epoch, self.batch_size)
         self._evaluating = self.step == self._epoch_end_step  # an epoch without training rows (prediction)
         self._eval_next = 0
         for box in self._inbox.values():
             box.next_eval = 0
-        return out + [Epoch(epoch=self.epoch, first_step=start, tensors=(Tensor("order", order),))]
+        if self.lookahead and self.epoch + 1 < self.plan.epochs:
+            out.append(self._announce(self.epoch + 1, self._epoch_end_step))
+        return out
+
+    def _announce(self, epoch: int, start: int) -> Epoch:
+        """EPOCH ``epoch`` from step ``start``; its steps (from ``self.step`` on, after a resume) await FORWARDs."""
+        order = np.asarray(self.plan.epoch_orders[epoch], dtype=np.int64)
+        for i, rows in enumerate(batches(order, self.batch_size)):
+            if start + i >= self.step:
+                self._steps[start + i] = rows
+        self._announced = epoch
+        return Epoch(epoch=epoch, first_step=start, tensors=(Tensor("order", order),))
 
     @property
     def progress(self) -> TrainingProgress:
