@@ -694,11 +694,20 @@ class LabelHolderMachine:
 
     @property
     def has_work(self) -> bool:
-        """Our own blinded streams still have chunks to compute (the node calls ``work`` instead of sleeping)."""
-        return self.finished is None and any(p.psi is not None and p.psi.has_work for p in self.parties.values())
+        """Our own blinded streams still have chunks to compute, or the top the rest of a step whose BACKWARDs went
+        out (the node calls ``work`` instead of sleeping)."""
+        if self.finished is not None:
+            return False
+        if self.training is not None and self.training.unsettled:
+            return True
+        return any(p.psi is not None and p.psi.has_work for p in self.parties.values())
 
     def work(self, now: float) -> list[Output]:
-        """Compute and send the next chunk of one data holder's stream, taking the data holders in turn."""
+        """Finish the top's last step (its BACKWARDs are on their way), or compute and send the next chunk of one
+        data holder's stream, taking the data holders in turn."""
+        if self.finished is None and self.training is not None and self.training.unsettled:
+            self.training.settle()
+            return []
         busy = [p for p in self.parties.values() if p.psi is not None and p.psi.has_work]
         if self.finished is not None or not busy:
             return []

@@ -670,6 +670,18 @@ class LabelHolderTraining:
                 out[p].extend(opening)
         return out, metrics
 
+    @property
+    def unsettled(self) -> bool:
+        """The top has the rest of a step to do once its BACKWARDs are sent (``settle``; a top without it: never)."""
+        return bool(getattr(self.top, "unsettled", False))
+
+    def settle(self) -> None:
+        """Let the top finish its last step (its optimizer step, its bookkeeping): the node calls this after the
+        step's BACKWARDs went out, so they do not wait for it. The top settles by itself before it is used again."""
+        settle = getattr(self.top, "settle", None)
+        if settle is not None:
+            settle()
+
     def _time_step(self, now: float | None) -> bool:
         """"auto": time steps at window 1 (``now`` of each step, the top's own compute); True once, when the window is
         chosen (``self.window`` is then raised before its WINDOW goes out, so no FORWARD it allows is refused)."""

@@ -201,6 +201,8 @@ class TorchTop:
         self._audited_step = -1  # the last step the audit saw: a step again means a rollback (``_audit``)
         self.own = own
         self.own_name = own_name
+        self._deferred = None  # the rest of the last training step, done by ``settle``
+        self._settle_seconds = 0.0  # how long settling took since the last step (``last_step_seconds`` counts it)
         self._train_out: list[np.ndarray] = []
         self._train_truth: list[np.ndarray] = []  # the true labels of the rows of ``_train_out``
         self._val_out: list[np.ndarray] = []
@@ -225,11 +227,30 @@ class TorchTop:
             return self.own.model(x)
 
     def train_step(self, step: int, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One step; ``last_step_seconds`` is what it took here (``window = "auto"`` sizes the window from it)."""
+        """One step up to the gradients the data holders are sent; the rest of it (the optimizer steps and the
+        step's bookkeeping) waits in ``settle`` until those are on their way. ``last_step_seconds`` is what a step
+        takes here, the previous step's settling included (``window = "auto"`` sizes the window from it)."""
+        self.settle()
+        settled, self._settle_seconds = self._settle_seconds, 0.0
         started = time.perf_counter()
         sent = self._train_step(step, rows, activations)
-        self.last_step_seconds = time.perf_counter() - started
+        self.last_step_seconds = time.perf_counter() - started + settled
         return sent
+
+    @property
+    def unsettled(self) -> bool:
+        """The last step's optimizer steps and bookkeeping are still to do (``settle``)."""
+        return self._deferred is not None
+
+    def settle(self) -> None:
+        """Finish the last training step: the optimizer steps, its training outputs and its audit. The node calls
+        this once the step's BACKWARDs have left, so a data holder is not kept waiting for them across a WAN; every
+        method that reads or changes the model settles first, so the result is exactly that of finishing at once."""
+        finish, self._deferred = self._deferred, None
+        if finish is not None:
+            started = time.perf_counter()
+            finish()
+            self._settle_seconds += time.perf_counter() - started
 
     def _train_step(self, step: int, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -242,18 +263,23 @@ class TorchTop:
         outputs = self.top(combined)
         loss = self.loss_fn(outputs, self.targets[_index(rows)])
         loss.backward()
-        self.optimizer.step()
         grads = dict(zip(self.order, self.combiner.split(combined.grad)))
-        if own_acts is not None:
-            pullback(own_acts, grads.pop(self.own_name)).backward()
-            self.own.optimizer.step()
+        own_grad = grads.pop(self.own_name) if own_acts is not None else None
         self.last_loss = float(loss.detach())
-        self._train_out.append(outputs.detach().numpy().copy())
-        self._train_truth.append(self._true_labels[np.asarray(rows, dtype=np.int64)])
         sent = {name: self._defended(step, name, rows, g) for name, g in grads.items()}
         if self.gradient_precision != "float32":  # the audit sees what each data holder decodes, not more
             sent = {name: as_received(g, self.gradient_precision) for name, g in sent.items()}
-        self._audit(step, rows, sent)
+
+        def finish() -> None:  # nothing here changes what the data holders are sent for this step
+            self.optimizer.step()
+            if own_acts is not None:
+                pullback(own_acts, own_grad).backward()
+                self.own.optimizer.step()
+            self._train_out.append(outputs.detach().numpy().copy())
+            self._train_truth.append(self._true_labels[np.asarray(rows, dtype=np.int64)])
+            self._audit(step, rows, sent)
+
+        self._deferred = finish
         return sent
 
     def _defended(self, step: int, party: str, rows: np.ndarray, grad: torch.Tensor) -> np.ndarray:
@@ -294,6 +320,7 @@ class TorchTop:
             self.audit.add(party, sent[party], labels)
 
     def eval_batch(self, epoch: int, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> None:
+        self.settle()
         combined, _ = self._combined(rows, activations, False)
         self.top.eval()
         with torch.no_grad():
@@ -301,6 +328,7 @@ class TorchTop:
         self._val_truth.append(self._true_labels[np.asarray(rows, dtype=np.int64)])
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
+        self.settle()
         metrics: dict[str, float] = {}
         for prefix, outs, truth in (("train", self._train_out, self._train_truth), ("val", self._val_out, self._val_truth)):
             if not outs:
@@ -315,12 +343,14 @@ class TorchTop:
         return metrics
 
     def predict(self, rows: np.ndarray, activations: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.settle()
         combined, _ = self._combined(rows, activations, False)
         self.top.eval()
         with torch.no_grad():
             return self.top(combined).numpy()
 
     def state(self) -> dict:
+        self.settle()
         out = {"top": self.top.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.own is not None:
             out["own"] = self.own.state()
@@ -371,6 +401,7 @@ class TorchTop:
 
     def restore(self, step: int, digest: str | None = None) -> None:
         """Load the checkpoint at ``step``, checked against ``digest`` (default: the manifest's, if it names it)."""
+        self.settle()
         if digest is None:
             manifest = self.checkpointer.latest() or {}
             digest = manifest.get("digests", {}).get("") if manifest.get("step") == step else None
