@@ -224,3 +224,21 @@ def test_X14_checkpoints_still_follow_every_earlier_backward():
             out, _ = t.on_eval("dh1", m) if isinstance(m, EvalForward) else t.on_forward("dh1", m)
             inbox += out["dh1"]
     assert seen == [(0, 0), (3, 3), (6, 6)] and d.finished_epochs == 3
+
+
+def test_the_last_steps_backward_goes_out_before_the_epoch_is_closed_and_settle_closes_it():
+    """Closing an epoch (its metrics, the next epoch's checkpoint, about 10 ms of a real label holder's) waits until
+    the BACKWARDs of its last step are sent: ``settle``, which the node calls when no message waits, or the next
+    message, whichever comes first. Either way the wire order is BACKWARD(k-1), CHECKPOINT(k), EPOCH, BACKWARD(k)."""
+    t = lh(window=4, epochs=3, n_val=0)
+    t.start()
+    for s in range(3):
+        out, metrics = t.on_forward("dh1", fwd(s, rows=B if s < 2 else 2))
+    assert types(out["dh1"]) == ["BACKWARD"] and metrics == [] and t.unsettled
+    out, metrics = t.settle(0.0)
+    assert types(out["dh1"]) == ["CHECKPOINT", "EPOCH"] and [m["epoch"] for m in metrics] == [1] and not t.unsettled
+    t2 = lh(window=4, epochs=3, n_val=0)
+    t2.start()
+    for s in range(4):  # step 3 (epoch 1's first) arrives before settle: it closes epoch 0 first
+        out, metrics = t2.on_forward("dh1", fwd(s, rows=B if s != 2 else 2))
+    assert types(out["dh1"]) == ["CHECKPOINT", "EPOCH", "BACKWARD"] and out["dh1"][2].step == 3

@@ -694,8 +694,8 @@ class LabelHolderMachine:
 
     @property
     def has_work(self) -> bool:
-        """Our own blinded streams still have chunks to compute, or the top the rest of a step whose BACKWARDs went
-        out (the node calls ``work`` instead of sleeping)."""
+        """Our own blinded streams still have chunks to compute, or training the rest of a step (or of the epoch it
+        ended) whose BACKWARDs went out (the node calls ``work`` instead of sleeping)."""
         if self.finished is not None:
             return False
         if self.training is not None and self.training.unsettled:
@@ -703,11 +703,10 @@ class LabelHolderMachine:
         return any(p.psi is not None and p.psi.has_work for p in self.parties.values())
 
     def work(self, now: float) -> list[Output]:
-        """Finish the top's last step (its BACKWARDs are on their way), or compute and send the next chunk of one
-        data holder's stream, taking the data holders in turn."""
+        """Finish the last training step, or the epoch it ended (its BACKWARDs are on their way), or compute and send
+        the next chunk of one data holder's stream, taking the data holders in turn."""
         if self.finished is None and self.training is not None and self.training.unsettled:
-            self.training.settle()
-            return []
+            return self._settle_training(now)
         busy = [p for p in self.parties.values() if p.psi is not None and p.psi.has_work]
         if self.finished is not None or not busy:
             return []
@@ -883,6 +882,20 @@ class LabelHolderMachine:
         except RemoteProtocolError as exc:
             err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref)
             return [self._send(p, err, now)] + self._finish(1, f"training with data holder {p.name!r} failed: {exc}", now)
+        return self._training_outputs(per_party, metrics, now)
+
+    def _settle_training(self, now: float) -> list[Output]:
+        """The rest of the last step, or of the epoch it ended, once its BACKWARDs are out (``LabelHolderTraining
+        .settle``), and what that says: the next epoch's CHECKPOINT and EPOCH, the epoch's metrics, TRAINING_DONE."""
+        try:
+            per_party, metrics = self.training.settle(now)
+        except CheckpointError as exc:
+            return self._finish(1, f"checkpoint: {exc}", now)
+        except PrecisionError as exc:
+            return self._finish(1, f"label holder {self.party}: {exc}", now)
+        return self._training_outputs(per_party, metrics, now)
+
+    def _training_outputs(self, per_party: dict[str, list[Message]], metrics: list[dict], now: float) -> list[Output]:
         out: list[Output] = []
         if any(isinstance(m, Window) for msgs in per_party.values() for m in msgs):
             t = self.training

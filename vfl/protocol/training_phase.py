@@ -641,6 +641,7 @@ class LabelHolderTraining:
                     self._evaluating, self._eval_next = True, 0
                     for p in self.parties:
                         self._inbox[p].next_eval = 0
+                    break  # this step's BACKWARDs first: closing the epoch waits for the validation, or ``settle``
                 continue
             while self._eval_next < len(self.validation) and all(
                 self._eval_next in self._inbox[p].evals for p in self.parties
@@ -671,16 +672,25 @@ class LabelHolderTraining:
         return out, metrics
 
     @property
-    def unsettled(self) -> bool:
-        """The top has the rest of a step to do once its BACKWARDs are sent (``settle``; a top without it: never)."""
-        return bool(getattr(self.top, "unsettled", False))
+    def _closable(self) -> bool:
+        """The epoch's steps are done and its validation is in (or it has none): it can be closed now."""
+        return self._evaluating and not self.done and self._eval_next >= len(self.validation)
 
-    def settle(self) -> None:
-        """Let the top finish its last step (its optimizer step, its bookkeeping): the node calls this after the
-        step's BACKWARDs went out, so they do not wait for it. The top settles by itself before it is used again."""
+    @property
+    def unsettled(self) -> bool:
+        """Work that waits until the last step's BACKWARDs are sent (``settle``): the rest of the top's step, or the
+        epoch that step ended (its metrics, the next epoch's checkpoint: about 10 ms of the label holder's)."""
+        return self._closable or bool(getattr(self.top, "unsettled", False))
+
+    def settle(self, now: float | None = None) -> tuple[dict[str, list[Message]], list[dict]]:
+        """Do what ``unsettled`` says, as ``on_forward`` would have: the node calls this after the last step's
+        BACKWARDs went out, so the data holders do not wait for it. Anything that arrives first does it itself."""
         settle = getattr(self.top, "settle", None)
         if settle is not None:
             settle()
+        if self._closable:
+            return self._advance(now)
+        return {p: [] for p in self.parties}, []
 
     def _time_step(self, now: float | None) -> bool:
         """"auto": time steps at window 1 (``now`` of each step, the top's own compute); True once, when the window is
