@@ -46,6 +46,13 @@ top 64->500->10, ``[psi].workers = 0``): PSI of all rows on both sides, then the
 rows, training runs for ``--rss-train-seconds``, and both nodes are stopped. Its peak (node + children) is compared
 with data bytes + model + 200 MiB.
 
+Goals (``goals`` in the JSON): ``ratio_vs_central_w4`` >= 0.8; ``pipeline_efficiency_50ms`` >= 0.9, bench/wan.py's
+formula over this bench's cells (samples/s of ``proxy-50ms-w8`` / min(samples/s of ``proxy-0ms-w8``, 8 x B / RTT),
+RTT as measured through the proxy; wan.py's figure, with 3 epochs, is the reference); the 1M-row memory test. Issue 15
+replaced the old ``retained_50ms_w8`` >= 0.7 goal (still printed, as a plain figure) by its WAN goals,
+``pipeline_efficiency_50ms`` and ``wan_retained_auto_50ms_100mbit`` >= 0.7, which only bench/wan.py measures (it needs
+the bandwidth cap and the "auto" window); ``wan_goals`` points there.
+
 The last line of stdout is one JSON object; everything before it is for people. Child processes run in their own
 process groups, get PR_SET_PDEATHSIG, and are stopped (SIGTERM, then SIGKILL, whole group) on every exit path, also on
 Ctrl-C and SIGTERM. Every wait is bounded.
@@ -103,7 +110,9 @@ NODE_TIMEOUTS = {"heartbeat": 1.0, "peer": 60.0, "handshake": 60.0, "join": 300.
 LOG_POLL_S = 0.02
 DELAYS_MS = (0, 10, 50)  # RTT added by the proxy; --quick leaves out 10
 GOAL_RATIO_W4 = 0.8
-GOAL_RETAINED_W8 = 0.7
+GOAL_PIPELINE_EFFICIENCY_50MS = 0.9  # issue 15's restated WAN goal, computed as bench/wan.py does
+#: issue 15's restated WAN goals: bench/wan.py measures them (the second needs its bandwidth cap and "auto" window)
+WAN_GOALS = {"pipeline_efficiency_50ms": ">= 0.9", "wan_retained_auto_50ms_100mbit": ">= 0.7"}
 GOAL_RSS_SLACK_MB = 200.0
 MB = 2**20  # every *_mb figure is MiB
 MODEL_DIR = "model"  # [train].output of every node, relative to the session folder
@@ -901,6 +910,13 @@ def summarise(args, plan, results, rss, baseline, proxy_rtt, elapsed) -> dict[st
                 ceilings[name] = {"ceiling_samples_per_s": round(ceiling), "share": round(sps[name] / ceiling, 3)}
     if ceilings:
         s["window_ceiling"] = ceilings
+    # bench/wan.py's pipeline_efficiency_50ms from this bench's own cells, the same formula: samples/s at 50 ms /
+    # min(samples/s at 0 ms, W x B / RTT) at W = 8, float32, both through the relay, RTT as measured through it
+    rtt50 = (proxy_rtt.get("50ms") or {}).get("median")
+    if results.get("proxy-50ms-w8") and results.get("proxy-0ms-w8") and rtt50:
+        ceiling = 8 * BATCH / (rtt50 / 1000)
+        s["pipeline_efficiency_50ms"] = round(sps["proxy-50ms-w8"] / min(sps["proxy-0ms-w8"], ceiling), 4)
+    s["wan_goals"] = {k: f"{v} (bench/wan.py)" for k, v in WAN_GOALS.items()}
     if rss is not None:
         s["rows_1m_peak_rss_mb"] = rss["peak_rss_mb"]["sum"]
         s["rows_1m"] = rss
@@ -933,8 +949,9 @@ def summarise(args, plan, results, rss, baseline, proxy_rtt, elapsed) -> dict[st
     goals: dict[str, dict] = {}
     if "ratio_vs_central_w4" in s:
         goals["ratio_vs_central_w4>=0.8"] = {"value": s["ratio_vs_central_w4"], "ok": s["ratio_vs_central_w4"] >= GOAL_RATIO_W4}
-    if "retained_50ms_w8" in s:
-        goals["retained_50ms_w8>=0.7"] = {"value": s["retained_50ms_w8"], "ok": s["retained_50ms_w8"] >= GOAL_RETAINED_W8}
+    if "pipeline_efficiency_50ms" in s:
+        goals["pipeline_efficiency_50ms>=0.9"] = {"value": s["pipeline_efficiency_50ms"],
+                                                  "ok": s["pipeline_efficiency_50ms"] >= GOAL_PIPELINE_EFFICIENCY_50MS}
     if rss is not None:
         goals["rows_1m_peak_rss_mb<=data+model+200"] = {
             "value": rss["peak_rss_mb"]["sum"], "goal": rss["goal_mb"], "rows": rss["rows"],
@@ -990,6 +1007,8 @@ def report(s: dict[str, Any]) -> None:
     print("goals:")
     for k, g in s["goals"].items():
         print(f"  {k:<40} {'met' if g['ok'] else 'MISSED'}: {g['value']}" + (f" (goal {g['goal']})" if "goal" in g else ""))
+    print("the WAN goals of issue 15 are measured by bench/wan.py: " + ", ".join(f"{k} {v}" for k, v in WAN_GOALS.items())
+          + " (pipeline_efficiency_50ms above: the same formula over this bench's proxy cells)")
     print(f"{s['elapsed_s']:.0f} s in all; load avg {s['env']['loadavg_1m']}")
 
 

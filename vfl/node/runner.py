@@ -7,6 +7,7 @@ the machine, which answers it and goes on.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import statistics
@@ -137,6 +138,8 @@ class NodeRunner:
         self.stop_requested: str | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: bytes handed to libzmq per message type (header + tensor frames, as in ``bytes_sent``): logged at exit
+        self.sent_by_type: dict[str, int] = {}
         #: encoded messages libzmq could not take yet (no connection, full queue), per peer: the loop never blocks on
         #: a send, and a peer that does not read only ever holds up its own messages
         self.outbox = Outbox(outbox_bytes(cfg), stall_s=cfg.timeouts.peer)
@@ -330,7 +333,9 @@ class NodeRunner:
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; liveness rules deal with it
             self._unreachable(to, mtype, exc)
             return True
-        self.bytes_sent += frames_bytes(frames)
+        n = frames_bytes(frames)
+        self.bytes_sent += n
+        self.sent_by_type[mtype] = self.sent_by_type.get(mtype, 0) + n
         self.unreachable.discard(to)
         return True
 
@@ -360,7 +365,9 @@ class NodeRunner:
                     except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; liveness rules deal with it
                         self._unreachable(to, mtype, exc)
                     else:
-                        self.bytes_sent += frames_bytes(frames)
+                        n = frames_bytes(frames)
+                        self.bytes_sent += n
+                        self.sent_by_type[mtype] = self.sent_by_type.get(mtype, 0) + n
                         self.unreachable.discard(to)
                     self.outbox.pop(to, time.monotonic())
             if not self.outbox or until is None or time.monotonic() >= until:
@@ -415,6 +422,8 @@ class NodeRunner:
 
     def _report(self, finished: Finished) -> int:
         level = logging.INFO if finished.exit_code == 0 else logging.ERROR
+        # one JSON object, sorted keys: bench/wan.py reads the step messages' bytes (FORWARD, BACKWARD) from it
+        self.log.info("sent by type: %s", json.dumps(self.sent_by_type, sort_keys=True, separators=(",", ":")))
         self.log.log(
             level,
             "%s (exit %d; sent %d bytes, received %d bytes)",
