@@ -698,14 +698,14 @@ class LabelHolderMachine:
         ended) whose BACKWARDs went out (the node calls ``work`` instead of sleeping)."""
         if self.finished is not None:
             return False
-        if self.training is not None and self.training.unsettled:
+        if self._settling:
             return True
         return any(p.psi is not None and p.psi.has_work for p in self.parties.values())
 
     def work(self, now: float) -> list[Output]:
         """Finish the last training step, or the epoch it ended (its BACKWARDs are on their way), or compute and send
         the next chunk of one data holder's stream, taking the data holders in turn."""
-        if self.finished is None and self.training is not None and self.training.unsettled:
+        if self._settling:
             return self._settle_training(now)
         busy = [p for p in self.parties.values() if p.psi is not None and p.psi.has_work]
         if self.finished is not None or not busy:
@@ -815,6 +815,7 @@ class LabelHolderMachine:
     def _begin(
         self, first_step: int, digests: dict[str, str], now: float, rollback: bool = False, best: BestEpoch | None = None
     ) -> list[Output]:
+        self._done_announced, self._done_sent = False, {}  # a rollback's pipeline ends with its own TRAINING_DONE
         self.training = LabelHolderTraining(
             self._top,
             self._plan,
@@ -884,6 +885,14 @@ class LabelHolderMachine:
             return [self._send(p, err, now)] + self._finish(1, f"training with data holder {p.name!r} failed: {exc}", now)
         return self._training_outputs(per_party, metrics, now)
 
+    @property
+    def _settling(self) -> bool:
+        """Training has work waiting for the last step's BACKWARDs to leave (``LabelHolderTraining.settle``), and
+        every data holder is in the pipeline: while one rejoins, the pipeline is about to be rolled back, and what it
+        would close (an epoch, its checkpoint) belongs to the abandoned one."""
+        return (self.finished is None and self.training is not None and self.training.unsettled
+                and all(q.state is PartyState.TRAINING for q in self.parties.values()))
+
     def _settle_training(self, now: float) -> list[Output]:
         """The rest of the last step, or of the epoch it ended, once its BACKWARDs are out (``LabelHolderTraining
         .settle``), and what that says: the next epoch's CHECKPOINT and EPOCH, the epoch's metrics, TRAINING_DONE."""
@@ -904,6 +913,8 @@ class LabelHolderMachine:
                 f"{t.probe['step_ms']:.1f} ms of it here; max_window {self.config.max_window})")))
         for name, msgs in per_party.items():
             q = self.parties[name]  # TRAINING_DONE (v1.5) only to a party that speaks 1.5
+            if q.state is not PartyState.TRAINING:  # rejoining: a fresh SCHEDULE after the rollback is all it gets
+                continue
             out += [self._send(q, m, now) for m in msgs if not (isinstance(m, TrainingDone) and q.minor < 5)]
         out += [EpochDone(metrics=m) for m in metrics]
         # once: FORWARDs of an epoch sent ahead ([X14]) may still arrive after TRAINING_DONE went out, and each

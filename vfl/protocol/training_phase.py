@@ -261,23 +261,26 @@ class DataHolderTraining:
         if self._open and (not self.lookahead or len(self._open) > 1):
             why = "two epochs ahead of the one in progress ([X14])" if self.lookahead else "before the previous one ended"
             raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"EPOCH {why}", ref=msg.TYPE)
-        resumed_mid_epoch = self._resuming and msg.first_step <= self.next_step
+        order = _int_positions(msg, "order", self.n_rows)
+        steps = batches(order, self.batch_size)
+        # a resume ([X8]) goes on inside the epoch that holds the checkpoint's step: that epoch's EPOCH, never one
+        # that ended before it (its steps were applied already) nor one after it
+        resumed_mid_epoch = self._resuming and msg.first_step <= self.next_step < msg.first_step + len(steps)
         if msg.epoch != self.next_epoch or msg.epoch >= self.epochs or (
             msg.first_step != self.next_step and not resumed_mid_epoch
         ):
             raise RemoteProtocolError(
                 ErrorCode.BAD_FIELD,
-                f"EPOCH {msg.epoch} from step {msg.first_step}: expected epoch {self.next_epoch} from step "
-                f"{self.next_step}",
+                f"EPOCH {msg.epoch} from step {msg.first_step} ({len(steps)} steps): expected epoch {self.next_epoch} "
+                f"from step {self.next_step}" + (" or an epoch holding that step (a resume)" if self._resuming else ""),
                 ref=msg.TYPE,
             )
-        order = _int_positions(msg, "order", self.n_rows)
         self._resuming = False
         first = max(msg.first_step, self.next_step) if resumed_mid_epoch else msg.first_step
-        for i, rows in enumerate(batches(order, self.batch_size)):
+        for i, rows in enumerate(steps):
             if msg.first_step + i >= first:  # on a resume, steps before the checkpoint are done
                 self._steps.append((msg.first_step + i, rows))
-        self.next_step = msg.first_step + len(batches(order, self.batch_size))
+        self.next_step = msg.first_step + len(steps)
         self.next_epoch = msg.epoch + 1
         self._open.append((msg.epoch, first, self.next_step))
         if len(self._open) > 1:
@@ -597,11 +600,13 @@ class LabelHolderTraining:
         self, party: str, msg: EvalForward, now: float | None = None
     ) -> tuple[dict[str, list[Message]], list[dict]]:
         box = self._inbox[party]
-        if not self._evaluating or msg.epoch != self.epoch or msg.batch != box.next_eval:
+        if (self.done or not self._evaluating or msg.epoch != self.epoch or msg.batch != box.next_eval
+                or msg.batch >= len(self.validation)):
             raise RemoteProtocolError(
                 ErrorCode.UNEXPECTED_MESSAGE,
                 f"EVAL_FORWARD epoch {msg.epoch} batch {msg.batch}; expected "
-                + (f"epoch {self.epoch} batch {box.next_eval}" if self._evaluating else "no validation now"),
+                + (f"epoch {self.epoch} batch {box.next_eval}" if self._evaluating and not self.done
+                   and box.next_eval < len(self.validation) else "no validation now"),
                 ref=msg.TYPE,
             )
         box.evals[msg.batch] = decode_cut(
