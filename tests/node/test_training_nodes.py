@@ -129,6 +129,24 @@ def test_X4_a_pipelined_run_between_processes_learns(tmp_path, window):
     assert max(m["val_accuracy"] for m in metrics[-3:]) > 0.6, metrics[-1]
 
 
+def test_X4_a_pipelined_run_trains_the_same_weights_on_every_run(tmp_path):
+    """Window 3: each data holder computes a FORWARD as soon as the BACKWARD that lets it into the window is applied,
+    before it reads another message, so every FORWARD uses the weights after exactly the steps before its window.
+    Two runs of the same session (different processes, different timing) end with bit-identical segments."""
+    results = []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        folder.mkdir()
+        configs, _ = training_session(folder, window=3, epochs=3)
+        run_nodes(folder, configs)
+        results.append({p: torch.load(folder / "model" / f"{p}-segment.pt", weights_only=True) for p in configs})
+    for party in results[0]:
+        state_a, state_b = results[0][party], results[1][party]
+        key = "top" if party == "bank" else "model"
+        for name, tensor in state_a[key].items():
+            assert torch.equal(tensor, state_b[key][name]), (party, name)
+
+
 #: timeouts of the sessions whose nodes are killed and restarted: a lost peer is noticed within seconds
 RESUMABLE = {**FAST, "peer": 3.0, "heartbeat": 0.3, "rejoin": 60.0}
 

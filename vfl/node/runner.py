@@ -230,9 +230,11 @@ class NodeRunner:
                     return 0
                 continue
             waiting = transport.has_input()
-            if not waiting and machine.has_work and not self.outbox:
-                # our own PSI stream: compute one chunk now that the answers above are on their way (and only once
-                # libzmq has taken the earlier chunks: a peer that reads slowly paces the stream, it does not fill memory)
+            if getattr(machine, "work_first", False) or (not waiting and machine.has_work and not self.outbox):
+                # a data holder's next FORWARD goes before anything else is read (``work_first``: bounded by the
+                # window); our own PSI stream: compute one chunk now that the answers above are on their way (and only
+                # once libzmq has taken the earlier chunks: a peer that reads slowly paces the stream, it does not
+                # fill memory)
                 pending = machine.work(now)
                 continue
             if waiting:  # messages already waiting: no need to ask the poller

@@ -419,6 +419,14 @@ class DataHolderMachine:
             return self._train.has_work
         return self._psi is not None and self._psi.has_work
 
+    @property
+    def work_first(self) -> bool:
+        """The next FORWARD / EVAL_FORWARD is due: the node computes it before it reads another message. So each
+        FORWARD uses the weights after exactly the steps before its window (a window above 1 trains the same on every
+        run, whatever the timing), and it leaves as soon as the BACKWARD that allowed it is applied. Bounded by the
+        window; our PSI stream instead alternates with reading (``has_work``)."""
+        return self.finished is None and self._train is not None and self._train.has_work
+
     def work(self, now: float) -> list[Output]:
         """Compute and send the next chunk of our own blinded stream, or the next FORWARD / EVAL_FORWARD."""
         if not self.has_work:
