@@ -2,7 +2,7 @@
 """WAN benchmark: split training between real node processes through an emulated link, per RTT, bandwidth, window
 and wire precision of the cut layer (issue 15).
 
-    PYTHONPATH=. .venv/bin/python bench/wan.py            # the full grid: 108 timing cells (about 19 minutes here)
+    PYTHONPATH=. .venv/bin/python bench/wan.py            # the full grid: 108 timing cells (about 16 minutes here)
     PYTHONPATH=. .venv/bin/python bench/wan.py --quick    # 24 timing cells (about 5 minutes here)
     PYTHONPATH=. .venv/bin/python bench/wan.py --rtts 0,50 --mbits 0 --windows 8,auto --precisions float32
 
@@ -46,10 +46,11 @@ What each figure covers:
 * ``val acc``: accuracy cells, without a proxy, on real labels: scikit-learn's digits (1,797 rows) upsampled to
   28 x 28 (MNIST-shaped: dh1 the top 14 image rows, dh2 the bottom 14), 20 % of them validation rows, ``--acc-epochs``
   epochs (default 20), the last epoch's ``val_accuracy`` of the label holder's ``metrics.jsonl``, the mean over
-  ``--acc-reps`` sessions (default 3; ``--quick`` 2; same seeds, so the window-1 runs are identical and the others
-  differ only by the pipeline's timing): every precision of the grid at ``window = "auto"``, and float32 at window 1
-  (exact synchronous SGD, the reference), and every other precision at window 1 too (``accuracy_delta_pp_w1``: the
-  precision's own effect, without the window's). Differences are in percentage points; one validation row is about
+  ``--acc-reps`` sessions (default 3; ``--quick`` 2; same seeds, so sessions at one window are identical: the data
+  holders compute each FORWARD at a fixed point of the pipeline; ``"auto"`` sessions differ by the window they
+  pick): every precision of the grid at ``window = "auto"``, and float32 at window 1 (exact synchronous SGD, the
+  reference), and every other precision at window 1 too (``accuracy_delta_pp_w1``: the precision's own effect,
+  without the window's). Differences are in percentage points; one validation row is about
   0.28.
 
 JSON (the last line of stdout): ``pipeline_efficiency_50ms`` = samples/s at 50 ms / min(samples/s at 0 ms, W x B /
