@@ -421,11 +421,12 @@ class DataHolderMachine:
 
     @property
     def work_first(self) -> bool:
-        """The next FORWARD / EVAL_FORWARD is due: the node computes it before it reads another message. So each
-        FORWARD uses the weights after exactly the steps before its window (a window above 1 trains the same on every
-        run, whatever the timing), and it leaves as soon as the BACKWARD that allowed it is applied. Bounded by the
-        window; our PSI stream instead alternates with reading (``has_work``)."""
-        return self.finished is None and self._train is not None and self._train.has_work
+        """A training FORWARD is due: the node computes it before it reads another message. So each FORWARD uses
+        the weights after exactly the steps before its window (a window above 1 trains the same on every run,
+        whatever the timing), and it leaves as soon as the BACKWARD that allowed it is applied. Bounded by the
+        window. Validation batches (there may be thousands, and they change no weights) and our PSI stream instead
+        alternate with reading (``has_work``), so heartbeats are still heard."""
+        return self.finished is None and self._train is not None and self._train.forward_due
 
     def work(self, now: float) -> list[Output]:
         """Compute and send the next chunk of our own blinded stream, or the next FORWARD / EVAL_FORWARD."""

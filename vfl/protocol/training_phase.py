@@ -304,6 +304,12 @@ class DataHolderTraining:
             return False
         return bool(self._eval) or bool(self._steps and len(self._in_flight) < self.window)
 
+    @property
+    def forward_due(self) -> bool:
+        """The next work is a training FORWARD the window allows (not a validation batch): at most ``window`` of
+        them in a row, so a node may compute them before it reads anything else."""
+        return self.done is None and not self._eval and bool(self._steps and len(self._in_flight) < self.window)
+
     def work(self) -> list[Message]:
         """The next validation batch once the epoch's steps are all applied (the label holder waits for them before
         its next step), else the next FORWARD if the window allows: with [X14] that may be the next epoch's."""
