@@ -71,44 +71,35 @@ def test_attack1_a_duplicate_training_done_confirmation_is_refused_and_the_run_s
     """A real 1.7 session (`vfl node` label holder and honest data holder, the attacker's real machine in this
     process): the attacker confirms TRAINING_DONE twice. The second is answered UNEXPECTED_MESSAGE (not fatal), and
     the label holder still finishes only once both parties confirmed, exit 0."""
-    import zmq
-
     from vfl.protocol import Error, ErrorCode
 
-    from .fuzz_support import ATTACKER, HONEST, Driver, fuzz_session
+    from .fuzz_support import ATTACKER, HONEST, Driver
+    from .test_fuzz_live import live_session
 
-    configs = fuzz_session(tmp_path, train=True, epochs=3)
-    ctx = zmq.Context()
-    d = None
-    try:
-        with Nodes(tmp_path) as nodes:
-            lh = nodes.start(configs["bank"])
-            honest = nodes.start(configs[HONEST])
-            lh.wait_for("listening on", timeout=60)
-            d = Driver(ctx, configs[ATTACKER], hold=("TRAINING_DONE",))
-            d.start()
-            deadline = time.monotonic() + 120
-            sent_twice = False
-            while lh.proc.poll() is None and time.monotonic() < deadline:
-                d.pump(0.05)
-                if not sent_twice and d.holding("TRAINING_DONE"):
-                    (frames,) = [f for t, f in d.held if t == "TRAINING_DONE"]
-                    d.held = [(t, f) for t, f in d.held if t != "TRAINING_DONE"]
-                    d.send(frames)
-                    d.send(frames)
-                    sent_twice = True
-            assert sent_twice
-            assert lh.wait(timeout=60) == 0, lh.output[-3000:]
-            assert honest.wait(timeout=60) == 0, honest.output[-3000:]
-            assert "training finished after 3 epoch(s)" in lh.output
-            d.pump(0.5)  # whatever the label holder answered before its BYE
-            refusals = [a for a in d.answers if isinstance(a, Error)]
-            # the honest party confirmed first: the attacker's first confirmation finished the run and the duplicate
-            # went unread (a finished machine answers nothing); otherwise the duplicate is UNEXPECTED_MESSAGE
-            assert [ErrorCode(a.code) for a in refusals] in ([], [ErrorCode.UNEXPECTED_MESSAGE]), refusals
-            assert all(a.ref == "TRAINING_DONE" for a in refusals)
-            assert "internal error" not in lh.output
-    finally:
-        if d is not None:
-            d.close()
-        ctx.destroy(linger=0)
+    with live_session(tmp_path, train=True, epochs=3) as (configs, ctx, nodes, lh, drivers):
+        honest = nodes.start(configs[HONEST])
+        lh.wait_for("listening on", timeout=60)
+        d = Driver(ctx, configs[ATTACKER], hold=("TRAINING_DONE",))
+        drivers.append(d)
+        d.start()
+        deadline = time.monotonic() + 120
+        sent_twice = False
+        while lh.proc.poll() is None and time.monotonic() < deadline:
+            d.pump(0.05)
+            if not sent_twice and d.holding("TRAINING_DONE"):
+                (frames,) = [f for t, f in d.held if t == "TRAINING_DONE"]
+                d.held = [(t, f) for t, f in d.held if t != "TRAINING_DONE"]
+                d.send(frames)
+                d.send(frames)
+                sent_twice = True
+        assert sent_twice
+        assert lh.wait(timeout=60) == 0, lh.output[-3000:]
+        assert honest.wait(timeout=60) == 0, honest.output[-3000:]
+        assert "training finished after 3 epoch(s)" in lh.output
+        d.pump(0.5)  # whatever the label holder answered before its BYE
+        refusals = [a for a in d.answers if isinstance(a, Error)]
+        # the honest party confirmed first: the attacker's first confirmation finished the run and the duplicate
+        # went unread (a finished machine answers nothing); otherwise the duplicate is UNEXPECTED_MESSAGE
+        assert [ErrorCode(a.code) for a in refusals] in ([], [ErrorCode.UNEXPECTED_MESSAGE]), refusals
+        assert all(a.ref == "TRAINING_DONE" for a in refusals)
+        assert "internal error" not in lh.output

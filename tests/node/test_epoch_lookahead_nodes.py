@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import time
 
-import zmq
-
 from vfl.protocol import DEFAULT_LIMITS, RemoteProtocolError, decode
 
-from .fuzz_support import ATTACKER, HONEST, Driver, fuzz_session
-from .procs import Nodes
+from .fuzz_support import ATTACKER, HONEST, Driver
+from .test_fuzz_live import live_session
 
 
 class Recording(Driver):
@@ -43,26 +41,18 @@ class Recording(Driver):
 
 def session(tmp_path) -> tuple[list, str, str]:
     """The whole session with the recording data holder: (its sequence, the label holder's log, its own log)."""
-    configs = fuzz_session(tmp_path, train=True, epochs=3)
-    ctx = zmq.Context()
-    d = None
-    try:
-        with Nodes(tmp_path) as nodes:
-            lh = nodes.start(configs["bank"])
-            honest = nodes.start(configs[HONEST])
-            lh.wait_for("listening on", timeout=60)
-            d = Recording(ctx, configs[ATTACKER])
-            d.start()
-            deadline = time.monotonic() + 120
-            while lh.proc.poll() is None and time.monotonic() < deadline:
-                d.pump(0.05)
-            assert lh.wait(timeout=60) == 0, lh.output[-3000:]
-            assert honest.wait(timeout=60) == 0, honest.output[-3000:]
-            return d.seq, lh.output, "\n".join(d.logs)
-    finally:
-        if d is not None:
-            d.close()
-        ctx.destroy(linger=0)
+    with live_session(tmp_path, train=True, epochs=3) as (configs, ctx, nodes, lh, drivers):
+        honest = nodes.start(configs[HONEST])
+        lh.wait_for("listening on", timeout=60)
+        d = Recording(ctx, configs[ATTACKER])
+        drivers.append(d)
+        d.start()
+        deadline = time.monotonic() + 120
+        while lh.proc.poll() is None and time.monotonic() < deadline:
+            d.pump(0.05)
+        assert lh.wait(timeout=60) == 0, lh.output[-3000:]
+        assert honest.wait(timeout=60) == 0, honest.output[-3000:]
+        return d.seq, lh.output, "\n".join(d.logs)
 
 
 def position(seq, item):

@@ -606,10 +606,10 @@ def report(tmp_path: Path, name: str, summary: dict, seconds: float) -> None:
 
 
 @contextmanager
-def live_session(tmp_path: Path, *, train: bool):
+def live_session(tmp_path: Path, *, train: bool, epochs: int = 2):
     """The session's configs, a zmq context, the node processes with the label holder started, and a list of the
     Drivers the caller makes (closed at the end, like every process)."""
-    configs = fuzz_session(tmp_path, train=train)
+    configs = fuzz_session(tmp_path, train=train, epochs=epochs)
     ctx = zmq.Context()
     drivers: list[Driver] = []
     try:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vfl.protocol import (
-    Backward, Checkpoint, CheckpointDone, Epoch, ErrorCode, EvalForward, Finished, Forward, LabelHolderMachine,
+    Checkpoint, CheckpointDone, Epoch, ErrorCode, EvalForward, Finished, Forward, LabelHolderMachine,
     PartyState, RemoteProtocolError, Schedule, SessionConfig, Tensor, TrainingDone,
 )
 from vfl.protocol.events import EpochDone
@@ -21,7 +21,7 @@ from vfl.protocol.training_phase import DataHolderTraining, LabelHolderTraining,
 
 from .test_epoch_lookahead import dh, drain, epoch_0_trained, grad, lh, order, run, started, types
 from .test_machines import RUN, error_codes, feed, hello, sends
-from .test_training_phase import B, WIDTH, FakeBottom, FakeTop, deliver, fwd
+from .test_training_phase import B, WIDTH, FakeBottom, FakeTop, deliver, fwd, to_data_holder
 
 # plan(): 10 training rows in batches of 4: 3 steps an epoch (0-2, 3-5, 6-8, ...); 5 validation rows (2 batches)
 
@@ -590,18 +590,9 @@ def test_attack4_any_interleaving_of_two_data_holders_and_settle_trains_each_ste
         elif kind == "work":
             up[p].extend(ds[p].work())
         elif kind == "down":
-            msg = down[p].pop(0)
-            d = ds[p]
-            if isinstance(msg, Schedule):
-                d.on_schedule(msg)
-            elif isinstance(msg, Epoch):
-                d.on_epoch(msg)
-            elif isinstance(msg, Backward):
-                d.on_backward(msg)
-            elif isinstance(msg, Checkpoint):
-                up[p].append(d.on_checkpoint(msg))
-            elif isinstance(msg, TrainingDone):
-                d.on_training_done(msg)
+            answer = to_data_holder(ds[p], down[p].pop(0))
+            if answer is not None:  # CHECKPOINT_DONE travels up like any message
+                up[p].append(answer)
         else:
             msg = up[p].pop(0)
             if isinstance(msg, CheckpointDone):

@@ -58,8 +58,8 @@ class FakeTop:
         self.restored = (step, digest)
 
 
-def deliver(t: LabelHolderTraining, d: DataHolderTraining, m) -> None:
-    """One message from the label holder ``t`` to the data holder ``d`` (a CHECKPOINT's answer goes straight back)."""
+def to_data_holder(d: DataHolderTraining, m) -> CheckpointDone | None:
+    """Hand one label-holder message to ``d``; a CHECKPOINT's answer is returned."""
     if isinstance(m, Schedule):
         d.on_schedule(m)
     elif isinstance(m, Epoch):
@@ -67,9 +67,17 @@ def deliver(t: LabelHolderTraining, d: DataHolderTraining, m) -> None:
     elif isinstance(m, Backward):
         d.on_backward(m)
     elif isinstance(m, Checkpoint):
-        t.on_checkpoint_done("dh1", d.on_checkpoint(m))
+        return d.on_checkpoint(m)
     elif isinstance(m, TrainingDone):
         d.on_training_done(m)
+    return None
+
+
+def deliver(t: LabelHolderTraining, d: DataHolderTraining, m) -> None:
+    """One message from the label holder ``t`` to the data holder ``d`` (a CHECKPOINT's answer goes straight back)."""
+    answer = to_data_holder(d, m)
+    if answer is not None:
+        t.on_checkpoint_done("dh1", answer)
 
 
 def plan(n_train=10, n_val=5, epochs=2, every=0):
