@@ -463,21 +463,25 @@ def proxy_rtt_ms(args, tmp: Path, delay_ms: float, rounds: int) -> dict[str, flo
 
 def session_configs(out: Path, data_dir: Path, *, window: int, epochs: int, holders: tuple[str, ...],
                     port: int, proxy_port: int | None, psi_workers: int,
-                    validation_fraction: float = 0.0) -> dict[str, Path]:
+                    validation_fraction: float = 0.0, seed_offset: int = 0) -> dict[str, Path]:
+    """One session's configs. ``seed_offset`` is added to every model and schedule seed (not the data's): another
+    initialisation, epoch order and validation split of the same rows."""
     from vfl.launch.prepare import prepare_session
+
+    seeds = {k: v + seed_offset for k, v in SEEDS.items() if k != "data"}
 
     train_common = {"optimizer": OPTIMIZER, "threads": NODE_THREADS, "output": MODEL_DIR}
     tables: dict[str, dict] = {
         LABEL_HOLDER: {
-            "model": {"top": {"widths": TOP_WIDTHS}, "seed": SEEDS["bank"]},
-            "train": {"task": "multiclass", "epochs": epochs, "validation_fraction": validation_fraction, "seed": SEEDS["schedule"],
+            "model": {"top": {"widths": TOP_WIDTHS}, "seed": seeds["bank"]},
+            "train": {"task": "multiclass", "epochs": epochs, "validation_fraction": validation_fraction, "seed": seeds["schedule"],
                       **train_common},
         },
     }
     data = {LABEL_HOLDER: {"path": str(data_dir / "bank.parquet"), "id_column": "id", "label_column": "label",
                            "features": []}}
     for p in holders:
-        tables[p] = {"model": {"bottom": BOTTOM, "seed": SEEDS[p]}, "train": dict(train_common)}
+        tables[p] = {"model": {"bottom": BOTTOM, "seed": seeds[p]}, "train": dict(train_common)}
         data[p] = {"path": str(data_dir / f"{p}.parquet"), "id_column": "id"}
     configs = prepare_session(out, data_holders=list(holders), run="trainbench", port=port, timeouts=NODE_TIMEOUTS,
                               link_check={"rounds": 0}, data=data, psi={"workers": psi_workers}, tables=tables,
