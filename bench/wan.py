@@ -2,7 +2,7 @@
 """WAN benchmark: split training between real node processes through an emulated link, per RTT, bandwidth, window
 and wire precision of the cut layer (issue 15).
 
-    PYTHONPATH=. .venv/bin/python bench/wan.py            # the full grid: 108 timing cells (about 16 minutes here)
+    PYTHONPATH=. .venv/bin/python bench/wan.py            # the full grid: 108 timing cells (about 20 minutes here)
     PYTHONPATH=. .venv/bin/python bench/wan.py --quick    # 24 timing cells (about 5 minutes here)
     PYTHONPATH=. .venv/bin/python bench/wan.py --rtts 0,50 --mbits 0 --windows 8,auto --precisions float32
 
