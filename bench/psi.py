@@ -297,8 +297,11 @@ def run_nodes(args: argparse.Namespace, tmp: Path, configs: dict[str, Path], out
             argv = [sys.executable, "-m", "vfl", "psi", "--config", str(configs[name]), "--out", str(out[name])]
             parties[name] = Party(name, argv, tmp / f"{name}.log", tmp, t0)
         first_failure: float | None = None
+        disk_peak, disk_at = 0, 0.0
         while True:
             now = time.monotonic()
+            if now - disk_at >= 1.0:  # a walk of the folder, once a second: cheap next to the nodes' sampling
+                disk_peak, disk_at = max(disk_peak, folder_bytes(tmp)), now
             for p in parties.values():
                 p.poll_log(now)
                 if p.alive():
@@ -319,6 +322,7 @@ def run_nodes(args: argparse.Namespace, tmp: Path, configs: dict[str, Path], out
                 break  # one node failed; give the other a minute to notice, then stop it
             time.sleep(args.sample)
         wall = max(p.exit_time or args.timeout for p in parties.values())
+        disk_peak = max(disk_peak, folder_bytes(tmp))  # the aligned outputs, written last
     finally:
         codes = {name: p.stop() for name, p in parties.items()}
     stat1 = read_cpu_stat()
@@ -337,7 +341,28 @@ def run_nodes(args: argparse.Namespace, tmp: Path, configs: dict[str, Path], out
         "steal_cpu_s": stat1[1] - stat0[1],
         "other_cpu_s": max(0.0, stat1[0] - stat0[0] - ours - bench_cpu),
         "bench_cpu_s": bench_cpu,
+        "disk_peak_bytes": disk_peak,
     }
+
+
+def folder_bytes(root: Path) -> int:
+    """Bytes of the regular files under ``root`` now (files that vanish while it walks count 0)."""
+    total = 0
+    stack = [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                elif e.is_file(follow_symlinks=False):
+                    total += e.stat(follow_symlinks=False).st_size
+            except OSError:
+                pass
+    return total
 
 
 # ------------------------------------------------------------------------------------------------- openmined
@@ -456,6 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             write_ids(tmp / f"{name}.csv", ids, args.seed + 1 + i)
         truth = set(bank_ids) & set(dh_ids)
         file_mb = {name: round((tmp / f"{name}.csv").stat().st_size / 2**20, 1) for name in PARTIES}
+        inputs_bytes = folder_bytes(tmp)
         print(f"data: {n:,} x {n:,} IDs, {len(truth):,} shared ({args.overlap:.0%}), files {file_mb} MiB, "
               f"written in {time.perf_counter() - t:.1f} s to {tmp}", flush=True)
 
@@ -479,7 +505,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timeouts=dict(NODE_TIMEOUTS),
             link_check={"rounds": 0},
             data={name: {"path": f"{name}.csv", "id_column": ID_COLUMN} for name in PARTIES},
-            psi={"workers": args.workers, "chunk_size": args.chunk_size},
+            psi={"workers": args.workers, "chunk_size": args.chunk_size, **getattr(args, "psi_extra", {})},
         )
         out = {name: tmp / f"{name}-aligned.csv" for name in PARTIES}
         load["before_psi"] = loadavg()
@@ -574,6 +600,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ops_per_rep": len(op_items),
         "legendre_backend": curve.LEGENDRE_BACKEND,
         "peak_rss_mb": mem,
+        # the most the run's folder held beyond the two ID files, sampled with the nodes: configs, keys, logs, any
+        # spilled PSI state, the aligned outputs
+        "disk_peak_mb": round(max(0, res["disk_peak_bytes"] - inputs_bytes) / 2**20, 1),
         "cpu_seconds": cpu,
         "cpu_overlap_during_exchange": overlap_stats(rows, psi_from, aligned_at, cores),
         "intersection": check["intersection"],
