@@ -140,3 +140,21 @@ def test_bug8_predict_leaves_the_training_metrics_alone(tmp_path):
     assert metrics.read_bytes() == before
     with open(tmp_path / "model" / "predictions.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 241  # the rows every party has, as in training
+
+
+def test_a_segment_that_cannot_be_saved_is_a_failure_not_a_finished_run(tmp_path):
+    """dh1's segment path is taken by a folder, so saving its trained segment fails at the end of a good session:
+    dh1 exits 1 naming the file, the label holder and dh2 finish and save theirs, and nothing is written where
+    dh1's segment belongs."""
+    configs, _ = training_session(tmp_path, window=1, epochs=1)
+    blocker = tmp_path / "model" / "dh1-segment.pt"
+    (blocker / "not-a-segment").mkdir(parents=True)
+
+    codes, out = run_all(tmp_path, configs, timeout=FAST["progress"] * 2)
+
+    assert codes == {"bank": 0, "dh1": 1, "dh2": 0}, out
+    assert f"this party's segment could not be saved to {blocker}" in out["dh1"], out["dh1"]
+    assert "nothing was saved as this party's result" in out["dh1"], out["dh1"]
+    assert blocker.is_dir() and [p.name for p in blocker.iterdir()] == ["not-a-segment"]
+    assert not list((tmp_path / "model").glob(".dh1-segment.pt.*")), "a temporary file was left behind"
+    assert (tmp_path / "model" / "bank-segment.pt").is_file() and (tmp_path / "model" / "dh2-segment.pt").is_file()

@@ -526,7 +526,11 @@ class SessionTraining:
             return Finished(exit_code=INTERRUPTED, reason=f"{finished.reason} before the {what} finished: nothing "
                             f"was saved as this party's result{kept}")
         if not self.cfg.session.predict:
-            if self._save_segment() and self.cfg.is_label_holder:
+            failed = self._save_segment()
+            if failed is not None:  # the model this node trained is not on disk: that is no success
+                return Finished(exit_code=1, reason=f"training finished, but {failed}; nothing was saved as this "
+                                f"party's result; its checkpoints in {self.cfg.train.checkpoint_dir} are kept")
+            if self.cfg.is_label_holder:
                 t = self.machine.training
                 kept = t.kept.epoch + 1 if t.kept is not None else None
                 try:  # this run is complete: starting it again by accident must not train its last epoch again
@@ -545,11 +549,11 @@ class SessionTraining:
         self.log.info("wrote %d predictions to %s", n, path)
         return finished
 
-    def _save_segment(self) -> bool:
+    def _save_segment(self) -> str | None:
+        """Save this party's segment; None when saved, else what went wrong (naming the file)."""
         try:
             path = save_segment(self.cfg, self.segment.state())
         except OSError as exc:
-            self.log.error("could not save this party's segment: %s", exc)
-            return False
+            return f"this party's segment could not be saved to {segment_path(self.cfg)}: {exc.strerror or exc}"
         self.log.info("saved this party's segment to %s", path)
-        return True
+        return None
