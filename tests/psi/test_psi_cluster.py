@@ -3,6 +3,7 @@ processes on loopback) give exactly what the local pool gives; failures are clea
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from vfl.psi.errors import InvalidPointError, PsiLocalError  # noqa: E402
 from vfl.psi.exchange import PsiReceiver, PsiSender, run_in_memory  # noqa: E402
 
 from .conftest import on_main_curve  # noqa: E402
-from .dask_cluster import DaskCluster  # noqa: E402
+from .dask_cluster import DaskCluster, tls_client_env  # noqa: E402
 
 DOM = hash_domain("run", b"n")
 
@@ -137,7 +138,7 @@ def test_the_default_local_pool_never_imports_distributed():
             "from vfl.psi.engine import PsiEngine, encode_ids\nfrom vfl.psi.cipher import PsiKey\n"
             "from vfl.psi.curve import hash_domain\nimport vfl.node.runner, vfl.node.config\n"
             "if __name__ == '__main__':\n"
-            "    with PsiEngine(workers=2, task_items=4) as e:\n"
+            "    with PsiEngine(workers=1) as e:\n"
             "        assert len(e.hash_encrypt(encode_ids(range(20)), PsiKey.generate(), hash_domain('r', b''))) == 20\n"
             "    assert 'distributed' not in sys.modules and 'dask' not in sys.modules, 'imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -145,6 +146,7 @@ def test_the_default_local_pool_never_imports_distributed():
 
 
 def test_a_killed_worker_is_replaced_by_the_other_and_losing_all_is_a_clear_error(tmp_path):
+    """kill -9 of one worker mid-stream: the same result; of both: ClusterFailedError, then "no workers" at start."""
     key = PsiKey.generate()
     items = encode_ids(range(3000))
     want = PsiEngine(workers=1).hash_encrypt(items, key, DOM)
@@ -158,6 +160,12 @@ def test_a_killed_worker_is_replaced_by_the_other_and_losing_all_is_a_clear_erro
             c.workers[1].kill()
             with pytest.raises(ClusterFailedError, match=c.address):  # no worker left: bounded, never a hang
                 eng.encrypt(want[:100], key)
+        # a node starting now finds a scheduler without workers: a setup error before its session
+        late = PsiEngine(cluster=c.address, cluster_timeout=1.0)
+        with pytest.raises(ClusterUnavailableError, match="has no workers after 1 s") as info:
+            late.start()
+        late.close()
+        assert c.address in str(info.value) and "dask worker" in str(info.value)
 
 
 @pytest.mark.parametrize("value, ok", [
@@ -202,3 +210,26 @@ def test_a_node_that_dies_mid_psi_leaves_no_key_on_the_workers(cluster, tmp_path
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_over_tls_with_dasks_own_tls_settings_in_the_environment(tmp_path):
+    """The README's way: tls:// in [psi].cluster, the party's CA, certificate and key in Dask's config variables."""
+    key = PsiKey.generate()
+    items = encode_ids(range(400))
+    want = PsiEngine(workers=1).hash_encrypt(items, key, DOM)
+    with DaskCluster(tmp_path, workers=2, tls=True) as c:
+        code = ("import sys\nfrom vfl.psi.engine import PsiEngine, encode_ids\nfrom vfl.psi.cipher import PsiKey\n"
+                "from vfl.psi.curve import hash_domain\n"
+                "key = PsiKey.from_bytes(bytes.fromhex(sys.stdin.read()))\n"
+                "with PsiEngine(cluster=sys.argv[1], task_items=50, cluster_timeout=20) as eng:\n"
+                "    out = eng.hash_encrypt(encode_ids(range(400)), key, hash_domain('run', b'n'))\n"
+                "    print(eng.cluster_threads, out.tobytes().hex())\n")
+        env = {**os.environ, **tls_client_env(c.tls)}
+        done = subprocess.run([sys.executable, "-c", code, c.address], input=key.raw.hex(), env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr + c.logs()
+        threads, hexed = done.stdout.split()
+        assert threads == "2" and bytes.fromhex(hexed) == want.tobytes()
+        # without TLS settings (as in this test process) the node says what to set before trying to connect
+        with pytest.raises(ClusterUnavailableError, match="DASK_DISTRIBUTED__COMM__TLS__CA_FILE"):
+            PsiEngine(cluster=c.address, cluster_timeout=5).start()

@@ -89,6 +89,34 @@ def check_cluster_address(value: object) -> str | None:
     return None
 
 
+_TLS_SETTINGS = ("Dask's TLS settings on this machine (the distributed.comm.tls section of the Dask config: ca-file, "
+                 "client.cert, client.key; e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE, "
+                 "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT, DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY)")
+
+
+def _check_tls_settings(address: str) -> None:
+    """A ``tls://`` cluster needs Dask's TLS settings; say so before making a ``Client`` (one that fails on a missing
+    TLS context lingers at exit for twice its timeout)."""
+    from distributed.security import Security
+
+    try:
+        context = Security().get_connection_args("client").get("ssl_context")
+    except Exception as exc:  # noqa: BLE001 - a file missing or unreadable, a bad PEM
+        raise ClusterUnavailableError(
+            f"[psi].cluster = {address!r}: {_TLS_SETTINGS} do not load ({_first_line(exc)})"
+        ) from None
+    if context is None:
+        raise ClusterUnavailableError(
+            f"[psi].cluster = {address!r} needs {_TLS_SETTINGS}; or use a tcp:// address on a trusted network"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters): Dask's messages can run over many lines."""
+    text = str(exc).strip()
+    return type(exc).__name__ + (f": {text.splitlines()[0][:200]}" if text else "")
+
+
 class _Secret:
     """The PSI key's raw bytes on their way to and inside the workers. ``repr`` never shows them (Dask prints the
     objects it handles in logs and on its dashboard). A worker builds the X25519 key object once, on first use, and
@@ -152,16 +180,20 @@ class DaskPool:
             ) from None
         way_out = (f"start it on your own hosts (dask scheduler, then dask worker {address} --nthreads 1), fix "
                    "[psi].cluster, or remove [psi].cluster to use this machine's cores")
+        if address.startswith("tls://"):
+            _check_tls_settings(address)
+            way_out = "check the scheduler's TLS certificate and Dask's TLS settings on this machine; " + way_out
+        self._keys: OrderedDict[bytes, Any] = OrderedDict()  # key bytes -> the scattered _Secret's future
         try:
             self.client = Client(address, timeout=self.timeout, set_as_default=False)
-        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - refused, timed out, a TLS handshake or TLS config error: one line
             raise ClusterUnavailableError(
                 f"cannot reach the Dask scheduler at {address} ([psi].cluster) within {self.timeout:g} s "
-                f"({type(exc).__name__}): {way_out}"
+                f"({_first_line(exc)}): {way_out}"
             ) from None
         try:
             self.client.wait_for_workers(1, timeout=self.timeout)
-        except (OSError, TimeoutError, asyncio.TimeoutError):
+        except Exception:  # noqa: BLE001 - timed out (or the scheduler went away meanwhile)
             self.close()
             raise ClusterUnavailableError(
                 f"the Dask scheduler at {address} ([psi].cluster) has no workers after {self.timeout:g} s: start "
@@ -169,7 +201,6 @@ class DaskPool:
             ) from None
         #: worker threads when we connected (the engine sizes its window from it)
         self.threads = max(1, sum(self.client.nthreads().values()))
-        self._keys: OrderedDict[bytes, Any] = OrderedDict()  # key bytes -> the scattered _Secret's future
 
     def _key_ref(self, raw: bytes) -> Any:
         ref = self._keys.get(raw)
@@ -213,11 +244,8 @@ class DaskPool:
         future.cancel()
 
     def _failed(self, exc: BaseException) -> ClusterFailedError:
-        name = type(exc).__name__
-        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
         return ClusterFailedError(
-            f"the Dask cluster at {self.address} ([psi].cluster) failed during the PSI: {name}"
-            + (f": {detail}" if detail else "")
+            f"the Dask cluster at {self.address} ([psi].cluster) failed during the PSI: {_first_line(exc)}"
         )
 
     def close(self) -> None:
