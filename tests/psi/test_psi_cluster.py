@@ -115,6 +115,18 @@ def test_a_bad_peer_point_is_the_same_error_and_the_key_never_reaches_a_log(clus
         assert form not in logs
 
 
+def test_a_worker_result_of_the_wrong_size_is_an_error_not_a_misaligned_stream(cluster):
+    """What a worker with another vfl version might return: checked against the task's item count."""
+    with PsiEngine(cluster=cluster.address, cluster_timeout=20) as eng:
+        pool = eng.start()._pool
+        short = pool.submit(lambda key, n: b"\x01" * n, PsiKey.generate().raw, 31)
+        with pytest.raises(ClusterFailedError, match="returned 31 bytes where 32 bytes were due"):
+            pool.result(short, 32)
+        wrong = pool.submit(lambda key, n: [n], PsiKey.generate().raw, 32)
+        with pytest.raises(ClusterFailedError, match="returned a list where 32 bytes were due"):
+            pool.result(wrong, 32)
+
+
 def test_an_unreachable_scheduler_is_a_setup_error_naming_it_and_the_way_out():
     address = f"tcp://127.0.0.1:{free_port()}"  # nobody listens there
     eng = PsiEngine(cluster=address, cluster_timeout=1.5)

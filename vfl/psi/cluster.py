@@ -225,7 +225,9 @@ class DaskPool:
         except Exception as exc:  # noqa: BLE001
             raise self._failed(exc) from None
 
-    def result(self, future: Any) -> bytes:
+    def result(self, future: Any, size: int) -> bytes:
+        """The task's joined output, checked to be ``size`` bytes (a worker running another vfl version could
+        return anything), or the task's exception."""
         try:
             ok, value = future.result(timeout=self.timeout)
         except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
@@ -237,7 +239,13 @@ class DaskPool:
             raise self._failed(exc) from None
         if not ok:
             raise value  # type: ignore[misc]
-        return value  # type: ignore[return-value]
+        if type(value) is not bytes or len(value) != size:
+            got = f"{len(value)} bytes" if isinstance(value, bytes) else f"a {type(value).__name__}"
+            raise ClusterFailedError(
+                f"a worker of the Dask cluster at {self.address} ([psi].cluster) returned {got} where {size} bytes "
+                "were due: do all workers run this node's vfl version?"
+            )
+        return value
 
     @staticmethod
     def cancel(future: Any) -> None:

@@ -139,8 +139,8 @@ class _LocalPool:
         return self.pool.submit(fn, key_raw, *args)
 
     @staticmethod
-    def result(future: Future) -> bytes:
-        return future.result()
+    def result(future: Future, size: int) -> bytes:
+        return future.result()  # our own child processes, running this very code
 
     @staticmethod
     def cancel(future: Future) -> None:
@@ -272,7 +272,7 @@ class PsiEngine:
             for lo in range(0, n, chunk_size):
                 hi = min(lo + chunk_size, n)
                 yield [
-                    (_worker.hash_encrypt_task, raw, (domain, list(items[a : min(a + step, hi)])))
+                    (_worker.hash_encrypt_task, raw, (domain, list(items[a : min(a + step, hi)])), min(step, hi - a))
                     for a in range(lo, hi, step)
                 ]
 
@@ -292,7 +292,8 @@ class PsiEngine:
                 n = len(arr)
                 buf = arr.tobytes()
                 yield [
-                    (_worker.encrypt_task, raw, (buf[a * 32 : min(a + step, n) * 32], check_curve, base + a))
+                    (_worker.encrypt_task, raw, (buf[a * 32 : min(a + step, n) * 32], check_curve, base + a),
+                     min(step, n - a))
                     for a in range(0, n, step)
                 ]
                 base += n
@@ -302,13 +303,13 @@ class PsiEngine:
     # ------------------------------------------------------------------------------------------------- internals
 
     def _run_chunks(
-        self, chunk_tasks: Iterator[list[tuple[Callable[..., bytes], bytes, tuple]]]
+        self, chunk_tasks: Iterator[list[tuple[Callable[..., bytes], bytes, tuple, int]]]
     ) -> Iterator[np.ndarray]:
-        """Each element of ``chunk_tasks`` is the task list of one output chunk, each task ``(fn, key bytes, args)``;
-        yield the chunks in order."""
+        """Each element of ``chunk_tasks`` is the task list of one output chunk, each task ``(fn, key bytes, args,
+        items)``; yield the chunks in order."""
         if self.workers == 1 and self.cluster is None:
             for tasks in chunk_tasks:
-                yield _to_array(b"".join(fn(raw, *args) for fn, raw, args in tasks))
+                yield _to_array(b"".join(fn(raw, *args) for fn, raw, args, _ in tasks))
             return
 
         pool = self._get_pool()
@@ -320,34 +321,38 @@ class PsiEngine:
                     yield None, None, None, True  # an empty chunk still yields an empty array
                     continue
                 last = len(tasks) - 1
-                for i, (fn, raw, args) in enumerate(tasks):
-                    yield fn, raw, args, i == last
+                for i, (fn, raw, args, n) in enumerate(tasks):
+                    yield fn, raw, (args, n), i == last
 
         todo = flat()
-        window: deque[tuple[Any, bool]] = deque()
+        window: deque[tuple[Any, int, bool]] = deque()
 
         def top_up() -> None:
             while len(window) < limit:
                 nxt = next(todo, None)
                 if nxt is None:
                     return
-                fn, raw, args, last = nxt
-                window.append((pool.submit(fn, raw, *args) if fn is not None else None, last))
+                fn, raw, task, last = nxt
+                if fn is None:
+                    window.append((None, 0, last))
+                else:
+                    args, n = task
+                    window.append((pool.submit(fn, raw, *args), n, last))
 
         parts: list[bytes] = []
         try:
             top_up()
             while window:
-                fut, last = window.popleft()
+                fut, n, last = window.popleft()
                 top_up()  # keep the workers fed while we wait
                 if fut is not None:
-                    parts.append(pool.result(fut))
+                    parts.append(pool.result(fut, n * POINT_SIZE))
                 if last:
                     out = _to_array(b"".join(parts))
                     parts = []
                     yield out
         finally:
-            for fut, _ in window:
+            for fut, _, _ in window:
                 if fut is not None:
                     pool.cancel(fut)
 
