@@ -28,44 +28,58 @@ def with_cluster(config: Path, address: str) -> None:
     config.write_text(text.replace("\n[psi]\n", f'\n[psi]\ncluster = "{address}"\n', 1))
 
 
-def node_psi(tmp: Path, configs: dict[str, Path]) -> dict[str, list[tuple[int, str]]]:
-    with Nodes(tmp) as nodes:
-        procs = {name: nodes.start(path) for name, path in configs.items()}
-        codes = {name: p.wait(timeout=90) for name, p in procs.items()}
-        assert codes == {name: 0 for name in configs}, {n: p.output for n, p in procs.items()}
-        output = {name: p.output for name, p in procs.items()}
-    return {name: read_aligned(tmp / f"{name}-aligned.csv") for name in configs} | {"_log": output}  # type: ignore
-
-
 def test_a_party_on_its_own_dask_cluster_aligns_the_same_ids_as_without(tmp_path):
     rng = random.Random(16)
     universe = [f"cust-{i:05d}" for i in range(900)]
     sets = {"bank": rng.sample(universe, 500) + ["Zoë"], "dh1": rng.sample(universe, 450) + ["Zoë"]}
-    for sub in ("local", "cluster"):
-        (tmp_path / sub).mkdir()
-    local = node_psi(tmp_path / "local", psi_session(tmp_path / "local", sets, psi={"chunk_size": 100}))
-    configs = psi_session(tmp_path / "cluster", sets, psi={"chunk_size": 100})
-    with DaskCluster(tmp_path / "dask", workers=2) as cluster:
-        with_cluster(configs["bank"], cluster.address)
-        on_cluster = node_psi(tmp_path / "cluster", configs)
-    assert f"PSI on the Dask cluster at {cluster.address} (2 worker threads)" in on_cluster["_log"]["bank"]
+    runs = {}
+    for run in ("local", "cluster"):
+        (tmp_path / run).mkdir()
+        runs[run] = psi_session(tmp_path / run, sets, psi={"chunk_size": 100})
+    with DaskCluster(tmp_path / "dask", workers=2) as cluster, Nodes(tmp_path) as nodes:
+        with_cluster(runs["cluster"]["bank"], cluster.address)  # the label holder's PSI on its cluster
+        procs = {(run, name): nodes.start(path) for run, configs in runs.items() for name, path in configs.items()}
+        codes = {key: p.wait(timeout=90) for key, p in procs.items()}  # both sessions at once: they share nothing
+        assert set(codes.values()) == {0}, {key: p.output for key, p in procs.items()}
+    bank_log = procs["cluster", "bank"].output
+    assert f"PSI on the Dask cluster at {cluster.address} (2 worker threads)" in bank_log
+    assert "Dask cluster" not in procs["local", "bank"].output
+    aligned = {run: {name: read_aligned(tmp_path / run / f"{name}-aligned.csv") for name in sets} for run in runs}
     expected = set(sets["bank"]) & set(sets["dh1"])
-    for result in (local, on_cluster):
+    for result in aligned.values():
         ids = {name: [i for _, i in result[name]] for name in sets}
         assert ids["bank"] == ids["dh1"]  # one order at both parties
         assert set(ids["bank"]) == expected and len(ids["bank"]) == len(expected)
         for name in sets:  # row numbers point at the party's own rows
             assert all(sets[name][r] == i for r, i in result[name])
     for name in sets:  # the same rows aligned (the order differs: fresh keys every run)
-        assert sorted(local[name]) == sorted(on_cluster[name])
+        assert sorted(aligned["local"][name]) == sorted(aligned["cluster"][name])
+
+
+def test_a_cluster_that_loses_its_workers_mid_session_ends_it_with_a_clear_error_at_both_parties(tmp_path):
+    sets = {"bank": [f"c{i}" for i in range(3000)], "dh1": [f"c{i}" for i in range(1000, 4000)]}
+    configs = psi_session(tmp_path, sets, psi={"chunk_size": 500})
+    with DaskCluster(tmp_path / "dask", workers=2) as cluster, Nodes(tmp_path) as nodes:
+        with_cluster(configs["dh1"], cluster.address)
+        dh1 = nodes.start(configs["dh1"])
+        dh1.wait_for("PSI on the Dask cluster", timeout=30)
+        for worker in cluster.workers:  # kill -9 every worker once dh1 is connected
+            worker.kill()
+        bank = nodes.start(configs["bank"])
+        assert dh1.wait(timeout=60) == 1 and bank.wait(timeout=60) == 1, dh1.output + bank.output
+    # half the peer timeout (5 s): dh1 gives up on its cluster in time to tell the label holder why
+    line = dh1.output.strip().splitlines()[-1]
+    assert line.startswith(f"vfl node: {configs['dh1']}: the Dask cluster at {cluster.address} ([psi].cluster) "
+                           "failed during the PSI"), dh1.output
+    assert "internal error at 'dh1': ClusterFailedError" in bank.output, bank.output
 
 
 def test_an_unreachable_cluster_stops_the_node_before_any_network_activity(tmp_path):
     configs = psi_session(tmp_path, {"bank": ["a", "b"], "dh1": ["b", "c"]})
     address = f"tcp://127.0.0.1:{free_port()}"  # nobody listens there
     with_cluster(configs["dh1"], address)
-    text = configs["dh1"].read_text()  # the cluster gets as long as a peer would: make that short here
-    configs["dh1"].write_text(text.replace("peer = 5.0\n", "peer = 1.5\n", 1))
+    text = configs["dh1"].read_text()  # the cluster gets half the peer timeout: make that short here
+    configs["dh1"].write_text(text.replace("peer = 5.0\n", "peer = 3.0\n", 1))
     done = subprocess.run([sys.executable, "-m", "vfl", "node", "--config", str(configs["dh1"])],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr

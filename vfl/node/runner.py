@@ -162,10 +162,11 @@ class NodeRunner:
             self.training = SessionTraining(cfg, self.ids, self.log, self.start)
             self.training.check()
         if cfg.session.psi:
-            # [psi].cluster: connect now, so an unreachable cluster is a setup error (exit 2) before any session; its
-            # waits are bounded by the peer timeout (a node blocked longer on its cluster is lost to its peers anyway)
+            # [psi].cluster: connect now, so an unreachable cluster is a setup error (exit 2) before any session. Its
+            # waits are bounded by half the peer timeout: a node blocked on its cluster sends no heartbeats, so it
+            # must give up soon enough to tell its peers why before they give up on it
             self.engine = PsiEngine(workers=cfg.psi.workers or None, cluster=cfg.psi.cluster,
-                                    cluster_timeout=cfg.timeouts.peer)
+                                    cluster_timeout=cfg.timeouts.peer / 2)
             if cfg.psi.cluster is not None:
                 self.engine.start()
                 self.log.info("PSI on the Dask cluster at %s (%d worker threads)", cfg.psi.cluster,
