@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("distributed", reason="the cluster tests need the dask extra (pip install 'vfl[dask]')")
 
@@ -81,6 +83,20 @@ def test_a_psi_on_the_cluster_gives_the_local_pools_tokens_and_rows(cluster):
     shared = [xs[i] for i in s.rows.tolist()]
     assert shared == [ys[i] for i in r.rows.tolist()]
     assert set(shared) == set(xs) & set(ys)
+
+
+@settings(max_examples=8, deadline=None)
+@given(xs=st.sets(st.integers(0, 400), max_size=120), ys=st.sets(st.integers(0, 400), max_size=120),
+       task_items=st.integers(1, 40), window=st.integers(1, 6))
+def test_property_any_sets_any_task_size_and_window_give_the_local_result(cluster, xs, ys, task_items, window):
+    xs, ys = sorted(xs), sorted(ys)
+    kd, kl = PsiKey.generate(), PsiKey.generate()
+    s_local, r_local = psi(PsiEngine(workers=1), xs, ys, kd, kl)
+    with PsiEngine(cluster=cluster.address, task_items=task_items, max_inflight=window, cluster_timeout=20) as eng:
+        s, r = psi(eng, xs, ys, kd, kl)
+    assert np.array_equal(s.tokens, s_local.tokens) and np.array_equal(r.rows, r_local.rows)
+    assert np.array_equal(s.rows, s_local.rows)
+    assert {xs[i] for i in s.rows.tolist()} == set(xs) & set(ys)
 
 
 def test_chunks_come_back_in_order_with_a_window_of_two_tasks(cluster):
