@@ -61,13 +61,15 @@ def test_a_cluster_that_loses_its_workers_mid_session_ends_it_with_a_clear_error
     configs = psi_session(tmp_path, sets, psi={"chunk_size": 500})
     with DaskCluster(tmp_path / "dask", workers=2) as cluster, Nodes(tmp_path) as nodes:
         with_cluster(configs["dh1"], cluster.address)
+        text = configs["dh1"].read_text()  # dh1's peer timeout 3 s: it waits 1.5 s on its cluster
+        configs["dh1"].write_text(text.replace("peer = 5.0\n", "peer = 3.0\n", 1))
         dh1 = nodes.start(configs["dh1"])
         dh1.wait_for("PSI on the Dask cluster", timeout=30)
         for worker in cluster.workers:  # kill -9 every worker once dh1 is connected
             worker.kill()
         bank = nodes.start(configs["bank"])
         assert dh1.wait(timeout=60) == 1 and bank.wait(timeout=60) == 1, dh1.output + bank.output
-    # half the peer timeout (5 s): dh1 gives up on its cluster in time to tell the label holder why
+    # half its peer timeout: dh1 gives up on its cluster in time to tell the label holder why
     line = dh1.output.strip().splitlines()[-1]
     assert line.startswith(f"vfl node: {configs['dh1']}: the Dask cluster at {cluster.address} ([psi].cluster) "
                            "failed during the PSI"), dh1.output

@@ -179,7 +179,7 @@ def test_a_killed_worker_is_replaced_by_the_other_and_losing_all_is_a_clear_erro
     items = encode_ids(range(3000))
     want = PsiEngine(workers=1).hash_encrypt(items, key, DOM)
     with DaskCluster(tmp_path, workers=2) as c:
-        with PsiEngine(cluster=c.address, task_items=25, max_inflight=8, cluster_timeout=3) as eng:
+        with PsiEngine(cluster=c.address, task_items=25, max_inflight=8, cluster_timeout=2) as eng:
             stream = eng.iter_hash_encrypt(items, key, DOM, chunk_size=500)
             first = next(stream)  # tasks of later chunks are queued on both workers now
             c.workers[0].kill()  # kill -9, mid-stream: Dask runs its tasks again on the other worker
