@@ -8,7 +8,7 @@ parent does no per-item work and IPC moves a few large buffers.
 Memory stays bounded: per stream, at most ``max_inflight`` tasks of ``task_items`` items are queued or buffered at any
 time; results are yielded in input order, chunk by chunk. ``workers=1`` runs inline (no pool, no pickling).
 ``cluster="tcp://HOST:8786"`` sends the same tasks to a Dask cluster of the party's own instead of a local pool
-(:mod:`vfl.psi.cluster`, imported only then), with the same window and order.
+(:mod:`vfl.psi.cluster`; ``distributed`` is imported only then), with the same window and order.
 
 Also here: :func:`encode_ids`, the canonical byte encoding of IDs (``str`` -> ``b"s:" + utf-8``, ``int`` ->
 ``b"i:" + decimal``), so ``"1"`` and ``1`` are different items and every party encodes the same ID identically.
