@@ -24,6 +24,7 @@ from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.messages import is_party_id
 from ..protocol.psi_phase import DEFAULT_MAX_PSI_ITEMS
 from ..protocol.session import DEFAULT_MAX_WINDOW
+from ..psi.cluster import check_cluster_address
 from ..train.specs import OptimizerSpec
 
 ROLES = ("label_holder", "data_holder")
@@ -90,6 +91,7 @@ class PsiSettings:
     workers: int = 0  # 0: every core this process may use
     output: Path | None = None
     max_items: int = DEFAULT_MAX_PSI_ITEMS  # the most items a peer may announce for the PSI
+    cluster: str | None = None  # a Dask scheduler of this party's own (tcp:// or tls://): None = a local process pool
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "workers": (int, False, PsiSettings.workers),
         "output": (str, False, None),
         "max_items": (int, False, DEFAULT_MAX_PSI_ITEMS),
+        "cluster": (str, False, None),
     },
     "keys": {"secret": (str, False, None), "partners": (dict, False, {}), "insecure": (bool, False, False)},
     "session": {
@@ -590,6 +593,8 @@ def _psi(raw: dict, limits: Limits | None, base: Path, problems: _Problems) -> P
         problems.add(f"[psi].max_items must be >= 1, got {p['max_items']}")
     if limits is not None and p["chunk_size"] * 32 > limits.max_tensor_bytes:
         problems.add("[psi].chunk_size * 32 bytes exceeds [limits].max_tensor_bytes")
+    if p["cluster"] is not None and (bad := check_cluster_address(p["cluster"])) is not None:
+        problems.add(f"[psi].cluster {bad}")
     if len(problems.found) > found:
         return None
     return PsiSettings(
@@ -599,6 +604,7 @@ def _psi(raw: dict, limits: Limits | None, base: Path, problems: _Problems) -> P
         workers=p["workers"],
         output=(base / p["output"]).resolve() if p["output"] else None,
         max_items=p["max_items"],
+        cluster=p["cluster"],
     )
 
 

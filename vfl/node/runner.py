@@ -161,8 +161,23 @@ class NodeRunner:
 
             self.training = SessionTraining(cfg, self.ids, self.log, self.start)
             self.training.check()
+        if cfg.session.psi:
+            # [psi].cluster: connect now, so an unreachable cluster is a setup error (exit 2) before any session. Its
+            # waits are bounded by half the peer timeout: a node blocked on its cluster sends no heartbeats, so it
+            # must give up soon enough to tell its peers why before they give up on it
+            self.engine = PsiEngine(workers=cfg.psi.workers or None, cluster=cfg.psi.cluster,
+                                    cluster_timeout=cfg.timeouts.peer / 2)
+            if cfg.psi.cluster is not None:
+                self.engine.start()
+                self.log.info("PSI on the Dask cluster at %s (%d worker threads)", cfg.psi.cluster,
+                              self.engine.cluster_threads)
+        try:
+            transport = Transport(cfg)
+        except BaseException:
+            if self.engine is not None:
+                self.engine.close()
+            raise
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        transport = Transport(cfg)
         try:
             role = "label holder" if cfg.is_label_holder else "data holder"
             verb = "listening on" if cfg.is_label_holder else "connecting to"
@@ -193,7 +208,6 @@ class NodeRunner:
     def _loop(self, transport: Transport) -> int:
         psi = None
         if self.cfg.session.psi:
-            self.engine = PsiEngine(workers=self.cfg.psi.workers or None)
             psi = psi_plan(self.cfg, self.ids, self.engine)
         machine = self.machine = build_machine(self.cfg, time.monotonic(), psi)
         pending: list[Output] = machine.start(time.monotonic())

@@ -5,7 +5,10 @@ one joined ``n * 32`` bytes string, so the per-item cost in the parent is zero a
 
 The key travels as its 32 raw bytes with every task and is rebuilt once per worker and kept in a small cache (not in
 the pool initializer), so one pool serves several PSI sessions at once (the label holder runs one per data holder,
-each with its own fresh key). The raw bytes only ever go to our own child processes over a local pipe.
+each with its own fresh key). The raw bytes only ever go to our own child processes over a local pipe -- or, with
+``[psi].cluster``, to the workers of the party's own Dask cluster, scattered once per key (:mod:`vfl.psi.cluster`).
+There these functions get the key object itself, built once per worker and kept with the scattered key rather than
+in this module's cache, so that it leaves the long-lived worker process when Dask releases the key.
 """
 
 from __future__ import annotations
@@ -27,7 +30,11 @@ def init_worker() -> None:
     _KEYS.clear()
 
 
-def _key(raw: bytes) -> X25519PrivateKey:
+def _key(raw: bytes | X25519PrivateKey) -> X25519PrivateKey:
+    """The key object for ``raw``, built once per process; a key object (a cluster worker's, built once per scattered
+    key, see :mod:`vfl.psi.cluster`) is used as it is, and never cached here."""
+    if isinstance(raw, X25519PrivateKey):
+        return raw
     k = _KEYS.get(raw)
     if k is None:
         if len(_KEYS) >= _MAX_KEYS:
@@ -36,7 +43,7 @@ def _key(raw: bytes) -> X25519PrivateKey:
     return k
 
 
-def hash_encrypt_task(key_raw: bytes, domain: bytes, items: list[bytes]) -> bytes:
+def hash_encrypt_task(key_raw: bytes | X25519PrivateKey, domain: bytes, items: list[bytes]) -> bytes:
     """``H(x)^k`` for every item, joined, in input order."""
     key = _key(key_raw)
     exchange = key.exchange
@@ -53,6 +60,6 @@ def hash_encrypt_task(key_raw: bytes, domain: bytes, items: list[bytes]) -> byte
     return b"".join(out)
 
 
-def encrypt_task(key_raw: bytes, joined: bytes, check_curve: bool, base_index: int) -> bytes:
+def encrypt_task(key_raw: bytes | X25519PrivateKey, joined: bytes, check_curve: bool, base_index: int) -> bytes:
     """``P^k`` for ``n`` joined points, joined, in input order."""
     return encrypt_joined(_key(key_raw), joined, check_curve=check_curve, base_index=base_index)

@@ -7,6 +7,8 @@ parent does no per-item work and IPC moves a few large buffers.
 
 Memory stays bounded: per stream, at most ``max_inflight`` tasks of ``task_items`` items are queued or buffered at any
 time; results are yielded in input order, chunk by chunk. ``workers=1`` runs inline (no pool, no pickling).
+``cluster="tcp://HOST:8786"`` sends the same tasks to a Dask cluster of the party's own instead of a local pool
+(:mod:`vfl.psi.cluster`; ``distributed`` is imported only then), with the same window and order.
 
 Also here: :func:`encode_ids`, the canonical byte encoding of IDs (``str`` -> ``b"s:" + utf-8``, ``int`` ->
 ``b"i:" + decimal``), so ``"1"`` and ``1`` are different items and every party encodes the same ID identically.
@@ -20,6 +22,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -123,14 +126,43 @@ def _default_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
+class _LocalPool:
+    """The default backend: a ``ProcessPoolExecutor`` of this machine, the key's 32 bytes passed with every task over
+    the pool's local pipe (each worker builds the key once and caches it, see :mod:`vfl.psi._worker`)."""
+
+    def __init__(self, workers: int, ctx: multiprocessing.context.BaseContext | None) -> None:
+        self.pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx or _default_context(), initializer=_worker.init_worker
+        )
+
+    def submit(self, fn: Callable[..., bytes], key_raw: bytes, *args: Any) -> Future:
+        return self.pool.submit(fn, key_raw, *args)
+
+    @staticmethod
+    def result(future: Future, size: int) -> bytes:
+        return future.result()  # our own child processes, running this very code
+
+    @staticmethod
+    def cancel(future: Future) -> None:
+        future.cancel()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class PsiEngine:
-    """Runs the PSI crypto over batches, on ``workers`` processes (``workers=1``: inline, no pool).
+    """Runs the PSI crypto over batches, on ``workers`` processes (``workers=1``: inline, no pool) or on a Dask cluster.
 
     ``workers`` defaults to the CPUs this process may use. ``task_items`` items go to a worker at a time;
     ``max_inflight`` tasks at most are outstanding per stream (default ``max(32, 4 * workers)``), which bounds the
     memory and keeps the workers fed across chunk boundaries. Workers start with the ``forkserver`` method (no fork of
     a threaded parent), so like any multiprocessing child they import the main script: guard it with
     ``if __name__ == "__main__"``.
+
+    ``cluster``: the address of a Dask scheduler (``tcp://HOST:PORT`` or ``tls://HOST:PORT``) that the party runs on
+    its own hosts. The tasks then go there (``workers`` is ignored; the window is ``max(32, 4 * worker threads)``),
+    connecting on :meth:`start` or first use; ``cluster_timeout`` bounds the connection, the wait for a first worker
+    and every result (:mod:`vfl.psi.cluster`).
 
     One engine can serve several sessions and keys at once; it is not thread-safe (drive it from one thread).
     Use it as a context manager or call :meth:`close`.
@@ -143,6 +175,8 @@ class PsiEngine:
         task_items: int = DEFAULT_TASK_ITEMS,
         max_inflight: int | None = None,
         mp_context: str | multiprocessing.context.BaseContext | None = None,
+        cluster: str | None = None,
+        cluster_timeout: float = 30.0,
     ) -> None:
         if workers is None:
             workers = _usable_cpus()
@@ -150,12 +184,28 @@ class PsiEngine:
             raise ValueError("workers must be >= 1")
         if task_items < 1:
             raise ValueError("task_items must be >= 1")
+        if cluster_timeout <= 0:
+            raise ValueError("cluster_timeout must be > 0")
         self.workers = int(workers)
         self.task_items = int(task_items)
-        self.max_inflight = int(max_inflight) if max_inflight else max(32, 4 * self.workers)
+        self._max_inflight = int(max_inflight) if max_inflight else None
+        self.cluster = cluster
+        self.cluster_timeout = float(cluster_timeout)
         self._ctx = multiprocessing.get_context(mp_context) if isinstance(mp_context, str) else mp_context
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: Any = None  # _LocalPool or cluster.DaskPool, made on first use
         self._closed = False
+
+    @property
+    def max_inflight(self) -> int:
+        """Tasks at most outstanding per stream (on a cluster: from its worker threads once connected)."""
+        if self._max_inflight:
+            return self._max_inflight
+        return max(32, 4 * (self.cluster_threads or self.workers))
+
+    @property
+    def cluster_threads(self) -> int | None:
+        """The cluster's worker threads when we connected; None without a cluster or before connecting."""
+        return self._pool.threads if self.cluster is not None and self._pool is not None else None
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
@@ -166,27 +216,31 @@ class PsiEngine:
         self.close()
 
     def close(self) -> None:
-        """Stop the worker processes (waits for them; cancels queued tasks)."""
+        """Stop the worker processes (waits for them; cancels queued tasks), or disconnect from the cluster."""
         self._closed = True
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()
             self._pool = None
 
-    def _get_pool(self) -> ProcessPoolExecutor:
+    def _get_pool(self) -> Any:
         if self._closed:
             raise RuntimeError("PsiEngine is closed")
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=self._ctx or _default_context(),
-                initializer=_worker.init_worker,
-            )
+            if self.cluster is not None:
+                from .cluster import DaskPool  # only a party with [psi].cluster imports distributed
+
+                self._pool = DaskPool(self.cluster, timeout=self.cluster_timeout)
+            else:
+                self._pool = _LocalPool(self.workers, self._ctx)
         return self._pool
 
     def start(self) -> PsiEngine:
-        """Start the worker processes now rather than on first use (so timings exclude pool start-up)."""
-        if self.workers > 1:
-            pool = self._get_pool()
+        """Start the worker processes (or connect to the cluster) now rather than on first use, so that timings
+        exclude start-up and an unreachable cluster is reported before any session."""
+        if self.cluster is not None:
+            self._get_pool()
+        elif self.workers > 1:
+            pool = self._get_pool().pool
             for f in [pool.submit(_worker.init_worker) for _ in range(self.workers)]:
                 f.result()
         return self
@@ -218,7 +272,7 @@ class PsiEngine:
             for lo in range(0, n, chunk_size):
                 hi = min(lo + chunk_size, n)
                 yield [
-                    (_worker.hash_encrypt_task, (raw, domain, list(items[a : min(a + step, hi)])))
+                    (_worker.hash_encrypt_task, raw, (domain, list(items[a : min(a + step, hi)])), min(step, hi - a))
                     for a in range(lo, hi, step)
                 ]
 
@@ -238,7 +292,8 @@ class PsiEngine:
                 n = len(arr)
                 buf = arr.tobytes()
                 yield [
-                    (_worker.encrypt_task, (raw, buf[a * 32 : min(a + step, n) * 32], check_curve, base + a))
+                    (_worker.encrypt_task, raw, (buf[a * 32 : min(a + step, n) * 32], check_curve, base + a),
+                     min(step, n - a))
                     for a in range(0, n, step)
                 ]
                 base += n
@@ -247,11 +302,14 @@ class PsiEngine:
 
     # ------------------------------------------------------------------------------------------------- internals
 
-    def _run_chunks(self, chunk_tasks: Iterator[list[tuple[Callable[..., bytes], tuple]]]) -> Iterator[np.ndarray]:
-        """Each element of ``chunk_tasks`` is the task list of one output chunk; yield the chunks in order."""
-        if self.workers == 1:
+    def _run_chunks(
+        self, chunk_tasks: Iterator[list[tuple[Callable[..., bytes], bytes, tuple, int]]]
+    ) -> Iterator[np.ndarray]:
+        """Each element of ``chunk_tasks`` is the task list of one output chunk, each task ``(fn, key bytes, args,
+        items)``; yield the chunks in order."""
+        if self.workers == 1 and self.cluster is None:
             for tasks in chunk_tasks:
-                yield _to_array(b"".join(fn(*args) for fn, args in tasks))
+                yield _to_array(b"".join(fn(raw, *args) for fn, raw, args, _ in tasks))
             return
 
         pool = self._get_pool()
@@ -260,39 +318,43 @@ class PsiEngine:
         def flat():
             for tasks in chunk_tasks:
                 if not tasks:
-                    yield None, None, True  # an empty chunk still yields an empty array
+                    yield None, None, None, True  # an empty chunk still yields an empty array
                     continue
                 last = len(tasks) - 1
-                for i, (fn, args) in enumerate(tasks):
-                    yield fn, args, i == last
+                for i, (fn, raw, args, n) in enumerate(tasks):
+                    yield fn, raw, (args, n), i == last
 
         todo = flat()
-        window: deque[tuple[Future | None, bool]] = deque()
+        window: deque[tuple[Any, int, bool]] = deque()
 
         def top_up() -> None:
             while len(window) < limit:
                 nxt = next(todo, None)
                 if nxt is None:
                     return
-                fn, args, last = nxt
-                window.append((pool.submit(fn, *args) if fn is not None else None, last))
+                fn, raw, task, last = nxt
+                if fn is None:
+                    window.append((None, 0, last))
+                else:
+                    args, n = task
+                    window.append((pool.submit(fn, raw, *args), n, last))
 
         parts: list[bytes] = []
         try:
             top_up()
             while window:
-                fut, last = window.popleft()
+                fut, n, last = window.popleft()
                 top_up()  # keep the workers fed while we wait
                 if fut is not None:
-                    parts.append(fut.result())
+                    parts.append(pool.result(fut, n * POINT_SIZE))
                 if last:
                     out = _to_array(b"".join(parts))
                     parts = []
                     yield out
         finally:
-            for fut, _ in window:
+            for fut, _, _ in window:
                 if fut is not None:
-                    fut.cancel()
+                    pool.cancel(fut)
 
 
 def _to_array(buf: bytes) -> np.ndarray:
