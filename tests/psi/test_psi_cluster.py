@@ -43,7 +43,7 @@ def _keys_held(dask_worker) -> tuple[int, int, int]:
     return len(secrets), sum(s._built is not None for s in secrets), len(_worker._KEYS)
 
 
-def _wait_for_workers(address: str, done, timeout: float = 10.0) -> bool:
+def _wait_for_workers(address: str, done, timeout: float = 60.0) -> bool:
     """Poll every worker's ``_keys_held`` from a client of our own until ``done(results)`` (bounded)."""
     from distributed import Client
 
