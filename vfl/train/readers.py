@@ -3,7 +3,9 @@
 Three formats, picked by the file name: CSV (``.csv``, also ``.csv.gz``/``.csv.bz2``/...) and Parquet (``.parquet``,
 ``.pq``) through pyarrow, and ``.npz`` (one 1-D array per column, named by the column; loaded with
 ``allow_pickle=False``). Each reader gives the column names, checks and loads the wanted columns, returns the IDs and
-the labels, and fills the float32 feature matrix in place a few columns (or a block of CSV rows) at a time. The rules
+the labels, and fills the float32 feature matrix in place a block of rows at a time (CSV, Parquet; each block
+reported as done, so a caller filling a file can let go of it) or a few columns at a time (.npz, and the general
+path any unusual value falls back to). The rules
 for IDs, features and labels are those of :mod:`vfl.train.data`; every problem raises :class:`DataError`, whose
 ``str()`` is one line naming the file.
 """
