@@ -119,3 +119,27 @@ def test_a_bottom_over_the_feature_file_trains_bit_identically_to_one_over_the_t
         torch.set_num_threads(before)
     for (name, a), (_, b) in zip(*(b.model.state_dict().items() for b in bottoms)):
         assert torch.equal(a, b), name
+
+
+NO_ROOM = textwrap.dedent("""
+    import resource, signal, sys
+    from vfl.node import load_config
+    from vfl.node.alignment import AlignmentError, load_ids
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is then EFBIG, as a full disk is ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))  # room for the .npy header, not for the 20 x 3 floats
+    try:
+        load_ids(load_config(sys.argv[1]))
+    except AlignmentError as exc:
+        print(exc)
+""")
+
+
+def test_no_room_for_the_feature_file_is_one_line_naming_it_and_leaves_no_file(tmp_path):
+    cfg = data_holder(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", NO_ROOM, str(cfg.path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    [line] = proc.stdout.splitlines()
+    assert "cannot write the feature file" in line and str(cfg.train.output) in line, line
+    assert feature_files(cfg) == [] and not list(cfg.train.output.glob(".dh1-features-*"))

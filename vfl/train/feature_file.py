@@ -58,7 +58,13 @@ def write_feature_file(path: Path, n_rows: int, n_features: int,
     def write(tmp: str) -> None:
         with open(tmp, "r+b") as fh:
             fh.write(head)
-            fh.truncate(size)
+            fh.flush()
+            # the blocks are reserved before the mapping is written: a full disk is an OSError here (named by the
+            # caller), not a SIGBUS in the middle of the fill
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fh.fileno(), 0, size)
+            else:  # pragma: no cover - macOS: a sparse file
+                fh.truncate(size)
             if n_rows * row_bytes == 0:
                 fill(np.empty((n_rows, n_features), np.float32), lambda hi: None)
                 return
