@@ -3,7 +3,8 @@
 - checkpoints and trained segments load with ``weights_only=True``: a file holding a pickled object whose
   ``__reduce__`` would run code is refused, and the code does not run;
 - both carry a content digest checked on load: a changed file is refused, naming the file and the way out;
-- outputs holding raw IDs or model state (aligned IDs, predictions, checkpoints, segments) are created 0600;
+- outputs holding raw IDs, features or model state (aligned IDs, predictions, feature files, checkpoints, segments)
+  are created 0600;
 - a secret key file that group or others may read is refused, saying ``chmod 600 FILE``;
 - config: ``[psi].max_items``, ``[train].max_rejoins``, duplicate partner keys, insecure mode only on loopback
   unless ``vfl node --insecure``.
@@ -257,7 +258,7 @@ def current_umask() -> int:
 
 
 def test_outputs_holding_raw_ids_or_model_state_are_0600_after_a_real_training_and_prediction(tmp_path):
-    """Aligned IDs, checkpoints, trained segments and predictions, written by real node processes."""
+    """Aligned IDs, feature files, checkpoints, trained segments and predictions, written by real node processes."""
     configs, (x1, x2, y, ids) = training_session(tmp_path, window=1, epochs=1)
     run_nodes(tmp_path, configs)
     write_table(tmp_path / "bank-new.csv", ids[:30], {})
@@ -274,8 +275,10 @@ def test_outputs_holding_raw_ids_or_model_state_are_0600_after_a_real_training_a
         "segments": [model / f"{p}-segment.pt" for p in configs],
         "checkpoints": sorted((model / "checkpoints").glob("*-step-*.pt")),
         "predictions": [model / "predictions.csv"],
+        "feature files": sorted(model.glob("*-features-*.npy")),  # the prediction's, which replaced the training's
     }
     assert len(written["checkpoints"]) >= 3, written  # one per party at least
+    assert {p.name.split("-features-")[0] for p in written["feature files"]} == {"dh1", "dh2"}, written
     modes = {str(p): oct(mode_of(p)) for paths in written.values() for p in paths}
     assert set(modes.values()) == {"0o600"}, modes
     for path in written["segments"] + written["checkpoints"]:

@@ -56,7 +56,8 @@ def test_bug7_a_finished_run_started_again_is_refused_saying_how_to_start_fresh_
 def test_bug7_fresh_trains_again_from_epoch_1_and_moves_the_old_results_aside(tmp_path):
     """`vfl launch FOLDER --fresh` on a finished folder: every node gets --fresh, the run trains again with exactly
     one metrics line per epoch, and every party's earlier segment (and the label holder's metrics and manifest)
-    is in model/previous-TIME/, byte for byte."""
+    is in model/previous-TIME/, byte for byte. The data holders' feature files (their tables' features, not results)
+    stay where they are and serve the new run."""
     finished_run(tmp_path, epochs=2)
     model = tmp_path / "model"
     before = tree(model)
@@ -68,7 +69,9 @@ def test_bug7_fresh_trains_again_from_epoch_1_and_moves_the_old_results_aside(tm
     moved = {}
     for folder in previous:
         moved.update(tree(folder))
-    kept = {k for k in before if not k.startswith("checkpoints/") or k.endswith("manifest.json")}
+    features = {k for k in before if "-features-" in k}  # a copy of the table, not a result: it stays for the new run
+    assert features and features <= set(tree(model)) and not features & set(moved)
+    kept = {k for k in before if (not k.startswith("checkpoints/") or k.endswith("manifest.json")) and k not in features}
     assert {k: before[k] for k in kept} == {k: moved[k] for k in kept}, (sorted(before), sorted(moved))
     assert "moved this party's earlier results" in done.stdout + done.stderr
     manifest = json.loads((model / "checkpoints" / "manifest.json").read_text())

@@ -20,6 +20,7 @@ from ..psi import DuplicateIdError, InvalidIdError, PsiEngine, encode_ids
 from ..psi.exchange import prepare_items
 from ..protocol.psi_phase import PsiPlan
 from ..train.data import DataError, PartyTable, TableSpec, load_table
+from .aligned import load_training_table
 from .config import NodeConfig
 
 
@@ -35,7 +36,7 @@ class PartyIds:
     column: str
     ids: list
     items: list[bytes]
-    table: PartyTable | None = None  # the whole table (features, labels) when the session trains
+    table: PartyTable | None = None  # the table (labels; features in the feature file) when the session trains
 
 
 def load_ids(cfg: NodeConfig) -> PartyIds:
@@ -48,14 +49,15 @@ def load_ids(cfg: NodeConfig) -> PartyIds:
         feature_columns=data.features if train else (),
         label_column=data.label_column if train and not cfg.session.predict else None,
     )
+    load = load_table if not train else lambda s: load_training_table(s, cfg.train.output, cfg.party)
     try:
         if cfg.session.predict and data.label_column and data.features is None:
             try:  # a prediction file may still hold the label column: it must not become a feature
-                table = load_table(dataclasses.replace(spec, label_column=data.label_column))
+                table = load(dataclasses.replace(spec, label_column=data.label_column))
             except DataError:
-                table = load_table(spec)
+                table = load(spec)
         else:
-            table = load_table(spec)
+            table = load(spec)
         items = encode_ids(table.ids)
     except DataError as exc:
         raise AlignmentError(str(exc)) from None

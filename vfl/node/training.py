@@ -14,6 +14,8 @@ order, and dropout is reseeded every step from ``[model].seed`` (``dropout_seed`
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import hmac
 import json
@@ -45,26 +47,24 @@ def _output_width(task: str, n_classes: int) -> int:
     return n_classes if task == "multiclass" else 1
 
 
-def _standardizer(features: np.ndarray, train_rows: np.ndarray, enabled: bool) -> Standardizer | None:
+def _standardizer(features, train_rows: np.ndarray, enabled: bool) -> Standardizer | None:
     """Fitted on this party's own training rows (rows of its file); None when standardisation is off.
 
-    The rows are taken in file order, so the fit (a float sum) does not depend on the run's aligned order."""
+    The rows are taken in file order, so the fit (a float sum) does not depend on the run's aligned order; read a
+    block at a time (``Standardizer.fit``), so a table on disk stays there."""
     if not enabled or features.shape[1] == 0:
         return None
-    return Standardizer.fit(features[np.sort(np.asarray(train_rows))])
-
-
-def _standardized(features: np.ndarray, scaler: Standardizer | None) -> np.ndarray:
-    return features if scaler is None else scaler.transform(features)
+    return Standardizer.fit(features, np.sort(np.asarray(train_rows)))
 
 
 class PreparedBottom(TorchBottom):
-    """A bottom whose features are standardised on its own training rows once the schedule names them."""
+    """A bottom whose features are standardised on its own training rows once the schedule names them (the scaler
+    is applied to each batch as it is read: ``TorchBottom.scaler``)."""
 
-    def __init__(self, *args, standardize: bool, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, optimizer, features, *args, standardize: bool, **kwargs):
+        super().__init__(model, optimizer, features, *args, **kwargs)
+        self.source = features  # the raw rows (RAM or the feature file) the scaler is fitted on
         self.standardize = standardize
-        self.scaler: Standardizer | None = None
         self.frozen = False  # prediction: the trained segment's scaler applies, nothing is fitted again
         #: called with the SCHEDULE's ``first_step`` before anything is restored (``SessionTraining`` checks it
         #: against ``--fresh``/``--resume``); may raise ``CheckpointError``
@@ -72,22 +72,32 @@ class PreparedBottom(TorchBottom):
 
     def prepare(self, train_rows: np.ndarray) -> None:
         if self.standardize and not self.frozen:
-            if not hasattr(self, "_raw"):
-                self._raw = self.features.numpy()
             file_rows = np.asarray(train_rows) if self.rows is None else self.rows.numpy()[train_rows]
-            self.scaler = _standardizer(self._raw, file_rows, True)
-            self.features = torch.from_numpy(_standardized(self._raw, self.scaler))
+            self.scaler = _standardizer(self.source, file_rows, True)
 
     def use_scaler(self, scaler: Standardizer | None) -> None:
         """Prediction: standardise with the scaler the segment was trained with."""
         self.frozen, self.scaler = True, scaler
-        self.features = torch.from_numpy(_standardized(self.features.numpy(), scaler))
 
     def state(self) -> dict:
         out = super().state()
         if self.scaler is not None:
             out["scaler"] = self.scaler.to_dict()  # needed to use the segment on new rows
         return out
+
+
+def release_heap() -> None:
+    """Hand the memory the PSI freed back to the system before training starts.
+
+    glibc's malloc keeps freed memory in its arenas unless asked: after a 1M-row PSI that is about 100 MiB of this
+    process's anonymous memory that training never uses (bench/train.py, ``rss_above_import_floor_mb``). Only where
+    there is a glibc (``malloc_trim``); elsewhere a garbage collection only."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def dropout_seed(cfg: NodeConfig) -> int:
@@ -99,7 +109,7 @@ def dropout_seed(cfg: NodeConfig) -> int:
 def build_bottom(cfg: NodeConfig, table: PartyTable, rows: np.ndarray) -> PreparedBottom:
     t = cfg.train
     width = cfg.session.cut_widths[cfg.party]
-    features = table.features  # the whole table, not a copy: the segment reads it through ``rows``
+    features = table.features  # the whole table (in RAM or the feature file), not a copy: read through ``rows``
     try:
         model = build_model(features.shape[1], t.bottom.get("factory", t.bottom), out_features=width, seed=t.seed)
     except ModelError as exc:
@@ -159,13 +169,14 @@ def build_top(
         if plan is not None:  # prediction (plan None): the trained segment's scaler is applied by load_trained
             train_rows = np.setdiff1d(np.arange(len(rows)), plan.validation)
             own_scaler = _standardizer(table.features, np.asarray(rows)[train_rows], cfg.data.standardize)
-        features = _standardized(table.features, own_scaler)
+        features = table.features
         try:
             model = build_model(features.shape[1], t.bottom, out_features=own_width, seed=t.seed)
         except ModelError as exc:
             raise TrainingSetupError(f"[model].bottom: {exc}") from None
         own = TorchBottom(model, OptimizerSpec.from_dict(t.optimizer).build(model.parameters()), features,
                           dropout_seed=None, rows=rows)  # its forward runs inside the top's step, which seeds it
+        own.scaler = own_scaler
     order = sorted(widths)
     try:
         combiner = Combiner([widths[p] for p in order], t.combine)
@@ -234,8 +245,7 @@ def load_trained(cfg: NodeConfig, segment, path: Path | None = None) -> None:
             if segment.own is not None:
                 load_weights(segment.own.model, state, what, "own", "model")
                 if "own_scaler" in state:
-                    scaler = Standardizer.from_dict(state["own_scaler"])
-                    segment.own.features = torch.from_numpy(scaler.transform(segment.own.features.numpy()))
+                    segment.own.scaler = Standardizer.from_dict(state["own_scaler"])
         else:
             load_weights(segment.model, state, what, "model")
             segment.use_scaler(Standardizer.from_dict(state["scaler"]) if "scaler" in state else None)
@@ -423,6 +433,7 @@ class SessionTraining:
         A model that cannot be built or a checkpoint that cannot be resumed ends the session (exit 1) naming why.
         """
         self.machine = machine
+        release_heap()
         if not self.cfg.session.predict:
             self.log.info("%s", privacy_line(self.cfg))
         self.log.info("cut-layer precision: %s", self.cfg.session.precision.describe())  # v1.6, the same at every node

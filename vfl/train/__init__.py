@@ -3,6 +3,8 @@
 - :mod:`vfl.train.data`: a party's table (CSV / Parquet / .npz) -> IDs, float32 features, labels; label encoding;
   standardisation.
 - :mod:`vfl.train.readers`: the CSV / Parquet / .npz column readers behind ``load_table``.
+- :mod:`vfl.train.feature_file`: the float32 feature matrix as a ``.npy`` file, written atomically and read a batch
+  of rows at a time (a node's features out of RAM: ``load_table(spec, features_to=PATH)``).
 - :mod:`vfl.train.models`: built-in MLP segments or ``"module:factory"`` models, the architecture fingerprint, and
   the ``Combiner`` at the cut layer.
 - :mod:`vfl.train.metrics`: losses, accuracy, exact ROC AUC, RMSE (numpy).

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .feature_file import FeatureFile, write_feature_file
 from .readers import DataError, _Columns, open_columns, short_repr
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
 TASKS = ("multiclass", "binary", "regression")
 
 _MAX_SHOWN = 8
+_FIT_ROWS = 8192  # rows per block of Standardizer.fit
 
 
 # --------------------------------------------------------------------------------------------------------- spec/table
@@ -82,7 +84,7 @@ class PartyTable:
     path: Path
     id_column: str
     ids: list  # list[int] or list[str], native type kept
-    features: np.ndarray  # float32 [n, d], C-contiguous
+    features: np.ndarray | FeatureFile  # float32 [n, d], C-contiguous in RAM, or on disk (``load_table(features_to)``)
     feature_names: tuple[str, ...]
     labels: np.ndarray | None = None  # int64, float64, bool or object (str) -- the column's own type
     label_column: str | None = None
@@ -119,12 +121,19 @@ class PartyTable:
 # ------------------------------------------------------------------------------------------------------------ loading
 
 
-def load_table(spec: TableSpec) -> PartyTable:
+def load_table(spec: TableSpec, features_to: Path | None = None) -> PartyTable:
     """Read the table described by ``spec``; raise :class:`DataError` on any problem.
 
-    Memory: the float32 feature matrix is allocated once and filled in place, a few columns at a time (Parquet reads a
-    group of columns per call, .npz one array per column, CSV streams blocks of rows), so the peak is about the matrix
-    plus a few columns of source data (bounded by ``readers._GROUP_BYTES``) and the IDs, not the whole table twice.
+    Memory: the float32 feature matrix is allocated once and filled in place, in blocks of rows (CSV and Parquet
+    stream blocks of rows) or a few columns at a time (.npz one array per column, and any file whose feature columns
+    hold something unusual), so the peak is about the matrix plus a block of source data and the IDs, not the whole
+    table twice.
+
+    ``features_to``: the matrix goes to this ``.npy`` file instead of RAM (:mod:`vfl.train.feature_file`: written
+    atomically, mode 0600, its pages let go as the blocks are written), and ``features`` is a
+    :class:`~vfl.train.feature_file.FeatureFile` over it. A complete file of the right shape already there is used as
+    it is, without reading the feature columns again: the caller names the file after what it holds
+    (``vfl.node.aligned``). A table without feature columns gets no file.
     """
     path = spec.path
     if not path.exists():
@@ -133,14 +142,14 @@ def load_table(spec: TableSpec) -> PartyTable:
         raise DataError(f"{path}: not a regular file")
     columns = open_columns(path, spec.id_column)
     try:
-        return _load(spec, columns)
+        return _load(spec, columns, features_to)
     finally:
         columns.close()
         # what Arrow freed stays in its pool (jemalloc/mimalloc) unless handed back: hundreds of MB for a big table
         pa.default_memory_pool().release_unused()
 
 
-def _load(spec: TableSpec, columns: _Columns) -> PartyTable:
+def _load(spec: TableSpec, columns: _Columns, features_to: Path | None = None) -> PartyTable:
     path = spec.path
     available = columns.names
     dups = sorted(n for n, c in Counter(available).items() if c > 1)
@@ -157,11 +166,31 @@ def _load(spec: TableSpec, columns: _Columns) -> PartyTable:
     if n == 0:
         raise DataError(f"{path}: the table has no data rows")
     ids = columns.ids(spec.id_column)
-    features = np.empty((n, len(feature_names)), dtype=np.float32)
-    columns.fill_features(feature_names, features)
+    if features_to is None or not feature_names:
+        features = np.empty((n, len(feature_names)), dtype=np.float32)
+        columns.fill_features(feature_names, features)
+    else:
+        features = _feature_file(features_to, n, feature_names, columns)
     labels = columns.labels(spec.label_column) if spec.label_column is not None else None
     return PartyTable(path=path, id_column=spec.id_column, ids=ids, features=features,
                       feature_names=tuple(feature_names), labels=labels, label_column=spec.label_column)
+
+
+def _feature_file(path: Path, n: int, names: list[str], columns: _Columns) -> FeatureFile:
+    """The complete feature file at ``path`` if it has the table's shape; else written anew from ``columns``."""
+    if path.is_file():
+        try:
+            existing = FeatureFile(path)
+            if existing.shape == (n, len(names)):
+                return existing
+            existing.close()
+        except (OSError, ValueError):
+            pass  # not one of ours, or not complete: written again below
+    try:
+        write_feature_file(path, n, len(names), lambda matrix, done: columns.fill_features(names, matrix, done))
+    except OSError as exc:
+        raise DataError(f"{columns.path}: cannot write the feature file {path}: {exc.strerror or exc}") from None
+    return FeatureFile(path)
 
 
 def _select_features(spec: TableSpec, available: list[str], path: Path) -> list[str]:
@@ -312,15 +341,46 @@ class Standardizer:
     std: np.ndarray = field(repr=False)  # float64 [d], > 0
 
     @classmethod
-    def fit(cls, features: np.ndarray) -> Standardizer:
-        x = np.asarray(features, dtype=np.float64)
-        if x.ndim != 2:
-            raise DataError(f"Standardizer.fit expects a 2-D [rows, features] array, got shape {x.shape}")
-        if x.shape[0] == 0:
+    def fit(cls, features: np.ndarray | FeatureFile, rows: np.ndarray | None = None) -> Standardizer:
+        """Fitted on ``features[rows]`` (default: every row), read ``_FIT_ROWS`` rows at a time, two passes.
+
+        The numbers are those of ``x.mean(axis=0)`` / ``x.std(axis=0)`` over the whole float64 array, bit for bit:
+        numpy sums along axis 0 row after row, so each block is summed onto the running sum (prepended as the
+        block's first row) in the same order. Memory: a block, not the rows (a 1M-row table stays on disk)."""
+        shape = tuple(features.shape)
+        if len(shape) != 2:
+            raise DataError(f"Standardizer.fit expects a 2-D [rows, features] array, got shape {shape}")
+        n = shape[0] if rows is None else len(rows)
+        if n == 0:
             raise DataError("Standardizer.fit needs at least one row")
-        mean = x.mean(axis=0)
-        std = x.std(axis=0)
-        constant = x.max(axis=0) == x.min(axis=0)
+        d = shape[1]
+        buf = np.empty((min(n, _FIT_ROWS) + 1, d), dtype=np.float64)
+
+        def blocks():
+            for lo in range(0, n, _FIT_ROWS):
+                part = features[lo:lo + _FIT_ROWS] if rows is None else features[np.asarray(rows[lo:lo + _FIT_ROWS])]
+                k = len(part)
+                buf[1:k + 1] = part
+                yield k
+
+        total = np.zeros(d)
+        lo_val, hi_val = np.full(d, np.inf), np.full(d, -np.inf)
+        for k in blocks():
+            x = buf[1:k + 1]
+            np.minimum(lo_val, x.min(axis=0), out=lo_val)
+            np.maximum(hi_val, x.max(axis=0), out=hi_val)
+            buf[0] = total
+            total = buf[:k + 1].sum(axis=0)
+        mean = total / n
+        squares = np.zeros(d)
+        for k in blocks():
+            dev = buf[1:k + 1]
+            dev -= mean
+            dev *= dev
+            buf[0] = squares
+            squares = buf[:k + 1].sum(axis=0)
+        std = np.sqrt(squares / n)
+        constant = hi_val == lo_val
         std = np.where(constant | ~(std > 0), 1.0, std)
         return cls(mean=mean, std=std)
 

@@ -3,7 +3,9 @@
 Three formats, picked by the file name: CSV (``.csv``, also ``.csv.gz``/``.csv.bz2``/...) and Parquet (``.parquet``,
 ``.pq``) through pyarrow, and ``.npz`` (one 1-D array per column, named by the column; loaded with
 ``allow_pickle=False``). Each reader gives the column names, checks and loads the wanted columns, returns the IDs and
-the labels, and fills the float32 feature matrix in place a few columns (or a block of CSV rows) at a time. The rules
+the labels, and fills the float32 feature matrix in place a block of rows at a time (CSV, Parquet; each block
+reported as done, so a caller filling a file can let go of it) or a few columns at a time (.npz, and the general
+path any unusual value falls back to). The rules
 for IDs, features and labels are those of :mod:`vfl.train.data`; every problem raises :class:`DataError`, whose
 ``str()`` is one line naming the file.
 """
@@ -11,7 +13,7 @@ for IDs, features and labels are those of :mod:`vfl.train.data`; every problem r
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +93,11 @@ class _Columns:
     def _group_done(self, names: list[str]) -> None:
         pass
 
-    def fill_features(self, names: list[str], features: np.ndarray) -> None:
+    def fill_features(self, names: list[str], features: np.ndarray, done: Callable[[int], None] | None = None) -> None:
         """Fill the float32 matrix ``features`` (rows x ``names``), a group of adjacent columns at a time.
+
+        ``done(hi)``: called once rows ``[0, hi)`` are final (the readers that stream rows call it per block; this
+        column-group path only at the end), so that a caller filling a file can let go of the pages written.
 
         Writing one column of a row-major matrix touches a cache line per row, so a group is interleaved in tiles of
         rows (fast). Any group with something unusual in it (nulls, text, decimals, NaN, infinities, float32
@@ -111,6 +116,8 @@ class _Columns:
                 for j, name in enumerate(group):
                     self.fill(name, block[:, j])
             self._group_done(group)
+        if done is not None:
+            done(n)
 
     @staticmethod
     def _fill_tiles(parts: list[list[np.ndarray]], block: np.ndarray) -> bool:
@@ -335,7 +342,7 @@ class _CsvColumns(_ArrowColumns):
         for n in names:  # a used column is dropped at once
             self._cols.pop(n, None)
 
-    def _stream_features(self, names: list[str], features: np.ndarray) -> bool:
+    def _stream_features(self, names: list[str], features: np.ndarray, done: Callable[[int], None] | None) -> bool:
         """Typed stream of the feature columns into ``features``; False when the general read must decide."""
         try:
             reader = pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=self._BLOCK_BYTES),
@@ -352,19 +359,21 @@ class _CsvColumns(_ArrowColumns):
                     if not self._fill_tiles([[c.to_numpy()] for c in cols], features[lo:hi]):
                         return False
                     lo = hi
+                    if done is not None:
+                        done(hi)
             return lo == features.shape[0]
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError, KeyError):
             return False
 
-    def fill_features(self, names: list[str], features: np.ndarray) -> None:
+    def fill_features(self, names: list[str], features: np.ndarray, done: Callable[[int], None] | None = None) -> None:
         if not names:
             return
-        if not self._full and self._stream_features(names, features):
+        if not self._full and self._stream_features(names, features, done):
             return
         pa.default_memory_pool().release_unused()
         if not self._full:
             self._read_full([*self._cols, *names])
-        super().fill_features(names, features)
+        super().fill_features(names, features, done)
 
     def close(self) -> None:
         self._cols = {}
@@ -377,7 +386,15 @@ class _CsvColumns(_ArrowColumns):
 
 
 class _ParquetColumns(_ArrowColumns):
-    """Reads a group of columns at a time (``ParquetFile.read(columns=...)``): never the whole table in Arrow memory."""
+    """The ID and label columns are read alone (``ParquetFile.read(columns=...)``); the feature columns are streamed
+    in blocks of ``_ROW_BLOCK`` rows (``iter_batches`` over a buffered stream, one row group after the other: pyarrow
+    holds a data page or so per column, about 100 MB for 392 columns, not the row group), each block written into the
+    matrix before the next is read. Anything unusual in a
+    block (nulls, text, decimals, NaN, infinities, float32 overflow) makes us fill the matrix again a group of whole
+    columns at a time, whose checks name the first bad value in column order, as a column-by-column load would."""
+
+    _ROW_BLOCK = 8192  # rows per streamed block (pyarrow's buffers, one page per column, outweigh the block)
+    _BUFFER_BYTES = 1 << 16  # read buffer per column: pyarrow reads a column chunk in pieces, not whole
 
     def __init__(self, path: Path):
         self.path = path
@@ -393,6 +410,44 @@ class _ParquetColumns(_ArrowColumns):
 
     def _raw_column(self, name: str) -> pa.ChunkedArray:
         return self._peek_columns([name])[0]
+
+    def _stream_features(self, names: list[str], features: np.ndarray, done: Callable[[int], None] | None) -> bool:
+        """Row blocks of the feature columns into ``features``; False when the column-group path must decide."""
+        n = features.shape[0]
+        try:
+            stream = pq.ParquetFile(self.path, buffer_size=self._BUFFER_BYTES, pre_buffer=False)
+            lo = 0
+            with stream:
+                for batch in self._batches(stream, names):
+                    hi = lo + batch.num_rows
+                    cols = [batch.column(name) for name in names]
+                    if hi > n or any(c.null_count or not (pa.types.is_integer(c.type) or pa.types.is_floating(c.type)
+                                                          or pa.types.is_boolean(c.type)) for c in cols):
+                        return False
+                    if not self._fill_tiles([[c.to_numpy(zero_copy_only=False)] for c in cols], features[lo:hi]):
+                        return False
+                    del batch, cols
+                    lo = hi
+                    if done is not None:
+                        done(hi)
+            return lo == n
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError, KeyError):
+            return False
+
+    def _batches(self, stream: pq.ParquetFile, names: list[str]):
+        """One row group after the other (reading them in one go reads the next group ahead: twice the memory)."""
+        for group in range(stream.num_row_groups):
+            yield from stream.iter_batches(batch_size=self._ROW_BLOCK, row_groups=[group], columns=names,
+                                           use_threads=False)
+            pa.default_memory_pool().release_unused()
+
+    def fill_features(self, names: list[str], features: np.ndarray, done: Callable[[int], None] | None = None) -> None:
+        if not names:
+            return
+        if self._stream_features(names, features, done):
+            return
+        pa.default_memory_pool().release_unused()
+        super().fill_features(names, features, done)
 
     def _peek_columns(self, names: list[str]) -> list[pa.ChunkedArray]:
         try:

@@ -81,7 +81,12 @@ class TorchBottom:
     """A data holder's bottom model over its features.
 
     ``features`` are the party's rows as they are in its file (not copied) and ``rows[i]`` the file row of aligned
-    row ``i``; without ``rows`` the features are already in the aligned order."""
+    row ``i``; without ``rows`` the features are already in the aligned order. ``features`` is an array in RAM or
+    anything with ``shape`` and ``take(file_rows) -> float32 array``, such as the node's
+    :class:`~vfl.train.feature_file.FeatureFile`: then each batch's rows are read from it when the batch comes.
+    ``scaler`` (set by the node; anything with ``transform``) is applied to every batch as it is read, so the
+    standardised table never exists as a whole; elementwise, so a batch gets exactly the numbers it would get as
+    rows of a standardised matrix."""
 
     def __init__(
         self,
@@ -97,14 +102,23 @@ class TorchBottom:
         self.dropout_seed = dropout_seed  # None: training-mode randomness comes from wherever the global RNG is
         self.optimizer = optimizer
         self.checkpointer = checkpointer
-        self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        self.features = (features if hasattr(features, "take") and not isinstance(features, np.ndarray)
+                         else torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
+        self.scaler = None
         self._names = [name for name, _ in model.named_parameters()]
         self._stash: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     def inputs(self, rows: np.ndarray) -> torch.Tensor:
         """The features of aligned rows ``rows``."""
         index = _index(rows)
-        return self.features[index if self.rows is None else self.rows[index]]
+        file_rows = index if self.rows is None else self.rows[index]
+        if isinstance(self.features, torch.Tensor):
+            x = self.features[file_rows]
+        else:
+            x = torch.from_numpy(self.features.take(file_rows.numpy()))
+        if self.scaler is not None:
+            x = torch.from_numpy(self.scaler.transform(x.numpy()))
+        return x
 
     def forward(self, step: int, rows: np.ndarray, train: bool) -> np.ndarray:
         x = self.inputs(rows)
