@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Scale benchmark (issue 16): a PSI of parties bigger than one machine's comfortable memory, under a memory budget.
+"""Scale benchmark (issue 16): a 10M x 10M PSI under a memory budget, then one epoch on a 10M-row data holder.
 
     PYTHONPATH=. .venv/bin/python bench/scale.py            # 10,000,000 x 10,000,000 IDs, 50 % shared
     PYTHONPATH=. .venv/bin/python bench/scale.py --quick    # 1,000,000 x 1,000,000, [psi].memory_mb = 256
@@ -19,8 +19,18 @@ holder's process to both processes exited 0), ``bound_ratio`` (``psi_seconds`` /
 workers included; an upper bound on the tree's simultaneous RSS, which is also reported), ``disk_mb`` (the most the
 run's folder held beyond the two ID files: spilled PSI state, configs, logs, the aligned outputs), and ``goals``.
 
+The training part is ``bench/train.py``'s memory session, reused by import (``run_rss``): a label holder and one data
+holder of ``--rows`` rows (all shared) x ``--features`` (64) float32 features in Parquet, real ``vfl node``
+processes, PSI first (with the same ``[psi].memory_mb``), then one whole epoch (bottom 64->64, top 64->500->10,
+batch 128, window 8). ``train_rss_above_floor_mb``: the data holder's largest anonymous memory (RssAnon) from the
+start of training to its exit, less that of a process that only imported what a node imports; file-backed pages
+(the page cache, RssFile) are printed beside it and not counted. ``model_mb``: the bottom's weights, gradients,
+Adam's two moments and one stashed copy per step in flight. ``train_disk_mb``: what the session left in its folder
+(the feature file, checkpoints, segments). ``--no-train`` skips this part.
+
 Goals on this 2-core box (issue 16): at 10M x 10M ``bound_ratio`` <= 1.3 and ``psi_peak_rss_mb_max`` <= 1536
-(1.5 GiB); at ``--quick`` (1M, ``memory_mb`` 256) ``psi_peak_rss_mb_max`` <= 600.
+(1.5 GiB); at ``--quick`` (1M, ``memory_mb`` 256) ``psi_peak_rss_mb_max`` <= 600; both: ``train_rss_above_floor_mb``
+<= ``model_mb`` + 300.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psi as psibench  # noqa: E402  (bench/psi.py; sets single-threaded BLAS before numpy is imported)
+import train as trainbench  # noqa: E402  (bench/train.py)
 
 from _children import bench_main  # noqa: E402
 
@@ -70,6 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError("this vfl has no [psi].memory_mb (bucketed PSI, issue 16): run without --memory-mb "
                          "(and without --quick, which sets it) to measure the unbucketed PSI")
     r = psibench.run(psi_args(args))
+    train = None if args.no_train else run_training(args)
     mem = r["peak_rss_mb"]
     s: dict[str, Any] = {
         "bench": "vfl-scale",
@@ -91,9 +103,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg": r["loadavg"],
         "env": r["env"],
     }
+    s["train_rss_above_floor_mb"] = None if train is None else train["rss_above_import_floor_mb"]
+    s["model_mb"] = None if train is None else train["model_mb"]
+    s["train_disk_mb"] = None if train is None else train["session_disk_mb"]
+    s["train"] = train
     goals = GOALS["quick" if args.quick else "full"] if args.rows in (QUICK_ROWS, FULL_ROWS) else {}
     s["goals"] = {k: _goal(op, target, s[k]) for k, (op, target) in goals.items()}
+    if train is not None:
+        s["goals"]["train_rss_above_floor_mb"] = _goal("<=", round(train["model_mb"] + 300, 1),
+                                                        train["rss_above_import_floor_mb"])
     return s
+
+
+def run_training(args: argparse.Namespace) -> dict[str, Any]:
+    """``bench/train.py``'s memory session at ``--rows`` x ``--features``, one whole epoch."""
+    import tempfile
+    import shutil
+
+    targs = argparse.Namespace(
+        rss_rows=args.rows, rss_features=args.features, rss_epochs=1, rss_window=8, rss_train_seconds=0.0,
+        rss_psi={"memory_mb": args.memory_mb} if args.memory_mb else None,
+        rss_timeout=600 + 900 * args.rows / 1e6, sample=0.5, keep=False, wait_exit=False,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="vfl-scale-train-"))
+    try:
+        floor = trainbench.baseline_rss(targs, tmp)
+        r = trainbench.run_rss(targs, tmp, floor)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"training: {r['rows']:,} rows x {r['features']} features, 1 epoch in {r.get('training_seconds')} s; "
+          f"RssAnon above the import floor {r['rss_above_import_floor_mb']} MiB (model {r['model_mb']} MiB), "
+          f"RssFile peak {r['training_rss_file_peak_mb']} MiB; disk {r['session_disk_mb']} MiB", flush=True)
+    return r
 
 
 def memory_budget_known() -> bool:
@@ -110,6 +151,11 @@ def report(s: dict[str, Any]) -> None:
           f"{s['bound_ratio']:.3f}; peak RSS (node + workers, sum of VmHWM) "
           + ", ".join(f"{k} {v:.0f} MiB" for k, v in s["psi_peak_rss_mb"].items())
           + f"; disk {s['disk_mb']:.0f} MiB; intersection {s['intersection']:,}; load {s['loadavg']}")
+    if s["train"] is not None:
+        tr = s["train"]
+        print(f"scale: training {tr['rows']:,} x {tr['features']}, one epoch: {tr.get('training_seconds')} s; "
+              f"RssAnon above the import floor {s['train_rss_above_floor_mb']} MiB, model {s['model_mb']} MiB, "
+              f"RssFile peak {tr['training_rss_file_peak_mb']} MiB; its folder {s['train_disk_mb']} MiB")
     for k, g in s["goals"].items():
         state = {True: "reached", False: "MISSED", None: "not measured"}[g["reached"]]
         print(f"  {k:<24} {state:<12} {g['value']} (goal {g['goal']})")
@@ -126,6 +172,8 @@ def main() -> int:
     ap.add_argument("--sample", type=float, default=0.25, help="seconds between samples of the node processes")
     ap.add_argument("--timeout", type=float, help="give up after this many seconds (default 300 + 300 per million)")
     ap.add_argument("--seed", type=int, default=20261207)
+    ap.add_argument("--features", type=int, default=64, help="features of the training part's data holder")
+    ap.add_argument("--no-train", action="store_true", help="the PSI part only")
     args = ap.parse_args()
     args.rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
     if args.quick and args.memory_mb is None:

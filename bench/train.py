@@ -188,7 +188,7 @@ def write_data_main(spec: dict) -> int:
         _write_parquet(out / "bank.parquet", ids_arr[bank_rows].tolist(),
                        {"label": rng.integers(0, CLASSES, size=n).astype(np.int64)})
         dh_rows = rng.permutation(n)
-        width = SPLIT[0]
+        width = spec.get("features", SPLIT[0])
         schema = pa.schema([("id", pa.string())] + [(f"px{j}", pa.float32()) for j in range(width)])
         chunk = 65536
         with pq.ParquetWriter(out / "dh1.parquet", schema, compression="NONE", use_dictionary=False) as writer:
@@ -488,7 +488,8 @@ def proxy_rtt_ms(args, tmp: Path, delay_ms: float, rounds: int) -> dict[str, flo
 
 def session_configs(out: Path, data_dir: Path, *, window: int, epochs: int, holders: tuple[str, ...],
                     port: int, proxy_port: int | None, psi_workers: int,
-                    validation_fraction: float = 0.0, seed_offset: int = 0) -> dict[str, Path]:
+                    validation_fraction: float = 0.0, seed_offset: int = 0,
+                    psi_extra: dict | None = None) -> dict[str, Path]:
     """One session's configs. ``seed_offset`` is added to every model and schedule seed (not the data's): another
     initialisation, epoch order and validation split of the same rows."""
     from vfl.launch.prepare import prepare_session
@@ -509,7 +510,8 @@ def session_configs(out: Path, data_dir: Path, *, window: int, epochs: int, hold
         tables[p] = {"model": {"bottom": BOTTOM, "seed": seeds[p]}, "train": dict(train_common)}
         data[p] = {"path": str(data_dir / f"{p}.parquet"), "id_column": "id"}
     configs = prepare_session(out, data_holders=list(holders), run="trainbench", port=port, timeouts=NODE_TIMEOUTS,
-                              link_check={"rounds": 0}, data=data, psi={"workers": psi_workers}, tables=tables,
+                              link_check={"rounds": 0}, data=data, psi={"workers": psi_workers, **(psi_extra or {})},
+                              tables=tables,
                               cut_widths={p: CUT for p in holders}, batch_size=BATCH, window=window)
     if proxy_port is not None:  # the data holders dial the proxy; the label holder binds the real port
         for p in holders:
@@ -696,6 +698,10 @@ def run_central_cell(args, tmp: Path, cell: dict) -> dict[str, Any]:
 def run_rss(args, tmp: Path, baseline: dict[str, float]) -> dict[str, Any]:
     """One data holder with ``--rss-rows`` x 392 float32 features through PSI and into training; its memory.
 
+    ``bench/scale.py`` sets three more fields on ``args``: ``rss_features`` (features instead of 392),
+    ``rss_epochs`` (train that many epochs to the end instead of stopping after ``--rss-train-seconds``) and
+    ``rss_psi`` (extra ``[psi]`` keys of both parties, e.g. ``memory_mb``).
+
     ``rss_above_import_floor_mb`` (issue 16's figure; goal <= model + 300 MiB): the largest RssAnon of the data
     holder's main process over the samples from the start of training to the stop, less the import floor's RssAnon
     (``baseline_rss``). Anonymous memory only: file-backed pages mapped into the process (RssFile, printed too) are
@@ -705,18 +711,21 @@ def run_rss(args, tmp: Path, baseline: dict[str, float]) -> dict[str, Any]:
     baseline_mb = baseline["vmhwm_mb"]
     data_dir = tmp / "rss-data"
     t = time.monotonic()
+    features = getattr(args, "rss_features", SPLIT[0])
+    fixed_epochs = getattr(args, "rss_epochs", None)
     written = run_helper(args, "--write-data", {"kind": "rss", "dir": str(data_dir), "rows": args.rss_rows,
-                                                "seed": SEEDS["data"] + 7}, tmp, 900)
+                                                "seed": SEEDS["data"] + 7, "features": features}, tmp,
+                         900 * max(1.0, args.rss_rows * features / 392e6))
     write_s = time.monotonic() - t
-    print(f"rss: wrote {args.rss_rows:,} rows x {SPLIT[0]} float32 features ({written['files']['dh1.parquet'] / 1e6:.0f} MB "
+    print(f"rss: wrote {args.rss_rows:,} rows x {features} float32 features ({written['files']['dh1.parquet'] / 1e6:.0f} MB "
           f"Parquet) in {write_s:.1f} s", flush=True)
     out = tmp / "rss-session"
     port = free_port()
     # enough epochs that training outlasts --rss-train-seconds at 100k samples/s (the schedule of every epoch is held
     # by the label holder: 8 bytes per row per epoch, so no more than that)
-    epochs = max(1, -(-int(args.rss_train_seconds * 100_000) // args.rss_rows))
+    epochs = fixed_epochs or max(1, -(-int(args.rss_train_seconds * 100_000) // args.rss_rows))
     configs = session_configs(out, data_dir, window=args.rss_window, epochs=epochs, holders=("dh1",), port=port,
-                              proxy_port=None, psi_workers=0)
+                              proxy_port=None, psi_workers=0, psi_extra=getattr(args, "rss_psi", None))
     session = Session(args, out, configs, delay_ms=None, port=port, proxy_port=None)
 
     def training_since(s: Session) -> float | None:
@@ -726,7 +735,7 @@ def run_rss(args, tmp: Path, baseline: dict[str, float]) -> dict[str, Any]:
 
     def stop_when(s: Session, t: float) -> bool:
         at = training_since(s)
-        return at is not None and t > at + args.rss_train_seconds
+        return fixed_epochs is None and at is not None and t > at + args.rss_train_seconds
 
     info = session.run(args.rss_timeout, stop_when)
     dh, lh = session.nodes["dh1"], session.nodes[LABEL_HOLDER]
@@ -755,7 +764,7 @@ def run_rss(args, tmp: Path, baseline: dict[str, float]) -> dict[str, Any]:
     anon_peak_mb = max((k[1] for k in training), default=float("nan")) / 1024
     file_peak_mb = max((k[2] for k in training), default=float("nan")) / 1024
     session_anon_peak_mb = max((k[1] for k in dh.kind_trace), default=float("nan")) / 1024
-    params = SPLIT[0] * CUT + CUT
+    params = features * CUT + CUT
     # weights + gradients + Adam's two moments + one stashed weight copy per step in flight
     model_bytes = params * 4 * (4 + args.rss_window)
     data_bytes = written["data_bytes"]["dh1"]
@@ -772,7 +781,7 @@ def run_rss(args, tmp: Path, baseline: dict[str, float]) -> dict[str, Any]:
         "import_floor": baseline,
         "training_samples": len(training),
         "rows": args.rss_rows,
-        "features": SPLIT[0],
+        "features": features,
         "data_bytes": data_bytes,
         "model_bytes": model_bytes,
         "parquet_bytes": written["files"]["dh1.parquet"],
@@ -789,6 +798,10 @@ def run_rss(args, tmp: Path, baseline: dict[str, float]) -> dict[str, Any]:
         "psi_seconds": round(phase_marks["psi_done"] - phase_marks["ready"], 1)
         if phase_marks["psi_done"] and phase_marks["ready"] else None,
     }
+    # what the session left on disk besides the input tables (the feature file, checkpoints, segments, logs)
+    result["session_disk_mb"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / MB, 1)
+    if fixed_epochs is not None:
+        result["training_seconds"] = round(info["seconds"] - trained_from, 1)  # to the end: saving and exit too
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(data_dir, ignore_errors=True)
