@@ -447,7 +447,7 @@ class BucketedSender(_BucketedParty):
         if peer.bucket_items is not None:
             raise MalformedMessageError("data holder: the label holder's PSI_START has bucket_items (only D sends it)")
         if peer.buckets is None:
-            raise MalformedMessageError("data holder: the label holder's PSI_START lacks buckets in a bucketed PSI")
+            raise MalformedMessageError("data holder: PSI_START.buckets is missing from the label holder's start of a bucketed PSI")
         k = peer.buckets
         if self.buckets_setting != AUTO and k != self.buckets_setting:
             raise MalformedMessageError(f"data holder: PSI_START.buckets = {k}, but the session agreed on {self.buckets_setting}")
