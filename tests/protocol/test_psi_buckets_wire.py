@@ -108,7 +108,7 @@ def test_P13_a_bad_bucket_on_the_wire_is_PSI_FAILED(engine):
     assert exc.value.code is ErrorCode.PSI_FAILED
 
 
-def test_P12_the_label_holder_announces_K_and_the_data_holder_opens_bucket_0(engine):
+def test_P12_the_data_holder_waits_for_K_then_opens_bucket_0(engine):
     lh, dh = pair(engine, "auto"), pair(engine, "auto", role="data_holder")
     (d_start,) = dh.start()
     assert d_start.buckets is None and not dh.has_work  # D waits for K before it partitions

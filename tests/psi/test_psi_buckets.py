@@ -140,10 +140,10 @@ def test_choose_buckets_is_the_fewest_that_fit():
     for total, cap in [(6300, 4096), (2_000_000, capacity_for(256)), (10**7, 10**5), (500, 30)]:
         k = choose_buckets(total, cap)
         mean = total / k
-        assert mean + 7 * mean**0.5 + 7 <= cap
+        assert mean + 7 * (2 * mean) ** 0.5 + 7 <= cap
         if k > 1:
             m = total / (k - 1)
-            assert m + 7 * m**0.5 + 7 > cap
+            assert m + 7 * (2 * m) ** 0.5 + 7 > cap
     assert choose_buckets(10**12, 10) == MAX_BUCKETS  # cannot fit: the most buckets, then the size checks refuse
 
 
@@ -242,11 +242,28 @@ def test_P12_who_sends_which_start_field(engine):
 
 
 def test_P14_a_bucket_larger_than_the_capacity_is_refused(engine):
-    # D's budget allows 8 buckets of 60 items; a label holder that puts all its 60 items in bucket 0 is refused
-    d, lh, first = started(engine, k=8, a=range(0, 60), b=range(0, 60), capacity=(60, None))
+    # D's budget allows 8 buckets of 62 items; a label holder that puts all its 60 items in bucket 0 is refused
+    d, lh, first = started(engine, k=8, a=range(0, 60), b=range(0, 60), capacity=(62, None))
     assert first.n_items > 0
-    with pytest.raises(LimitExceededError, match=r"holds \d+ \+ 60 items, more than this party's capacity of 60"):
+    with pytest.raises(LimitExceededError, match=r"holds \d+ \+ 60 items, more than this party's capacity of 62"):
         d.receive(BucketStart(bucket=0, n_items=60))
     d, lh, first = started(engine, k=4, a=range(0, 40), b=range(0, 40), capacity=(None, 30))
     with pytest.raises(LimitExceededError, match="capacity of 30"):
         lh.receive(BucketStart(bucket=0, n_items=40))
+
+
+def test_P15_the_partition_is_the_specified_keyed_hash_and_every_item_is_in_one_bucket(engine):
+    import hashlib
+
+    from vfl.psi.curve import hash_domain
+
+    key = hashlib.blake2b(hash_domain("run", NONCE), digest_size=32, person=b"vfl/psi/bucket1").digest()
+    assert key == bucket_key("run", NONCE)
+    items = ids(range(300))
+    spec = [int.from_bytes(hashlib.blake2b(x, key=key, digest_size=8).digest(), "little") % 7 for x in items]
+    assert assign_buckets(items, key, 7).tolist() == spec
+    source = MemoryBuckets(items)
+    counts = source.partition(key, 7)
+    rows = np.concatenate([source.bucket(b)[1] for b in range(7)])
+    assert counts.sum() == len(items) and sorted(rows.tolist()) == list(range(300))
+    assert all(spec[r] == b for b in range(7) for r in source.bucket(b)[1].tolist())

@@ -66,12 +66,13 @@ __all__ = [
 ]
 
 MAX_BUCKETS = 1 << 16
-#: bytes one item (own or the peer's) costs a party while its bucket is open: the item's bytes object and list slot,
-#: its point and token, row indices, and the sort keys of the intersection (measured about 200 at 1M; with margin)
+#: bytes one item (own or the peer's) costs a party while its bucket is open, an estimate with margin: the item's
+#: bytes object and list slot, its point and token, row indices, and the sort keys of the intersection
 ITEM_BYTES = 256
 AUTO = "auto"
-#: a bucket's size is binomial around its mean; K is chosen so that mean + SIGMAS standard deviations fits the
-#: capacity (with K <= 65536 buckets, the chance that an honest bucket overflows is below 1e-6)
+#: a bucket's size (own + peer) is binomial around its mean, with at most twice the variance when the sets overlap
+#: (a shared item is in the same bucket at both); K is chosen so that mean + SIGMAS * sqrt(2 * mean) + SIGMAS fits the
+#: capacity: with K <= 65536 buckets, the chance that an honest bucket overflows is below 1e-6
 SIGMAS = 7
 _PERSON = b"vfl/psi/bucket1"  # BLAKE2b personalisation of the bucket-key derivation (domain separation from H)
 
@@ -155,14 +156,14 @@ def capacity_for(memory_mb: int) -> int:
 
 
 def choose_buckets(total: int, capacity: int | None) -> int:
-    """The fewest buckets K (at most :data:`MAX_BUCKETS`) such that a bucket of ``total / K`` items, plus
-    :data:`SIGMAS` standard deviations, fits ``capacity`` items; 1 without a capacity."""
+    """The fewest buckets K (at most :data:`MAX_BUCKETS`) such that a bucket of ``mean = total / K`` items, plus
+    ``SIGMAS * sqrt(2 * mean) + SIGMAS``, fits ``capacity`` items; 1 without a capacity."""
     if capacity is None or total <= 0:
         return 1
 
     def fits(k: int) -> bool:
         mean = total / k
-        return mean + SIGMAS * math.sqrt(mean) + SIGMAS <= capacity
+        return mean + SIGMAS * math.sqrt(2 * mean) + SIGMAS <= capacity
 
     lo = max(1, -(-total // capacity)) - 1  # fewer buckets than total / capacity cannot fit
     if lo >= MAX_BUCKETS:
