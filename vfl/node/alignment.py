@@ -40,6 +40,8 @@ class PartyIds:
     ids: list
     items: list[bytes]
     table: PartyTable | None = None  # the whole table (features, labels) when the session trains
+    #: indices of the distinct items (all of them unless [psi].dedupe dropped repeats), ``int64``: checked once
+    unique_rows: np.ndarray | None = None
 
 
 def load_ids(cfg: NodeConfig) -> PartyIds:
@@ -66,14 +68,15 @@ def load_ids(cfg: NodeConfig) -> PartyIds:
     except InvalidIdError as exc:
         raise AlignmentError(f"{data.path}: column {data.id_column!r}: {exc}") from None
     try:
-        prepare_items(items, dedupe=cfg.psi.dedupe)
+        unique_rows = prepare_items(items, dedupe=cfg.psi.dedupe)
     except DuplicateIdError as exc:
         raise AlignmentError(
             f"{data.path}: column {data.id_column!r} has {exc.count} duplicate ID(s), e.g. "
             f"{exc.example.decode('utf-8', 'replace')[2:]!r}; remove them or set [psi].dedupe = true "
             "(keeps the first row of each ID)"
         ) from None
-    return PartyIds(path=data.path, column=data.id_column, ids=table.ids, items=items, table=table if train else None)
+    return PartyIds(path=data.path, column=data.id_column, ids=table.ids, items=items, table=table if train else None,
+                    unique_rows=unique_rows)
 
 
 class SpillBuckets(MemoryBuckets):
@@ -87,8 +90,9 @@ class SpillBuckets(MemoryBuckets):
     is removed when the pairwise PSI is done (and by the runner when the node exits).
     """
 
-    def __init__(self, items: Sequence[bytes], folder: Path, *, dedupe: bool = False) -> None:
-        super().__init__(items, dedupe=dedupe)
+    def __init__(self, items: Sequence[bytes], folder: Path, *, dedupe: bool = False,
+                 unique_rows: np.ndarray | None = None) -> None:
+        super().__init__(items, dedupe=dedupe, unique_rows=unique_rows)
         self.folder = folder
         self.counts: np.ndarray | None = None
 
@@ -159,7 +163,7 @@ def psi_plan(cfg: NodeConfig, ids: PartyIds, engine: PsiEngine) -> PsiPlan:
 
         def source(nonce: str) -> SpillBuckets:  # one folder per pairwise PSI; its name does not show the nonce
             tag = hashlib.sha256(nonce.encode()).hexdigest()[:16]
-            return SpillBuckets(ids.items, spill_folder(cfg) / tag, dedupe=cfg.psi.dedupe)
+            return SpillBuckets(ids.items, spill_folder(cfg) / tag, dedupe=cfg.psi.dedupe, unique_rows=ids.unique_rows)
 
     return PsiPlan(
         items=ids.items,

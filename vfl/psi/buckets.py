@@ -74,7 +74,8 @@ AUTO = "auto"
 #: (a shared item is in the same bucket at both); K is chosen so that mean + SIGMAS * sqrt(2 * mean) + SIGMAS fits the
 #: capacity: with K <= 65536 buckets, the chance that an honest bucket overflows is below 1e-6
 SIGMAS = 7
-_PERSON = b"vfl/psi/bucket1"  # BLAKE2b personalisation of the bucket-key derivation (domain separation from H)
+_PERSON = b"vfl/psi/bucket1"
+_HASH_BATCH = 1 << 16  # BLAKE2b personalisation of the bucket-key derivation (domain separation from H)
 
 
 # --------------------------------------------------------------------------------------------------------- messages
@@ -118,8 +119,11 @@ def assign_buckets(items: Sequence[bytes], key: bytes, k: int) -> np.ndarray:
     if k == 1:
         return np.zeros(len(items), dtype=np.uint32)
     b2 = hashlib.blake2b
-    digests = b"".join([b2(it, key=key, digest_size=8).digest() for it in items])
-    return (np.frombuffer(digests, dtype="<u8") % np.uint64(k)).astype(np.uint32)
+    out = np.empty(len(items), dtype=np.uint32)
+    for lo in range(0, len(items), _HASH_BATCH):  # in batches: no list of n digests at 10M items
+        digests = b"".join([b2(it, key=key, digest_size=8).digest() for it in items[lo : lo + _HASH_BATCH]])
+        out[lo : lo + _HASH_BATCH] = np.frombuffer(digests, dtype="<u8") % np.uint64(k)
+    return out
 
 
 @dataclass(frozen=True, eq=False)  # arrays: compare fields explicitly
@@ -200,9 +204,13 @@ class BucketSource(Protocol):
 class MemoryBuckets:
     """A :class:`BucketSource` that keeps the items in memory (tests, benchmarks, small sets)."""
 
-    def __init__(self, items: Sequence[bytes], *, dedupe: bool = False) -> None:
+    def __init__(self, items: Sequence[bytes], *, dedupe: bool = False, unique_rows: np.ndarray | None = None) -> None:
+        """``unique_rows``: the distinct items' indices, when the caller has already checked them (``prepare_items``);
+        otherwise they are computed here (which raises DuplicateIdError / InvalidIdError)."""
         self.items = items
-        self.unique_rows = core.prepare_items(items, dedupe=dedupe)  # raises DuplicateIdError / InvalidIdError
+        if unique_rows is None:
+            unique_rows = core.prepare_items(items, dedupe=dedupe)
+        self.unique_rows = np.asarray(unique_rows, dtype=np.int64)
         self.n_items = len(self.unique_rows)
         self.grouping: Grouping | None = None
         self.committed: dict[int, np.ndarray] = {}
