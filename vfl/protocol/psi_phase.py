@@ -169,13 +169,11 @@ class PairwisePsi:
             )
         self.max_peer_items = max_peer_items
         self._stream: Iterator | None = None
-        self._started = False
         self.received_chunks = 0
 
     def start(self) -> list[Message]:
         """Our PSI_START; our own stream starts flowing through ``work()``."""
         first = self.exchange.start()
-        self._started = True
         if not self.bucketed:
             self._stream = self.exchange.blinded_chunks()
         return [to_wire(first)]
