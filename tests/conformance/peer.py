@@ -96,17 +96,19 @@ FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "ECHO_REPLY": {"seq": (_INT, True)},
     "BYE": {"ok": (_BOOL, True), "reason": (_STR, True)},
     # section 10 (the kit checks their fields, not the PSI itself)
-    "PSI_START": {"n_items": (_INT, True), "chunk_size": (_INT, True)},
+    "PSI_START": {"n_items": (_INT, True), "chunk_size": (_INT, True), "buckets": (_INT, False),
+                  "bucket_items": (_INT, False)},  # the bucket fields: 1.8, a session with psi_buckets
     "PSI_ITEMS": {"chunk": (_INT, True), "last": (_BOOL, True)},
     "PSI_REPLY": {"chunk": (_INT, True), "last": (_BOOL, True)},
     "PSI_RESULT": {"chunk": (_INT, True), "last": (_BOOL, True)},
     "PSI_ROWS": {"chunk": (_INT, True), "last": (_BOOL, True)},
+    "PSI_BUCKET": {"bucket": (_INT, True), "n_items": (_INT, True)},  # 1.8
 }
 SESSION_TYPES = frozenset({"HELLO", "WELCOME", "ERROR", "HEARTBEAT", "ECHO", "ECHO_REPLY", "BYE"})  # sections 5-9
 TYPES = frozenset(FIELDS)
 TENSOR_TYPES = frozenset({"ECHO", "ECHO_REPLY", "PSI_ITEMS", "PSI_REPLY", "PSI_RESULT", "PSI_ROWS"})  # may carry tensors
-PSI_LH = frozenset({"PSI_START", "PSI_ITEMS", "PSI_REPLY", "PSI_ROWS"})  # the PSI messages a label holder sends
-PSI_DH = frozenset({"PSI_START", "PSI_ITEMS", "PSI_RESULT"})  # ... and a data holder
+PSI_LH = frozenset({"PSI_START", "PSI_ITEMS", "PSI_REPLY", "PSI_ROWS", "PSI_BUCKET"})  # the PSI messages a label holder sends
+PSI_DH = frozenset({"PSI_START", "PSI_ITEMS", "PSI_RESULT", "PSI_BUCKET"})  # ... and a data holder
 LH_TO_DH = frozenset({"WELCOME", "ERROR", "HEARTBEAT", "ECHO_REPLY", "BYE"}) | PSI_LH  # what a label holder may send
 DH_TO_LH = frozenset({"HELLO", "ERROR", "HEARTBEAT", "ECHO", "BYE"}) | PSI_DH  # what a data holder may send
 

@@ -23,6 +23,11 @@ from ..privacy.spec import PrivacyError, PrivacySpec
 from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.messages import is_party_id
 from ..protocol.psi_phase import DEFAULT_MAX_PSI_ITEMS
+from ..psi.buckets import AUTO as AUTO_BUCKETS
+from ..psi.buckets import MAX_BUCKETS, capacity_for
+
+#: [psi].memory_mb when [psi].buckets = "auto" names no budget
+DEFAULT_PSI_MEMORY_MB = 1024
 from ..protocol.session import DEFAULT_MAX_WINDOW
 from ..psi.cluster import check_cluster_address
 from ..train.specs import OptimizerSpec
@@ -92,6 +97,18 @@ class PsiSettings:
     output: Path | None = None
     max_items: int = DEFAULT_MAX_PSI_ITEMS  # the most items a peer may announce for the PSI
     cluster: str | None = None  # a Dask scheduler of this party's own (tcp:// or tls://): None = a local process pool
+    #: 1 (one exchange over all items), a fixed bucket count K, or "auto" (K from the set sizes and memory_mb); the
+    #: session config carries it as psi_buckets, so every party must say the same
+    buckets: int | str = 1
+    #: the budget, in MiB, for the items of one open bucket (own + the peer's); 0: none. Setting it means "auto"
+    memory_mb: int = 0
+    #: where the bucketed PSI spills each bucket's items (0600 files, removed when the PSI is done)
+    spill_dir: Path | None = None
+
+    @property
+    def capacity(self) -> int | None:
+        """The most items (own + the peer's) one bucket may hold, from memory_mb; None without a budget."""
+        return capacity_for(self.memory_mb) if self.memory_mb else None
 
 
 @dataclass(frozen=True)
@@ -182,6 +199,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "output": (str, False, None),
         "max_items": (int, False, DEFAULT_MAX_PSI_ITEMS),
         "cluster": (str, False, None),
+        "buckets": ((int, str), False, None),
+        "memory_mb": (int, False, 0),
     },
     "keys": {"secret": (str, False, None), "partners": (dict, False, {}), "insecure": (bool, False, False)},
     "session": {
@@ -336,6 +355,11 @@ def load_config(path: str | Path, *, allow_insecure_remote: bool = False) -> Nod
     if session is not None and session.psi and "data" in top and top["data"] is None:
         problems.add("[session].psi = true needs a [data] table with path and id_column")
     psi = _psi(top["psi"], limits, base, problems) if "psi" in top else None
+    if session is not None and psi is not None and psi.buckets != 1:  # the session config carries the bucketing
+        if not session.psi:
+            problems.add("[psi].buckets / memory_mb ask for a bucketed PSI but [session].psi is not true")
+        else:
+            session = dataclasses.replace(session, psi_buckets=psi.buckets)
     privacy, audit = _privacy(top, session, problems)
     if session is not None and privacy is not None:
         session = dataclasses.replace(session, privacy=privacy)
@@ -595,16 +619,29 @@ def _psi(raw: dict, limits: Limits | None, base: Path, problems: _Problems) -> P
         problems.add("[psi].chunk_size * 32 bytes exceeds [limits].max_tensor_bytes")
     if p["cluster"] is not None and (bad := check_cluster_address(p["cluster"])) is not None:
         problems.add(f"[psi].cluster {bad}")
+    buckets, memory_mb = p["buckets"], p["memory_mb"]
+    if buckets is not None and buckets != AUTO_BUCKETS and not (type(buckets) is int and 1 <= buckets <= MAX_BUCKETS):
+        problems.add(f'[psi].buckets must be "auto" or an integer in 1..{MAX_BUCKETS}, got {buckets!r}')
+    if memory_mb < 0:
+        problems.add(f"[psi].memory_mb must be >= 0 (0: no budget), got {memory_mb}")
     if len(problems.found) > found:
         return None
+    if buckets is None:  # a memory budget alone asks for buckets chosen from it
+        buckets = AUTO_BUCKETS if memory_mb else 1
+    if buckets == AUTO_BUCKETS and not memory_mb:
+        memory_mb = DEFAULT_PSI_MEMORY_MB
+    out = (base / p["output"]).resolve() if p["output"] else None
     return PsiSettings(
         chunk_size=p["chunk_size"],
         dedupe=p["dedupe"],
         min_rows=p["min_rows"],
         workers=p["workers"],
-        output=(base / p["output"]).resolve() if p["output"] else None,
+        output=out,
         max_items=p["max_items"],
         cluster=p["cluster"],
+        buckets=buckets,
+        memory_mb=memory_mb,
+        spill_dir=(out.parent if out is not None else base) / "psi-buckets",
     )
 
 

@@ -40,7 +40,7 @@ from ..protocol.errors import LocalProtocolError
 from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.text import peer_text
 from ..psi import PsiEngine
-from .alignment import PartyIds, load_ids, psi_plan, write_aligned
+from .alignment import PartyIds, load_ids, psi_plan, remove_spill, write_aligned
 from .config import NodeConfig
 from .outbox import Outbox, frames_bytes
 from .progress import Progress
@@ -202,6 +202,7 @@ class NodeRunner:
             self.clean_exit = transport.close(linger_ms=LINGER_MS if self.bytes_received else 0)
             if self.engine is not None:
                 self.engine.close()
+                remove_spill(cfg)  # a bucketed PSI's spilled IDs never outlive the node
             for s, handler in previous.items():
                 signal.signal(s, handler)
 

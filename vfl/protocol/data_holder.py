@@ -25,6 +25,7 @@ from .messages import (
     Heartbeat,
     Hello,
     Message,
+    PsiBucket,
     PsiItems,
     PsiReply,
     PsiRows,
@@ -117,6 +118,9 @@ class DataHolderMachine:
         self._cooling_since: float | None = None  # the label holder refuses our key for now ([B5], ZAP status 500)
         if config.psi and psi is None:
             raise ValueError("the session config says psi = true: give the data holder a PsiPlan")
+        if config.psi and psi.buckets != config.psi_buckets:  # the session config is what both parties agreed on
+            raise ValueError(f"the PsiPlan has buckets = {psi.buckets!r} but the session config psi_buckets = "
+                             f"{config.psi_buckets!r}")
         self.psi_plan = psi if config.psi else None
         self.progress_timeout_s = progress_timeout_s
         self.max_psi_items = max_psi_items
@@ -543,8 +547,8 @@ class DataHolderMachine:
             return self._psi_fatal(exc, now)
         out: list[Output] = [self._send(m, now) for m in replies]
         if self._psi.done:
-            self._final = FinalRows(self._psi.exchange.rows)
-            out.append(Log(level="INFO", text=f"PSI: {len(self._psi.exchange.rows)} IDs shared with the label holder"))
+            self._final = FinalRows(self._psi.rows)
+            out.append(Log(level="INFO", text=f"PSI: {len(self._psi.rows)} IDs shared with the label holder"))
         return out
 
     # ------------------------------------------------------------------------------------------------ transitions
@@ -681,6 +685,7 @@ _TABLE: dict[tuple[DataHolderState, str], Handler] = {
     (DataHolderState.READY, Bye.TYPE): DataHolderMachine._on_bye,
     (DataHolderState.READY, Error.TYPE): DataHolderMachine._on_error,
     (DataHolderState.PSI, PsiStart.TYPE): DataHolderMachine._on_psi_message,
+    (DataHolderState.PSI, PsiBucket.TYPE): DataHolderMachine._on_psi_message,
     (DataHolderState.PSI, PsiItems.TYPE): DataHolderMachine._on_psi_message,
     (DataHolderState.PSI, PsiReply.TYPE): DataHolderMachine._on_psi_message,
     (DataHolderState.PSI, PsiRows.TYPE): DataHolderMachine._on_psi_message,

@@ -28,6 +28,7 @@ from .messages import (
     Heartbeat,
     Hello,
     Message,
+    PsiBucket,
     PsiItems,
     PsiResult,
     PsiStart,
@@ -156,6 +157,9 @@ class LabelHolderMachine:
         self.instance = secrets.token_hex(16)
         if config.psi and psi is None:
             raise ValueError("the session config says psi = true: give the label holder a PsiPlan")
+        if config.psi and psi.buckets != config.psi_buckets:  # the session config is what both parties agreed on
+            raise ValueError(f"the PsiPlan has buckets = {psi.buckets!r} but the session config psi_buckets = "
+                             f"{config.psi_buckets!r}")
         self.psi = psi if config.psi else None
         #: the label holder's own rows in the final order, once every pairwise PSI is done
         self.final_rows = None
@@ -731,9 +735,11 @@ class LabelHolderMachine:
             replies = p.psi.receive(msg)
         except RemoteProtocolError as exc:
             return self._psi_fatal(p, exc, now)
-        return [self._send(p, m, now) for m in p.psi.start() + replies] + [
-            Log(level="INFO", text=f"PSI with data holder {p.name!r}: it has {msg.n_items} IDs")
-        ]
+        out = [self._send(p, m, now) for m in p.psi.start() + replies]
+        out.append(Log(level="INFO", text=f"PSI with data holder {p.name!r}: it has {msg.n_items} IDs"))
+        if p.psi.bucketed:
+            out.append(Log(level="INFO", text=f"PSI with data holder {p.name!r}: {p.psi.exchange.k} buckets"))
+        return out
 
     def _on_psi_message(self, p: _Party, msg: Message, now: float) -> list[Output]:
         p.last_progress = now
@@ -744,7 +750,7 @@ class LabelHolderMachine:
         out: list[Output] = [self._send(p, m, now) for m in replies]
         if p.psi.done:
             p.state = PartyState.PSI_DONE
-            out.append(Log(level="INFO", text=f"PSI with data holder {p.name!r}: {len(p.psi.exchange.rows)} shared IDs"))
+            out.append(Log(level="INFO", text=f"PSI with data holder {p.name!r}: {len(p.psi.rows)} shared IDs"))
             out += self._maybe_align(now)
         return out
 
@@ -761,7 +767,7 @@ class LabelHolderMachine:
             return []
         out: list[Output] = []
         if first_time:
-            plan = combine([q.psi.exchange for q in parties])
+            plan = combine([q.psi for q in parties])
             if len(plan.label_rows) < self.psi.min_rows:
                 return self._finish(
                     1,
@@ -777,7 +783,7 @@ class LabelHolderMachine:
             for q in parties:
                 if q.state is PartyState.PSI_DONE:
                     try:
-                        positions[q.name] = positions_for(self.final_rows, q.psi.exchange.rows)
+                        positions[q.name] = positions_for(self.final_rows, q.psi.rows)
                     except ValueError as exc:
                         return self._finish(1, f"data holder {q.name!r} rejoined with other IDs: {exc}", now)
         for q in parties:
@@ -973,6 +979,7 @@ _TABLE: dict[tuple[PartyState, str], Handler] = {
     (PartyState.READY, Heartbeat.TYPE): LabelHolderMachine._on_heartbeat,
     (PartyState.READY, Bye.TYPE): LabelHolderMachine._on_bye,
     (PartyState.READY, PsiStart.TYPE): LabelHolderMachine._on_psi_start,
+    (PartyState.PSI, PsiBucket.TYPE): LabelHolderMachine._on_psi_message,
     (PartyState.PSI, PsiItems.TYPE): LabelHolderMachine._on_psi_message,
     (PartyState.PSI, PsiResult.TYPE): LabelHolderMachine._on_psi_message,
     (PartyState.PSI, Heartbeat.TYPE): LabelHolderMachine._on_heartbeat,

@@ -239,15 +239,35 @@ class Bye(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class PsiStart(Message):
-    """Opens one side of a pairwise PSI: its deduplicated set size and the chunk size of its streams."""
+    """Opens one side of a pairwise PSI: its deduplicated set size and the chunk size of its streams. In a bucketed
+    PSI (v1.8, session config ``psi_buckets``) the label holder's also names the number of ``buckets`` and the data
+    holder's may name ``bucket_items``, the most items (its own and the peer's) it holds in one bucket."""
 
     TYPE: ClassVar[str] = "PSI_START"
     FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
         "n_items": (FieldKind.INT, True),
         "chunk_size": (FieldKind.INT, True),
+        "buckets": (FieldKind.INT, False),
+        "bucket_items": (FieldKind.INT, False),
     }
     n_items: int
     chunk_size: int
+    buckets: int | None = None
+    bucket_items: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PsiBucket(Message):
+    """v1.8: opens the sender's side of bucket ``bucket`` of a bucketed PSI, which holds ``n_items`` of its items;
+    that bucket's PSI_ITEMS, PSI_REPLY and PSI_RESULT streams follow, numbered from 0."""
+
+    TYPE: ClassVar[str] = "PSI_BUCKET"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
+        "bucket": (FieldKind.INT, True),
+        "n_items": (FieldKind.INT, True),
+    }
+    bucket: int
+    n_items: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -435,7 +455,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Error, Heartbeat, Echo, EchoReply, Bye,
-        PsiStart, PsiItems, PsiReply, PsiResult, PsiRows,
+        PsiStart, PsiItems, PsiReply, PsiResult, PsiRows, PsiBucket,
         Schedule, Epoch, Forward, Backward, EvalForward, Checkpoint, CheckpointDone, Rollback, TrainingDone, Window,
     )
 }

@@ -4,22 +4,28 @@ The session machines own one of these per pairwise PSI. They translate PSI_* mes
 dataclasses and back, turn every ``PsiRemoteError`` into a ``RemoteProtocolError(PSI_FAILED)`` (the honest party
 then ends the session: a PSI with a misbehaving peer has no right answer), and hand out the party's own blinded
 stream one chunk at a time (``work()``), so the node loop can keep heartbeats and other peers going between chunks.
+
+A session whose config has ``psi_buckets`` (v1.8) runs the bucketed PSI of ``vfl.psi.buckets`` instead: the same
+messages plus PSI_BUCKET, and PSI_START's ``buckets`` / ``bucket_items``; the party's items come from the plan's
+bucket source (the node's spills them to files). Without it the wire is exactly that of 1.1, and a PSI_START carrying
+the bucket fields, or a PSI_BUCKET, is a PSI_FAILED: never read as something else.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..psi import buckets as bucketed
 from ..psi import exchange as core
 from ..psi import multiparty
 from ..psi.engine import PsiEngine
 from ..psi.errors import PsiError, PsiRemoteError
 from .errors import ErrorCode, RemoteProtocolError
-from .messages import Message, PsiItems, PsiReply, PsiResult, PsiRows, PsiStart, Tensor
+from .messages import Message, PsiBucket, PsiItems, PsiReply, PsiResult, PsiRows, PsiStart, Tensor
 
 NONCE_HEX_CHARS = 32
 #: [psi].max_items default: the most IDs a peer may announce (bounds what one PSI_START makes us hold)
@@ -35,6 +41,17 @@ class PsiPlan:
     chunk_size: int = core.DEFAULT_CHUNK_SIZE
     dedupe: bool = False
     min_rows: int = 1
+    #: v1.8: 1 (the unbucketed PSI), a fixed K, or "auto" (the session config's ``psi_buckets``)
+    buckets: int | str = 1
+    #: the most items (own + the peer's) this party holds in one bucket (from ``[psi].memory_mb``); None: no budget
+    capacity: int | None = None
+    #: makes the bucket source of one pairwise PSI, given its nonce (the node's spills to files); None: in memory
+    source: Callable[[str], bucketed.BucketSource] | None = None
+
+    def bucket_source(self, nonce: str) -> bucketed.BucketSource:
+        if self.source is not None:
+            return self.source(nonce)
+        return bucketed.MemoryBuckets(self.items, dedupe=self.dedupe)
 
 
 def new_nonce() -> str:
@@ -53,10 +70,32 @@ def _tensor(msg: Message, name: str) -> np.ndarray:
     return tensors[name]
 
 
-def to_core(msg: Message):
-    """A PSI_* wire message as the exchange's dataclass (shapes and dtypes are checked by the exchange)."""
+def to_core(msg: Message, *, bucketed_psi: bool = False):
+    """A PSI_* wire message as the exchange's dataclass (shapes and dtypes are checked by the exchange).
+
+    ``bucketed_psi``: the session runs the bucketed PSI (v1.8). Otherwise PSI_START's bucket fields and PSI_BUCKET
+    are refused, so that a peer asking for buckets is never read as an unbucketed one."""
     if isinstance(msg, PsiStart):
+        if bucketed_psi:
+            return bucketed.BucketedStart(
+                n_items=msg.n_items, chunk_size=msg.chunk_size, buckets=msg.buckets, bucket_items=msg.bucket_items
+            )
+        for name in ("buckets", "bucket_items"):
+            if getattr(msg, name) is not None:
+                raise RemoteProtocolError(
+                    ErrorCode.PSI_FAILED,
+                    f"PSI_START.{name} in a session without bucketed PSI (the session config has no psi_buckets)",
+                    ref=msg.TYPE,
+                )
         return core.PsiStart(n_items=msg.n_items, chunk_size=msg.chunk_size)
+    if isinstance(msg, PsiBucket):
+        if not bucketed_psi:
+            raise RemoteProtocolError(
+                ErrorCode.PSI_FAILED,
+                "PSI_BUCKET in a session without bucketed PSI (the session config has no psi_buckets)",
+                ref=msg.TYPE,
+            )
+        return bucketed.BucketStart(bucket=msg.bucket, n_items=msg.n_items)
     if isinstance(msg, PsiItems):
         return core.BlindedChunk(chunk=msg.chunk, last=msg.last, points=_tensor(msg, "points"))
     if isinstance(msg, PsiReply):
@@ -74,6 +113,12 @@ def to_wire(item) -> Message:
     """The exchange's dataclass as a PSI_* wire message."""
     if isinstance(item, core.PsiStart):
         return PsiStart(n_items=item.n_items, chunk_size=item.chunk_size)
+    if isinstance(item, bucketed.BucketedStart):
+        return PsiStart(
+            n_items=item.n_items, chunk_size=item.chunk_size, buckets=item.buckets, bucket_items=item.bucket_items
+        )
+    if isinstance(item, bucketed.BucketStart):
+        return PsiBucket(bucket=item.bucket, n_items=item.n_items)
     if isinstance(item, core.BlindedChunk):
         return PsiItems(chunk=item.chunk, last=item.last, tensors=(Tensor("points", item.points),))
     if isinstance(item, core.ReplyChunk):
@@ -92,21 +137,36 @@ def to_wire(item) -> Message:
 class PairwisePsi:
     """One side of one pairwise PSI as seen on the wire.
 
-    ``sender`` (data holder) or ``receiver`` (label holder) from ``vfl.psi.exchange`` does the work; this class
-    keeps the party's own blinded stream as a lazy iterator for ``work()`` and converts every message.
+    ``sender`` (data holder) or ``receiver`` (label holder) from ``vfl.psi.exchange`` -- or, when the plan asks for
+    buckets, from ``vfl.psi.buckets`` -- does the work; this class keeps the party's own blinded stream as a lazy
+    iterator for ``work()`` and converts every message.
     """
 
     def __init__(self, plan: PsiPlan, *, run: str, nonce: str, role: str, max_peer_items: int = DEFAULT_MAX_PSI_ITEMS):
-        party_cls = core.PsiSender if role == "data_holder" else core.PsiReceiver
-        self.exchange = party_cls(
-            plan.items,
-            engine=plan.engine,
-            run_id=run,
-            nonce=bytes.fromhex(nonce),
-            chunk_size=plan.chunk_size,
-            dedupe=plan.dedupe,
-            max_peer_items=max_peer_items,
-        )
+        self.bucketed = plan.buckets != 1
+        if self.bucketed:
+            party_cls = bucketed.BucketedSender if role == "data_holder" else bucketed.BucketedReceiver
+            self.exchange = party_cls(
+                plan.bucket_source(nonce),
+                engine=plan.engine,
+                run_id=run,
+                nonce=bytes.fromhex(nonce),
+                chunk_size=plan.chunk_size,
+                buckets=plan.buckets,
+                capacity=plan.capacity,
+                max_peer_items=max_peer_items,
+            )
+        else:
+            party_cls = core.PsiSender if role == "data_holder" else core.PsiReceiver
+            self.exchange = party_cls(
+                plan.items,
+                engine=plan.engine,
+                run_id=run,
+                nonce=bytes.fromhex(nonce),
+                chunk_size=plan.chunk_size,
+                dedupe=plan.dedupe,
+                max_peer_items=max_peer_items,
+            )
         self.max_peer_items = max_peer_items
         self._stream: Iterator | None = None
         self.received_chunks = 0
@@ -114,15 +174,20 @@ class PairwisePsi:
     def start(self) -> list[Message]:
         """Our PSI_START; our own stream starts flowing through ``work()``."""
         first = self.exchange.start()
-        self._stream = self.exchange.blinded_chunks()
+        if not self.bucketed:
+            self._stream = self.exchange.blinded_chunks()
         return [to_wire(first)]
 
     @property
     def has_work(self) -> bool:
+        if self.bucketed:
+            return self.exchange.has_work
         return self._stream is not None
 
     def work(self) -> list[Message]:
         """The next chunk of our own blinded stream (the expensive part: hash-to-curve and one exponentiation)."""
+        if self.bucketed:
+            return [to_wire(m) for m in self.exchange.work()]
         if self._stream is None:
             return []
         chunk = next(self._stream, None)
@@ -144,7 +209,7 @@ class PairwisePsi:
                 ref=msg.TYPE,
             )
         try:
-            out = self.exchange.receive(to_core(msg))
+            out = self.exchange.receive(to_core(msg, bucketed_psi=self.bucketed))
         except PsiRemoteError as exc:
             raise _psi_failed(exc, msg.TYPE) from None
         self.received_chunks += 1
@@ -153,6 +218,11 @@ class PairwisePsi:
     @property
     def done(self) -> bool:
         return self.exchange.done
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Our rows of the pairwise intersection (indices into our input), in the pairwise order."""
+        return self.exchange.rows
 
 
 class FinalRows:
@@ -174,9 +244,9 @@ def final_rows_messages(positions: np.ndarray, chunk_size: int) -> list[Message]
     return [to_wire(c) for c in multiparty.rows_chunks(positions, chunk_size)]
 
 
-def combine(pairwise: Sequence[core.PsiReceiver]) -> multiparty.MultipartyPlan:
+def combine(pairwise: Sequence[PairwisePsi]) -> multiparty.MultipartyPlan:
     """The label holder's final rows and, per data holder (in the given order), the positions to send it."""
-    return multiparty.combine([multiparty.PairwiseResult.of(r) for r in pairwise], allow_empty=True)
+    return multiparty.combine([multiparty.PairwiseResult(rows=p.rows) for p in pairwise], allow_empty=True)
 
 
 def positions_for(final_rows: np.ndarray, pairwise_rows: np.ndarray) -> np.ndarray:

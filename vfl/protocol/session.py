@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import msgpack
 
 from ..privacy.spec import PrivacyError, PrivacySpec
+from ..psi.buckets import AUTO as AUTO_BUCKETS
+from ..psi.buckets import MAX_BUCKETS as MAX_PSI_BUCKETS
 from .codec import MAX_HEADER_DEPTH
 from .errors import ErrorCode, RemoteProtocolError
 from .messages import is_party_id, is_wire_int
@@ -32,6 +34,7 @@ MAX_WINDOW = 1024
 #: Deepest nesting ``digest_of`` canonicalises (the config map is level 1). A peer's config arrives in a header,
 #: which the codec already bounds to ``MAX_HEADER_DEPTH`` levels, so this guards local callers and any later path.
 MAX_CONFIG_DEPTH = MAX_HEADER_DEPTH
+
 #: What ``config_diff`` puts in a diff, roughly in bytes: the diff goes back to the peer in an ERROR (as the diff
 #: map and again as its message), so a peer's config with megabytes of unknown keys must not make that ERROR larger
 #: than a header may be. Honest diffs (64 data holders with different ids) stay far below it.
@@ -139,6 +142,9 @@ class SessionConfig:
     #: the wire precision of the cut-layer activations and gradients (v1.6); "float32": absent on the wire
     activation_precision: str = DEFAULT_PRECISION
     gradient_precision: str = DEFAULT_PRECISION
+    #: v1.8: the PSI runs in buckets: a fixed count K >= 2, or "auto" (the label holder picks K from the set sizes
+    #: and the parties' memory budgets); 1, the unbucketed PSI of 1.1, is absent on the wire
+    psi_buckets: int | str = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cut_widths", MappingProxyType(dict(self.cut_widths)))
@@ -172,6 +178,12 @@ class SessionConfig:
             return "privacy must be a PrivacySpec"
         if self.privacy.defence != "none" and not self.train:
             return f"privacy (the training defence {self.privacy.defence!r}) needs train = true"
+        if self.psi_buckets != AUTO_BUCKETS and not (
+            is_wire_int(self.psi_buckets) and 1 <= self.psi_buckets <= MAX_PSI_BUCKETS
+        ):
+            return f"psi_buckets must be \"auto\" or an integer in 1..{MAX_PSI_BUCKETS}"
+        if self.psi_buckets != 1 and not self.psi:
+            return "psi_buckets needs psi = true"
         for name in PRECISION_FIELDS:
             if getattr(self, name) not in PRECISIONS:
                 return f"{name} must be one of {', '.join(PRECISIONS)}, got {peer_text(repr(getattr(self, name)), 40)}"
@@ -216,6 +228,8 @@ class SessionConfig:
         for name in PRECISION_FIELDS:  # absent means float32, so a float32 session keeps its v1.5 digest
             if getattr(self, name) != DEFAULT_PRECISION:
                 wire[name] = getattr(self, name)
+        if self.psi_buckets != 1:  # absent means one bucket, so an unbucketed PSI keeps its v1.7 digest
+            wire["psi_buckets"] = self.psi_buckets
         return wire
 
     @property
@@ -247,6 +261,15 @@ class SessionConfig:
                     f"float32), got {peer_text(repr(value[name]), 40)}",
                     ref="HELLO",
                 )
+        if "psi_buckets" in value:  # present means bucketed, so one config has one digest
+            pb = value["psi_buckets"]
+            if pb != AUTO_BUCKETS and not (is_wire_int(pb) and 2 <= pb <= MAX_PSI_BUCKETS):
+                raise RemoteProtocolError(
+                    ErrorCode.BAD_FIELD,
+                    f"HELLO.config.psi_buckets must be \"auto\" or an integer in 2..{MAX_PSI_BUCKETS} when present "
+                    f"(absent means one bucket), got {peer_text(repr(pb), 40)}",
+                    ref="HELLO",
+                )
         privacy = PrivacySpec()
         if "privacy" in value:
             privacy = _privacy_from_wire(value["privacy"])
@@ -263,6 +286,7 @@ class SessionConfig:
                 max_window=value.get("max_window", DEFAULT_MAX_WINDOW),
                 activation_precision=value.get("activation_precision", DEFAULT_PRECISION),
                 gradient_precision=value.get("gradient_precision", DEFAULT_PRECISION),
+                psi_buckets=value.get("psi_buckets", 1),
             )
         except ValueError as exc:
             raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"HELLO.config: {exc}", ref="HELLO") from None

@@ -49,10 +49,11 @@ __all__ = [
 
 @dataclass(frozen=True, kw_only=True, eq=False)  # arrays: compare fields explicitly
 class PairwiseResult:
-    """L's side of one pairwise PSI: its rows (``int64 [k]``) in pairwise order and the tokens (``uint8 [k, 16]``)."""
+    """L's side of one pairwise PSI: its rows (``int64 [k]``) in pairwise order and, optionally, the tokens
+    (``uint8 [k, 16]``; a bucketed PSI does not keep them: only the rows decide the combination)."""
 
     rows: np.ndarray
-    tokens: np.ndarray
+    tokens: np.ndarray | None = None
 
     @classmethod
     def of(cls, receiver) -> PairwiseResult:
@@ -84,8 +85,8 @@ def _validate_result(i: int, r: PairwiseResult) -> np.ndarray:
     rows = np.asarray(r.rows)
     if rows.ndim != 1 or rows.dtype.kind not in "iu":
         raise PsiLocalError(f"result {i}: rows must be a 1-D integer array")
-    tok = np.asarray(r.tokens)
-    if tok.shape != (len(rows), TOKEN_SIZE):
+    tok = None if r.tokens is None else np.asarray(r.tokens)
+    if tok is not None and tok.shape != (len(rows), TOKEN_SIZE):
         raise PsiLocalError(f"result {i}: tokens must have shape [{len(rows)}, {TOKEN_SIZE}]")
     rows = rows.astype(np.int64, copy=False)
     if len(np.unique(rows)) != len(rows):

@@ -1,0 +1,565 @@
+"""Bucketed PSI (sans-I/O): the two-party exchange of :mod:`vfl.psi.exchange`, run bucket by bucket.
+
+Why: one exchange holds every item, point and token of both sets at once (about 560 MiB per party at 1M items). A
+party that partitions its distinct items into ``K`` buckets by a keyed hash, and runs one exchange per bucket with
+the same secret exponent, holds only one bucket's working set at a time; the peer does the same with the same
+partition function, so an item shared by both lands in the same bucket on both sides and the union of the per-bucket
+intersections is the intersection.
+
+::
+
+    D -> L  BucketedStart {n_items = |X|, chunk_size, bucket_items = D's per-bucket capacity (or none)}
+    L -> D  BucketedStart {n_items = |Y|, chunk_size, buckets = K}            L decides K (see choose_buckets)
+    for b = 0 .. K-1, in this order, each exactly once:
+      D -> L  BucketStart {bucket = b, n_items = |X_b|}, then the exchange of X_b and Y_b (BlindedChunk, ReplyChunk,
+      L -> D  BucketStart {bucket = b, n_items = |Y_b|}   ResultChunk, chunks numbered from 0 within the bucket)
+
+``X_b = {x in X : bucket(x) = b}`` with ``bucket(x) = BLAKE2b-64(x; key = bucket_key(run, nonce)) mod K``. The key
+comes from the pair's ``psi_nonce``, which the label holder draws fresh for every pair and session (PROTOCOL.md
+[P1]), so a partition never repeats across runs. D opens bucket ``b + 1`` right after sending bucket ``b``'s result;
+L opens its side of a bucket when D's ``BucketStart`` arrives, after it has checked the previous bucket's result.
+
+Both sides end with ``rows``: indices into their original input, in the joint order ``(bucket, joint token)``. With
+``K = 1`` the one bucket is the whole set, so rows, tokens and order are exactly those of one plain exchange.
+
+The items themselves stay with the caller: a :class:`BucketSource` partitions them and hands out one bucket at a
+time (:class:`MemoryBuckets` keeps them in memory; the node's source spills every bucket to a file), and receives
+every finished bucket's rows (``commit``), so that a node can persist them. Nothing here does I/O.
+
+Every received field is checked before use ([P12]-[P15] of PROTOCOL.md): K in range and as agreed, no more buckets
+than the peer's and our own budget allow, bucket indices in order and each exactly once, per-bucket sizes adding up
+to the announced set size, and no bucket larger than this party's capacity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from . import exchange as core
+from .cipher import PsiKey
+from .curve import hash_domain
+from .engine import PsiEngine
+from .errors import ChunkOrderError, LimitExceededError, MalformedMessageError, PsiStateError, TruncatedStreamError
+
+__all__ = [
+    "MAX_BUCKETS",
+    "ITEM_BYTES",
+    "AUTO",
+    "BucketedStart",
+    "BucketStart",
+    "BucketSource",
+    "MemoryBuckets",
+    "BucketedSender",
+    "BucketedReceiver",
+    "bucket_key",
+    "assign_buckets",
+    "group_by_bucket",
+    "capacity_for",
+    "choose_buckets",
+    "run_bucketed_in_memory",
+]
+
+MAX_BUCKETS = 1 << 16
+#: bytes one item (own or the peer's) costs a party while its bucket is open, an estimate with margin: the item's
+#: bytes object and list slot, its point and token, row indices, and the sort keys of the intersection
+ITEM_BYTES = 256
+AUTO = "auto"
+#: a bucket's size (own + peer) is binomial around its mean, with at most twice the variance when the sets overlap
+#: (a shared item is in the same bucket at both); K is chosen so that mean + SIGMAS * sqrt(2 * mean) + SIGMAS fits the
+#: capacity: with K <= 65536 buckets, the chance that an honest bucket overflows is below 1e-6
+SIGMAS = 7
+_PERSON = b"vfl/psi/bucket1"
+_HASH_BATCH = 1 << 16  # BLAKE2b personalisation of the bucket-key derivation (domain separation from H)
+
+
+# --------------------------------------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, kw_only=True)
+class BucketedStart:
+    """``PSI_START`` of a bucketed PSI: the set size, the chunk size, and D's capacity or L's K."""
+
+    n_items: int
+    chunk_size: int
+    buckets: int | None = None  # L -> D: the number of buckets K
+    bucket_items: int | None = None  # D -> L: the most items (own + peer) D holds in one bucket; None: no budget
+
+
+@dataclass(frozen=True, kw_only=True)
+class BucketStart:
+    """``PSI_BUCKET``: opens the sender's side of bucket ``bucket``, which holds ``n_items`` of its items."""
+
+    bucket: int
+    n_items: int
+
+
+Message = BucketedStart | BucketStart | core.BlindedChunk | core.ReplyChunk | core.ResultChunk
+
+
+# ---------------------------------------------------------------------------------------------------- partitioning
+
+
+def bucket_key(run_id: bytes | str, nonce: bytes) -> bytes:
+    """The pair's 32-byte bucket key: BLAKE2b of the hash-to-curve domain (run id and nonce), personalised so that
+    it is independent of ``H``. Fresh whenever the nonce is, which the label holder draws per pair and session."""
+    return hashlib.blake2b(hash_domain(run_id, nonce), digest_size=32, person=_PERSON).digest()
+
+
+def assign_buckets(items: Sequence[bytes], key: bytes, k: int) -> np.ndarray:
+    """Each item's bucket, ``uint32``: ``BLAKE2b-64(item; key) mod k`` (little-endian; the bias of the modulus is
+    below 2^-47 for k <= 65536). With ``k = 1`` every item is in bucket 0 and nothing is hashed."""
+    if not 1 <= k <= MAX_BUCKETS:
+        raise ValueError(f"k must be in [1, {MAX_BUCKETS}]")
+    if k == 1:
+        return np.zeros(len(items), dtype=np.uint32)
+    b2 = hashlib.blake2b
+    out = np.empty(len(items), dtype=np.uint32)
+    for lo in range(0, len(items), _HASH_BATCH):  # in batches: no list of n digests at 10M items
+        digests = b"".join([b2(it, key=key, digest_size=8).digest() for it in items[lo : lo + _HASH_BATCH]])
+        out[lo : lo + _HASH_BATCH] = np.frombuffer(digests, dtype="<u8") % np.uint64(k)
+    return out
+
+
+@dataclass(frozen=True, eq=False)  # arrays: compare fields explicitly
+class Grouping:
+    """Distinct rows grouped by bucket: bucket ``b`` is ``rows[bounds[b]:bounds[b + 1]]`` (``int64``)."""
+
+    rows: np.ndarray
+    bounds: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.bounds)
+
+    def bucket(self, b: int) -> np.ndarray:
+        return self.rows[self.bounds[b] : self.bounds[b + 1]]
+
+
+def group_by_bucket(items: Sequence[bytes], unique_rows: np.ndarray, key: bytes, k: int) -> Grouping:
+    """Group the distinct rows ``unique_rows`` (indices into ``items``) by bucket, keeping their order in a bucket."""
+    n = len(unique_rows)
+    if k == 1:
+        return Grouping(rows=unique_rows, bounds=np.array([0, n], dtype=np.int64))
+    sub = items if n == len(items) else [items[r] for r in unique_rows.tolist()]
+    which = assign_buckets(sub, key, k)
+    order = np.argsort(which, kind="stable")
+    bounds = np.zeros(k + 1, dtype=np.int64)
+    np.cumsum(np.bincount(which, minlength=k), out=bounds[1:])
+    return Grouping(rows=unique_rows[order], bounds=bounds)
+
+
+def capacity_for(memory_mb: int) -> int:
+    """The most items (own + the peer's) one bucket may hold within a budget of ``memory_mb`` MiB."""
+    return max(1, (int(memory_mb) << 20) // ITEM_BYTES)
+
+
+def choose_buckets(total: int, capacity: int | None) -> int:
+    """The fewest buckets K (at most :data:`MAX_BUCKETS`) such that a bucket of ``mean = total / K`` items, plus
+    ``SIGMAS * sqrt(2 * mean) + SIGMAS``, fits ``capacity`` items; 1 without a capacity."""
+    if capacity is None or total <= 0:
+        return 1
+
+    def fits(k: int) -> bool:
+        mean = total / k
+        return mean + SIGMAS * math.sqrt(2 * mean) + SIGMAS <= capacity
+
+    lo = max(1, -(-total // capacity)) - 1  # fewer buckets than total / capacity cannot fit
+    if lo >= MAX_BUCKETS:
+        return MAX_BUCKETS  # nothing fits: the per-bucket capacity check refuses the PSI, naming the numbers
+    hi = lo + 1
+    while hi < MAX_BUCKETS and not fits(hi):  # fits() grows with k: double until it holds ...
+        lo, hi = hi, min(MAX_BUCKETS, 2 * hi)
+    while hi - lo > 1:  # ... then bisect to the smallest k that fits
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+class BucketSource(Protocol):
+    """Where a party's items wait while their bucket is closed. The bucketed parties call it; it may do I/O (the
+    node's spills to files), the parties never do."""
+
+    #: the number of distinct items (after the duplicate check or ``dedupe``)
+    n_items: int
+
+    def partition(self, key: bytes, k: int) -> np.ndarray:
+        """Partition the distinct items into ``k`` buckets with ``key``; returns the counts, ``int64 [k]``."""
+
+    def bucket(self, b: int) -> tuple[Sequence[bytes], np.ndarray]:
+        """Bucket ``b``'s items and, for each, its row index in the caller's original input (``int64``)."""
+
+    def commit(self, b: int, rows: np.ndarray) -> None:
+        """Bucket ``b`` is finished: its intersection rows (original row indices) in the joint order."""
+
+    def close(self) -> None:
+        """The pairwise PSI is over (every bucket committed): drop what is held for it."""
+
+
+class MemoryBuckets:
+    """A :class:`BucketSource` that keeps the items in memory (tests, benchmarks, small sets)."""
+
+    def __init__(self, items: Sequence[bytes], *, dedupe: bool = False, unique_rows: np.ndarray | None = None) -> None:
+        """``unique_rows``: the distinct items' indices, when the caller has already checked them (``prepare_items``);
+        otherwise they are computed here (which raises DuplicateIdError / InvalidIdError)."""
+        self.items = items
+        if unique_rows is None:
+            unique_rows = core.prepare_items(items, dedupe=dedupe)
+        self.unique_rows = np.asarray(unique_rows, dtype=np.int64)
+        self.n_items = len(self.unique_rows)
+        self.grouping: Grouping | None = None
+        self.committed: dict[int, np.ndarray] = {}
+
+    def partition(self, key: bytes, k: int) -> np.ndarray:
+        self.grouping = group_by_bucket(self.items, self.unique_rows, key, k)
+        return self.grouping.counts
+
+    def bucket(self, b: int) -> tuple[Sequence[bytes], np.ndarray]:
+        if self.grouping is None:
+            raise PsiStateError("partition() before bucket()")
+        rows = self.grouping.bucket(b)
+        return [self.items[r] for r in rows.tolist()], rows
+
+    def commit(self, b: int, rows: np.ndarray) -> None:
+        self.committed[b] = rows
+
+    def close(self) -> None:
+        self.grouping = None
+
+
+# ------------------------------------------------------------------------------------------------------------ party
+
+
+def _opt_int(name: str, v: object, lo: int, hi: int) -> int | None:
+    return None if v is None else core._check_int(name, v, lo, hi)
+
+
+class _BucketedParty:
+    """What both roles share: the pair's key, the agreed K, the per-bucket exchanges one at a time, the checks.
+
+    ``buckets``: an int K (set by hand, the same at both parties: the session config carries it) or ``"auto"`` (the
+    label holder chooses K from both set sizes and both capacities). ``capacity``: the most items (own + the peer's)
+    this party holds in one bucket (:func:`capacity_for` of ``[psi].memory_mb``), or None for no budget. The other
+    arguments are those of :class:`~vfl.psi.exchange.PsiSender`; ``max_peer_items`` bounds the peer's whole set.
+    """
+
+    role = "party"
+    exchange_cls: type[core._Party] = core._Party
+
+    def __init__(
+        self,
+        source: BucketSource,
+        *,
+        engine: PsiEngine,
+        run_id: bytes | str,
+        nonce: bytes = b"",
+        chunk_size: int = core.DEFAULT_CHUNK_SIZE,
+        buckets: int | str = AUTO,
+        capacity: int | None = None,
+        verify_curve: bool = True,
+        max_peer_items: int = core.MAX_ITEMS,
+        max_peer_chunk: int = core.MAX_CHUNK_SIZE,
+        key: PsiKey | None = None,
+    ) -> None:
+        if not 1 <= chunk_size <= core.MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be in [1, {core.MAX_CHUNK_SIZE}]")
+        if buckets != AUTO and not (type(buckets) is int and 1 <= buckets <= MAX_BUCKETS):
+            raise ValueError(f"buckets must be 'auto' or an int in [1, {MAX_BUCKETS}]")
+        if capacity is not None and capacity < 1:
+            raise ValueError("capacity must be >= 1 or None")
+        self.source = source
+        self.engine = engine
+        self.run_id, self.nonce = run_id, nonce
+        self.chunk_size = int(chunk_size)
+        self.buckets_setting = buckets
+        self.capacity = capacity
+        self.verify_curve = bool(verify_curve)
+        self.max_peer_items = min(int(max_peer_items), core.MAX_ITEMS)
+        self.max_peer_chunk = int(max_peer_chunk)
+        self._key = key or PsiKey.generate()  # one secret exponent for every bucket of the pair
+        self._bucket_key = bucket_key(run_id, nonce)
+        self.n_items = source.n_items
+        self.k: int | None = None
+        self._peer: BucketedStart | None = None
+        self._own_counts: np.ndarray | None = None
+        self._started = False
+        self._bucket = -1  # the open bucket (or the last one finished)
+        self._sub: core._Party | None = None  # the open bucket's exchange
+        self._sub_rows: np.ndarray | None = None  # its items' original rows
+        self._peer_opened = False  # the peer's BucketStart for the open bucket arrived
+        self._peer_announced = 0  # sum of the peer's per-bucket sizes so far
+        self._stream: Iterator[core.BlindedChunk] | None = None
+        self._parts: list[np.ndarray] = []  # finished buckets' rows, in bucket order
+        self._rows: np.ndarray | None = None
+
+    # ----------------------------------------------------------------------------------------------------- API
+
+    @property
+    def done(self) -> bool:
+        return self._rows is not None
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Indices into the original input of the intersection, in the joint order (bucket, joint token)."""
+        if self._rows is None:
+            raise PsiStateError("the bucketed exchange has not finished")
+        return self._rows
+
+    @property
+    def peer_n_items(self) -> int | None:
+        return None if self._peer is None else self._peer.n_items
+
+    @property
+    def has_work(self) -> bool:
+        return self._stream is not None
+
+    def work(self) -> list[Message]:
+        """The next chunk of our own blinded stream in the open bucket (hash-to-curve and one exponentiation)."""
+        if self._stream is None:
+            return []
+        chunk = next(self._stream, None)
+        if chunk is None or chunk.last:
+            self._stream = None
+        return [] if chunk is None else [chunk]
+
+    def receive(self, msg: Message) -> list[Message]:
+        """Feed one message from the peer; returns the messages to send in response (possibly none)."""
+        if isinstance(msg, BucketedStart):
+            return self._on_start(msg)
+        if self._peer is None:
+            raise MalformedMessageError(f"{self.role}: {type(msg).__name__} before the peer's PSI_START")
+        if isinstance(msg, BucketStart):
+            return self._on_bucket(msg)
+        if isinstance(msg, (core.BlindedChunk, core.ReplyChunk, core.ResultChunk)):
+            if self._sub is None or not self._peer_opened:
+                raise ChunkOrderError(f"{self.role}: {type(msg).__name__} outside an open bucket")
+            out = self._sub.receive(msg)
+            return out + self._after_sub()
+        raise MalformedMessageError(f"{self.role}: unexpected message {type(msg).__name__}")
+
+    # --------------------------------------------------------------------------------------------- internals
+
+    def _check_peer_start(self, msg: BucketedStart) -> BucketedStart:
+        if self._peer is not None:
+            raise MalformedMessageError(f"{self.role}: second PSI_START")
+        n = core._check_int("PSI_START.n_items", msg.n_items, 0, self.max_peer_items)
+        c = core._check_int("PSI_START.chunk_size", msg.chunk_size, 1, self.max_peer_chunk)
+        return BucketedStart(
+            n_items=n,
+            chunk_size=c,
+            buckets=_opt_int("PSI_START.buckets", msg.buckets, 1, MAX_BUCKETS),
+            bucket_items=_opt_int("PSI_START.bucket_items", msg.bucket_items, 1, core.MAX_ITEMS),
+        )
+
+    def _on_start(self, msg: BucketedStart) -> list[Message]:
+        raise NotImplementedError
+
+    def _check_bucket(self, msg: BucketStart) -> tuple[int, int]:
+        """The peer's BucketStart for the bucket it may open now: index in range and in order, size consistent."""
+        assert self.k is not None and self._peer is not None
+        b = core._check_int("PSI_BUCKET.bucket", msg.bucket, 0, core.MAX_ITEMS)
+        n = core._check_int("PSI_BUCKET.n_items", msg.n_items, 0, core.MAX_ITEMS)
+        if b >= self.k:
+            raise LimitExceededError(f"{self.role}: PSI_BUCKET.bucket = {b} but the PSI has {self.k} buckets (0..{self.k - 1})")
+        opened, may_open = self._peer_buckets()
+        if b < opened:
+            raise ChunkOrderError(f"{self.role}: PSI_BUCKET.bucket = {b} repeats a bucket (each bucket opens exactly once)")
+        if may_open is None:
+            raise ChunkOrderError(f"{self.role}: PSI_BUCKET.bucket = {b} arrived before bucket {self._bucket} finished")
+        if b != may_open:
+            raise ChunkOrderError(f"{self.role}: PSI_BUCKET.bucket = {b} skips ahead; expected bucket {may_open}")
+        remaining = self._peer.n_items - self._peer_announced
+        if n > remaining:
+            raise LimitExceededError(
+                f"{self.role}: bucket {b} has {n} items but only {remaining} of the peer's announced "
+                f"{self._peer.n_items} are left"
+            )
+        if b == self.k - 1 and n != remaining:
+            raise TruncatedStreamError(
+                f"{self.role}: the peer's buckets hold {self._peer_announced + n} items, not the {self._peer.n_items} "
+                "its PSI_START announced"
+            )
+        own = int(self._own_counts[b])  # type: ignore[index]
+        if self.capacity is not None and own + n > self.capacity:
+            raise LimitExceededError(
+                f"{self.role}: bucket {b} holds {own} + {n} items, more than this party's capacity of {self.capacity} "
+                "items per bucket ([psi].memory_mb)"
+            )
+        return b, n
+
+    def _peer_buckets(self) -> tuple[int, int | None]:
+        """How many buckets the peer has opened, and the one it may open now (None: none until ours finishes)."""
+        raise NotImplementedError
+
+    def _open_own(self, b: int) -> core._Party:
+        """Bucket ``b``'s exchange over our own items of that bucket; our stream starts flowing through work()."""
+        items, rows = self.source.bucket(b)
+        sub = self.exchange_cls(
+            items,
+            engine=self.engine,
+            run_id=self.run_id,
+            nonce=self.nonce,
+            chunk_size=self.chunk_size,
+            verify_curve=self.verify_curve,
+            max_peer_items=core.MAX_ITEMS,  # the bucket checks bound the peer's bucket
+            max_peer_chunk=self.max_peer_chunk,
+            key=self._key,
+        )
+        if sub.n_items != int(self._own_counts[b]):  # type: ignore[index]
+            raise PsiStateError(f"the bucket source gave {sub.n_items} items for bucket {b}, not {self._own_counts[b]}")
+        self._bucket, self._sub, self._sub_rows, self._peer_opened = b, sub, np.asarray(rows, np.int64), False
+        sub.start()
+        self._stream = sub.blinded_chunks()
+        return sub
+
+    def _peer_opens(self, n: int) -> None:
+        self._peer_announced += n
+        self._peer_opened = True
+        self._sub.receive(core.PsiStart(n_items=n, chunk_size=self._peer.chunk_size))  # type: ignore[union-attr]
+
+    def _finish_bucket(self) -> None:
+        """The open bucket's rows (original indices, joint order) are final: commit them and close the bucket."""
+        rows = self._sub_rows[self._sub.rows]  # type: ignore[index,union-attr]
+        self.source.commit(self._bucket, rows)
+        self._parts.append(rows)
+        self._sub, self._sub_rows, self._stream = None, None, None
+        if self._bucket == self.k - 1:  # type: ignore[operator]
+            self._rows = np.concatenate(self._parts) if self._parts else np.empty(0, np.int64)
+            self._parts = []
+            self.source.close()
+
+    def _after_sub(self) -> list[Message]:
+        raise NotImplementedError
+
+
+class BucketedSender(_BucketedParty):
+    """The data holder D of a bucketed PSI: announces its capacity, opens every bucket in order, sends the results."""
+
+    role = "data holder"
+    exchange_cls = core.PsiSender
+
+    def start(self) -> BucketedStart:
+        if self._started:
+            raise PsiStateError("start() called twice")
+        self._started = True
+        return BucketedStart(n_items=self.n_items, chunk_size=self.chunk_size, bucket_items=self.capacity)
+
+    def _on_start(self, msg: BucketedStart) -> list[Message]:
+        if not self._started:
+            raise PsiStateError("call start() before feeding the label holder's PSI_START")
+        peer = self._check_peer_start(msg)
+        if peer.bucket_items is not None:
+            raise MalformedMessageError("data holder: the label holder's PSI_START has bucket_items (only D sends it)")
+        if peer.buckets is None:
+            raise MalformedMessageError("data holder: PSI_START.buckets is missing from the label holder's start of a bucketed PSI")
+        k = peer.buckets
+        if self.buckets_setting != AUTO and k != self.buckets_setting:
+            raise MalformedMessageError(f"data holder: PSI_START.buckets = {k}, but the session agreed on {self.buckets_setting}")
+        need = choose_buckets(self.n_items + peer.n_items, self.capacity)
+        if k < need:
+            raise LimitExceededError(
+                f"data holder: PSI_START.buckets = {k} is too few for {self.n_items} + {peer.n_items} items within "
+                f"this party's capacity of {self.capacity} items per bucket (needs at least {need})"
+            )
+        self._peer, self.k = peer, k
+        self._own_counts = np.asarray(self.source.partition(self._bucket_key, k), dtype=np.int64)
+        return self._open_next()
+
+    def _open_next(self) -> list[Message]:
+        b = self._bucket + 1
+        sub = self._open_own(b)
+        return [BucketStart(bucket=b, n_items=sub.n_items)]
+
+    def _peer_buckets(self) -> tuple[int, int | None]:
+        # D opens every bucket first; L may open the one D has open, once
+        if self._sub is not None and not self._peer_opened:
+            return self._bucket, self._bucket
+        return self._bucket + 1, None
+
+    def _on_bucket(self, msg: BucketStart) -> list[Message]:
+        b, n = self._check_bucket(msg)
+        self._peer_opens(n)
+        return []
+
+    def _after_sub(self) -> list[Message]:
+        return []
+
+    def receive(self, msg: Message) -> list[Message]:
+        out = super().receive(msg)
+        if self._sub is not None and self._sub.done:  # the results of the open bucket are in ``out``
+            self._finish_bucket()
+            if not self.done:
+                out = out + self._open_next()
+        return out
+
+
+class BucketedReceiver(_BucketedParty):
+    """The label holder L of a bucketed PSI: decides K, answers every bucket D opens, checks each bucket's result."""
+
+    role = "label holder"
+    exchange_cls = core.PsiReceiver
+
+    def start(self) -> BucketedStart:
+        """Our PSI_START, after the data holder's (K depends on its size and capacity)."""
+        if self._started:
+            raise PsiStateError("start() called twice")
+        if self.k is None:
+            raise PsiStateError("the label holder's start() comes after the data holder's PSI_START")
+        self._started = True
+        return BucketedStart(n_items=self.n_items, chunk_size=self.chunk_size, buckets=self.k)
+
+    def _on_start(self, msg: BucketedStart) -> list[Message]:
+        peer = self._check_peer_start(msg)
+        if peer.buckets is not None:
+            raise MalformedMessageError("label holder: the data holder's PSI_START has buckets (the label holder decides K)")
+        if self.buckets_setting != AUTO:
+            k = self.buckets_setting
+        else:
+            total = self.n_items + peer.n_items
+            k = max(choose_buckets(total, self.capacity), choose_buckets(total, peer.bucket_items))
+        self._peer, self.k = peer, int(k)
+        self._own_counts = np.asarray(self.source.partition(self._bucket_key, self.k), dtype=np.int64)
+        return []
+
+    def _peer_buckets(self) -> tuple[int, int | None]:
+        # D may open the next bucket once the open one's result is checked
+        return self._bucket + 1, None if self._sub is not None else self._bucket + 1
+
+    def _on_bucket(self, msg: BucketStart) -> list[Message]:
+        if not self._started:
+            raise PsiStateError("send our PSI_START before the data holder's buckets")
+        b, n = self._check_bucket(msg)
+        sub = self._open_own(b)
+        self._peer_opens(n)
+        return [BucketStart(bucket=b, n_items=sub.n_items)]
+
+    def _after_sub(self) -> list[Message]:
+        if self._sub is not None and self._sub.done:
+            self._finish_bucket()
+        return []
+
+
+# --------------------------------------------------------------------------------------------------------- driver
+
+
+def run_bucketed_in_memory(sender: BucketedSender, receiver: BucketedReceiver) -> tuple[np.ndarray, np.ndarray]:
+    """Drive both sides in one process (tests, benchmarks), each side's stream interleaved with the other's, as
+    two real parties run concurrently. Returns ``(sender.rows, receiver.rows)``."""
+    receiver.receive(sender.start())
+    to_l: list[Message] = sender.receive(receiver.start())  # D partitions and opens bucket 0
+    to_d: list[Message] = []
+    while to_l or to_d or sender.has_work or receiver.has_work:  # every turn moves a message or computes a chunk
+        while to_l:
+            to_d += receiver.receive(to_l.pop(0))
+        to_l += sender.work()
+        while to_d:
+            to_l += sender.receive(to_d.pop(0))
+        to_d += receiver.work()
+    if not (sender.done and receiver.done):
+        raise TruncatedStreamError("bucketed exchange did not complete")
+    return sender.rows, receiver.rows
