@@ -549,6 +549,9 @@ class DataHolderMachine:
         if self._psi.done:
             self._final = FinalRows(self._psi.rows)
             out.append(Log(level="INFO", text=f"PSI: {len(self._psi.rows)} IDs shared with the label holder"))
+            # the exchange's state (both streams' tokens, the peer's points) is not needed again: a rejoin runs a
+            # new PSI from psi_plan. Dropped now, it is not held through training (tens of MiB at 1M IDs)
+            self._psi = None
         return out
 
     # ------------------------------------------------------------------------------------------------ transitions
