@@ -100,7 +100,7 @@ def test_P17_PSI_BUCKET_in_an_unbucketed_session_is_PSI_FAILED(engine):
 
 def test_P13_a_bad_bucket_on_the_wire_is_PSI_FAILED(engine):
     psi = pair(engine, 4)
-    assert psi.receive(PsiStart(n_items=20, chunk_size=8, bucket_items=1000)) == []
+    assert psi.receive(PsiStart(n_items=20, chunk_size=8, bucket_items=4096)) == []
     (start,) = psi.start()
     assert start.buckets == 4 and start.bucket_items is None
     with pytest.raises(RemoteProtocolError, match="PSI_BUCKET.bucket = 4 but the PSI has 4 buckets") as exc:

@@ -12,6 +12,7 @@ from vfl.psi import encode_ids
 from vfl.psi import exchange as core
 from vfl.psi.buckets import (
     MAX_BUCKETS,
+    MIN_BUCKET_ITEMS,
     BucketedReceiver,
     BucketedSender,
     BucketedStart,
@@ -36,10 +37,11 @@ NONCE = bytes(range(16))
 
 
 def parties(engine, a, b, k, *, chunk=16, keys=(None, None), capacity=(None, None), nonce=NONCE):
+    # small sets with small capacities: the [P18] floor lowered to 1 (its own tests put it back)
     d = BucketedSender(MemoryBuckets(a), engine=engine, run_id="run", nonce=nonce, chunk_size=chunk, buckets=k,
-                       key=keys[0], capacity=capacity[0])
+                       key=keys[0], capacity=capacity[0], min_bucket_items=1)
     lh = BucketedReceiver(MemoryBuckets(b), engine=engine, run_id="run", nonce=nonce, chunk_size=chunk, buckets=k,
-                          key=keys[1], capacity=capacity[1])
+                          key=keys[1], capacity=capacity[1], min_bucket_items=1)
     return d, lh
 
 
@@ -239,6 +241,48 @@ def test_P12_who_sends_which_start_field(engine):
     d.start()
     with pytest.raises(MalformedMessageError, match="only D sends it"):
         d.receive(BucketedStart(n_items=10, chunk_size=16, buckets=3, bucket_items=100))
+
+
+class CountingBuckets(MemoryBuckets):
+    """MemoryBuckets that count their partitions: a refused K must be refused before any item is partitioned."""
+
+    partitions = 0
+
+    def partition(self, key: bytes, k: int) -> np.ndarray:
+        self.partitions += 1
+        return super().partition(key, k)
+
+
+def test_P18_a_data_holder_budget_below_the_floor_is_refused_before_partitioning(engine):
+    src = CountingBuckets(ids(range(100)))
+    lh = BucketedReceiver(src, engine=engine, run_id="run", nonce=NONCE, chunk_size=16, buckets="auto")
+    with pytest.raises(LimitExceededError, match=f"PSI_START.bucket_items = 1 outside the allowed range \\[{MIN_BUCKET_ITEMS}"):
+        lh.receive(BucketedStart(n_items=10**6, chunk_size=16, bucket_items=1))
+    assert src.partitions == 0 and MIN_BUCKET_ITEMS == capacity_for(1)
+
+
+def test_P18_a_label_holder_that_asks_for_more_buckets_than_any_budget_needs_is_refused(engine):
+    src = CountingBuckets(ids(range(100)))
+    d = BucketedSender(src, engine=engine, run_id="run", nonce=NONCE, chunk_size=16, buckets="auto")
+    d.start()
+    most = choose_buckets(100 + 10**6, MIN_BUCKET_ITEMS)
+    with pytest.raises(LimitExceededError, match=f"PSI_START.buckets = {most + 1} is more than any budget needs"):
+        d.receive(BucketedStart(n_items=10**6, chunk_size=16, buckets=most + 1))
+    assert src.partitions == 0
+    # exactly the bound is accepted: the K a peer with the smallest budget would need
+    d = BucketedSender(MemoryBuckets(ids(range(100))), engine=engine, run_id="run", nonce=NONCE, chunk_size=16,
+                       buckets="auto")
+    d.start()
+    assert d.receive(BucketedStart(n_items=10**6, chunk_size=16, buckets=most))
+
+
+def test_P18_sets_that_fit_no_K_are_refused_before_partitioning(engine):
+    src = CountingBuckets(ids(range(100)))
+    lh = BucketedReceiver(src, engine=engine, run_id="run", nonce=NONCE, chunk_size=16, buckets="auto")
+    n = 4 * MAX_BUCKETS * MIN_BUCKET_ITEMS  # a set this big cannot fit 65,536 buckets of the smallest budget
+    with pytest.raises(LimitExceededError, match="do not fit the data holder's PSI_START.bucket_items"):
+        lh.receive(BucketedStart(n_items=n, chunk_size=16, bucket_items=MIN_BUCKET_ITEMS))
+    assert src.partitions == 0
 
 
 def test_P14_a_bucket_larger_than_the_capacity_is_refused(engine):

@@ -159,6 +159,17 @@ def capacity_for(memory_mb: int) -> int:
     return max(1, (int(memory_mb) << 20) // ITEM_BYTES)
 
 
+#: [P18]: the smallest per-bucket capacity a peer may announce (that of ``memory_mb = 1``), and so the most buckets an
+#: "auto" K may have for a given total: a peer cannot make the other party spill into tens of thousands of files
+MIN_BUCKET_ITEMS = capacity_for(1)
+
+
+def bucket_fits(total: int, k: int, capacity: int) -> bool:
+    """Does a bucket of the mean size ``total / k``, plus ``SIGMAS * sqrt(2 * mean) + SIGMAS``, fit ``capacity``?"""
+    mean = total / k
+    return mean + SIGMAS * math.sqrt(2 * mean) + SIGMAS <= capacity
+
+
 def choose_buckets(total: int, capacity: int | None) -> int:
     """The fewest buckets K (at most :data:`MAX_BUCKETS`) such that a bucket of ``mean = total / K`` items, plus
     ``SIGMAS * sqrt(2 * mean) + SIGMAS``, fits ``capacity`` items; 1 without a capacity."""
@@ -166,8 +177,7 @@ def choose_buckets(total: int, capacity: int | None) -> int:
         return 1
 
     def fits(k: int) -> bool:
-        mean = total / k
-        return mean + SIGMAS * math.sqrt(2 * mean) + SIGMAS <= capacity
+        return bucket_fits(total, k, capacity)
 
     lo = max(1, -(-total // capacity)) - 1  # fewer buckets than total / capacity cannot fit
     if lo >= MAX_BUCKETS:
@@ -265,6 +275,7 @@ class _BucketedParty:
         max_peer_items: int = core.MAX_ITEMS,
         max_peer_chunk: int = core.MAX_CHUNK_SIZE,
         key: PsiKey | None = None,
+        min_bucket_items: int = MIN_BUCKET_ITEMS,
     ) -> None:
         if not 1 <= chunk_size <= core.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be in [1, {core.MAX_CHUNK_SIZE}]")
@@ -281,6 +292,7 @@ class _BucketedParty:
         self.verify_curve = bool(verify_curve)
         self.max_peer_items = min(int(max_peer_items), core.MAX_ITEMS)
         self.max_peer_chunk = int(max_peer_chunk)
+        self.min_bucket_items = int(min_bucket_items)  # [P18]; tests lower it to bucket small sets
         self._key = key or PsiKey.generate()  # one secret exponent for every bucket of the pair
         self._bucket_key = bucket_key(run_id, nonce)
         self.n_items = source.n_items
@@ -353,7 +365,7 @@ class _BucketedParty:
             n_items=n,
             chunk_size=c,
             buckets=_opt_int("PSI_START.buckets", msg.buckets, 1, MAX_BUCKETS),
-            bucket_items=_opt_int("PSI_START.bucket_items", msg.bucket_items, 1, core.MAX_ITEMS),
+            bucket_items=_opt_int("PSI_START.bucket_items", msg.bucket_items, self.min_bucket_items, core.MAX_ITEMS),
         )
 
     def _on_start(self, msg: BucketedStart) -> list[Message]:
@@ -460,7 +472,14 @@ class BucketedSender(_BucketedParty):
         k = peer.buckets
         if self.buckets_setting != AUTO and k != self.buckets_setting:
             raise MalformedMessageError(f"data holder: PSI_START.buckets = {k}, but the session agreed on {self.buckets_setting}")
-        need = choose_buckets(self.n_items + peer.n_items, self.capacity)
+        total = self.n_items + peer.n_items
+        need = choose_buckets(total, self.capacity)
+        most = max(need, choose_buckets(total, self.min_bucket_items))
+        if self.buckets_setting == AUTO and k > most:  # [P18]: checked before a single item is partitioned
+            raise LimitExceededError(
+                f"data holder: PSI_START.buckets = {k} is more than any budget needs for {self.n_items} + "
+                f"{peer.n_items} items (at most {most}: a bucket of {self.min_bucket_items} items)"
+            )
         if k < need:
             raise LimitExceededError(
                 f"data holder: PSI_START.buckets = {k} is too few for {self.n_items} + {peer.n_items} items within "
@@ -522,6 +541,13 @@ class BucketedReceiver(_BucketedParty):
         else:
             total = self.n_items + peer.n_items
             k = max(choose_buckets(total, self.capacity), choose_buckets(total, peer.bucket_items))
+            for whose, cap in (("this party's capacity", self.capacity),
+                               ("the data holder's PSI_START.bucket_items", peer.bucket_items)):
+                if cap is not None and not bucket_fits(total, k, cap):  # [P18]: refused before partitioning
+                    raise LimitExceededError(
+                        f"label holder: {self.n_items} + {peer.n_items} items do not fit {whose} of {cap} items "
+                        f"per bucket even in {MAX_BUCKETS} buckets; raise [psi].memory_mb"
+                    )
         self._peer, self.k = peer, int(k)
         self._own_counts = np.asarray(self.source.partition(self._bucket_key, self.k), dtype=np.int64)
         return []
