@@ -413,7 +413,7 @@ class NodeRunner:
                 ok, reason = False, f"cannot write the aligned IDs to {out}: {exc.strerror}"
                 self.log.error("%s", reason)
         if ok and self.training is not None:
-            return self._execute(transport, self.training.start(self.machine, aligned.rows, now))
+            return self._execute(transport, self.training.start(self.machine, aligned.rows, now, time.monotonic))
         return self._execute(transport, self.machine.finish_aligned(ok, reason, now))
 
     def _show_progress(self, machine) -> None:

@@ -415,6 +415,7 @@ class SessionTraining:
         self.segment: TorchBottom | TorchTop | None = None  # built over the aligned rows by ``start``
         self.aligned: np.ndarray | None = None  # the label holder's aligned rows, for the predictions file
         self.machine = None  # the role machine whose training this is (``start``)
+        self._clock = None  # ``start``'s clock
 
     def check(self) -> None:
         """Before connecting: torch's thread count, and the model spec against this party's data."""
@@ -427,12 +428,15 @@ class SessionTraining:
         else:
             data_holder_check(self.cfg, self.start_mode)
 
-    def start(self, machine, rows: np.ndarray, now: float) -> list[Output]:
+    def start(self, machine, rows: np.ndarray, now: float, clock=None) -> list[Output]:
         """Build the segment over the aligned ``rows`` and start ``machine``'s training phase with it.
 
         A model that cannot be built or a checkpoint that cannot be resumed ends the session (exit 1) naming why.
+        ``clock`` (the runner's ``time.monotonic``): read again once the segment is built, so the training phase's
+        clock (its step time) starts when training does, not before the heap release, the model build and a resume.
         """
         self.machine = machine
+        self._clock = clock
         release_heap()
         if not self.cfg.session.predict:
             self.log.info("%s", privacy_line(self.cfg))
@@ -454,13 +458,13 @@ class SessionTraining:
                 load_trained(cfg, self.segment)
             else:
                 self.segment.begin = self._check_schedule
-            return machine.start_training(self.segment, len(rows), now)
+            return machine.start_training(self.segment, len(rows), self._now(now))
         if cfg.session.predict:
             self.aligned = rows
             self.segment = build_top(cfg, table, rows, None, trained_encoding(cfg))
             load_trained(cfg, self.segment)
             self.log.info("predicting %d aligned rows", len(rows))
-            return machine.start_training(self.segment, prediction_plan(len(rows)), now)
+            return machine.start_training(self.segment, prediction_plan(len(rows)), self._now(now))
         plan = make_plan(cfg, [table.ids[r] for r in np.asarray(rows).tolist()])
         self.segment = build_top(cfg, table, rows, plan)
         self.log.info(
@@ -481,7 +485,10 @@ class SessionTraining:
             what = "the epoch with the lowest validation loss" if cfg.train.keep == "best" else "the last epoch"
             stop = f"; stopping after {cfg.train.patience} epoch(s) without a lower one" if cfg.train.patience else ""
             self.log.info("keeping %s%s", what, stop)
-        return machine.start_training(self.segment, plan, now, first_step, digests, best)
+        return machine.start_training(self.segment, plan, self._now(now), first_step, digests, best)
+
+    def _now(self, now: float) -> float:
+        return self._clock() if self._clock is not None else now
 
     def _check_schedule(self, first_step: int) -> None:
         """Data holder: the label holder's first SCHEDULE says where the run starts; it must match ``--fresh`` /
