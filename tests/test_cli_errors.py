@@ -158,3 +158,13 @@ def test_a_vfl_psi_label_holder_refuses_a_data_holder_that_would_train_and_nothi
         lh.stop()
     assert "CONFIG_MISMATCH" in dh1.output and "train" in dh1.output, dh1.output
     assert not (tmp_path / "model").exists() or not any((tmp_path / "model").rglob("*.pt"))
+
+
+def test_a_node_that_does_not_train_never_imports_torch():
+    """torch costs about a second and a half of every node start: a PSI-only node (``vfl psi``, a conformance
+    target, a session with ``train = false``) loads the node, its alignment and its feature-file code without it."""
+    code = ("import sys, vfl.cli, vfl.node.runner, vfl.node.alignment, vfl.node.aligned, vfl.psi; "
+            "print('torch' in sys.modules)")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "False", "a module on the PSI-only path imports torch"

@@ -54,3 +54,11 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def remove_stale_temps(directory: Path, name: str) -> None:
+    """Delete the hidden ``.NAME.*.tmp`` files (``name`` may be a glob) that an atomic write leaves when its process
+    is killed mid-write (``kill -9``). Call it only for files no other live process writes: other parties write
+    their own files in the same folder at the same time."""
+    for stale in Path(directory).glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 from ..train.data import PartyTable, TableSpec, load_table
-from .checkpoints import remove_stale_temps
+from ..files import remove_stale_temps  # not .checkpoints: that imports torch, which a PSI-only node never needs
 
 __all__ = ["feature_path", "load_training_table"]
 

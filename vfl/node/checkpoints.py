@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files import PRIVATE, atomic_write_bytes
+from ..files import PRIVATE, atomic_write_bytes, remove_stale_temps
 from ..errors import SetupError
 from ..protocol.training_phase import CheckpointError
 from .lifecycle import MANIFEST, read_manifest
@@ -162,14 +162,6 @@ def load_state(data: bytes, path: str | Path) -> dict:
     if state_digest(state) != digest:
         raise StateFileError(f"{path} does not match its own {DIGEST_KEY}: the file was changed or damaged")
     return state
-
-
-def remove_stale_temps(directory: Path, name: str) -> None:
-    """Delete the hidden ``.NAME.*.tmp`` files (``name`` may be a glob) that an atomic write leaves when its process
-    is killed mid-write (``kill -9``). Call it only for files no other live process writes: other parties write
-    their own files in the same folder at the same time."""
-    for stale in Path(directory).glob(f".{name}.*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 class Checkpointer:
