@@ -121,3 +121,20 @@ def test_engine_lifecycle():
     with pytest.raises(ValueError):
         PsiEngine(task_items=0)
     assert PsiEngine().workers >= 1
+
+
+def test_the_forkserver_started_before_the_ids_are_read_is_the_one_the_pool_uses():
+    """start_forkserver: the node starts it while small; the pool's workers then come from it, not a second one."""
+    from multiprocessing import forkserver
+
+    from vfl.psi.engine import start_forkserver
+
+    start_forkserver(2)
+    pid = forkserver._forkserver._forkserver_pid
+    assert pid is not None
+    key = PsiKey.generate()
+    with PsiEngine(workers=2) as engine:
+        got = engine.hash_encrypt(encode_ids(range(50)), key, b"d")
+    with PsiEngine(workers=1) as inline:
+        assert np.array_equal(got, inline.hash_encrypt(encode_ids(range(50)), key, b"d"))
+    assert forkserver._forkserver._forkserver_pid == pid

@@ -44,6 +44,7 @@ import numpy as np
 from .cipher import PsiKey
 from .curve import POINT_SIZE, hash_domain
 from .engine import PsiEngine, check_points
+from .items import ItemStore, distinct_rows, take_items
 from .errors import (
     ChunkOrderError,
     DuplicateIdError,
@@ -136,8 +137,13 @@ def prepare_items(items: Sequence[bytes], *, dedupe: bool = False) -> np.ndarray
     """Check the items are ``bytes`` and unique; returns the indices (into ``items``) of the distinct items.
 
     Duplicates raise :class:`DuplicateIdError` (count and one example) unless ``dedupe``, which keeps the first
-    occurrence of every item.
+    occurrence of every item. An :class:`~vfl.psi.items.ItemStore` (bytes by construction) is checked vectorised.
     """
+    if isinstance(items, ItemStore):  # vectorised, and no dict of n Python objects
+        unique_rows, repeat = distinct_rows(items)
+        if repeat is not None and not dedupe:
+            _raise_duplicates(len(items) - len(unique_rows), items[repeat])
+        return unique_rows
     first: dict[bytes, int] = {}
     setdefault = first.setdefault
     for i, it in enumerate(items):
@@ -155,15 +161,18 @@ def prepare_items(items: Sequence[bytes], *, dedupe: bool = False) -> np.ndarray
                 example = it
                 break
             seen.add(it)
-        shown = example if len(example) <= 64 else example[:64] + b"..."
-        count = n - len(first)
-        raise DuplicateIdError(
-            f"{count} duplicate ID{'s' if count != 1 else ''} in the input (e.g. {shown!r}); "
-            "deduplicate first or pass dedupe=True",
-            count=count,
-            example=example,
-        )
+        _raise_duplicates(n - len(first), example)
     return np.fromiter(first.values(), dtype=np.int64, count=len(first))
+
+
+def _raise_duplicates(count: int, example: bytes) -> None:
+    shown = example if len(example) <= 64 else example[:64] + b"..."
+    raise DuplicateIdError(
+        f"{count} duplicate ID{'s' if count != 1 else ''} in the input (e.g. {shown!r}); "
+        "deduplicate first or pass dedupe=True",
+        count=count,
+        example=example,
+    )
 
 
 def _n_chunks(n: int, chunk_size: int) -> int:
@@ -264,7 +273,7 @@ class _Party:
         perm = secure_permutation(len(unique_rows))
         #: stream position -> row index in the caller's original input
         self._stream_rows = unique_rows[perm]
-        self._stream_items = [items[r] for r in self._stream_rows.tolist()]
+        self._stream_items = take_items(items, self._stream_rows)  # compact when ``items`` is an ItemStore
         self.n_items = len(self._stream_rows)
 
         self._started = False
