@@ -155,6 +155,9 @@ def _run_node(cfg, verbose: bool, start: str = "auto", *, end_session: bool = Fa
     from .node.alignment import load_ids
 
     log = _setup_logging(cfg.party, verbose)
+    from .node.heap import return_freed_memory
+
+    return_freed_memory()  # before the IDs are read: freed arrays go back to the OS, not into a fragmented heap
     if cfg.session.psi and cfg.psi.cluster is None:
         from .psi.engine import start_forkserver
 
