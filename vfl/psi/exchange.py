@@ -453,15 +453,22 @@ class PsiSender(_Party):
     def _maybe_finish(self) -> list[Message]:
         if not (self._reply_done and self._peer_done) or self._rows is not None:
             return []
+        # every intermediate is dropped as soon as it is used: this is the bucket's peak (about 40 bytes an item less)
         peer_tokens = np.concatenate(self._peer_parts) if self._peer_parts else np.empty((0, TOKEN_SIZE), np.uint8)
+        self._peer_parts = []
         mine_hi, mine_lo = _keys(self._reply_tokens)
         peer_hi, peer_lo = _keys(peer_tokens)
+        del peer_tokens
         n = self.n_items
         hi = np.concatenate([mine_hi, peer_hi])
+        del mine_hi, peer_hi
         lo = np.concatenate([mine_lo, peer_lo])
+        del mine_lo, peer_lo
         order = _sort_order(hi, lo)
         hs, ls = hi[order], lo[order]
+        del hi, lo
         eq = np.flatnonzero((hs[1:] == hs[:-1]) & (ls[1:] == ls[:-1]))
+        del hs, ls
         a, b = order[eq], order[eq + 1]  # a < b (stable sort: our tokens come first among equals)
         if np.any(b < n):
             raise InvalidResultError("data holder: the label holder's replies contain a repeated token")
@@ -565,15 +572,21 @@ class PsiReceiver(_Party):
             raise InvalidResultError("result names one of our rows twice")
         # every result token must be one we computed for the data holder: t(H(x)^dl)
         theirs = np.concatenate(self._their_parts) if self._their_parts else np.empty((0, TOKEN_SIZE), np.uint8)
+        self._their_parts = []  # intermediates go as soon as they are used, as at the data holder
         th, tl = _keys(theirs)
+        del theirs
         rh, rl = _keys(tokens)
         n = len(th)
         hi = np.concatenate([th, rh])
+        del th, rh
         lo = np.concatenate([tl, rl])
+        del tl, rl
         order = _sort_order(hi, lo)
         hs, ls = hi[order], lo[order]
+        del hi, lo
         eq = (hs[1:] == hs[:-1]) & (ls[1:] == ls[:-1])
-        matched = np.zeros(len(hi), dtype=bool)
+        del hs, ls
+        matched = np.zeros(len(order), dtype=bool)
         b = order[np.flatnonzero(eq) + 1]  # the later of each equal pair; ours come first among equals
         if np.any(b < n):
             raise InvalidResultError("label holder: the data holder's points gave a repeated token")
