@@ -155,6 +155,13 @@ def _run_node(cfg, verbose: bool, start: str = "auto", *, end_session: bool = Fa
     from .node.alignment import load_ids
 
     log = _setup_logging(cfg.party, verbose)
+    from .node.heap import return_freed_memory
+
+    return_freed_memory()  # before the IDs are read: freed arrays go back to the OS, not into a fragmented heap
+    if cfg.session.psi and cfg.psi.cluster is None:
+        from .psi.engine import start_forkserver
+
+        start_forkserver(cfg.psi.workers or None)  # while this process is small (see its docstring)
     ids = load_ids(cfg) if cfg.session.psi else None
     code = NodeRunner(cfg, log, ids=ids, start=start, end_session=end_session).run()
     # Everything this node writes is closed and fsynced by now. Exit at once: tearing down torch and libzmq takes

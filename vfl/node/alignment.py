@@ -22,8 +22,9 @@ from ..errors import SetupError
 from ..psi import DuplicateIdError, InvalidIdError, PsiEngine, encode_ids
 from ..psi.buckets import MemoryBuckets
 from ..psi.exchange import prepare_items
+from ..psi.items import ItemStore, decode_ids, encode_id_array, release_arrow_memory, take_items
 from ..protocol.psi_phase import PsiPlan
-from ..train.data import DataError, PartyTable, TableSpec, load_table
+from ..train.data import DataError, PartyTable, TableSpec, load_id_column, load_table
 from .aligned import load_training_table
 from .config import NodeConfig
 
@@ -34,19 +35,40 @@ class AlignmentError(SetupError):
 
 @dataclass(frozen=True)
 class PartyIds:
-    """A party's IDs in file order, and their encoding for the PSI."""
+    """A party's IDs in file order, as their PSI encoding (an :class:`ItemStore`: compact, no Python object per ID).
+
+    Why compact: a node holds its IDs for its whole run (the PSI's input, then the aligned output); as lists of
+    Python objects (the IDs and their encodings) that was about 120 MiB per million IDs, more than the bucketed
+    PSI's own working set. The native IDs are decoded from the items where they are needed (:attr:`ids`).
+    """
 
     path: Path
     column: str
-    ids: list
-    items: list[bytes]
+    items: ItemStore
     table: PartyTable | None = None  # the table (labels; features in the feature file) when the session trains
     #: indices of the distinct items (all of them unless [psi].dedupe dropped repeats), ``int64``: checked once
     unique_rows: np.ndarray | None = None
 
+    @property
+    def ids(self) -> list:
+        """The native IDs (``int`` or ``str``) in file order: the table's when the session trains, else decoded from
+        the items (a Python object each: for small sets and tests)."""
+        return self.table.ids if self.table is not None else native_ids(self.items)
+
+
+def native_ids(items: Sequence[bytes]) -> list:
+    """``int`` / ``str`` of items encoded by ``encode_ids``, in order."""
+    try:
+        return decode_ids(ItemStore.from_items(items)).to_pylist()
+    except ValueError:  # integers beyond int64, or mixed kinds: one at a time
+        return [int(b[2:]) if b[:2] == b"i:" else b[2:].decode("utf-8") for b in items]
+
 
 def load_ids(cfg: NodeConfig) -> PartyIds:
-    """Read the configured ID column; duplicates are an error (count and an example) unless ``[psi].dedupe``."""
+    """Read the configured ID column; duplicates are an error (count and an example) unless ``[psi].dedupe``.
+
+    A session that does not train reads the ID column alone, as Arrow buffers encoded in bulk; a training session
+    reads its table (it needs the labels and the feature file) and encodes the table's IDs."""
     data = cfg.data
     train = cfg.session.train
     spec = TableSpec(
@@ -56,15 +78,22 @@ def load_ids(cfg: NodeConfig) -> PartyIds:
         label_column=data.label_column if train and not cfg.session.predict else None,
     )
     load = load_table if not train else lambda s: load_training_table(s, cfg.train.output, cfg.party)
+    table = None
     try:
-        if cfg.session.predict and data.label_column and data.features is None:
-            try:  # a prediction file may still hold the label column: it must not become a feature
-                table = load(dataclasses.replace(spec, label_column=data.label_column))
-            except DataError:
-                table = load(spec)
+        if not train and not cfg.session.predict:
+            column = load_id_column(spec)
+            items = ItemStore.from_items(encode_ids(column)) if isinstance(column, list) else encode_id_array(*column)
+            del column
+            release_arrow_memory()
         else:
-            table = load(spec)
-        items = encode_ids(table.ids)
+            if cfg.session.predict and data.label_column and data.features is None:
+                try:  # a prediction file may still hold the label column: it must not become a feature
+                    table = load(dataclasses.replace(spec, label_column=data.label_column))
+                except DataError:
+                    table = load(spec)
+            else:
+                table = load(spec)
+            items = ItemStore.from_items(encode_ids(table.ids))
     except DataError as exc:
         raise AlignmentError(str(exc)) from None
     except InvalidIdError as exc:
@@ -77,7 +106,7 @@ def load_ids(cfg: NodeConfig) -> PartyIds:
             f"{exc.example.decode('utf-8', 'replace')[2:]!r}; remove them or set [psi].dedupe = true "
             "(keeps the first row of each ID)"
         ) from None
-    return PartyIds(path=data.path, column=data.id_column, ids=table.ids, items=items, table=table if train else None,
+    return PartyIds(path=data.path, column=data.id_column, items=items, table=table if train else None,
                     unique_rows=unique_rows)
 
 
@@ -92,7 +121,7 @@ class SpillBuckets(MemoryBuckets):
     is removed when the pairwise PSI is done (and by the runner when the node exits).
     """
 
-    def __init__(self, items: Sequence[bytes], folder: Path, *, dedupe: bool = False,
+    def __init__(self, items: Sequence[bytes], folder: Path, *, dedupe: bool = False,  # a list or an ItemStore
                  unique_rows: np.ndarray | None = None) -> None:
         super().__init__(items, dedupe=dedupe, unique_rows=unique_rows)
         self.folder = folder
@@ -103,21 +132,20 @@ class SpillBuckets(MemoryBuckets):
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         for b in range(k):
             rows = self.grouping.bucket(b)
-            items = [self.items[r] for r in rows.tolist()]
-            offsets = np.zeros(len(items) + 1, dtype=np.int64)
-            np.cumsum([len(it) for it in items], out=offsets[1:])
-            blob = np.frombuffer(b"".join(items), dtype=np.uint8)
-            atomic_write(self._bucket_path(b), lambda tmp: _save_npz(tmp, rows=rows, offsets=offsets, blob=blob),
-                         mode=PRIVATE)
+            items = ItemStore.from_items(take_items(self.items, rows))  # one gather when the items are a store
+            atomic_write(self._bucket_path(b),
+                         lambda tmp: _save_npz(tmp, rows=rows, offsets=items.offsets, blob=items.blob), mode=PRIVATE)
+            del items
         self.grouping, self.counts = None, counts  # from here on the items of a bucket come from its file
+        release_arrow_memory()  # the gathers' buffers
         return counts
 
     def bucket(self, b: int) -> tuple[Sequence[bytes], np.ndarray]:
         if self.counts is None:
             return super().bucket(b)
         with np.load(self._bucket_path(b)) as f:
-            rows, offsets, blob = f["rows"], f["offsets"].tolist(), f["blob"].tobytes()
-        return [blob[offsets[i] : offsets[i + 1]] for i in range(len(rows))], rows
+            rows, offsets, blob = f["rows"], f["offsets"], f["blob"]
+        return ItemStore(blob, offsets), rows  # compact: the exchange gathers and slices it without a list
 
     def commit(self, b: int, rows: np.ndarray) -> None:
         atomic_write(self.folder / f"result-{b:05d}.npy", lambda tmp: _save_npy(tmp, rows), mode=PRIVATE)
@@ -182,5 +210,11 @@ def psi_plan(cfg: NodeConfig, ids: PartyIds, engine: PsiEngine) -> PsiPlan:
 def write_aligned(path: Path, ids: PartyIds, rows: np.ndarray) -> None:
     """``row`` (0-based data row in the party's own file) and the ID, in the agreed order; written atomically, 0600
     (raw IDs: readable by the owner only)."""
-    table = pa.table({"row": pa.array(rows, type=pa.int64()), ids.column: pa.array([ids.ids[r] for r in rows.tolist()])})
+    chosen = ItemStore.from_items(take_items(ids.items, rows))
+    try:
+        column = decode_ids(chosen) if len(chosen) else pa.array([])
+    except ValueError:  # integers beyond int64: as Python objects, what Arrow makes of them
+        column = pa.array(native_ids(chosen))
+    del chosen
+    table = pa.table({"row": pa.array(rows, type=pa.int64()), ids.column: column})
     atomic_write(path, lambda tmp: pacsv.write_csv(table, tmp), mode=PRIVATE)

@@ -45,6 +45,7 @@ from . import exchange as core
 from .cipher import PsiKey
 from .curve import hash_domain
 from .engine import PsiEngine
+from .items import take_items
 from .errors import ChunkOrderError, LimitExceededError, MalformedMessageError, PsiStateError, TruncatedStreamError
 
 __all__ = [
@@ -146,8 +147,9 @@ def group_by_bucket(items: Sequence[bytes], unique_rows: np.ndarray, key: bytes,
     n = len(unique_rows)
     if k == 1:
         return Grouping(rows=unique_rows, bounds=np.array([0, n], dtype=np.int64))
-    sub = items if n == len(items) else [items[r] for r in unique_rows.tolist()]
+    sub = items if n == len(items) else take_items(items, unique_rows)  # compact when ``items`` is an ItemStore
     which = assign_buckets(sub, key, k)
+    del sub
     order = np.argsort(which, kind="stable")
     bounds = np.zeros(k + 1, dtype=np.int64)
     np.cumsum(np.bincount(which, minlength=k), out=bounds[1:])
@@ -233,7 +235,7 @@ class MemoryBuckets:
         if self.grouping is None:
             raise PsiStateError("partition() before bucket()")
         rows = self.grouping.bucket(b)
-        return [self.items[r] for r in rows.tolist()], rows
+        return take_items(self.items, rows), rows
 
     def commit(self, b: int, rows: np.ndarray) -> None:
         self.committed[b] = rows

@@ -36,6 +36,7 @@ __all__ = [
     "encode_ids",
     "check_points",
     "DEFAULT_TASK_ITEMS",
+    "start_forkserver",
 ]
 
 DEFAULT_TASK_ITEMS = 2048
@@ -124,6 +125,22 @@ def _default_context() -> multiprocessing.context.BaseContext:
     methods = multiprocessing.get_all_start_methods()
     # forkserver: no fork of a threaded parent (zmq, torch), cheap worker start after the first
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def start_forkserver(workers: int | None = None) -> None:
+    """Start multiprocessing's forkserver (and its resource tracker) now, for a local pool of ``workers`` (None:
+    every usable CPU; 1 runs inline and needs none).
+
+    Why: both helpers are started by forking this process and exec'ing a fresh interpreter, and between the fork and
+    the exec the child reports this process's peak RSS (``VmHWM``) as its own, so a per-process memory account of a
+    node that had read millions of IDs counted them twice. Started before the node reads its IDs, the child copies
+    a process at its import floor. The pool's workers are forked by the forkserver, never by this process."""
+    if (workers if workers is not None else _usable_cpus()) <= 1:
+        return
+    if _default_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 class _LocalPool:

@@ -44,6 +44,7 @@ import numpy as np
 from .cipher import PsiKey
 from .curve import POINT_SIZE, hash_domain
 from .engine import PsiEngine, check_points
+from .items import ItemStore, distinct_rows, take_items
 from .errors import (
     ChunkOrderError,
     DuplicateIdError,
@@ -136,8 +137,13 @@ def prepare_items(items: Sequence[bytes], *, dedupe: bool = False) -> np.ndarray
     """Check the items are ``bytes`` and unique; returns the indices (into ``items``) of the distinct items.
 
     Duplicates raise :class:`DuplicateIdError` (count and one example) unless ``dedupe``, which keeps the first
-    occurrence of every item.
+    occurrence of every item. An :class:`~vfl.psi.items.ItemStore` (bytes by construction) is checked vectorised.
     """
+    if isinstance(items, ItemStore):  # vectorised, and no dict of n Python objects
+        unique_rows, repeat = distinct_rows(items)
+        if repeat is not None and not dedupe:
+            _raise_duplicates(len(items) - len(unique_rows), items[repeat])
+        return unique_rows
     first: dict[bytes, int] = {}
     setdefault = first.setdefault
     for i, it in enumerate(items):
@@ -155,15 +161,18 @@ def prepare_items(items: Sequence[bytes], *, dedupe: bool = False) -> np.ndarray
                 example = it
                 break
             seen.add(it)
-        shown = example if len(example) <= 64 else example[:64] + b"..."
-        count = n - len(first)
-        raise DuplicateIdError(
-            f"{count} duplicate ID{'s' if count != 1 else ''} in the input (e.g. {shown!r}); "
-            "deduplicate first or pass dedupe=True",
-            count=count,
-            example=example,
-        )
+        _raise_duplicates(n - len(first), example)
     return np.fromiter(first.values(), dtype=np.int64, count=len(first))
+
+
+def _raise_duplicates(count: int, example: bytes) -> None:
+    shown = example if len(example) <= 64 else example[:64] + b"..."
+    raise DuplicateIdError(
+        f"{count} duplicate ID{'s' if count != 1 else ''} in the input (e.g. {shown!r}); "
+        "deduplicate first or pass dedupe=True",
+        count=count,
+        example=example,
+    )
 
 
 def _n_chunks(n: int, chunk_size: int) -> int:
@@ -264,7 +273,7 @@ class _Party:
         perm = secure_permutation(len(unique_rows))
         #: stream position -> row index in the caller's original input
         self._stream_rows = unique_rows[perm]
-        self._stream_items = [items[r] for r in self._stream_rows.tolist()]
+        self._stream_items = take_items(items, self._stream_rows)  # compact when ``items`` is an ItemStore
         self.n_items = len(self._stream_rows)
 
         self._started = False
@@ -444,15 +453,22 @@ class PsiSender(_Party):
     def _maybe_finish(self) -> list[Message]:
         if not (self._reply_done and self._peer_done) or self._rows is not None:
             return []
+        # every intermediate is dropped as soon as it is used: this is the bucket's peak (about 40 bytes an item less)
         peer_tokens = np.concatenate(self._peer_parts) if self._peer_parts else np.empty((0, TOKEN_SIZE), np.uint8)
+        self._peer_parts = []
         mine_hi, mine_lo = _keys(self._reply_tokens)
         peer_hi, peer_lo = _keys(peer_tokens)
+        del peer_tokens
         n = self.n_items
         hi = np.concatenate([mine_hi, peer_hi])
+        del mine_hi, peer_hi
         lo = np.concatenate([mine_lo, peer_lo])
+        del mine_lo, peer_lo
         order = _sort_order(hi, lo)
         hs, ls = hi[order], lo[order]
+        del hi, lo
         eq = np.flatnonzero((hs[1:] == hs[:-1]) & (ls[1:] == ls[:-1]))
+        del hs, ls
         a, b = order[eq], order[eq + 1]  # a < b (stable sort: our tokens come first among equals)
         if np.any(b < n):
             raise InvalidResultError("data holder: the label holder's replies contain a repeated token")
@@ -556,15 +572,21 @@ class PsiReceiver(_Party):
             raise InvalidResultError("result names one of our rows twice")
         # every result token must be one we computed for the data holder: t(H(x)^dl)
         theirs = np.concatenate(self._their_parts) if self._their_parts else np.empty((0, TOKEN_SIZE), np.uint8)
+        self._their_parts = []  # intermediates go as soon as they are used, as at the data holder
         th, tl = _keys(theirs)
+        del theirs
         rh, rl = _keys(tokens)
         n = len(th)
         hi = np.concatenate([th, rh])
+        del th, rh
         lo = np.concatenate([tl, rl])
+        del tl, rl
         order = _sort_order(hi, lo)
         hs, ls = hi[order], lo[order]
+        del hi, lo
         eq = (hs[1:] == hs[:-1]) & (ls[1:] == ls[:-1])
-        matched = np.zeros(len(hi), dtype=bool)
+        del hs, ls
+        matched = np.zeros(len(order), dtype=bool)
         b = order[np.flatnonzero(eq) + 1]  # the later of each equal pair; ours come first among equals
         if np.any(b < n):
             raise InvalidResultError("label holder: the data holder's points gave a repeated token")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ __all__ = [
     "Standardizer",
     "TableSpec",
     "encode_labels",
+    "load_id_column",
     "load_table",
 ]
 
@@ -135,6 +136,11 @@ def load_table(spec: TableSpec, features_to: Path | None = None) -> PartyTable:
     it is, without reading the feature columns again: the caller names the file after what it holds
     (``vfl.node.aligned``). A table without feature columns gets no file.
     """
+    return _with_columns(spec, lambda columns: _load(spec, columns, features_to))
+
+
+def _with_columns(spec: TableSpec, use: Callable[[_Columns], Any]) -> Any:
+    """``use`` the table's reader; the file is let go of afterwards, whatever happens."""
     path = spec.path
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -142,14 +148,30 @@ def load_table(spec: TableSpec, features_to: Path | None = None) -> PartyTable:
         raise DataError(f"{path}: not a regular file")
     columns = open_columns(path, spec.id_column)
     try:
-        return _load(spec, columns, features_to)
+        return use(columns)
     finally:
         columns.close()
         # what Arrow freed stays in its pool (jemalloc/mimalloc) unless handed back: hundreds of MB for a big table
         pa.default_memory_pool().release_unused()
 
 
-def _load(spec: TableSpec, columns: _Columns, features_to: Path | None = None) -> PartyTable:
+def load_id_column(spec: TableSpec) -> tuple[pa.Array, str] | list:
+    """The ID column alone, checked exactly as :func:`load_table` checks it (same errors), for a session that only
+    aligns IDs: ``(array, kind)``, a pyarrow array of the IDs (text, or integers, or for CSV the canonical integer
+    text) and ``"int"`` or ``"str"``; or, for a format read whole anyway (.npz), the list ``load_table`` gives.
+
+    Why: ``load_table``'s IDs are a list of Python objects (about 70 bytes an ID); an aligning node holds the IDs for
+    its whole run, so it keeps them as Arrow/numpy buffers instead (:mod:`vfl.psi.items`)."""
+    def use(columns: _Columns) -> tuple[pa.Array, str] | list:
+        _prepare(spec, columns)
+        id_array = getattr(columns, "id_array", None)
+        return columns.ids(spec.id_column) if id_array is None else id_array(spec.id_column)
+
+    return _with_columns(spec, use)
+
+
+def _prepare(spec: TableSpec, columns: _Columns) -> list[str]:
+    """Check the wanted columns are there once each, load them (``columns.load``); returns the feature names."""
     path = spec.path
     available = columns.names
     dups = sorted(n for n, c in Counter(available).items() if c > 1)
@@ -161,10 +183,15 @@ def _load(spec: TableSpec, columns: _Columns, features_to: Path | None = None) -
         if col in dups:
             raise DataError(f"{path}: column name {col!r} appears more than once in the file")
     columns.load(wanted, feature_names)
-
-    n = columns.n_rows
-    if n == 0:
+    if columns.n_rows == 0:
         raise DataError(f"{path}: the table has no data rows")
+    return feature_names
+
+
+def _load(spec: TableSpec, columns: _Columns, features_to: Path | None = None) -> PartyTable:
+    path = spec.path
+    feature_names = _prepare(spec, columns)
+    n = columns.n_rows
     ids = columns.ids(spec.id_column)
     if features_to is None or not feature_names:
         features = np.empty((n, len(feature_names)), dtype=np.float32)

@@ -31,6 +31,7 @@ _CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zst", ".csv.lz4")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _NPZ_SUFFIXES = (".npz",)
 _CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+_CANONICAL_INT_ANCHORED = r"^-?(0|[1-9][0-9]*)$"  # the same, for Arrow's regex kernels (RE2, whole value)
 
 
 class DataError(SetupError):
@@ -226,7 +227,8 @@ class _ArrowColumns(_Columns):
         # zero-copy for numbers (no nulls); booleans are bit-packed in Arrow and unpacked here
         return [[c.to_numpy(zero_copy_only=False) for c in col.chunks] for col in cols]
 
-    def ids(self, name: str) -> list:
+    def _checked_ids(self, name: str) -> pa.ChunkedArray:
+        """The ID column, of integers or text and without nulls."""
         col = self._column(name)
         t = col.type
         if not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
@@ -234,7 +236,22 @@ class _ArrowColumns(_Columns):
         i = self._first_null(col)
         if i is not None:
             raise self._fail(name, i, "missing (empty) ID")
-        return self._ids_from_list(name, col.to_pylist())
+        return col
+
+    def ids(self, name: str) -> list:
+        return self._ids_from_list(name, self._checked_ids(name).to_pylist())
+
+    def id_array(self, name: str) -> tuple[pa.Array, str]:
+        """The ID column as one Arrow array and its kind (``"int"``, ``"str"``), checked as :meth:`ids` checks it,
+        without a Python object per ID."""
+        col = self._checked_ids(name)
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+        if pa.types.is_integer(col.type):
+            return col, "int"
+        empty = pc.equal(col, "").to_numpy(zero_copy_only=False)
+        if empty.any():
+            raise self._fail(name, int(empty.argmax()), "missing (empty) ID")
+        return col, "str"
 
     def fill(self, name: str, out: np.ndarray) -> None:
         col = self._column(name)
@@ -383,6 +400,14 @@ class _CsvColumns(_ArrowColumns):
         if name == self._id_column and values and all(_CANONICAL_INT.fullmatch(v) for v in values):
             return [int(v) for v in values]
         return values
+
+    def id_array(self, name: str) -> tuple[pa.Array, str]:
+        """As :meth:`ids`: a column of canonical integers only is integers (kind ``"int"``, its text normalised as
+        ``int()`` would: ``-0`` is ``0``)."""
+        col, kind = super().id_array(name)
+        if name == self._id_column and len(col) and pc.all(pc.match_substring_regex(col, _CANONICAL_INT_ANCHORED)).as_py():
+            return pc.replace_substring_regex(col, "^-0$", "0"), "int"
+        return col, kind
 
 
 class _ParquetColumns(_ArrowColumns):
