@@ -759,7 +759,7 @@ class LabelHolderMachine:
         out.append(Log(level="INFO", text=f"PSI with data holder {p.name!r}: it has {msg.n_items} IDs"))
         if p.psi.bucketed:
             k, r = p.psi.exchange.k, p.psi.resumed_at
-            text = f"{k} buckets" + (f"; resuming at bucket {r} (buckets 0-{r - 1} finished earlier)" if r else "")
+            text = f"{k} buckets" + (f"; resuming at bucket {r} (the first {r} finished earlier)" if r else "")
             out.append(Log(level="INFO", text=f"PSI with data holder {p.name!r}: {text}"))
         if p.psi.done:  # [P22]: a resumed pair whose every bucket was finished before
             out += self._pair_done(p, now)
