@@ -1,4 +1,5 @@
-"""The node's bucket source: each bucket's items in their own 0600 file, one bucket in memory at a time."""
+"""The node's bucket source: each bucket's items in their own 0600 file, one bucket in memory at a time, and the
+finished buckets' results, which a restarted party of the same PSI resumes after (PROTOCOL.md [P19]-[P22])."""
 
 from __future__ import annotations
 
@@ -6,41 +7,77 @@ import stat
 
 import numpy as np
 
-from vfl.node.alignment import SpillBuckets
+from vfl.node.spill import SpillBuckets, items_digest
 from vfl.psi import PsiEngine, encode_ids
-from vfl.psi.buckets import BucketedReceiver, BucketedSender, MemoryBuckets, bucket_key, run_bucketed_in_memory
+from vfl.psi.buckets import (
+    BucketedReceiver,
+    BucketedSender,
+    FinishedBucket,
+    MemoryBuckets,
+    bucket_key,
+    run_bucketed_in_memory,
+)
 
 
-def test_spilled_buckets_come_back_as_they_went_and_leave_nothing_behind(tmp_path):
+BINDING = {"run": "r", "party": "dh1", "peer": "", "nonce": "00" * 16, "items": "x"}
+DONE = FinishedBucket(own_items=2, peer_items=3, digest=bytes(range(32)))
+
+
+def test_spilled_buckets_come_back_as_they_went_and_results_are_kept_for_a_resume(tmp_path):
     items = encode_ids([f"id-{i}" for i in range(500)] + ["Zoë", "x" * 300])
-    spill = SpillBuckets(items, tmp_path / "pair")
+    spill = SpillBuckets(items, tmp_path / "pair", binding=BINDING)
     ref = MemoryBuckets(items)
     key = bucket_key("run", bytes(16))
-    assert np.array_equal(spill.partition(key, 7), ref.partition(key, 7))
+    assert np.array_equal(spill.partition(key, 7, peer_n_items=40), ref.partition(key, 7))
     files = sorted(p.name for p in (tmp_path / "pair").iterdir())
-    assert files == [f"bucket-{b:05d}.npz" for b in range(7)]
+    assert files == [f"bucket-{b:05d}.npz" for b in range(7)] + ["state.json"]
     for p in (tmp_path / "pair").iterdir():
         assert stat.S_IMODE(p.stat().st_mode) == 0o600  # raw IDs: the owner's only
     assert spill.grouping is None  # the partition lives in the files, not in memory
     for b in range(7):
         got, want = spill.bucket(b), ref.bucket(b)
         assert got[0] == want[0] and np.array_equal(got[1], want[1])
-    spill.commit(3, np.array([5, 1], dtype=np.int64))
+    spill.commit(0, np.array([5, 1], dtype=np.int64), DONE)
+    spill.commit(1, np.array([7], dtype=np.int64), DONE)
+    spill.commit(3, np.array([2], dtype=np.int64), DONE)
     assert not (tmp_path / "pair" / "bucket-00003.npz").exists()  # a committed bucket's items are gone
-    assert np.load(tmp_path / "pair" / "result-00003.npy").tolist() == [5, 1]
+    assert spill.result(0).tolist() == [5, 1]
     spill.close()
-    assert not (tmp_path / "pair").exists()
+    assert (tmp_path / "pair" / "result-00000.npz").exists()  # kept until the rows are aligned
+
+    # a restarted party of the same PSI finds the contiguous finished buckets (0 and 1; 3 is not after a gap)
+    again = SpillBuckets(items, tmp_path / "pair", binding=BINDING)
+    earlier = again.earlier()
+    assert earlier.k == 7 and earlier.peer_n_items == 40 and earlier.finished == (DONE, DONE)
+    again.partition(key, 7, keep=2, peer_n_items=40)
+    names = sorted(p.name for p in (tmp_path / "pair").iterdir())
+    assert names == ["bucket-00002.npz", "bucket-00003.npz", "bucket-00004.npz", "bucket-00005.npz",
+                     "bucket-00006.npz", "result-00000.npz", "result-00001.npz", "state.json"]
+    assert again.result(1).tolist() == [7]
+    # another binding (run, nonce, peer, ID set) sees nothing to resume
+    for key_, value in BINDING.items():
+        assert SpillBuckets(items, tmp_path / "pair", binding={**BINDING, key_: value + "0"}).earlier() is None
+
+
+def test_the_items_digest_changes_with_any_change_to_the_id_file():
+    items = encode_ids([f"id-{i}" for i in range(1000)])
+    d = items_digest(items, False)
+    assert d == items_digest(list(items), False) and d != items_digest(items, True)
+    assert d != items_digest(items[:-1], False) and d != items_digest(items[1:] + items[:1], False)
+    assert items_digest([b"ab", b"c"], False) != items_digest([b"a", b"bc"], False)
 
 
 def test_a_bucketed_psi_through_spill_files_equals_the_in_memory_one(tmp_path):
     a = encode_ids(range(0, 700))
     b = encode_ids(range(350, 1000))
     with PsiEngine(workers=1) as engine:
-        d = BucketedSender(SpillBuckets(a, tmp_path / "d"), engine=engine, run_id="r", nonce=bytes(16),
-                           chunk_size=64, buckets=5)
-        lh = BucketedReceiver(SpillBuckets(b, tmp_path / "l"), engine=engine, run_id="r", nonce=bytes(16),
-                              chunk_size=64, buckets=5)
+        d = BucketedSender(SpillBuckets(a, tmp_path / "d", binding=BINDING), engine=engine, run_id="r",
+                           nonce=bytes(16), chunk_size=64, buckets=5)
+        lh = BucketedReceiver(SpillBuckets(b, tmp_path / "l", binding=BINDING), engine=engine, run_id="r",
+                              nonce=bytes(16), chunk_size=64, buckets=5)
         d_rows, l_rows = run_bucketed_in_memory(d, lh)
     assert [a[i] for i in d_rows] == [b[i] for i in l_rows]
     assert set(a[i] for i in d_rows) == set(a) & set(b)
-    assert not (tmp_path / "d").exists() and not (tmp_path / "l").exists()
+    for side in ("d", "l"):  # no item file is left, only the finished buckets' results
+        assert sorted(p.name for p in (tmp_path / side).iterdir()) == [f"result-{i:05d}.npz" for i in range(5)] + [
+            "state.json"]

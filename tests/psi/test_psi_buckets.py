@@ -248,9 +248,9 @@ class CountingBuckets(MemoryBuckets):
 
     partitions = 0
 
-    def partition(self, key: bytes, k: int) -> np.ndarray:
+    def partition(self, key: bytes, k: int, keep: int = 0, peer_n_items: int = 0) -> np.ndarray:
         self.partitions += 1
-        return super().partition(key, k)
+        return super().partition(key, k, keep, peer_n_items)
 
 
 def test_P18_a_data_holder_budget_below_the_floor_is_refused_before_partitioning(engine):

@@ -7,8 +7,6 @@ the rows (writing), so a bad file is reported as one line and never half-written
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +18,13 @@ import pyarrow.csv as pacsv
 from ..files import PRIVATE, atomic_write
 from ..errors import SetupError
 from ..psi import DuplicateIdError, InvalidIdError, PsiEngine, encode_ids
-from ..psi.buckets import MemoryBuckets
 from ..psi.exchange import prepare_items
 from ..psi.items import ItemStore, decode_ids, encode_id_array, release_arrow_memory, take_items
 from ..protocol.psi_phase import PsiPlan
 from ..train.data import DataError, PartyTable, TableSpec, load_id_column, load_table
 from .aligned import load_training_table
 from .config import NodeConfig
+from .spill import items_digest, scan_spill, spill_source
 
 
 class AlignmentError(SetupError):
@@ -110,91 +108,17 @@ def load_ids(cfg: NodeConfig) -> PartyIds:
                     unique_rows=unique_rows)
 
 
-class SpillBuckets(MemoryBuckets):
-    """The node's bucket source: every bucket's items go to their own file in ``folder`` when the PSI partitions
-    them, and come back one bucket at a time, so the PSI's working set is one bucket's.
-
-    Layout (``folder`` is one pairwise PSI's, under ``[psi]``'s spill folder): ``bucket-NNNNN.npz`` holds the
-    bucket's items (``blob`` and ``offsets``) and their row indices (``rows``); ``result-NNNNN.npy`` the finished
-    bucket's intersection rows in the joint order (``int64``). Every file is written atomically and 0600 (raw IDs);
-    a bucket whose result file exists is complete, which is what a resume per bucket would start from. The folder
-    is removed when the pairwise PSI is done (and by the runner when the node exits).
-    """
-
-    def __init__(self, items: Sequence[bytes], folder: Path, *, dedupe: bool = False,  # a list or an ItemStore
-                 unique_rows: np.ndarray | None = None) -> None:
-        super().__init__(items, dedupe=dedupe, unique_rows=unique_rows)
-        self.folder = folder
-        self.counts: np.ndarray | None = None
-
-    def partition(self, key: bytes, k: int) -> np.ndarray:
-        counts = super().partition(key, k)
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for b in range(k):
-            rows = self.grouping.bucket(b)
-            items = ItemStore.from_items(take_items(self.items, rows))  # one gather when the items are a store
-            atomic_write(self._bucket_path(b),
-                         lambda tmp: _save_npz(tmp, rows=rows, offsets=items.offsets, blob=items.blob), mode=PRIVATE)
-            del items
-        self.grouping, self.counts = None, counts  # from here on the items of a bucket come from its file
-        release_arrow_memory()  # the gathers' buffers
-        return counts
-
-    def bucket(self, b: int) -> tuple[Sequence[bytes], np.ndarray]:
-        if self.counts is None:
-            return super().bucket(b)
-        with np.load(self._bucket_path(b)) as f:
-            rows, offsets, blob = f["rows"], f["offsets"], f["blob"]
-        return ItemStore(blob, offsets), rows  # compact: the exchange gathers and slices it without a list
-
-    def commit(self, b: int, rows: np.ndarray) -> None:
-        atomic_write(self.folder / f"result-{b:05d}.npy", lambda tmp: _save_npy(tmp, rows), mode=PRIVATE)
-        self._bucket_path(b).unlink(missing_ok=True)  # its items are no longer needed
-
-    def close(self) -> None:
-        self.counts = None
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def _bucket_path(self, b: int) -> Path:
-        return self.folder / f"bucket-{b:05d}.npz"
-
-
-def _save_npz(tmp: str, **arrays: np.ndarray) -> None:
-    with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
-        np.savez(fh, **arrays)
-
-
-def _save_npy(tmp: str, array: np.ndarray) -> None:
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(array, dtype=np.int64))
-
-
-def spill_folder(cfg: NodeConfig) -> Path | None:
-    """This party's spill folder: parties sharing a folder (a local run) never share their files."""
-    return None if cfg.psi.spill_dir is None else cfg.psi.spill_dir / cfg.party
-
-
-def remove_spill(cfg: NodeConfig) -> None:
-    """Remove this party's spill folder (raw IDs), left over by an earlier run or this one."""
-    folder = spill_folder(cfg)
-    if folder is None or cfg.psi.buckets == 1:
-        return
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        folder.parent.rmdir()  # the shared parent goes with the last party's folder
-    except OSError:
-        pass
-
-
 def psi_plan(cfg: NodeConfig, ids: PartyIds, engine: PsiEngine) -> PsiPlan:
-    source = None
+    """The PSI inputs. A bucketed PSI spills to files and may resume what an earlier process of this run left
+    ([P19]): the label holder reuses the nonce of each such pair; a data holder finds its finished buckets once the
+    WELCOME names the nonce."""
+    source, nonces = None, {}
     if cfg.session.psi_buckets != 1:
-        remove_spill(cfg)
-
-        def source(nonce: str) -> SpillBuckets:  # one folder per pairwise PSI; its name does not show the nonce
-            tag = hashlib.sha256(nonce.encode()).hexdigest()[:16]
-            return SpillBuckets(ids.items, spill_folder(cfg) / tag, dedupe=cfg.psi.dedupe, unique_rows=ids.unique_rows)
-
+        digest = items_digest(ids.items, cfg.psi.dedupe)
+        source = spill_source(cfg, ids.items, digest, unique_rows=ids.unique_rows)
+        nonces = scan_spill(cfg, digest)  # a data holder's resumable folder shows once the WELCOME names its nonce
+        if not cfg.is_label_holder:
+            nonces = {}
     return PsiPlan(
         items=ids.items,
         engine=engine,
@@ -204,6 +128,7 @@ def psi_plan(cfg: NodeConfig, ids: PartyIds, engine: PsiEngine) -> PsiPlan:
         buckets=cfg.session.psi_buckets,
         capacity=cfg.psi.capacity,
         source=source,
+        resume_nonces=nonces,
     )
 
 

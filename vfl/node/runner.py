@@ -40,7 +40,8 @@ from ..protocol.errors import LocalProtocolError
 from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.text import peer_text
 from ..psi import PsiEngine
-from .alignment import PartyIds, load_ids, psi_plan, remove_spill, write_aligned
+from .alignment import PartyIds, load_ids, psi_plan, write_aligned
+from .spill import remove_spill, spill_folder, spill_size
 from .config import NodeConfig
 from .outbox import Outbox, frames_bytes
 from .progress import Progress
@@ -134,6 +135,7 @@ class NodeRunner:
         self.training = None  # the SessionTraining of a training (or prediction) session, once the IDs are read
         self.progress: Progress | None = None  # the label holder's progress display
         self.clean_exit = True  # False: libzmq did not shut down; the process must exit hard
+        self.aligned = False  # the rows were aligned (and written): a bucketed PSI's spill folder is no longer needed
         self.log = log or logging.getLogger(f"vfl.node.{cfg.party}")
         self.stop_requested: str | None = None
         self.bytes_sent = 0
@@ -202,7 +204,7 @@ class NodeRunner:
             self.clean_exit = transport.close(linger_ms=LINGER_MS if self.bytes_received else 0)
             if self.engine is not None:
                 self.engine.close()
-                remove_spill(cfg)  # a bucketed PSI's spilled IDs never outlive the node
+                self._leave_spill()
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
@@ -400,6 +402,21 @@ class NodeRunner:
             outputs += self.machine.peer_not_reading(to, why, now)
         return outputs
 
+    def _leave_spill(self) -> None:
+        """A bucketed PSI's spilled IDs outlive the node only while its PSI is unfinished: then the same command
+        resumes from the buckets both parties finished ([P19]). Once the rows were aligned they are removed."""
+        cfg = self.cfg
+        if self.aligned or cfg.session.psi_buckets == 1:
+            remove_spill(cfg)
+            return
+        size = spill_size(cfg)
+        if size:
+            self.log.warning(
+                "the PSI did not finish: kept its %.1f MiB of spilled IDs (0600) in %s, so that the same command "
+                "resumes from the buckets both parties finished; delete that folder to start the PSI over",
+                size / 2**20, spill_folder(cfg),
+            )
+
     def _aligned(self, aligned: Aligned, transport: Transport) -> Finished | None:
         """Write this party's IDs in the agreed order (if asked to), then train on them or leave the session."""
         now = time.monotonic()
@@ -412,6 +429,9 @@ class NodeRunner:
             except OSError as exc:
                 ok, reason = False, f"cannot write the aligned IDs to {out}: {exc.strerror}"
                 self.log.error("%s", reason)
+        if ok:  # nothing resumes from the spilled buckets once the rows are aligned (and written)
+            self.aligned = True
+            remove_spill(self.cfg)
         if ok and self.training is not None:
             return self._execute(transport, self.training.start(self.machine, aligned.rows, now, time.monotonic))
         return self._execute(transport, self.machine.finish_aligned(ok, reason, now))

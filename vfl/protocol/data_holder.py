@@ -546,6 +546,10 @@ class DataHolderMachine:
         except RemoteProtocolError as exc:
             return self._psi_fatal(exc, now)
         out: list[Output] = [self._send(m, now) for m in replies]
+        if isinstance(msg, PsiStart) and self._psi.resumed_at:
+            r = self._psi.resumed_at
+            out.append(Log(level="INFO", text=f"PSI: resuming at bucket {r} of {self._psi.exchange.k} (its first {r} "
+                           "bucket(s) were finished by an earlier run of this pair)"))
         if self._psi.done:
             self._final = FinalRows(self._psi.rows)
             out.append(Log(level="INFO", text=f"PSI: {len(self._psi.rows)} IDs shared with the label holder"))

@@ -96,6 +96,8 @@ class _Party:
     left_ok: bool = True
     nonce: str | None = None
     psi: PairwisePsi | None = None
+    #: [P19] the nonce of this pair's unfinished bucketed PSI that has finished buckets: its next WELCOME reuses it
+    resume_nonce: str | None = None
     last_progress: float = 0.0
     lost_at: float = 0.0
     rolling_back: bool = False  # ROLLBACK sent, its echo not yet back: drop the party's stale pipeline messages
@@ -166,6 +168,10 @@ class LabelHolderMachine:
         self._work_turn = 0
         self.training: LabelHolderTraining | None = None
         self.parties = {name: _Party(name) for name in config.data_holders}
+        if self.psi is not None:  # [P19]: pairs an earlier process of this run left unfinished, found by the node
+            for name, nonce in self.psi.resume_nonces.items():
+                if name in self.parties:
+                    self.parties[name].resume_nonce = nonce
         self.finished: Finished | None = None
         self._wire_config = config.to_wire()
         self._digest = config.digest
@@ -623,7 +629,8 @@ class LabelHolderMachine:
         restart = p.state in CONNECTED
         p.state, p.joined = PartyState.READY, True
         p.clock = PeerClock(last_received=now, last_sent=now)
-        p.psi, p.nonce = None, new_nonce() if self.psi is not None else None
+        p.nonce = self._pair_nonce(p)
+        p.psi = None
         p.minor = min(PROTOCOL_VERSION[1], msg.version[1])
         welcome = Welcome(
             version=(PROTOCOL_VERSION[0], p.minor),
@@ -641,6 +648,19 @@ class LabelHolderMachine:
             PeerReady(party=p.name, restart=restart),
             Log(level="INFO", text=f"data holder {p.name!r} {'rejoined' if restart else 'joined'}"),
         ]
+
+    def _pair_nonce(self, p: _Party) -> str | None:
+        """[P1], [P19]: a fresh nonce for every pairwise PSI, except that an unfinished bucketed PSI with finished
+        buckets keeps its nonce (and so its partition), so that the restarted pair resumes after those buckets."""
+        if self.psi is None:
+            return None
+        if self.psi.buckets != 1 and self.final_rows is None:
+            if p.psi is not None and p.psi.finished_buckets:
+                p.resume_nonce = p.nonce
+            if p.resume_nonce is not None:
+                return p.resume_nonce
+        p.resume_nonce = None
+        return new_nonce()
 
     def _on_echo(self, p: _Party, msg: Echo, now: float) -> list[Output]:
         """[M1], within the ECHO cap of section 7 (the reply also counts toward the peer's send budget)."""
@@ -728,7 +748,7 @@ class LabelHolderMachine:
         if self.psi is None:
             return self._unexpected(p.route, p.name, msg, "READY (this session has no PSI)", now)
         p.psi = PairwisePsi(
-            self.psi, run=self.run, nonce=p.nonce, role="label_holder", max_peer_items=self.max_psi_items
+            self.psi, run=self.run, nonce=p.nonce, role="label_holder", max_peer_items=self.max_psi_items, peer=p.name
         )
         p.state, p.last_progress = PartyState.PSI, now
         try:
@@ -738,7 +758,11 @@ class LabelHolderMachine:
         out = [self._send(p, m, now) for m in p.psi.start() + replies]
         out.append(Log(level="INFO", text=f"PSI with data holder {p.name!r}: it has {msg.n_items} IDs"))
         if p.psi.bucketed:
-            out.append(Log(level="INFO", text=f"PSI with data holder {p.name!r}: {p.psi.exchange.k} buckets"))
+            k, r = p.psi.exchange.k, p.psi.resumed_at
+            text = f"{k} buckets" + (f"; resuming at bucket {r} (the first {r} finished earlier)" if r else "")
+            out.append(Log(level="INFO", text=f"PSI with data holder {p.name!r}: {text}"))
+        if p.psi.done:  # [P22]: a resumed pair whose every bucket was finished before
+            out += self._pair_done(p, now)
         return out
 
     def _on_psi_message(self, p: _Party, msg: Message, now: float) -> list[Output]:
@@ -749,10 +773,13 @@ class LabelHolderMachine:
             return self._psi_fatal(p, exc, now)
         out: list[Output] = [self._send(p, m, now) for m in replies]
         if p.psi.done:
-            p.state = PartyState.PSI_DONE
-            out.append(Log(level="INFO", text=f"PSI with data holder {p.name!r}: {len(p.psi.rows)} shared IDs"))
-            out += self._maybe_align(now)
+            out += self._pair_done(p, now)
         return out
+
+    def _pair_done(self, p: _Party, now: float) -> list[Output]:
+        p.state = PartyState.PSI_DONE
+        out: list[Output] = [Log(level="INFO", text=f"PSI with data holder {p.name!r}: {len(p.psi.rows)} shared IDs")]
+        return out + self._maybe_align(now)
 
     def _maybe_align(self, now: float) -> list[Output]:
         """Once every pairwise PSI is done: the final rows, and each data holder's positions in the final order."""

@@ -249,11 +249,17 @@ class PsiStart(Message):
         "chunk_size": (FieldKind.INT, True),
         "buckets": (FieldKind.INT, False),
         "bucket_items": (FieldKind.INT, False),
+        "resume": (FieldKind.INT, False),
+        "resume_digest": (FieldKind.STR, False),
     }
     n_items: int
     chunk_size: int
     buckets: int | None = None
     bucket_items: int | None = None
+    #: v1.9, bucketed PSI only: D -> L the buckets D finished in an interrupted run of this pair, L -> D the bucket
+    #: both resume at; ``resume_digest`` (64 hex digits) is the chain digest of those buckets
+    resume: int | None = None
+    resume_digest: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,9 +13,10 @@ the bucket fields, or a PSI_BUCKET, is a PSI_FAILED: never read as something els
 
 from __future__ import annotations
 
+import re
 import secrets
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,12 +46,16 @@ class PsiPlan:
     buckets: int | str = 1
     #: the most items (own + the peer's) this party holds in one bucket (from ``[psi].memory_mb``); None: no budget
     capacity: int | None = None
-    #: makes the bucket source of one pairwise PSI, given its nonce (the node's spills to files); None: in memory
-    source: Callable[[str], bucketed.BucketSource] | None = None
+    #: makes the bucket source of one pairwise PSI, given its nonce and the peer's party id (the node's spills to
+    #: files, and finds there what an interrupted run of the pair finished); None: in memory
+    source: Callable[[str, str], bucketed.BucketSource] | None = None
+    #: v1.9, label holder: data holder -> the nonce of its pairwise PSI that an earlier process of this run left
+    #: unfinished with at least one finished bucket (the node found them in its spill folder); WELCOME reuses it
+    resume_nonces: Mapping[str, str] = field(default_factory=dict)
 
-    def bucket_source(self, nonce: str) -> bucketed.BucketSource:
+    def bucket_source(self, nonce: str, peer: str = "") -> bucketed.BucketSource:
         if self.source is not None:
-            return self.source(nonce)
+            return self.source(nonce, peer)
         return bucketed.MemoryBuckets(self.items, dedupe=self.dedupe)
 
 
@@ -70,6 +75,19 @@ def _tensor(msg: Message, name: str) -> np.ndarray:
     return tensors[name]
 
 
+_DIGEST_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _resume_digest(msg: PsiStart) -> bytes | None:
+    d = msg.resume_digest
+    if d is None:
+        return None
+    if not _DIGEST_HEX.fullmatch(d):
+        raise RemoteProtocolError(ErrorCode.PSI_FAILED, "PSI_START.resume_digest must be 64 lowercase hex digits",
+                                  ref=msg.TYPE)
+    return bytes.fromhex(d)
+
+
 def to_core(msg: Message, *, bucketed_psi: bool = False):
     """A PSI_* wire message as the exchange's dataclass (shapes and dtypes are checked by the exchange).
 
@@ -78,9 +96,10 @@ def to_core(msg: Message, *, bucketed_psi: bool = False):
     if isinstance(msg, PsiStart):
         if bucketed_psi:
             return bucketed.BucketedStart(
-                n_items=msg.n_items, chunk_size=msg.chunk_size, buckets=msg.buckets, bucket_items=msg.bucket_items
+                n_items=msg.n_items, chunk_size=msg.chunk_size, buckets=msg.buckets, bucket_items=msg.bucket_items,
+                resume=msg.resume, resume_digest=_resume_digest(msg),
             )
-        for name in ("buckets", "bucket_items"):
+        for name in ("buckets", "bucket_items", "resume", "resume_digest"):
             if getattr(msg, name) is not None:
                 raise RemoteProtocolError(
                     ErrorCode.PSI_FAILED,
@@ -115,7 +134,8 @@ def to_wire(item) -> Message:
         return PsiStart(n_items=item.n_items, chunk_size=item.chunk_size)
     if isinstance(item, bucketed.BucketedStart):
         return PsiStart(
-            n_items=item.n_items, chunk_size=item.chunk_size, buckets=item.buckets, bucket_items=item.bucket_items
+            n_items=item.n_items, chunk_size=item.chunk_size, buckets=item.buckets, bucket_items=item.bucket_items,
+            resume=item.resume, resume_digest=None if item.resume_digest is None else item.resume_digest.hex(),
         )
     if isinstance(item, bucketed.BucketStart):
         return PsiBucket(bucket=item.bucket, n_items=item.n_items)
@@ -142,12 +162,13 @@ class PairwisePsi:
     iterator for ``work()`` and converts every message.
     """
 
-    def __init__(self, plan: PsiPlan, *, run: str, nonce: str, role: str, max_peer_items: int = DEFAULT_MAX_PSI_ITEMS):
+    def __init__(self, plan: PsiPlan, *, run: str, nonce: str, role: str, max_peer_items: int = DEFAULT_MAX_PSI_ITEMS,
+                 peer: str = ""):
         self.bucketed = plan.buckets != 1
         if self.bucketed:
             party_cls = bucketed.BucketedSender if role == "data_holder" else bucketed.BucketedReceiver
             self.exchange = party_cls(
-                plan.bucket_source(nonce),
+                plan.bucket_source(nonce, peer),
                 engine=plan.engine,
                 run_id=run,
                 nonce=bytes.fromhex(nonce),
@@ -218,6 +239,16 @@ class PairwisePsi:
     @property
     def done(self) -> bool:
         return self.exchange.done
+
+    @property
+    def finished_buckets(self) -> int:
+        """Buckets of a bucketed PSI finished so far (a resume starts after them); 0 without buckets."""
+        return self.exchange.finished_buckets if self.bucketed else 0
+
+    @property
+    def resumed_at(self) -> int:
+        """The bucket this bucketed PSI resumed at (0: it started at the first)."""
+        return self.exchange.resumed_at if self.bucketed else 0
 
     @property
     def rows(self) -> np.ndarray:

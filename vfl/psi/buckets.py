@@ -26,6 +26,16 @@ The items themselves stay with the caller: a :class:`BucketSource` partitions th
 time (:class:`MemoryBuckets` keeps them in memory; the node's source spills every bucket to a file), and receives
 every finished bucket's rows (``commit``), so that a node can persist them. Nothing here does I/O.
 
+**Resume** (v1.9, [P19]-[P22]): a pairwise PSI that was interrupted (a party killed, or its connection lost) and
+started again with the same nonce (the label holder reuses a pair's nonce while it holds finished buckets of it)
+picks up at the first bucket both parties have not finished. The source reports what an earlier run of the pair
+finished (:meth:`BucketSource.earlier`: K, the peer's set size, and per finished bucket both sizes and a digest of
+its joint tokens); D announces how many buckets it finished and the chain digest of them, L answers with the bucket
+both resume at, ``r = min(c_D, c_L)``, and its chain digest of buckets ``0 .. r-1``; each side checks the other's
+digest against its own, so the parties never splice different buckets together. The finished buckets keep the rows
+and order of the run that finished them; the others are exchanged afresh with fresh secret exponents (a key is never
+stored), under the same partition. Nothing of a finished bucket is sent again.
+
 Every received field is checked before use ([P12]-[P15] of PROTOCOL.md): K in range and as agreed, no more buckets
 than the peer's and our own budget allow, bucket indices in order and each exactly once, per-bucket sizes adding up
 to the announced set size, and no bucket larger than this party's capacity.
@@ -45,8 +55,15 @@ from . import exchange as core
 from .cipher import PsiKey
 from .curve import hash_domain
 from .engine import PsiEngine
+from .errors import (
+    ChunkOrderError,
+    InvalidResultError,
+    LimitExceededError,
+    MalformedMessageError,
+    PsiStateError,
+    TruncatedStreamError,
+)
 from .items import take_items
-from .errors import ChunkOrderError, LimitExceededError, MalformedMessageError, PsiStateError, TruncatedStreamError
 
 __all__ = [
     "MAX_BUCKETS",
@@ -54,6 +71,10 @@ __all__ = [
     "AUTO",
     "BucketedStart",
     "BucketStart",
+    "FinishedBucket",
+    "EarlierRun",
+    "bucket_digest",
+    "chain_digest",
     "BucketSource",
     "MemoryBuckets",
     "BucketedSender",
@@ -75,8 +96,11 @@ AUTO = "auto"
 #: (a shared item is in the same bucket at both); K is chosen so that mean + SIGMAS * sqrt(2 * mean) + SIGMAS fits the
 #: capacity: with K <= 65536 buckets, the chance that an honest bucket overflows is below 1e-6
 SIGMAS = 7
-_PERSON = b"vfl/psi/bucket1"
-_HASH_BATCH = 1 << 16  # BLAKE2b personalisation of the bucket-key derivation (domain separation from H)
+_PERSON = b"vfl/psi/bucket1"  # BLAKE2b personalisation of the bucket-key derivation (domain separation from H)
+_DIGEST_PERSON = b"vfl/psi/bdigest1"  # ... of a finished bucket's digest
+_CHAIN_PERSON = b"vfl/psi/resume1"  # ... of the chain digest of finished buckets
+_HASH_BATCH = 1 << 16
+DIGEST_BYTES = 32
 
 
 # --------------------------------------------------------------------------------------------------------- messages
@@ -90,6 +114,10 @@ class BucketedStart:
     chunk_size: int
     buckets: int | None = None  # L -> D: the number of buckets K
     bucket_items: int | None = None  # D -> L: the most items (own + peer) D holds in one bucket; None: no budget
+    #: v1.9: D -> L the buckets D finished in an earlier run of this pair; L -> D the bucket both resume at (None: 0)
+    resume: int | None = None
+    #: v1.9: the chain digest (:func:`chain_digest`) of the buckets ``resume`` counts; present exactly when it is >= 1
+    resume_digest: bytes | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,6 +221,44 @@ def choose_buckets(total: int, capacity: int | None) -> int:
     return hi
 
 
+@dataclass(frozen=True, kw_only=True)
+class FinishedBucket:
+    """What a resume needs of a bucket an exchange finished: both parties' sizes in it and its digest."""
+
+    own_items: int
+    peer_items: int
+    digest: bytes  # bucket_digest of the bucket: the same at both parties
+
+
+@dataclass(frozen=True, kw_only=True)
+class EarlierRun:
+    """What an earlier, interrupted run of this pair (same run, nonce, peer and own set) left: its K, the peer's set
+    size, and its finished buckets ``0 .. len(finished) - 1`` (a contiguous prefix: buckets finish in order)."""
+
+    k: int
+    peer_n_items: int
+    finished: tuple[FinishedBucket, ...]
+
+
+def bucket_digest(b: int, n_data_holder: int, n_label_holder: int, tokens: np.ndarray) -> bytes:
+    """A finished bucket's digest: its index, both parties' sizes in it (data holder's first) and its joint tokens
+    in the joint order. Both parties know all of it, so both compute the same 32 bytes, and it reveals nothing new."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=_DIGEST_PERSON)
+    h.update(np.array([b, n_data_holder, n_label_holder], dtype="<u8").tobytes())
+    h.update(np.ascontiguousarray(tokens, dtype=np.uint8).tobytes())
+    return h.digest()
+
+
+def chain_digest(k: int, digests: Sequence[bytes]) -> bytes:
+    """The chain digest of finished buckets ``0 .. len(digests) - 1`` of a ``k``-bucket PSI: equal at both parties
+    exactly when they finished the same buckets with the same sizes and tokens."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=_CHAIN_PERSON)
+    h.update(np.array([k, len(digests)], dtype="<u8").tobytes())
+    for d in digests:
+        h.update(d)
+    return h.digest()
+
+
 class BucketSource(Protocol):
     """Where a party's items wait while their bucket is closed. The bucketed parties call it; it may do I/O (the
     node's spills to files), the parties never do."""
@@ -200,17 +266,27 @@ class BucketSource(Protocol):
     #: the number of distinct items (after the duplicate check or ``dedupe``)
     n_items: int
 
-    def partition(self, key: bytes, k: int) -> np.ndarray:
-        """Partition the distinct items into ``k`` buckets with ``key``; returns the counts, ``int64 [k]``."""
+    def earlier(self) -> EarlierRun | None:
+        """What an earlier run of this pair finished (same run, nonce, peer and own set), or None."""
+
+    def partition(self, key: bytes, k: int, keep: int = 0, peer_n_items: int = 0) -> np.ndarray:
+        """Partition the distinct items into ``k`` buckets with ``key``; returns the counts, ``int64 [k]``.
+        ``keep``: buckets ``0 .. keep - 1`` are the earlier run's finished ones, kept with their results (they need
+        no items); every other result of the earlier run is dropped. ``peer_n_items``: the peer's set size, which a
+        later resume of this PSI checks (:class:`EarlierRun`)."""
 
     def bucket(self, b: int) -> tuple[Sequence[bytes], np.ndarray]:
         """Bucket ``b``'s items and, for each, its row index in the caller's original input (``int64``)."""
 
-    def commit(self, b: int, rows: np.ndarray) -> None:
-        """Bucket ``b`` is finished: its intersection rows (original row indices) in the joint order."""
+    def commit(self, b: int, rows: np.ndarray, finished: FinishedBucket) -> None:
+        """Bucket ``b`` is finished: its intersection rows (original row indices) in the joint order, and what a
+        resume needs of it. A source that persists it must do so before the party sends anything more."""
+
+    def result(self, b: int) -> np.ndarray:
+        """A finished bucket's rows (this run's or, for a kept bucket, the earlier run's)."""
 
     def close(self) -> None:
-        """The pairwise PSI is over (every bucket committed): drop what is held for it."""
+        """The pairwise PSI is over (every bucket committed): drop what is held in memory for it."""
 
 
 class MemoryBuckets:
@@ -226,9 +302,34 @@ class MemoryBuckets:
         self.n_items = len(self.unique_rows)
         self.grouping: Grouping | None = None
         self.committed: dict[int, np.ndarray] = {}
+        self.finished: dict[int, FinishedBucket] = {}
+        self.k: int | None = None
+        self.peer_n_items: int | None = None
+        self._earlier: EarlierRun | None = None
 
-    def partition(self, key: bytes, k: int) -> np.ndarray:
+    @classmethod
+    def after(cls, old: "MemoryBuckets") -> "MemoryBuckets":
+        """A restarted party's source: the same items, and what ``old`` (the interrupted run) finished, as the
+        node's spill folder keeps it across a kill."""
+        new = cls(old.items, unique_rows=old.unique_rows)
+        n = 0
+        while n in old.finished:
+            n += 1
+        if old.k is not None and old.peer_n_items is not None and n:
+            new._earlier = EarlierRun(k=old.k, peer_n_items=old.peer_n_items,
+                                      finished=tuple(old.finished[b] for b in range(n)))
+            new.committed = {b: old.committed[b] for b in range(n)}
+        return new
+
+    def earlier(self) -> EarlierRun | None:
+        return self._earlier
+
+    def partition(self, key: bytes, k: int, keep: int = 0, peer_n_items: int = 0) -> np.ndarray:
         self.grouping = group_by_bucket(self.items, self.unique_rows, key, k)
+        self.k, self.peer_n_items = k, peer_n_items
+        self.committed = {b: r for b, r in self.committed.items() if b < keep}
+        earlier = self._earlier.finished if self._earlier is not None else ()
+        self.finished = {b: f for b, f in enumerate(earlier) if b < keep}
         return self.grouping.counts
 
     def bucket(self, b: int) -> tuple[Sequence[bytes], np.ndarray]:
@@ -237,8 +338,12 @@ class MemoryBuckets:
         rows = self.grouping.bucket(b)
         return take_items(self.items, rows), rows
 
-    def commit(self, b: int, rows: np.ndarray) -> None:
+    def commit(self, b: int, rows: np.ndarray, finished: FinishedBucket) -> None:
         self.committed[b] = rows
+        self.finished[b] = finished
+
+    def result(self, b: int) -> np.ndarray:
+        return self.committed[b]
 
     def close(self) -> None:
         self.grouping = None
@@ -308,8 +413,9 @@ class _BucketedParty:
         self._peer_opened = False  # the peer's BucketStart for the open bucket arrived
         self._peer_announced = 0  # sum of the peer's per-bucket sizes so far
         self._stream: Iterator[core.BlindedChunk] | None = None
-        self._parts: list[np.ndarray] = []  # finished buckets' rows, in bucket order
         self._rows: np.ndarray | None = None
+        self._earlier = source.earlier()  # what an interrupted run of this pair finished (v1.9 resume)
+        self.resumed_at = 0  # the bucket this run started at: the buckets before it were finished by an earlier run
 
     # ----------------------------------------------------------------------------------------------------- API
 
@@ -327,6 +433,15 @@ class _BucketedParty:
     @property
     def peer_n_items(self) -> int | None:
         return None if self._peer is None else self._peer.n_items
+
+    @property
+    def finished_buckets(self) -> int:
+        """How many buckets are finished (and committed to the source), counting those an earlier run finished."""
+        if self._rows is not None:
+            return int(self.k)  # type: ignore[arg-type]
+        if self.k is None:
+            return 0
+        return self._bucket if self._sub is not None else self._bucket + 1
 
     @property
     def has_work(self) -> bool:
@@ -363,12 +478,44 @@ class _BucketedParty:
             raise MalformedMessageError(f"{self.role}: second PSI_START")
         n = core._check_int("PSI_START.n_items", msg.n_items, 0, self.max_peer_items)
         c = core._check_int("PSI_START.chunk_size", msg.chunk_size, 1, self.max_peer_chunk)
+        resume = _opt_int("PSI_START.resume", msg.resume, 1, MAX_BUCKETS)
+        digest = msg.resume_digest
+        if (resume is None) != (digest is None):
+            raise MalformedMessageError(f"{self.role}: PSI_START has resume without resume_digest or the other way round")
+        if digest is not None and not (type(digest) is bytes and len(digest) == DIGEST_BYTES):
+            raise MalformedMessageError(f"{self.role}: PSI_START.resume_digest must be {DIGEST_BYTES} bytes")
         return BucketedStart(
             n_items=n,
             chunk_size=c,
             buckets=_opt_int("PSI_START.buckets", msg.buckets, 1, MAX_BUCKETS),
             bucket_items=_opt_int("PSI_START.bucket_items", msg.bucket_items, self.min_bucket_items, core.MAX_ITEMS),
+            resume=resume,
+            resume_digest=digest,
         )
+
+    def _own_chain(self, r: int) -> bytes:
+        """Our chain digest of the earlier run's first ``r`` finished buckets."""
+        assert self._earlier is not None and self.k is not None
+        return chain_digest(self.k, [f.digest for f in self._earlier.finished[:r]])
+
+    def _partition(self, r: int) -> list[Message]:
+        """Partition for K = self.k and start at bucket ``r`` (the buckets before it are the earlier run's)."""
+        assert self.k is not None and self._peer is not None
+        self._own_counts = np.asarray(
+            self.source.partition(self._bucket_key, self.k, keep=r, peer_n_items=self._peer.n_items), dtype=np.int64
+        )
+        kept = self._earlier.finished[:r] if r else ()
+        for b, f in enumerate(kept):
+            if f.own_items != int(self._own_counts[b]):
+                raise PsiStateError(
+                    f"bucket {b} holds {self._own_counts[b]} of our items now but {f.own_items} when it was finished: "
+                    "the bucket source resumed a run of another set"
+                )
+        self.resumed_at, self._bucket = r, r - 1
+        self._peer_announced = sum(f.peer_items for f in kept)
+        if r == self.k:  # every bucket was finished before: nothing to exchange
+            self._finish_pair()
+        return []
 
     def _on_start(self, msg: BucketedStart) -> list[Message]:
         raise NotImplementedError
@@ -438,14 +585,22 @@ class _BucketedParty:
 
     def _finish_bucket(self) -> None:
         """The open bucket's rows (original indices, joint order) are final: commit them and close the bucket."""
-        rows = self._sub_rows[self._sub.rows]  # type: ignore[index,union-attr]
-        self.source.commit(self._bucket, rows)
-        self._parts.append(rows)
+        sub = self._sub
+        assert sub is not None and sub.peer_n_items is not None
+        rows = self._sub_rows[sub.rows]  # type: ignore[index]
+        own, peer = sub.n_items, sub.peer_n_items
+        n_d, n_l = (own, peer) if isinstance(self, BucketedSender) else (peer, own)
+        finished = FinishedBucket(own_items=own, peer_items=peer,
+                                  digest=bucket_digest(self._bucket, n_d, n_l, sub.tokens))
+        self.source.commit(self._bucket, rows, finished)
         self._sub, self._sub_rows, self._stream = None, None, None
         if self._bucket == self.k - 1:  # type: ignore[operator]
-            self._rows = np.concatenate(self._parts) if self._parts else np.empty(0, np.int64)
-            self._parts = []
-            self.source.close()
+            self._finish_pair()
+
+    def _finish_pair(self) -> None:
+        parts = [np.asarray(self.source.result(b), dtype=np.int64) for b in range(self.k)]  # type: ignore[arg-type]
+        self._rows = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        self.source.close()
 
     def _after_sub(self) -> list[Message]:
         raise NotImplementedError
@@ -461,7 +616,12 @@ class BucketedSender(_BucketedParty):
         if self._started:
             raise PsiStateError("start() called twice")
         self._started = True
-        return BucketedStart(n_items=self.n_items, chunk_size=self.chunk_size, bucket_items=self.capacity)
+        c = 0 if self._earlier is None else len(self._earlier.finished)
+        digest = None
+        if c:
+            digest = chain_digest(self._earlier.k, [f.digest for f in self._earlier.finished])  # type: ignore[union-attr]
+        return BucketedStart(n_items=self.n_items, chunk_size=self.chunk_size, bucket_items=self.capacity,
+                             resume=c or None, resume_digest=digest)
 
     def _on_start(self, msg: BucketedStart) -> list[Message]:
         if not self._started:
@@ -488,8 +648,26 @@ class BucketedSender(_BucketedParty):
                 f"this party's capacity of {self.capacity} items per bucket (needs at least {need})"
             )
         self._peer, self.k = peer, k
-        self._own_counts = np.asarray(self.source.partition(self._bucket_key, k), dtype=np.int64)
-        return self._open_next()
+        r = peer.resume or 0
+        if r:  # [P21]: the label holder may resume only at a bucket we finished, of the same PSI
+            mine = 0 if self._earlier is None else len(self._earlier.finished)
+            if r > mine:
+                raise MalformedMessageError(
+                    f"data holder: PSI_START.resume = {r}, but this data holder finished {mine} bucket(s) of this pair"
+                )
+            assert self._earlier is not None
+            if k != self._earlier.k or peer.n_items != self._earlier.peer_n_items:
+                raise MalformedMessageError(
+                    f"data holder: PSI_START.resume = {r} for a PSI of {k} buckets and {peer.n_items} label holder "
+                    f"IDs, but the buckets we finished are of {self._earlier.k} buckets and {self._earlier.peer_n_items} IDs"
+                )
+            if peer.resume_digest != self._own_chain(r):
+                raise InvalidResultError(
+                    f"data holder: the label holder's first {r} finished bucket(s) differ from ours "
+                    "(PSI_START.resume_digest): the parties cannot resume this PSI"
+                )
+        self._partition(r)
+        return [] if self.done else self._open_next()
 
     def _open_next(self) -> list[Message]:
         b = self._bucket + 1
@@ -532,7 +710,9 @@ class BucketedReceiver(_BucketedParty):
         if self.k is None:
             raise PsiStateError("the label holder's start() comes after the data holder's PSI_START")
         self._started = True
-        return BucketedStart(n_items=self.n_items, chunk_size=self.chunk_size, buckets=self.k)
+        r = self.resumed_at
+        return BucketedStart(n_items=self.n_items, chunk_size=self.chunk_size, buckets=self.k,
+                             resume=r or None, resume_digest=self._own_chain(r) if r else None)
 
     def _on_start(self, msg: BucketedStart) -> list[Message]:
         peer = self._check_peer_start(msg)
@@ -551,8 +731,24 @@ class BucketedReceiver(_BucketedParty):
                         f"per bucket even in {MAX_BUCKETS} buckets; raise [psi].memory_mb"
                     )
         self._peer, self.k = peer, int(k)
-        self._own_counts = np.asarray(self.source.partition(self._bucket_key, self.k), dtype=np.int64)
-        return []
+        r = self._resume_point(peer)
+        return self._partition(r)
+
+    def _resume_point(self, peer: BucketedStart) -> int:
+        """[P20]: the bucket both parties resume at: the fewer of the buckets D says it finished and of those we
+        finished, when both are of this very PSI (same K and D's set size); 0 (start over) otherwise."""
+        theirs, e = peer.resume or 0, self._earlier
+        if theirs > self.k:  # type: ignore[operator]
+            raise LimitExceededError(f"label holder: PSI_START.resume = {theirs} is more than the {self.k} buckets")
+        if not theirs or e is None or not e.finished or e.k != self.k or e.peer_n_items != peer.n_items:
+            return 0
+        r = min(theirs, len(e.finished))
+        if r == theirs and peer.resume_digest != self._own_chain(r):
+            raise InvalidResultError(
+                f"label holder: the data holder's {r} finished bucket(s) differ from ours (PSI_START.resume_digest): "
+                "the parties cannot resume this PSI"
+            )
+        return r
 
     def _peer_buckets(self) -> tuple[int, int | None]:
         # D may open the next bucket once the open one's result is checked
