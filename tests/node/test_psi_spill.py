@@ -9,6 +9,7 @@ import numpy as np
 
 from vfl.node.spill import SpillBuckets, items_digest
 from vfl.psi import PsiEngine, encode_ids
+from vfl.psi.items import ItemStore
 from vfl.psi.buckets import (
     BucketedReceiver,
     BucketedSender,
@@ -63,6 +64,9 @@ def test_the_items_digest_changes_with_any_change_to_the_id_file():
     items = encode_ids([f"id-{i}" for i in range(1000)])
     d = items_digest(items, False)
     assert d == items_digest(list(items), False) and d != items_digest(items, True)
+    assert d == items_digest(ItemStore.from_items(items), False)  # the node's compact store hashes the same
+    big = encode_ids(range(70_000))  # across the digest's batches
+    assert items_digest(ItemStore.from_items(big), True) == items_digest(big, True)
     assert d != items_digest(items[:-1], False) and d != items_digest(items[1:] + items[:1], False)
     assert items_digest([b"ab", b"c"], False) != items_digest([b"a", b"bc"], False)
 
