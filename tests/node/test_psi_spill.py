@@ -3,9 +3,11 @@ finished buckets' results, which a restarted party of the same PSI resumes after
 
 from __future__ import annotations
 
+import json
 import stat
 
 import numpy as np
+import pytest
 
 from vfl.node.spill import SpillBuckets, items_digest
 from vfl.psi import PsiEngine, encode_ids
@@ -81,3 +83,55 @@ def test_a_bucketed_psi_through_spill_files_equals_the_in_memory_one(tmp_path):
     for side in ("d", "l"):  # no item file is left, only the finished buckets' results
         assert sorted(p.name for p in (tmp_path / side).iterdir()) == [f"result-{i:05d}.npz" for i in range(5)] + [
             "state.json"]
+
+
+def _result(path, **arrays):
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+GOOD = {"rows": np.array([1], dtype=np.int64), "meta": np.array([2, 3], dtype=np.int64),
+        "digest": np.zeros(32, dtype=np.uint8)}
+DAMAGE = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[:40]),
+    "empty": lambda p: p.write_bytes(b""),
+    "garbage": lambda p: p.write_bytes(b"not an npz" * 9),
+    "a folder": lambda p: (p.unlink(), p.mkdir()),
+    "meta 2-d": lambda p: _result(p, **{**GOOD, "meta": np.array([[2, 3], [4, 5]], dtype=np.int64)}),
+    "meta floats": lambda p: _result(p, **{**GOOD, "meta": np.array([2.0, 3e30])}),
+    "meta negative": lambda p: _result(p, **{**GOOD, "meta": np.array([-2, 3], dtype=np.int64)}),
+    "more peer items than the peer has": lambda p: _result(p, **{**GOOD, "meta": np.array([2, 41], dtype=np.int64)}),
+    "short digest": lambda p: _result(p, **{**GOOD, "digest": np.zeros(3, dtype=np.uint8)}),
+    "no digest": lambda p: _result(p, rows=GOOD["rows"], meta=GOOD["meta"]),
+    "a row out of range": lambda p: _result(p, **{**GOOD, "rows": np.array([50], dtype=np.int64)}),
+    "a negative row": lambda p: _result(p, **{**GOOD, "rows": np.array([-1], dtype=np.int64)}),
+    "more rows than items": lambda p: _result(p, **{**GOOD, "rows": np.arange(3, dtype=np.int64)}),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_result_file_is_not_a_finished_bucket(tmp_path, damage):
+    """A result file a restarted node cannot trust ends the finished prefix there (that bucket is exchanged again):
+    no crash, and never rows the node did not compute."""
+    items = encode_ids([f"id-{i}" for i in range(50)])
+    spill = SpillBuckets(items, tmp_path / "pair", binding=BINDING)
+    spill.partition(bucket_key("run", bytes(16)), 4, peer_n_items=40)
+    for b in range(3):
+        spill.commit(b, np.array([b], dtype=np.int64), DONE)
+    DAMAGE[damage](tmp_path / "pair" / "result-00001.npz")
+    earlier = SpillBuckets(items, tmp_path / "pair", binding=BINDING).earlier()
+    assert earlier is not None and earlier.finished == (DONE,)
+
+
+@pytest.mark.parametrize("field, value", [("k", 2**70), ("k", 65_537), ("k", 0), ("k", True), ("k", "4"),
+                                          ("peer_n_items", 2**70), ("peer_n_items", -1), ("peer_n_items", 1.5)])
+def test_a_state_file_out_of_range_is_no_earlier_run(tmp_path, field, value):
+    items = encode_ids([f"id-{i}" for i in range(50)])
+    spill = SpillBuckets(items, tmp_path / "pair", binding=BINDING)
+    spill.partition(bucket_key("run", bytes(16)), 4, peer_n_items=40)
+    spill.commit(0, np.array([0], dtype=np.int64), DONE)
+    state = tmp_path / "pair" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), field: value}))
+    assert SpillBuckets(items, tmp_path / "pair", binding=BINDING).earlier() is None
+    state.write_bytes(b"\xff{not json")
+    assert SpillBuckets(items, tmp_path / "pair", binding=BINDING).earlier() is None

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from ..files import PRIVATE, atomic_write, atomic_write_bytes
-from ..psi.buckets import EarlierRun, FinishedBucket, MemoryBuckets
+from ..psi.buckets import DIGEST_BYTES, MAX_BUCKETS, EarlierRun, FinishedBucket, MemoryBuckets
+from ..psi.exchange import MAX_ITEMS
 from .config import NodeConfig
 
 STATE = "state.json"
@@ -81,18 +82,40 @@ class SpillBuckets(MemoryBuckets):
         if state is None or any(state.get(key) != value for key, value in self.binding.items()):
             return None
         k, peer_n = state.get("k"), state.get("peer_n_items")
-        if type(k) is not int or type(peer_n) is not int or k < 1:
+        # the folder is only as trustworthy as the disk: anything out of range is no PSI this node could have run
+        if type(k) is not int or type(peer_n) is not int or not 1 <= k <= MAX_BUCKETS or not 0 <= peer_n <= MAX_ITEMS:
             return None
         finished = []
         for b in range(k):
-            try:
-                with np.load(self._result_path(b)) as f:
-                    own, peer = (int(v) for v in f["meta"])
-                    digest = bytes(f["digest"].tobytes())
-            except (OSError, ValueError, KeyError):
-                break  # not finished (or unreadable): the finished prefix ends here
-            finished.append(FinishedBucket(own_items=own, peer_items=peer, digest=digest))
+            done = self._read_finished(b, peer_n)
+            if done is None:
+                break  # not finished (or unreadable, or damaged): the finished prefix ends here
+            finished.append(done)
         return EarlierRun(k=k, peer_n_items=peer_n, finished=tuple(finished)) if finished else None
+
+    def _read_finished(self, b: int, peer_n: int) -> FinishedBucket | None:
+        """Bucket ``b``'s result file as this node wrote it, or None: a file that is missing, is no npz, or whose
+        arrays have other dtypes, shapes or ranges (truncated, edited, another program's) is not a finished bucket,
+        so that the bucket is exchanged again instead of the node crashing or resuming with rows it never had."""
+        try:
+            with np.load(self._result_path(b)) as f:
+                meta, digest, rows = f["meta"], f["digest"], f["rows"]
+        except Exception:  # noqa: BLE001 - np.load raises OSError, ValueError, EOFError, BadZipFile, KeyError, ...
+            return None
+        ok = (
+            meta.dtype == np.int64 and meta.shape == (2,)
+            and digest.dtype == np.uint8 and digest.shape == (DIGEST_BYTES,)
+            and rows.dtype == np.int64 and rows.ndim == 1
+        )
+        if not ok:
+            return None
+        own, peer = int(meta[0]), int(meta[1])
+        n = len(self.items)
+        if not (0 <= own <= n and 0 <= peer <= peer_n and len(rows) <= min(own, peer)):
+            return None
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < n):
+            return None
+        return FinishedBucket(own_items=own, peer_items=peer, digest=digest.tobytes())
 
     # --------------------------------------------------------------------------------------------- the source
 
