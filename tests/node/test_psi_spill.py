@@ -135,3 +135,27 @@ def test_a_state_file_out_of_range_is_no_earlier_run(tmp_path, field, value):
     assert SpillBuckets(items, tmp_path / "pair", binding=BINDING).earlier() is None
     state.write_bytes(b"\xff{not json")
     assert SpillBuckets(items, tmp_path / "pair", binding=BINDING).earlier() is None
+
+
+@pytest.mark.parametrize("role", ["label_holder", "data_holder"])
+def test_a_spill_folder_that_cannot_be_written_ends_the_pair_at_once(tmp_path, role):
+    """A bucket source that fails on the disk (here a file where the pair's folder goes) is no peer's fault and no
+    bug to answer and carry on from: the pair ends with ERROR INTERNAL naming the cause, so both nodes exit at once
+    instead of waiting for a PSI that cannot go on (or for the progress timeout)."""
+    from vfl.protocol import PsiStart
+    from vfl.protocol.errors import ErrorCode, RemoteProtocolError
+    from vfl.protocol.psi_phase import PairwisePsi, PsiPlan
+
+    (tmp_path / "blocked").write_text("in the way")
+    items = encode_ids(range(100))
+    with PsiEngine(workers=1) as engine:
+        plan = PsiPlan(items=items, engine=engine, chunk_size=16, buckets=4,
+                       source=lambda nonce, peer: SpillBuckets(items, tmp_path / "blocked" / "pair", binding=BINDING))
+        psi = PairwisePsi(plan, run="r", nonce="00" * 16, role=role)
+        start = PsiStart(n_items=100, chunk_size=16, buckets=4) if role == "data_holder" else PsiStart(
+            n_items=100, chunk_size=16)
+        if role == "data_holder":
+            psi.start()
+        with pytest.raises(RemoteProtocolError, match="cannot write or read its PSI spill files") as exc:
+            psi.receive(start)
+    assert exc.value.code is ErrorCode.INTERNAL and str(tmp_path) not in str(exc.value)  # the path stays local
