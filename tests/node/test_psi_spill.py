@@ -159,3 +159,48 @@ def test_a_spill_folder_that_cannot_be_written_ends_the_pair_at_once(tmp_path, r
         with pytest.raises(RemoteProtocolError, match="cannot write or read its PSI spill files") as exc:
             psi.receive(start)
     assert exc.value.code is ErrorCode.INTERNAL and str(tmp_path) not in str(exc.value)  # the path stays local
+
+
+def _bank_config(tmp_path):
+    from vfl.node.config import load_config
+
+    from .test_psi_nodes import psi_session
+
+    configs = psi_session(tmp_path, {"bank": ["a", "b"], "dh1": ["b"]}, psi={"buckets": 4})
+    return load_config(configs["bank"])
+
+
+def test_a_spill_folder_touches_only_its_own_pair_folders_never_what_a_link_points_at(tmp_path):
+    """The node deletes and writes files in its spill folder, so it must not reach outside it: a pair folder that is
+    a symbolic link goes as a link (what it points at stays), a folder not named like a pair is no pair (the scans
+    leave it), and a party folder the user linked to another disk loses only the node's pair folders."""
+    from vfl.node.spill import pair_tag, remove_spill, scan_spill, spill_folder, spill_source
+
+    cfg = _bank_config(tmp_path)
+    items = encode_ids(range(50))
+    digest = items_digest(items, False)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "notes").mkdir(parents=True)
+    (elsewhere / "keep.txt").write_text("mine")
+    base = spill_folder(cfg)
+    base.mkdir(parents=True)
+    (base / "my-folder").mkdir()
+    (base / pair_tag("11" * 16)).symlink_to(elsewhere)  # a pair folder that is a link: the link goes, not its target
+    assert scan_spill(cfg, digest) == {}
+    assert (base / "my-folder").is_dir() and not (base / pair_tag("11" * 16)).exists()
+    (base / pair_tag("22" * 16)).symlink_to(elsewhere)
+    spill = spill_source(cfg, items, digest, unique_rows=None)("22" * 16, "dh1")
+    assert spill.earlier() is None  # nothing is resumed from a link
+    spill.partition(bucket_key("run", bytes(16)), 4, peer_n_items=10)
+    assert not spill.folder.is_symlink() and (elsewhere / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt", "notes"]
+
+    # the party folder itself on another disk, by a link: the alignment removes the pair folders there, nothing else
+    remove_spill(cfg)
+    base.parent.mkdir(exist_ok=True)
+    base.symlink_to(elsewhere)
+    spill = spill_source(cfg, items, digest, unique_rows=None)("33" * 16, "dh1")
+    spill.partition(bucket_key("run", bytes(16)), 4, peer_n_items=10)
+    assert (elsewhere / pair_tag("33" * 16) / "state.json").exists()
+    remove_spill(cfg)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt", "notes"]

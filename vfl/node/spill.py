@@ -36,6 +36,7 @@ STATE = "state.json"
 FORMAT = 1
 _ITEMS_BATCH = 1 << 16
 _RESULT = re.compile(r"result-(\d{5})\.npz")
+_TAG = re.compile(r"[0-9a-f]{16}")  # a pair folder's name (pair_tag)
 
 
 def items_digest(items: Sequence[bytes], dedupe: bool) -> str:
@@ -78,6 +79,8 @@ class SpillBuckets(MemoryBuckets):
     # --------------------------------------------------------------------------------------------------- resume
 
     def _find_earlier(self) -> EarlierRun | None:
+        if self.folder.is_symlink():  # never a folder this node made: partition() replaces the link, not its target
+            return None
         state = _read_state(self.folder)
         if state is None or any(state.get(key) != value for key, value in self.binding.items()):
             return None
@@ -123,6 +126,8 @@ class SpillBuckets(MemoryBuckets):
         earlier = self._earlier
         counts = super().partition(key, k, keep, peer_n_items)
         self._earlier = earlier
+        if self.folder.is_symlink():  # the files below are deleted and written: only in a folder of our own
+            self.folder.unlink()
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         for path in self.folder.iterdir():  # what this run does not keep of an earlier one
             kept = _RESULT.fullmatch(path.name)
@@ -194,8 +199,8 @@ def spill_source(cfg: NodeConfig, items: Sequence[bytes], digest: str, *, unique
     def source(nonce: str, peer: str) -> SpillBuckets:
         folder = base / pair_tag(nonce)
         if base.is_dir():
-            for other in base.iterdir():
-                state = _read_state(other) if other.is_dir() else None
+            for other in _pair_folders(base):
+                state = _read_state(other) if _own_dir(other) else None
                 if other != folder and (state is None or state.get("peer") == peer):
                     _remove(other)
         binding = {"run": cfg.run, "party": cfg.party, "peer": peer, "nonce": nonce, "items": digest}
@@ -207,13 +212,14 @@ def spill_source(cfg: NodeConfig, items: Sequence[bytes], digest: str, *, unique
 def scan_spill(cfg: NodeConfig, digest: str) -> dict[str, str]:
     """[P19]: peer -> nonce of each pairwise PSI an earlier process of this run left with finished buckets (of
     this party and ID set; the label holder's WELCOME reuses the nonce). Anything else in the party's spill folder
-    is removed: another run's, another ID set's, or a PSI that finished no bucket."""
+    is removed: another run's, another ID set's, or a PSI that finished no bucket (only pair folders: a user's own
+    files there, and whatever a symbolic link points at, are left alone)."""
     base = spill_folder(cfg)
     found: dict[str, tuple[int, str]] = {}
     if base is None or not base.is_dir():
         return {}
-    for folder in sorted(base.iterdir()):
-        state = _read_state(folder) if folder.is_dir() else None
+    for folder in _pair_folders(base):
+        state = _read_state(folder) if _own_dir(folder) else None
         ok = (
             state is not None
             and state.get("run") == cfg.run
@@ -251,12 +257,33 @@ def remove_spill(cfg: NodeConfig) -> None:
     folder = spill_folder(cfg)
     if folder is None:
         return
-    _remove(folder)
+    if folder.is_symlink():  # a party folder the user put elsewhere: remove our pair folders in it, not the rest
+        for pair in _pair_folders(folder):
+            _remove(pair)
+    else:
+        _remove(folder)
     try:
         folder.parent.rmdir()  # the shared parent goes with the last party's folder
     except OSError:
         pass
 
 
+def _pair_folders(base: Path) -> list[Path]:
+    """The pair folders in a party's spill folder: only entries named as :func:`pair_tag` names them are the node's
+    to read and remove; anything else there (a user's file or folder) is left alone."""
+    try:
+        return sorted(p for p in base.iterdir() if _TAG.fullmatch(p.name))
+    except OSError:
+        return []
+
+
+def _own_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove a pair folder; a symbolic link in its place goes, never what it points at."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
