@@ -131,3 +131,24 @@ def test_P19_a_label_holder_killed_mid_psi_resumes_after_the_finished_buckets(tm
     r = _resumed_at(again.output)
     assert r >= 3 and r == _resumed_at(dh1.output)
     _check(tmp_path, kept[:r])
+
+
+def test_P19_a_damaged_result_file_is_exchanged_again_instead_of_crashing_the_node(tmp_path):
+    """A result file the restarted node cannot read (here truncated, as a full disk or an editor leaves it) ends its
+    finished buckets there: the pair resumes before it, and the result is still the intersection in one order."""
+    configs = _session(tmp_path)
+    with Nodes(tmp_path) as nodes:
+        bank = nodes.start_command(["psi", "--config", str(configs["bank"])], "bank")
+        dh1 = nodes.start_command(["psi", "--config", str(configs["dh1"])], "dh1")
+        folder = _wait_finished(tmp_path, "dh1", 3, dh1)
+        os.kill(dh1.proc.pid, signal.SIGKILL)
+        dh1.proc.wait(timeout=10)
+        kept = _finished_rows(folder)[:1]
+        damaged = folder / "result-00001.npz"
+        damaged.write_bytes(damaged.read_bytes()[:40])
+        again = nodes.start_command(["psi", "--config", str(configs["dh1"])], "dh1")
+        assert again.wait(timeout=120) == 0, again.output
+        assert bank.wait(timeout=60) == 0, bank.output
+    assert _resumed_at(again.output) == 1 == _resumed_at(bank.output)
+    assert "Traceback" not in again.output
+    _check(tmp_path, kept)

@@ -109,3 +109,13 @@ def test_P20_the_resume_fields_round_trip_on_the_wire(engine):
 
     msg = PsiStart(n_items=20, chunk_size=8, buckets=4, resume=3, resume_digest="ab" * 32)
     assert decode([bytes(memoryview(f).cast("B")) for f in encode(msg)]) == msg
+
+
+def test_P1_a_pair_that_started_over_without_finished_buckets_gets_a_fresh_nonce_again(engine):
+    lh = lh_for(FOUR, engine)
+    first = welcome_nonce(lh)
+    run_buckets(lh, engine, first, 1)
+    assert welcome_nonce(lh, now=2.0) == first  # [P19]: it has a finished bucket
+    p = run_buckets(lh, engine, first, 0)  # a data holder with nothing saved: the pair starts over (r = 0) ...
+    assert p.psi.resumed_at == 0 and p.psi.finished_buckets == 0  # ... and the label holder dropped its buckets
+    assert welcome_nonce(lh, now=3.0) != first  # so [P1] again, as after a restart of the label holder itself

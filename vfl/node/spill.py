@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from ..files import PRIVATE, atomic_write, atomic_write_bytes
-from ..psi.buckets import EarlierRun, FinishedBucket, MemoryBuckets
+from ..psi.buckets import DIGEST_BYTES, MAX_BUCKETS, EarlierRun, FinishedBucket, MemoryBuckets
+from ..psi.exchange import MAX_ITEMS
 from ..psi.items import ItemStore, release_arrow_memory, take_items
 from .config import NodeConfig
 
@@ -36,6 +37,7 @@ STATE = "state.json"
 FORMAT = 1
 _ITEMS_BATCH = 1 << 16
 _RESULT = re.compile(r"result-(\d{5})\.npz")
+_TAG = re.compile(r"[0-9a-f]{16}")  # a pair folder's name (pair_tag)
 
 
 def items_digest(items: Sequence[bytes], dedupe: bool) -> str:
@@ -86,22 +88,46 @@ class SpillBuckets(MemoryBuckets):
     # --------------------------------------------------------------------------------------------------- resume
 
     def _find_earlier(self) -> EarlierRun | None:
+        if self.folder.is_symlink():  # never a folder this node made: partition() replaces the link, not its target
+            return None
         state = _read_state(self.folder)
         if state is None or any(state.get(key) != value for key, value in self.binding.items()):
             return None
         k, peer_n = state.get("k"), state.get("peer_n_items")
-        if type(k) is not int or type(peer_n) is not int or k < 1:
+        # the folder is only as trustworthy as the disk: anything out of range is no PSI this node could have run
+        if type(k) is not int or type(peer_n) is not int or not 1 <= k <= MAX_BUCKETS or not 0 <= peer_n <= MAX_ITEMS:
             return None
         finished = []
         for b in range(k):
-            try:
-                with np.load(self._result_path(b)) as f:
-                    own, peer = (int(v) for v in f["meta"])
-                    digest = bytes(f["digest"].tobytes())
-            except (OSError, ValueError, KeyError):
-                break  # not finished (or unreadable): the finished prefix ends here
-            finished.append(FinishedBucket(own_items=own, peer_items=peer, digest=digest))
+            done = self._read_finished(b, peer_n)
+            if done is None:
+                break  # not finished (or unreadable, or damaged): the finished prefix ends here
+            finished.append(done)
         return EarlierRun(k=k, peer_n_items=peer_n, finished=tuple(finished)) if finished else None
+
+    def _read_finished(self, b: int, peer_n: int) -> FinishedBucket | None:
+        """Bucket ``b``'s result file as this node wrote it, or None: a file that is missing, is no npz, or whose
+        arrays have other dtypes, shapes or ranges (truncated, edited, another program's) is not a finished bucket,
+        so that the bucket is exchanged again instead of the node crashing or resuming with rows it never had."""
+        try:
+            with np.load(self._result_path(b)) as f:
+                meta, digest, rows = f["meta"], f["digest"], f["rows"]
+        except Exception:  # noqa: BLE001 - np.load raises OSError, ValueError, EOFError, BadZipFile, KeyError, ...
+            return None
+        ok = (
+            meta.dtype == np.int64 and meta.shape == (2,)
+            and digest.dtype == np.uint8 and digest.shape == (DIGEST_BYTES,)
+            and rows.dtype == np.int64 and rows.ndim == 1
+        )
+        if not ok:
+            return None
+        own, peer = int(meta[0]), int(meta[1])
+        n = len(self.items)
+        if not (0 <= own <= n and 0 <= peer <= peer_n and len(rows) <= min(own, peer)):
+            return None
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < n):
+            return None
+        return FinishedBucket(own_items=own, peer_items=peer, digest=digest.tobytes())
 
     # --------------------------------------------------------------------------------------------- the source
 
@@ -109,6 +135,8 @@ class SpillBuckets(MemoryBuckets):
         earlier = self._earlier
         counts = super().partition(key, k, keep, peer_n_items)
         self._earlier = earlier
+        if self.folder.is_symlink():  # the files below are deleted and written: only in a folder of our own
+            self.folder.unlink()
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         for path in self.folder.iterdir():  # what this run does not keep of an earlier one
             kept = _RESULT.fullmatch(path.name)
@@ -179,8 +207,8 @@ def spill_source(cfg: NodeConfig, items: Sequence[bytes], digest: str, *, unique
     def source(nonce: str, peer: str) -> SpillBuckets:
         folder = base / pair_tag(nonce)
         if base.is_dir():
-            for other in base.iterdir():
-                state = _read_state(other) if other.is_dir() else None
+            for other in _pair_folders(base):
+                state = _read_state(other) if _own_dir(other) else None
                 if other != folder and (state is None or state.get("peer") == peer):
                     _remove(other)
         binding = {"run": cfg.run, "party": cfg.party, "peer": peer, "nonce": nonce, "items": digest}
@@ -192,13 +220,14 @@ def spill_source(cfg: NodeConfig, items: Sequence[bytes], digest: str, *, unique
 def scan_spill(cfg: NodeConfig, digest: str) -> dict[str, str]:
     """[P19]: peer -> nonce of each pairwise PSI an earlier process of this run left with finished buckets (of
     this party and ID set; the label holder's WELCOME reuses the nonce). Anything else in the party's spill folder
-    is removed: another run's, another ID set's, or a PSI that finished no bucket."""
+    is removed: another run's, another ID set's, or a PSI that finished no bucket (only pair folders: a user's own
+    files there, and whatever a symbolic link points at, are left alone)."""
     base = spill_folder(cfg)
     found: dict[str, tuple[int, str]] = {}
     if base is None or not base.is_dir():
         return {}
-    for folder in sorted(base.iterdir()):
-        state = _read_state(folder) if folder.is_dir() else None
+    for folder in _pair_folders(base):
+        state = _read_state(folder) if _own_dir(folder) else None
         ok = (
             state is not None
             and state.get("run") == cfg.run
@@ -236,12 +265,33 @@ def remove_spill(cfg: NodeConfig) -> None:
     folder = spill_folder(cfg)
     if folder is None:
         return
-    _remove(folder)
+    if folder.is_symlink():  # a party folder the user put elsewhere: remove our pair folders in it, not the rest
+        for pair in _pair_folders(folder):
+            _remove(pair)
+    else:
+        _remove(folder)
     try:
         folder.parent.rmdir()  # the shared parent goes with the last party's folder
     except OSError:
         pass
 
 
+def _pair_folders(base: Path) -> list[Path]:
+    """The pair folders in a party's spill folder: only entries named as :func:`pair_tag` names them are the node's
+    to read and remove; anything else there (a user's file or folder) is left alone."""
+    try:
+        return sorted(p for p in base.iterdir() if _TAG.fullmatch(p.name))
+    except OSError:
+        return []
+
+
+def _own_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove a pair folder; a symbolic link in its place goes, never what it points at."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

@@ -655,8 +655,8 @@ class LabelHolderMachine:
         if self.psi is None:
             return None
         if self.psi.buckets != 1 and self.final_rows is None:
-            if p.psi is not None and p.psi.finished_buckets:
-                p.resume_nonce = p.nonce
+            if p.psi is not None:  # this process ran the pair: what it holds finished now decides (none: [P1])
+                p.resume_nonce = p.nonce if p.psi.finished_buckets else None
             if p.resume_nonce is not None:
                 return p.resume_nonce
         p.resume_nonce = None

@@ -165,6 +165,7 @@ class PairwisePsi:
     def __init__(self, plan: PsiPlan, *, run: str, nonce: str, role: str, max_peer_items: int = DEFAULT_MAX_PSI_ITEMS,
                  peer: str = ""):
         self.bucketed = plan.buckets != 1
+        self.role = role.replace("_", " ")
         if self.bucketed:
             party_cls = bucketed.BucketedSender if role == "data_holder" else bucketed.BucketedReceiver
             self.exchange = party_cls(
@@ -233,6 +234,15 @@ class PairwisePsi:
             out = self.exchange.receive(to_core(msg, bucketed_psi=self.bucketed))
         except PsiRemoteError as exc:
             raise _psi_failed(exc, msg.TYPE) from None
+        except OSError as exc:  # the bucket source's files (the node's spill folder): a full disk, a path in the way
+            # ends the pair now, for both parties, instead of an INTERNAL answer that leaves the pair waiting; the
+            # path stays out of the text, which goes to the peer (the node logs its spill folder itself)
+            raise RemoteProtocolError(
+                ErrorCode.INTERNAL,
+                f"the {self.role} cannot write or read its PSI spill files ({exc.strerror or type(exc).__name__}); "
+                "check its psi-buckets folder (next to its [psi].output), then start the nodes again",
+                ref=msg.TYPE,
+            ) from None
         self.received_chunks += 1
         return [to_wire(item) for item in out]
 

@@ -101,6 +101,9 @@ _DIGEST_PERSON = b"vfl/psi/bdigest1"  # ... of a finished bucket's digest
 _CHAIN_PERSON = b"vfl/psi/resume1"  # ... of the chain digest of finished buckets
 _HASH_BATCH = 1 << 16
 DIGEST_BYTES = 32
+#: what a user does about a resume the parties cannot agree on: it fails again at every start until one party's
+#: finished buckets are gone (the label holder then draws a fresh nonce, or the data holder announces none)
+_START_OVER = "; delete the psi-buckets folder of either party to start the PSI over"
 
 
 # --------------------------------------------------------------------------------------------------------- messages
@@ -664,7 +667,7 @@ class BucketedSender(_BucketedParty):
             if peer.resume_digest != self._own_chain(r):
                 raise InvalidResultError(
                     f"data holder: the label holder's first {r} finished bucket(s) differ from ours "
-                    "(PSI_START.resume_digest): the parties cannot resume this PSI"
+                    "(PSI_START.resume_digest): the parties cannot resume this PSI" + _START_OVER
                 )
         self._partition(r)
         return [] if self.done else self._open_next()
@@ -746,7 +749,7 @@ class BucketedReceiver(_BucketedParty):
         if r == theirs and peer.resume_digest != self._own_chain(r):
             raise InvalidResultError(
                 f"label holder: the data holder's {r} finished bucket(s) differ from ours (PSI_START.resume_digest): "
-                "the parties cannot resume this PSI"
+                "the parties cannot resume this PSI" + _START_OVER
             )
         return r
 
