@@ -9,7 +9,8 @@ The PSI part is ``bench/psi.py``'s run, reused by import: two real ``python -m v
 ``bank``, data holder ``dh1``) on 127.0.0.1, CurveZMQ on, every core as PSI workers, string customer numbers,
 ``--overlap`` of them shared; outputs checked against Python's set intersection (same IDs, same order, row numbers
 pointing at the IDs). ``--memory-mb`` is written to both parties' ``[psi].memory_mb`` (``--quick``: 256, so that the
-buckets are exercised at 1M too; full: the node's default unless given). While the nodes run, the bench samples
+buckets are exercised at 1M too; full: 1024, the node's default budget under ``buckets = "auto"``; ``--memory-mb 0``
+runs the unbucketed PSI). While the nodes run, the bench samples
 each node's process tree (node + PSI workers) and the run's folder.
 
 Figures (last line of stdout, one JSON object): ``rows`` (IDs per party), ``psi_seconds`` (start of the label
@@ -51,6 +52,7 @@ from _children import bench_main  # noqa: E402
 FULL_ROWS = 10_000_000
 QUICK_ROWS = 1_000_000
 QUICK_MEMORY_MB = 256
+FULL_MEMORY_MB = 1024  # the node's own budget under buckets = "auto": 10M x 10M does not fit one bucket in 1.5 GiB
 GOALS = {
     "full": {"bound_ratio": ("<=", 1.3), "psi_peak_rss_mb_max": ("<=", 1536.0)},
     "quick": {"psi_peak_rss_mb_max": ("<=", 600.0)},
@@ -147,7 +149,7 @@ def memory_budget_known() -> bool:
 def report(s: dict[str, Any]) -> None:
     print()
     print(f"scale: PSI {s['rows']:,} x {s['rows']:,} ({s['overlap']:.0%} shared), [psi].memory_mb "
-          f"{s['memory_mb'] or 'default'}: {s['psi_seconds']:.1f} s, bound {s['bound_seconds']:.1f} s, ratio "
+          f"{s['memory_mb'] or 'none (no buckets)'}: {s['psi_seconds']:.1f} s, bound {s['bound_seconds']:.1f} s, ratio "
           f"{s['bound_ratio']:.3f}; peak RSS (node + workers, sum of VmHWM) "
           + ", ".join(f"{k} {v:.0f} MiB" for k, v in s["psi_peak_rss_mb"].items())
           + f"; disk {s['disk_mb']:.0f} MiB; intersection {s['intersection']:,}; load {s['loadavg']}")
@@ -166,7 +168,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_ROWS:,} IDs per party, memory_mb {QUICK_MEMORY_MB}")
     ap.add_argument("--rows", type=int, help=f"IDs per party (default {FULL_ROWS:,}; --quick {QUICK_ROWS:,})")
     ap.add_argument("--overlap", type=float, default=0.5, help="share of each party's IDs the other has too")
-    ap.add_argument("--memory-mb", type=int, help="[psi].memory_mb of both nodes (--quick: 256)")
+    ap.add_argument("--memory-mb", type=int,
+                    help=f"[psi].memory_mb of both nodes (--quick: {QUICK_MEMORY_MB}, full: {FULL_MEMORY_MB}; 0: no buckets)")
     ap.add_argument("--workers", type=int, default=0, help="[psi].workers of both nodes (0: every core)")
     ap.add_argument("--chunk-size", type=int, default=65536, help="[psi].chunk_size of both nodes")
     ap.add_argument("--sample", type=float, default=0.25, help="seconds between samples of the node processes")
@@ -176,11 +179,11 @@ def main() -> int:
     ap.add_argument("--no-train", action="store_true", help="the PSI part only")
     args = ap.parse_args()
     args.rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
-    if args.quick and args.memory_mb is None:
-        args.memory_mb = QUICK_MEMORY_MB
+    if args.memory_mb is None:
+        args.memory_mb = QUICK_MEMORY_MB if args.quick else FULL_MEMORY_MB
     args.timeout = args.timeout or 300 + 300 * args.rows / 1e6
-    if args.rows < 2 or not 0 < args.overlap <= 1 or args.workers < 0 or (args.memory_mb or 1) < 1:
-        ap.error("need --rows >= 2, 0 < --overlap <= 1, --workers >= 0, --memory-mb >= 1")
+    if args.rows < 2 or not 0 < args.overlap <= 1 or args.workers < 0 or args.memory_mb < 0:
+        ap.error("need --rows >= 2, 0 < --overlap <= 1, --workers >= 0, --memory-mb >= 0")
     if not 0.01 <= args.sample <= 1:
         ap.error("--sample must be in [0.01, 1]")
     return bench_main("scale", lambda: run(args), report, BenchError,
