@@ -41,6 +41,7 @@ from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.text import peer_text
 from ..psi import PsiEngine
 from .alignment import PartyIds, load_ids, psi_plan, write_aligned
+from .catch_up import CatchUp
 from .spill import remove_spill, spill_folder, spill_size
 from .config import NodeConfig
 from .outbox import Outbox, frames_bytes
@@ -216,6 +217,9 @@ class NodeRunner:
         pending: list[Output] = machine.start(time.monotonic())
         poll_flags = zmq.POLLIN
         housekeeping_at = 0.0  # timers and the progress display: at most every HOUSEKEEPING_S while messages flow
+        timeouts = self.cfg.timeouts
+        catch_up = CatchUp(busy_s=timeouts.heartbeat, limit_s=max(1.0, min(10.0, timeouts.peer / 2)))
+        looked_at = time.monotonic()  # when the loop last read the socket (or found it empty)
         while True:
             finished = self._execute(transport, pending)
             if self.poller is None:
@@ -234,7 +238,8 @@ class NodeRunner:
                     self._flush(transport, until=time.monotonic() + FINAL_FLUSH_S)
                 return self._report(finished)
             now = time.monotonic()
-            if now >= housekeeping_at:
+            catch_up.busy(looked_at, now)  # a long step: what the peers sent meanwhile is read before the timers
+            if now >= housekeeping_at and not catch_up.defer_timers(now, transport.has_input()):
                 housekeeping_at = now + HOUSEKEEPING_S
                 self._show_progress(machine)
                 pending = machine.handle_timer(now)
@@ -247,6 +252,8 @@ class NodeRunner:
                     return 0
                 continue
             waiting = transport.has_input()
+            if not waiting:
+                looked_at = time.monotonic()  # nothing unread: the peers' messages so far are all in
             if getattr(machine, "work_first", False) or (not waiting and machine.has_work and not self.outbox):
                 # a data holder's next FORWARD goes before anything else is read (``work_first``: bounded by the
                 # window); our own PSI stream: compute one chunk now that the answers above are on their way (and only
@@ -269,6 +276,7 @@ class NodeRunner:
                     poll_flags = flags
                 ready = dict(poller.poll(int(sleep * 1000)))
             pending = []
+            looked_at = time.monotonic()
             if transport.socket in ready:
                 for _ in range(MAX_BATCH):
                     received = transport.recv()
