@@ -4,6 +4,7 @@
     PYTHONPATH=. .venv/bin/python bench/scale.py            # 10,000,000 x 10,000,000 IDs, 50 % shared
     PYTHONPATH=. .venv/bin/python bench/scale.py --quick    # 1,000,000 x 1,000,000, [psi].memory_mb = 256
     PYTHONPATH=. .venv/bin/python bench/scale.py --size 2000000 --memory-mb 512
+    PYTHONPATH=. .venv/bin/python bench/scale.py --no-psi   # the training part alone (--no-train: the PSI part alone)
 
 The PSI part is ``bench/psi.py``'s run, reused by import: two real ``python -m vfl psi`` processes (label holder
 ``bank``, data holder ``dh1``) on 127.0.0.1, CurveZMQ on, every core as PSI workers, string customer numbers,
@@ -79,9 +80,13 @@ def _goal(op: str, target: float, value: float | None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.no_psi and args.no_train:
+        raise BenchError("--no-psi and --no-train together leave nothing to run")
     if args.memory_mb and not memory_budget_known():
         raise BenchError("this vfl has no [psi].memory_mb (bucketed PSI, issue 16): run without --memory-mb "
                          "(and without --quick, which sets it) to measure the unbucketed PSI")
+    if args.no_psi:
+        return train_only(args)
     r = psibench.run(psi_args(args))
     train = None if args.no_train else run_training(args)
     mem = r["peak_rss_mb"]
@@ -117,6 +122,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return s
 
 
+def train_only(args: argparse.Namespace) -> dict[str, Any]:
+    """``--no-psi``: the training part alone (its session still aligns its rows with a PSI of its own)."""
+    train = run_training(args)
+    s: dict[str, Any] = {"bench": "vfl-scale", "quick": args.quick, "rows": args.rows, "memory_mb": args.memory_mb,
+                         "train_rss_above_floor_mb": train["rss_above_import_floor_mb"], "model_mb": train["model_mb"],
+                         "train_disk_mb": train["session_disk_mb"], "train": train}
+    s["goals"] = {"train_rss_above_floor_mb": _goal("<=", round(train["model_mb"] + 300, 1),
+                                                    train["rss_above_import_floor_mb"])}
+    return s
+
+
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
     """``bench/train.py``'s memory session at ``--rows`` x ``--features``, one whole epoch."""
     import tempfile
@@ -148,11 +164,12 @@ def memory_budget_known() -> bool:
 
 def report(s: dict[str, Any]) -> None:
     print()
-    print(f"scale: PSI {s['rows']:,} x {s['rows']:,} ({s['overlap']:.0%} shared), [psi].memory_mb "
-          f"{s['memory_mb'] or 'none (no buckets)'}: {s['psi_seconds']:.1f} s, bound {s['bound_seconds']:.1f} s, ratio "
-          f"{s['bound_ratio']:.3f}; peak RSS (node + workers, sum of VmHWM) "
-          + ", ".join(f"{k} {v:.0f} MiB" for k, v in s["psi_peak_rss_mb"].items())
-          + f"; disk {s['disk_mb']:.0f} MiB; intersection {s['intersection']:,}; load {s['loadavg']}")
+    if "psi_seconds" in s:
+        print(f"scale: PSI {s['rows']:,} x {s['rows']:,} ({s['overlap']:.0%} shared), [psi].memory_mb "
+              f"{s['memory_mb'] or 'none (no buckets)'}: {s['psi_seconds']:.1f} s, bound {s['bound_seconds']:.1f} s, "
+              f"ratio {s['bound_ratio']:.3f}; peak RSS (node + workers, sum of VmHWM) "
+              + ", ".join(f"{k} {v:.0f} MiB" for k, v in s["psi_peak_rss_mb"].items())
+              + f"; disk {s['disk_mb']:.0f} MiB; intersection {s['intersection']:,}; load {s['loadavg']}")
     if s["train"] is not None:
         tr = s["train"]
         print(f"scale: training {tr['rows']:,} x {tr['features']}, one epoch: {tr.get('training_seconds')} s; "
@@ -177,6 +194,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=20261207)
     ap.add_argument("--features", type=int, default=64, help="features of the training part's data holder")
     ap.add_argument("--no-train", action="store_true", help="the PSI part only")
+    ap.add_argument("--no-psi", action="store_true", help="the training part only")
     args = ap.parse_args()
     args.rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
     if args.memory_mb is None:
