@@ -92,6 +92,15 @@ def _resumed_before(tmp_path: Path, kept: list[np.ndarray], rows: np.ndarray) ->
     return np.array_equal(rows[: len(prefix)], prefix)
 
 
+def _start_pair(nodes: Nodes, configs: dict[str, Path]):
+    return tuple(nodes.start_command(["psi", "--config", str(configs[name])], name) for name in ("bank", "dh1"))
+
+
+def _kill(node) -> None:
+    os.kill(node.proc.pid, signal.SIGKILL)
+    node.proc.wait(timeout=10)
+
+
 def _resumed_at(log: str) -> int:
     marker = "resuming at bucket "
     assert marker in log, log
@@ -101,11 +110,9 @@ def _resumed_at(log: str) -> int:
 def test_P19_a_data_holder_killed_mid_psi_resumes_after_the_finished_buckets(tmp_path):
     configs = _session(tmp_path)
     with Nodes(tmp_path) as nodes:
-        bank = nodes.start_command(["psi", "--config", str(configs["bank"])], "bank")
-        dh1 = nodes.start_command(["psi", "--config", str(configs["dh1"])], "dh1")
+        bank, dh1 = _start_pair(nodes, configs)
         folder = _wait_finished(tmp_path, "dh1", 3, dh1)
-        os.kill(dh1.proc.pid, signal.SIGKILL)
-        dh1.proc.wait(timeout=10)
+        _kill(dh1)
         kept = _finished_rows(folder)
         again = nodes.start_command(["psi", "--config", str(configs["dh1"])], "dh1")  # the same command
         assert again.wait(timeout=120) == 0, again.output
@@ -119,11 +126,9 @@ def test_P19_a_data_holder_killed_mid_psi_resumes_after_the_finished_buckets(tmp
 def test_P19_a_label_holder_killed_mid_psi_resumes_after_the_finished_buckets(tmp_path):
     configs = _session(tmp_path)
     with Nodes(tmp_path) as nodes:
-        bank = nodes.start_command(["psi", "--config", str(configs["bank"])], "bank")
-        dh1 = nodes.start_command(["psi", "--config", str(configs["dh1"])], "dh1")
+        bank, dh1 = _start_pair(nodes, configs)
         _wait_finished(tmp_path, "bank", 3, bank)
-        os.kill(bank.proc.pid, signal.SIGKILL)
-        bank.proc.wait(timeout=10)
+        _kill(bank)
         kept = _finished_rows(_pair_folder(tmp_path, "dh1"))
         again = nodes.start_command(["psi", "--config", str(configs["bank"])], "bank")  # the same command
         assert again.wait(timeout=120) == 0, again.output
@@ -138,11 +143,9 @@ def test_P19_a_damaged_result_file_is_exchanged_again_instead_of_crashing_the_no
     finished buckets there: the pair resumes before it, and the result is still the intersection in one order."""
     configs = _session(tmp_path)
     with Nodes(tmp_path) as nodes:
-        bank = nodes.start_command(["psi", "--config", str(configs["bank"])], "bank")
-        dh1 = nodes.start_command(["psi", "--config", str(configs["dh1"])], "dh1")
+        bank, dh1 = _start_pair(nodes, configs)
         folder = _wait_finished(tmp_path, "dh1", 3, dh1)
-        os.kill(dh1.proc.pid, signal.SIGKILL)
-        dh1.proc.wait(timeout=10)
+        _kill(dh1)
         kept = _finished_rows(folder)[:1]
         damaged = folder / "result-00001.npz"
         damaged.write_bytes(damaged.read_bytes()[:40])
