@@ -33,10 +33,11 @@ def test_a_party_on_its_own_dask_cluster_aligns_the_same_ids_as_without(tmp_path
     universe = [f"cust-{i:05d}" for i in range(900)]
     sets = {"bank": rng.sample(universe, 500) + ["Zoë"], "dh1": rng.sample(universe, 450) + ["Zoë"]}
     runs = {}
-    for run in ("local", "cluster"):
-        (tmp_path / run).mkdir()
-        runs[run] = psi_session(tmp_path / run, sets, psi={"chunk_size": 100})
+    # the cluster first: its processes listen on ports the OS picks, so the sessions' ports are chosen after them
     with DaskCluster(tmp_path / "dask", workers=2) as cluster, Nodes(tmp_path) as nodes:
+        for run in ("local", "cluster"):
+            (tmp_path / run).mkdir()
+            runs[run] = psi_session(tmp_path / run, sets, psi={"chunk_size": 100})
         with_cluster(runs["cluster"]["bank"], cluster.address)  # the label holder's PSI on its cluster
         procs = {(run, name): nodes.start(path) for run, configs in runs.items() for name, path in configs.items()}
         codes = {key: p.wait(timeout=90) for key, p in procs.items()}  # both sessions at once: they share nothing
@@ -58,8 +59,8 @@ def test_a_party_on_its_own_dask_cluster_aligns_the_same_ids_as_without(tmp_path
 
 def test_a_cluster_that_loses_its_workers_mid_session_ends_it_with_a_clear_error_at_both_parties(tmp_path):
     sets = {"bank": [f"c{i}" for i in range(3000)], "dh1": [f"c{i}" for i in range(1000, 4000)]}
-    configs = psi_session(tmp_path, sets, psi={"chunk_size": 500})
     with DaskCluster(tmp_path / "dask", workers=2) as cluster, Nodes(tmp_path) as nodes:
+        configs = psi_session(tmp_path, sets, psi={"chunk_size": 500})  # ports chosen after the cluster's
         with_cluster(configs["dh1"], cluster.address)
         text = configs["dh1"].read_text()  # dh1's peer timeout 3 s: it waits 1.5 s on its cluster
         configs["dh1"].write_text(text.replace("peer = 5.0\n", "peer = 3.0\n", 1))
