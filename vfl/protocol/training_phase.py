@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..arrays import has_repeats
 from .errors import ErrorCode, RemoteProtocolError, VflError
 from .messages import (
     Backward, Checkpoint, CheckpointDone, Epoch, EvalForward, Forward, Message, Schedule, Tensor, TrainingDone, Window,
@@ -178,7 +179,7 @@ def _int_positions(msg: Message, name: str, n_rows: int) -> np.ndarray:
         raise RemoteProtocolError(
             ErrorCode.BAD_TENSOR, f"{msg.TYPE}.{name} has a position outside the {n_rows} aligned rows", ref=msg.TYPE
         )
-    if len(np.unique(arr)) != len(arr):
+    if has_repeats(arr):
         raise RemoteProtocolError(ErrorCode.BAD_TENSOR, f"{msg.TYPE}.{name} repeats a row", ref=msg.TYPE)
     return arr
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..arrays import has_repeats
 from .cipher import PsiKey
 from .curve import POINT_SIZE, hash_domain
 from .engine import PsiEngine, check_points
@@ -568,7 +569,7 @@ class PsiReceiver(_Party):
     def _finish(self) -> None:
         tokens = np.concatenate(self._res_tokens) if self._res_tokens else np.empty((0, TOKEN_SIZE), np.uint8)
         pos = np.concatenate(self._res_pos) if self._res_pos else np.empty(0, np.int64)
-        if len(pos) and len(np.unique(pos)) != len(pos):
+        if has_repeats(pos):
             raise InvalidResultError("result names one of our rows twice")
         # every result token must be one we computed for the data holder: t(H(x)^dl)
         theirs = np.concatenate(self._their_parts) if self._their_parts else np.empty((0, TOKEN_SIZE), np.uint8)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..arrays import has_repeats
 from .errors import (
     ChunkOrderError,
     EmptyIntersectionError,
@@ -89,7 +90,7 @@ def _validate_result(i: int, r: PairwiseResult) -> np.ndarray:
     if tok is not None and tok.shape != (len(rows), TOKEN_SIZE):
         raise PsiLocalError(f"result {i}: tokens must have shape [{len(rows)}, {TOKEN_SIZE}]")
     rows = rows.astype(np.int64, copy=False)
-    if len(np.unique(rows)) != len(rows):
+    if has_repeats(rows):
         raise PsiLocalError(f"result {i}: rows repeat")
     return rows
 
@@ -138,7 +139,7 @@ def apply_positions(pairwise_rows: np.ndarray, positions: np.ndarray) -> np.ndar
         raise LimitExceededError(f"{len(pos)} positions for a pairwise intersection of {n} rows")
     if len(pos) and (int(pos.max()) >= n or int(pos.min()) < 0):
         raise InvalidResultError(f"a position is outside the pairwise intersection of {n} rows")
-    if len(np.unique(pos)) != len(pos):
+    if has_repeats(pos):
         raise InvalidResultError("positions repeat")
     return np.asarray(pairwise_rows)[pos.astype(np.int64)]
 
@@ -190,7 +191,7 @@ class FinalRowsReceiver:
             p64 = pos.astype(np.int64)
             if int(p64.max()) >= n:
                 raise InvalidResultError(f"RowsChunk {i}: position {int(p64.max())} >= {n}")
-            if self._seen[p64].any() or len(np.unique(p64)) != len(p64):
+            if self._seen[p64].any() or has_repeats(p64):
                 raise InvalidResultError(f"RowsChunk {i}: a position repeats")
             self._seen[p64] = True
             self._parts.append(p64)
