@@ -310,6 +310,21 @@ def test_L1_data_holder_heartbeats_at_the_interval_the_welcome_set():
     assert sends(dh2.handle_timer(1.0)) == [Heartbeat()]
 
 
+def test_L1_keepalive_sends_the_heartbeats_due_and_never_declares_a_silent_peer_lost():
+    """While a node builds its training segment it reads nothing: its keep-alive sends heartbeats only."""
+    lh = ready_lh("alice", "bob", now=0.0)
+    assert sends(lh.keepalive(0.5)) == []
+    assert sends(lh.keepalive(20.0)) == [Heartbeat(instance=lh.instance)] * 2  # 4 peer timeouts of silence: no BYE
+    assert sends(lh.keepalive(20.5)) == [] and lh.finished is None
+    assert all(p.state is PartyState.READY for p in lh.parties.values())
+    dh = DataHolderMachine(party="alice", run=RUN, config=CFG, now=0.0, hold_s=100.0)
+    dh.start(0.0)
+    (welcome,) = sends(feed(label_holder(), hello()))
+    dh.receive(wire(welcome), 0.0)
+    assert sends(dh.keepalive(0.5)) == [] and sends(dh.keepalive(20.0)) == [Heartbeat()]
+    assert dh.finished is None and dh.state is DataHolderState.READY
+
+
 def test_L2_label_holder_reports_a_silent_peer_by_name_and_tells_the_others():
     lh = ready_lh("alice", "bob", now=0.0)
     feed(lh, Heartbeat(), "bob", now=4.0)

@@ -41,6 +41,7 @@ from ..protocol.label_holder import DEFAULT_MAX_REJOINS
 from ..protocol.text import peer_text
 from ..psi import PsiEngine
 from .alignment import PartyIds, load_ids, psi_plan, write_aligned
+from .background import Abandoned
 from .catch_up import CatchUp
 from .spill import remove_spill, spill_folder, spill_size
 from .config import NodeConfig
@@ -441,8 +442,19 @@ class NodeRunner:
             self.aligned = True
             remove_spill(self.cfg)
         if ok and self.training is not None:
-            return self._execute(transport, self.training.start(self.machine, aligned.rows, now, time.monotonic))
+            tick = lambda: self._keep_alive(transport)  # noqa: E731
+            return self._execute(transport, self.training.start(self.machine, aligned.rows, now, time.monotonic, tick))
         return self._execute(transport, self.machine.finish_aligned(ok, reason, now))
+
+    def _keep_alive(self, transport: Transport) -> None:
+        """While the training segment is built (``background``): the heartbeats due and the queued messages go out,
+        nothing is read. A stop request (SIGINT/SIGTERM) abandons the build: the loop then closes the session."""
+        if self.stop_requested:
+            raise Abandoned(self.stop_requested)
+        sends = self.machine.keepalive(time.monotonic())
+        if self.outbox:
+            self._flush(transport)
+        self._execute(transport, sends)
 
     def _show_progress(self, machine) -> None:
         training = getattr(machine, "training", None)

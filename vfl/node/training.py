@@ -35,6 +35,7 @@ from ..train.models import Combiner, ModelError, build_model, load_weights
 from .checkpoints import Checkpointer, StateFileError, dump_state, load_state, remove_stale_temps
 from .lifecycle import METRICS, StartMode, data_holder_check, label_holder_start, run_files, set_aside, trim_metrics
 from .alignment import PartyIds
+from .background import TICK_S, Abandoned, in_background
 from .config import NodeConfig, TrainingSetupError
 from ..train.segments import TorchBottom, TorchTop, label_dp_targets
 
@@ -428,21 +429,27 @@ class SessionTraining:
         else:
             data_holder_check(self.cfg, self.start_mode)
 
-    def start(self, machine, rows: np.ndarray, now: float, clock=None) -> list[Output]:
+    def start(self, machine, rows: np.ndarray, now: float, clock=None, tick=None) -> list[Output]:
         """Build the segment over the aligned ``rows`` and start ``machine``'s training phase with it.
 
         A model that cannot be built or a checkpoint that cannot be resumed ends the session (exit 1) naming why.
         ``clock`` (the runner's ``time.monotonic``): read again once the segment is built, so the training phase's
         clock (its step time) starts when training does, not before the heap release, the model build and a resume.
+        ``tick`` (the runner's keep-alive): the segment is then built on a thread while ``tick()`` runs every
+        ``TICK_S`` on this one (heartbeats, queued messages). At 10M rows the label holder's schedule alone takes
+        about 40 s, longer than a peer would wait for a node that sends nothing. ``tick`` raising ``Abandoned`` (the
+        node was stopped meanwhile) leaves the machine as it was: the caller closes it.
         """
         self.machine = machine
         self._clock = clock
-        release_heap()
-        if not self.cfg.session.predict:
-            self.log.info("%s", privacy_line(self.cfg))
-        self.log.info("cut-layer precision: %s", self.cfg.session.precision.describe())  # v1.6, the same at every node
         try:
-            return self._start(machine, rows, now)
+            if tick is None:
+                begin = self._prepare(rows)
+            else:
+                begin = in_background(lambda: self._prepare(rows), tick, TICK_S)
+            return begin(machine, self._now(now))
+        except Abandoned:
+            return []
         except CheckpointError as exc:
             reason = f"cannot resume: {exc}"
         except TrainingSetupError as exc:
@@ -450,23 +457,29 @@ class SessionTraining:
         self.log.error("%s", reason)
         return machine.finish_aligned(False, reason, now)
 
-    def _start(self, machine, rows: np.ndarray, now: float) -> list[Output]:
+    def _prepare(self, rows: np.ndarray):
+        """Everything before the machine's training phase starts, without touching the machine (it may run on a
+        thread): returns ``begin(machine, now)``, which starts it."""
         cfg, table = self.cfg, self.ids.table
+        release_heap()
+        if not cfg.session.predict:
+            self.log.info("%s", privacy_line(cfg))
+        self.log.info("cut-layer precision: %s", cfg.session.precision.describe())  # v1.6, the same at every node
         if not cfg.is_label_holder:
-            self.segment = build_bottom(cfg, table, rows)
+            segment = self.segment = build_bottom(cfg, table, rows)
             if cfg.session.predict:
-                load_trained(cfg, self.segment)
+                load_trained(cfg, segment)
             else:
-                self.segment.begin = self._check_schedule
-            return machine.start_training(self.segment, len(rows), self._now(now))
+                segment.begin = self._check_schedule
+            return lambda machine, now: machine.start_training(segment, len(rows), now)
         if cfg.session.predict:
             self.aligned = rows
-            self.segment = build_top(cfg, table, rows, None, trained_encoding(cfg))
-            load_trained(cfg, self.segment)
+            segment = self.segment = build_top(cfg, table, rows, None, trained_encoding(cfg))
+            load_trained(cfg, segment)
             self.log.info("predicting %d aligned rows", len(rows))
-            return machine.start_training(self.segment, prediction_plan(len(rows)), self._now(now))
+            return lambda machine, now: machine.start_training(segment, prediction_plan(len(rows)), now)
         plan = make_plan(cfg, [table.ids[r] for r in np.asarray(rows).tolist()])
-        self.segment = build_top(cfg, table, rows, plan)
+        segment = self.segment = build_top(cfg, table, rows, plan)
         self.log.info(
             "training on %d aligned rows (%d for validation), %d epoch(s), window %s",
             len(rows), len(plan.validation), plan.epochs, cfg.session.window,
@@ -477,7 +490,7 @@ class SessionTraining:
             first_step = manifest["step"]
             digests = {p: d for p, d in manifest["digests"].items() if p}
             best = BestEpoch.from_dict(manifest["best"]) if "best" in manifest else None
-            self.segment.restore(first_step)
+            segment.restore(first_step)
             self.log.warning("resuming from the checkpoint at step %d (epoch %d)", first_step, manifest["epoch"] + 1)
         if manifest is not None:  # the epoch of the checkpoint is trained again: its line (and later ones) go
             trim_metrics(cfg.train.output / METRICS, manifest["epoch"])
@@ -485,7 +498,7 @@ class SessionTraining:
             what = "the epoch with the lowest validation loss" if cfg.train.keep == "best" else "the last epoch"
             stop = f"; stopping after {cfg.train.patience} epoch(s) without a lower one" if cfg.train.patience else ""
             self.log.info("keeping %s%s", what, stop)
-        return machine.start_training(self.segment, plan, self._now(now), first_step, digests, best)
+        return lambda machine, now: machine.start_training(segment, plan, now, first_step, digests, best)
 
     def _now(self, now: float) -> float:
         return self._clock() if self._clock is not None else now

@@ -266,6 +266,13 @@ class DataHolderMachine:
             return [self._send(Heartbeat(), now)]
         return []
 
+    def keepalive(self, now: float) -> list[Output]:
+        """Only the heartbeat due ([L1]), no timeout checks: what the node sends while it is busy with local work
+        and reads nothing (building its training segment after the alignment)."""
+        if self.finished is not None or self.state not in CONNECTED or self.clock is None:
+            return []
+        return [self._send(Heartbeat(), now)] if now >= self.clock.heartbeat_due(self.heartbeat_s) else []
+
     def next_timer(self) -> float | None:
         if self.finished is not None:
             return None

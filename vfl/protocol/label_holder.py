@@ -359,6 +359,15 @@ class LabelHolderMachine:
                 out.append(self._send(p, Heartbeat(instance=self.instance), now))
         return out
 
+    def keepalive(self, now: float) -> list[Output]:
+        """Only the heartbeats due ([L1]), no timeout checks: what the node sends while it is busy with local work
+        and reads nothing (building its training segment after the alignment); its peers stay alive here and
+        their messages wait unread, so no peer may be declared lost for a silence this node did not listen to."""
+        if self.finished is not None:
+            return []
+        return [self._send(p, Heartbeat(instance=self.instance), now) for p in self.parties.values()
+                if p.state in CONNECTED and now >= p.clock.heartbeat_due(self.heartbeat_s)]
+
     def next_timer(self) -> float | None:
         """When ``handle_timer`` next has something to do (None: never)."""
         if self.finished is not None:
