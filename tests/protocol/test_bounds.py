@@ -34,9 +34,10 @@ from vfl.protocol import (
 from vfl.protocol import codec
 from vfl.protocol.codec import MAX_HEADER_DEPTH, PEEK_BYTES, peek_type
 
+from ..fuzz_budget import examples
 from .strategies import msgpack_values
 
-FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=examples(1500), deadline=None, suppress_health_check=list(HealthCheck))
 MiB = 2**20
 
 

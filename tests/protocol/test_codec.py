@@ -23,9 +23,10 @@ from vfl.protocol import (
     encode,
 )
 
+from ..fuzz_budget import examples
 from .strategies import hostile_frames, hostile_headers, messages
 
-FUZZ = settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=examples(3000), deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def frames_of(header: dict, *tensor_frames: bytes, sig: bytes = SIGNATURE) -> list[bytes]:
@@ -179,7 +180,7 @@ def test_tensors_key_may_be_omitted_when_empty():
 
 
 @given(messages)
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 def test_every_message_round_trips(msg):
     back = decode([bytes(memoryview(f).cast("B")) for f in encode(msg)])
     assert type(back) is type(msg)

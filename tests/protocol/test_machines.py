@@ -31,6 +31,7 @@ from vfl.protocol import (
     encode,
 )
 
+from ..fuzz_budget import examples
 from .strategies import hostile_frames, messages
 
 CFG = SessionConfig(cut_widths={"alice": 8, "bob": 16}, batch_size=32, window=2, model="m1")
@@ -423,7 +424,7 @@ def test_label_holder_close_says_bye_to_ready_peers():
 
 @given(st.lists(st.tuples(st.sampled_from(["alice", "bob", "carol"]), st.booleans(), messages | hostile_frames(),
                           st.floats(0, 2)), max_size=12))
-@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=list(HealthCheck))
 def test_label_holder_survives_any_sequence_of_inputs(steps):
     """Every (state, message) pair is a transition or an ERROR answer; nothing else escapes; answers are valid."""
     lh = label_holder()
@@ -439,7 +440,7 @@ def test_label_holder_survives_any_sequence_of_inputs(steps):
 
 
 @given(st.lists(st.tuples(messages | hostile_frames(), st.floats(0, 2)), max_size=12), st.integers(0, 2))
-@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=list(HealthCheck))
 def test_data_holder_survives_any_sequence_of_inputs(steps, rounds):
     dh = DataHolderMachine(party="alice", run=RUN, config=CFG, now=0.0, link_rounds=rounds,
                            link_check=[Tensor("x", np.zeros(3, np.float32))])
