@@ -147,6 +147,31 @@ def test_R4_a_failure_while_handling_a_message_is_ERROR_INTERNAL_and_the_machine
     assert isinstance(sends(feed(lh, hello("bob"), "bob", routing_id=b"bob/0000000000000001"))[-1], Welcome)
 
 
+def test_R4_a_data_holder_that_fails_handling_a_message_answers_INTERNAL_and_ends_its_session(monkeypatch):
+    """A data holder's only peer is the label holder: after ERROR INTERNAL it leaves (BYE ok false, exit 1) instead
+    of waiting forever in a state it could not finish."""
+    from vfl.protocol import data_holder as module
+
+    dh = DataHolderMachine(party="alice", run=RUN, config=CFG, now=0.0, hold_s=100.0)
+    dh.start(0.0)
+    welcome = Welcome(version=(1, 0), party="bank", run=RUN, digest=CFG.digest, heartbeat_ms=1000,
+                      peer_timeout_ms=5000, data_holders=("alice", "bob"))
+    dh.receive(wire(welcome), 0.0)
+    assert dh.state is DataHolderState.READY
+
+    def broken(*args):
+        raise RecursionError("a walk nobody bounded")
+
+    monkeypatch.setitem(module._TABLE, (DataHolderState.READY, Heartbeat.TYPE), broken)
+    out = dh.receive(wire(Heartbeat()), 1.0)
+    messages = sends(out)
+    assert [ErrorCode(m.code) for m in messages if isinstance(m, Error)] == [ErrorCode.INTERNAL]
+    assert isinstance(messages[-1], Bye) and messages[-1].ok is False and "RecursionError" in messages[-1].reason
+    fin = [o for o in out if isinstance(o, Finished)][0]
+    assert fin.exit_code == 1 and "internal error" in fin.reason and "RecursionError" in fin.reason
+    assert dh.state is DataHolderState.CLOSED and dh.receive(wire(Heartbeat()), 2.0) == []
+
+
 def test_B3_an_echo_larger_than_the_largest_session_message_is_TOO_LARGE():
     lh = label_holder(max_echo_bytes=1024)
     joined(lh, A1)

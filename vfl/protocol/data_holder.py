@@ -159,6 +159,10 @@ class DataHolderMachine:
     def receive(self, *args: Any) -> list[Output]:
         """One message from the label holder: a transition, or an ERROR back; never an exception (see the LH's).
 
+        A failure while handling it (a bug) is answered ``ERROR INTERNAL`` and ends this session ([R4]): the label
+        holder is a data holder's only peer, so there is nobody else to go on serving, and a data holder left in a
+        state it could not finish would wait forever where no timer runs (``READY``, ``ALIGNED``).
+
         Called ``receive(frames, now)``, or ``receive(routing_id, identity, frames, now)`` like the label holder's
         (the node loop's form): a data holder's socket has one peer, so routing id and identity say nothing here.
         """
@@ -178,7 +182,9 @@ class DataHolderMachine:
                 ErrorCode.INTERNAL,
                 f"the data holder could not handle your message ({type(exc).__name__}); its log has the details",
             )
-            return [log] + self._error(failure, now)
+            reason = (f"internal error handling a message from {self.label_holder} ({type(exc).__name__}): this "
+                      "data holder cannot go on with the session; its log has the details")
+            return [log] + self._error(failure, now) + self._finish(1, reason)
 
     def _receive(self, frames: Sequence, now: float) -> list[Output]:
         try:
