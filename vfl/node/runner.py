@@ -176,7 +176,7 @@ class NodeRunner:
                 self.log.info("PSI on the Dask cluster at %s (%d worker threads)", cfg.psi.cluster,
                               self.engine.cluster_threads)
         try:
-            transport = Transport(cfg)
+            transport = Transport(cfg, rows=len(self.ids.items) if self.ids is not None else 0)
         except BaseException:
             if self.engine is not None:
                 self.engine.close()

@@ -90,19 +90,29 @@ PSI_MAX_TENSOR_BYTES = (1 << 20) * 32
 FRAME_LIMIT_FLOOR = 16 * 2**20
 
 
-def frame_limit(cfg: NodeConfig) -> int:
+def order_bytes(cfg: NodeConfig, rows: int) -> int:
+    """The largest row-position tensor a data holder of ``rows`` rows receives: an ``EPOCH``'s order (or a
+    ``SCHEDULE``'s validation rows) names each aligned row at most once, as int64, and the aligned rows are at most
+    this party's own. 0 at a label holder, and in a session that does not train: it receives no such message."""
+    return 8 * rows if cfg.session.train and not cfg.is_label_holder else 0
+
+
+def frame_limit(cfg: NodeConfig, rows: int = 0) -> int:
     """``ZMQ_MAXMSGSIZE``: the largest frame libzmq accepts before it drops the connection (PROTOCOL.md section 7).
 
     libzmq assembles a whole multipart message before the node sees its first frame, so this bound times the
     frame count (``2 + max_tensors``) is what one message can cost before the decoder runs. Derived from what the
-    session can legitimately carry (twice its largest message, a peer's largest PSI chunk), with a floor so that
-    a merely oversized message still gets a readable ``ERROR``, never more than ``[limits]`` allows.
+    session can legitimately carry (twice its largest message, a peer's largest PSI chunk, a data holder's epoch
+    order over its ``rows``), with a floor so that a merely oversized message still gets a readable ``ERROR``,
+    never more than ``[limits]`` allows. Without the epoch order, a data holder of more than 4.2M rows had its
+    connection dropped by libzmq at the first ``EPOCH`` (33.6 MB at 4.2M training rows), and rejoined in a loop.
     """
-    need = max(2 * largest_message_bytes(cfg), FRAME_LIMIT_FLOOR, PSI_MAX_TENSOR_BYTES if cfg.session.psi else 0)
+    need = max(2 * largest_message_bytes(cfg), FRAME_LIMIT_FLOOR, PSI_MAX_TENSOR_BYTES if cfg.session.psi else 0,
+               order_bytes(cfg, rows))
     return min(cfg.limits.max_frame_bytes, need + cfg.limits.max_header_bytes)
 
 
-def socket_options(cfg: NodeConfig) -> dict[str, int]:
+def socket_options(cfg: NodeConfig, rows: int = 0) -> dict[str, int]:
     """The options of a node's socket (besides CURVE and the routing id), by ``zmq`` constant name.
 
     - ``SNDHWM``: what libzmq may hold for one peer, the send budget minus the node's own queue ([B2]).
@@ -116,8 +126,8 @@ def socket_options(cfg: NodeConfig) -> dict[str, int]:
     t = cfg.timeouts
     return {
         "SNDHWM": hwm_for(cfg.queue_bytes - outbox_bytes(cfg), largest_message_bytes(cfg)),
-        "RCVHWM": hwm_for(cfg.queue_bytes, frame_limit(cfg)),
-        "MAXMSGSIZE": frame_limit(cfg),
+        "RCVHWM": hwm_for(cfg.queue_bytes, frame_limit(cfg, rows)),
+        "MAXMSGSIZE": frame_limit(cfg, rows),
         "LINGER": LINGER_MS,
         "TCP_KEEPALIVE": 1,
         "TCP_KEEPALIVE_IDLE": max(1, int(t.peer)),
@@ -186,8 +196,10 @@ class Received:
 class Transport:
     """Owns the context, the socket, the authenticator and the monitor of one node."""
 
-    def __init__(self, cfg: NodeConfig):
+    def __init__(self, cfg: NodeConfig, rows: int = 0):
+        """``rows``: this party's own row count (its frame bound must fit an ``EPOCH`` over them, ``order_bytes``)."""
         self.cfg = cfg
+        self.rows = rows
         self.ctx = zmq.Context()
         self.auth: ThreadAuthenticator | None = None
         self.allow_list: _AllowList | None = None
@@ -222,7 +234,7 @@ class Transport:
 
     def _socket(self, kind: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
-        for name, value in socket_options(self.cfg).items():
+        for name, value in socket_options(self.cfg, self.rows).items():
             sock.setsockopt(getattr(zmq, name), value)
         if not self.cfg.insecure:
             sock.curve_publickey, sock.curve_secretkey = self._keypair
