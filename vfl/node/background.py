@@ -12,15 +12,20 @@ from __future__ import annotations
 import threading
 from typing import Callable, TypeVar
 
+from ..errors import ExitCode, VflError
+
 T = TypeVar("T")
 
 #: seconds between two ticks while the work runs (well under any heartbeat interval)
 TICK_S = 0.05
 
 
-class Abandoned(Exception):
+class Abandoned(VflError):
     """Raised by a ``tick`` to stop waiting for the work (the node was stopped meanwhile). The thread is a daemon:
-    what it computes is dropped, and the process may exit without waiting for it."""
+    what it computes is dropped, and the process may exit without waiting for it. The node loop closes the session
+    itself (a pause, [J2]): this never reaches the command line."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 def in_background(work: Callable[[], T], tick: Callable[[], None], every_s: float = TICK_S) -> T:
