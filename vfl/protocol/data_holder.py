@@ -268,9 +268,7 @@ class DataHolderMachine:
             )
         if self._leave_at is not None and now >= self._leave_at:
             return self._leave(now)
-        if now >= self.clock.heartbeat_due(self.heartbeat_s):
-            return [self._send(Heartbeat(), now)]
-        return []
+        return self.keepalive(now)
 
     def keepalive(self, now: float) -> list[Output]:
         """Only the heartbeat due ([L1]), no timeout checks: what the node sends while it is busy with local work

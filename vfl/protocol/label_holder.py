@@ -355,8 +355,7 @@ class LabelHolderMachine:
                     f"{self.peer_timeout_s:g} s): it is stopped, hung or unreachable"
                 )
                 return [self._timeout_error(p, reason, now)] + self._finish(3, reason, now)
-            if now >= p.clock.heartbeat_due(self.heartbeat_s):
-                out.append(self._send(p, Heartbeat(instance=self.instance), now))
+            out += self._heartbeat(p, now)
         return out
 
     def keepalive(self, now: float) -> list[Output]:
@@ -365,8 +364,11 @@ class LabelHolderMachine:
         their messages wait unread, so no peer may be declared lost for a silence this node did not listen to."""
         if self.finished is not None:
             return []
-        return [self._send(p, Heartbeat(instance=self.instance), now) for p in self.parties.values()
-                if p.state in CONNECTED and now >= p.clock.heartbeat_due(self.heartbeat_s)]
+        return [out for p in self.parties.values() if p.state in CONNECTED for out in self._heartbeat(p, now)]
+
+    def _heartbeat(self, p: _Party, now: float) -> list[Output]:
+        """[L1]: a HEARTBEAT to ``p`` if nothing went to it for the heartbeat interval."""
+        return [self._send(p, Heartbeat(instance=self.instance), now)] if now >= p.clock.heartbeat_due(self.heartbeat_s) else []
 
     def next_timer(self) -> float | None:
         """When ``handle_timer`` next has something to do (None: never)."""
