@@ -156,3 +156,51 @@ def test_a_training_data_holder_holds_its_ids_as_items_not_as_python_objects(tmp
     assert isinstance(ids.table.ids, StoredIds) and ids.table.ids.items is ids.items
     assert len(ids.table.ids) == ids.table.n_rows == len(expected)
     assert list(ids.table.ids) == expected and ids.table.ids[3] == expected[3] and ids.table.ids[2:5] == expected[2:5]
+
+
+def _mapped_from_unlinked_file(array: np.ndarray) -> bool:
+    """Is ``array`` backed by a file mapping (a ``numpy.memmap`` whose file no longer has a name)?"""
+    base = array
+    while not isinstance(base, np.memmap) and isinstance(getattr(base, "base", None), np.ndarray):
+        base = base.base
+    if not isinstance(base, np.memmap):
+        return False
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return any(line.endswith("(deleted)") and ".dh1-ids." in line for line in maps)
+
+
+def test_a_training_data_holder_keeps_its_id_index_as_page_cache_not_anonymous_memory(tmp_path):
+    """Issue 16: the ID encodings and the distinct-row index (about 29 bytes a row) are memory-mapped from an
+    unlinked 0600 file in [train].output, so training a 10M-row data holder does not carry them as anonymous memory;
+    nothing is left on disk, and a hidden temporary of a killed earlier start is removed."""
+    cfg = data_holder(tmp_path)
+    cfg.train.output.mkdir(parents=True, exist_ok=True)
+    stale = cfg.train.output / ".dh1-ids.killed.tmp"
+    stale.write_bytes(b"half")
+    ids = load_ids(cfg)
+    expected = load_table(TableSpec(cfg.data.path, "id")).ids
+    assert list(ids.table.ids) == expected
+    assert ids.unique_rows.tolist() == list(range(len(expected)))
+    for array in (ids.items.blob, ids.items.offsets, ids.unique_rows):
+        assert _mapped_from_unlinked_file(array)
+    assert not stale.exists()
+    assert not list(cfg.train.output.glob(".dh1-ids*")) and not list(cfg.train.output.glob("dh1-ids*"))
+
+
+def test_no_room_for_the_id_index_is_one_line_naming_the_folder(tmp_path, monkeypatch):
+    from vfl.node.alignment import AlignmentError, ids_on_disk
+    from vfl.psi.items import ItemStore
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    folder = tmp_path / "out"
+    try:
+        ids_on_disk(ItemStore.from_items([b"i:1", b"i:2"]), np.arange(2), folder, "dh1")
+    except AlignmentError as exc:
+        text = str(exc)
+    else:
+        raise AssertionError("no error")
+    assert "No space left on device" in text and str(folder) in text and "[train].output" in text
+    assert list(folder.iterdir()) == []

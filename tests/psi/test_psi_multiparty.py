@@ -143,3 +143,13 @@ def test_apply_positions():
     for bad in ([3], [0, 0], [-1], [0, 1, 2, 0]):
         with pytest.raises((InvalidResultError, LimitExceededError)):
             apply_positions(np.array([5, 6, 7]), np.array(bad))
+
+
+def test_final_rows_receiver_lets_go_of_the_pairwise_rows_once_done():
+    """A data holder holds its receiver until it leaves the session: once the final rows are in, the pairwise rows
+    and the seen-mask (9 bytes per pairwise row) go."""
+    rx = FinalRowsReceiver(np.arange(1000, 1010))
+    rx.receive(RowsChunk(chunk=0, last=True, positions=np.array([4, 2], np.uint32)))
+    assert rx.rows.tolist() == [1004, 1002]
+    assert len(rx._pairwise) == 0 and len(rx._seen) == 0 and rx._parts == []
+    assert rx._pairwise.base is None and rx._seen.base is None  # not views that keep the whole arrays alive

@@ -71,8 +71,13 @@ class PreparedBottom(TorchBottom):
         #: against ``--fresh``/``--resume``); may raise ``CheckpointError``
         self.begin = None
 
+    @property
+    def wants_train_rows(self) -> bool:
+        """Does :meth:`prepare` fit anything? If not, the pipeline does not build the n-row array of training rows."""
+        return self.standardize and not self.frozen
+
     def prepare(self, train_rows: np.ndarray) -> None:
-        if self.standardize and not self.frozen:
+        if self.wants_train_rows:
             file_rows = np.asarray(train_rows) if self.rows is None else self.rows.numpy()[train_rows]
             self.scaler = _standardizer(self.source, file_rows, True)
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..arrays import has_repeats
+from ..arrays import has_repeats, positions_except
 from .errors import ErrorCode, RemoteProtocolError, VflError
 from .messages import (
     Backward, Checkpoint, CheckpointDone, Epoch, EvalForward, Forward, Message, Schedule, Tensor, TrainingDone, Window,
@@ -179,7 +179,7 @@ def _int_positions(msg: Message, name: str, n_rows: int) -> np.ndarray:
         raise RemoteProtocolError(
             ErrorCode.BAD_TENSOR, f"{msg.TYPE}.{name} has a position outside the {n_rows} aligned rows", ref=msg.TYPE
         )
-    if has_repeats(arr):
+    if has_repeats(arr, bound=n_rows):
         raise RemoteProtocolError(ErrorCode.BAD_TENSOR, f"{msg.TYPE}.{name} repeats a row", ref=msg.TYPE)
     return arr
 
@@ -244,8 +244,10 @@ class DataHolderTraining:
         validation = _int_positions(msg, "validation", self.n_rows)
         self.validation = batches(validation, self.batch_size)
         prepare = getattr(self.bottom, "prepare", None)
-        if prepare is not None:  # e.g. standardisation fitted on this party's own training rows only
-            prepare(np.setdiff1d(np.arange(self.n_rows), validation))
+        # e.g. standardisation fitted on this party's own training rows only; a bottom that says it fits nothing
+        # (``wants_train_rows`` false) is not handed the n-row array
+        if prepare is not None and getattr(self.bottom, "wants_train_rows", True):
+            prepare(positions_except(self.n_rows, validation))
         self.finished_epochs = self.next_epoch = msg.first_epoch
         self.next_step = msg.first_step
 

@@ -200,4 +200,7 @@ class FinalRowsReceiver:
         if last:
             allpos = np.concatenate(self._parts) if self._parts else np.empty(0, np.int64)
             self._rows = self._pairwise[allpos]
-            self._parts = []
+            # the pairwise rows and the seen-mask are not needed again (a chunk after the last is refused above):
+            # 9 bytes per pairwise row that a 10M-row data holder would otherwise hold through its training (new
+            # empty arrays, not views: a view keeps its base)
+            self._parts, self._pairwise, self._seen = [], np.empty(0, np.int64), np.empty(0, bool)
