@@ -51,15 +51,16 @@ def feature_path(folder: Path, party: str, spec: TableSpec) -> Path:
     return Path(folder) / f"{party}-features-{key}.npy"
 
 
-def load_training_table(spec: TableSpec, folder: Path, party: str) -> PartyTable:
+def load_training_table(spec: TableSpec, folder: Path, party: str, id_items=None) -> PartyTable:
     """The table with its features in this party's feature file in ``folder`` (reused when it is complete and
-    current, written otherwise); the IDs and labels are read from the table file every time."""
+    current, written otherwise); the IDs and labels are read from the table file every time (``id_items``: as
+    :func:`~vfl.train.data.load_table` takes it)."""
     folder = Path(folder)
     pattern = f"{party}-features-*.npy"
     if folder.is_dir():
         remove_stale_temps(folder, pattern)  # what a killed earlier start left half-written: never used
     path = feature_path(folder, party, spec) if spec.path.is_file() else None
-    table = load_table(spec, features_to=path)
+    table = load_table(spec, features_to=path, id_items=id_items)
     for other in folder.glob(pattern) if folder.is_dir() else ():
         if other != path:
             other.unlink(missing_ok=True)  # an older table's: this party's feature file is the one above

@@ -98,7 +98,11 @@ def load_ids(cfg: NodeConfig) -> PartyIds:
         feature_columns=data.features if train else (),
         label_column=data.label_column if train and not cfg.session.predict else None,
     )
-    load = load_table if not train else lambda s: load_training_table(s, cfg.train.output, cfg.party)
+    # a data holder's IDs become its item store straight from Arrow (the label holder draws its schedule from its
+    # IDs as Python objects); as a list first they were most of a 10M-row data holder's start-up peak
+    as_items = None if cfg.is_label_holder else (lambda array, kind: StoredIds(encode_id_array(array, kind)))
+    load = (load_table if not train
+            else lambda s: load_training_table(s, cfg.train.output, cfg.party, id_items=as_items))
     table = None
     try:
         if not train and not cfg.session.predict:
@@ -113,7 +117,9 @@ def load_ids(cfg: NodeConfig) -> PartyIds:
                     table = load(spec)
             else:
                 table = load(spec)
-            items = ItemStore.from_items(encode_ids(table.ids))
+            ids = table.ids
+            items = ids.items if isinstance(ids, StoredIds) else ItemStore.from_items(encode_ids(ids))
+            del ids
         release_arrow_memory()  # what reading the table left in Arrow's pool (on this thread: see write_aligned)
     except DataError as exc:
         raise AlignmentError(str(exc)) from None
