@@ -119,7 +119,6 @@ def load_ids(cfg: NodeConfig) -> PartyIds:
                 table = load(spec)
             ids = table.ids
             items = ids.items if isinstance(ids, StoredIds) else ItemStore.from_items(encode_ids(ids))
-            del ids
         release_arrow_memory()  # what reading the table left in Arrow's pool (on this thread: see write_aligned)
     except DataError as exc:
         raise AlignmentError(str(exc)) from None

@@ -43,10 +43,8 @@ def _index(rows: np.ndarray) -> torch.Tensor:
 def _own_int64(rows: np.ndarray) -> np.ndarray:
     """``rows`` as a writable contiguous int64 array: the caller's own when it is one (the PSI's aligned rows, 8 bytes
     a row: a copy would be 80 MB more for the whole training of a 10M-row data holder), else a copy."""
-    arr = np.asarray(rows)
-    if arr.dtype == np.int64 and arr.flags.c_contiguous and arr.flags.writeable and arr.ndim == 1:
-        return arr
-    return np.array(rows, dtype=np.int64).reshape(-1)
+    arr = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
+    return arr if arr.flags.writeable else arr.copy()
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
