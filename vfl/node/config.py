@@ -21,6 +21,7 @@ from ..protocol import DTYPES, Limits, SessionConfig
 from ..errors import SetupError
 from ..privacy.spec import PrivacyError, PrivacySpec
 from ..protocol.label_holder import DEFAULT_MAX_REJOINS
+from ..protocol.chain import segments_from_wire
 from ..protocol.messages import is_party_id
 from ..protocol.psi_phase import DEFAULT_MAX_PSI_ITEMS
 from ..psi.buckets import AUTO as AUTO_BUCKETS
@@ -32,7 +33,7 @@ from ..protocol.session import DEFAULT_MAX_WINDOW
 from ..psi.cluster import check_cluster_address
 from ..train.specs import OptimizerSpec
 
-ROLES = ("label_holder", "data_holder")
+ROLES = ("label_holder", "data_holder", "segment_holder")
 ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5}|\*)")
 
 
@@ -71,6 +72,7 @@ class TrainSettings:
 
     bottom: dict | None = None  # MLP spec {widths, activation, dropout} or {factory = "module:function"}
     top: dict | None = None  # label holder only
+    segment: dict | None = None  # segment holder only (v1.10): its model segment, the same form as a bottom
     combine: str = "concat"
     seed: int = 0
     task: str | None = None  # label holder: multiclass, binary, regression
@@ -140,10 +142,35 @@ class NodeConfig:
     #: [privacy].audit (label holder): measure each epoch what every data holder could infer about the labels from
     #: the gradients it was sent (``vfl.privacy.audit``); the defence itself is in ``session.privacy``
     audit: bool = True
+    #: segment holder (v1.10): where it binds for its inputs (its ``endpoint`` is its downstream's address)
+    bind: str | None = None
 
     @property
     def is_label_holder(self) -> bool:
         return self.role == "label_holder"
+
+    @property
+    def is_segment_holder(self) -> bool:
+        return self.role == "segment_holder"
+
+    @property
+    def downstream(self) -> str | None:
+        """The segment holder this node's FORWARDs go to (None: the label holder), from the session's chain."""
+        return None if self.is_label_holder else self.session.chain.downstream(self.party)
+
+    @property
+    def server_partner(self) -> str | None:
+        """The partner whose CURVE server key this node's DEALER pins: its downstream segment holder, else the
+        label holder (the one partner that is no party of the session)."""
+        if self.is_label_holder:
+            return None
+        return self.downstream if self.downstream is not None else self.label_holder_partner
+
+    @property
+    def label_holder_partner(self) -> str | None:
+        """The label holder's name among [keys.partners]: the one partner that is no party of the session."""
+        others = [p for p in self.partners if p not in self.session.parties]
+        return others[0] if len(others) == 1 else None
 
 
 # (type, required, default) per key, per table. The top level and each table reject keys not listed here.
@@ -163,6 +190,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "model": (dict, False, None),
         "train": (dict, False, None),
         "privacy": (dict, False, None),
+        "bind": (str, False, None),
     },
     "data": {
         "path": (str, True, None),
@@ -174,6 +202,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
     "model": {
         "bottom": (dict, False, None),
         "top": (dict, False, None),
+        "segment": (dict, False, None),
         "combine": (str, False, "concat"),
         "seed": (int, False, 0),
     },
@@ -213,6 +242,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = {
         "train": (bool, False, False),
         "activation_precision": (str, False, "float32"),  # v1.6: the cut layer's wire precision, each direction
         "gradient_precision": (str, False, "float32"),
+        "segments": (dict, False, None),  # v1.10: segment holders, [session.segments.NAME] inputs/width/combine
     },
     "timeouts": {
         "heartbeat": ((int, float), False, Timeouts.heartbeat),
@@ -240,7 +270,7 @@ _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: 
 
 # What to write for a required key that is missing: the user should not need the README to fix it.
 _REQUIRED = {
-    "role": 'role = "label_holder" (binds, holds the labels) or "data_holder" (connects)',
+    "role": 'role = "label_holder" (binds, holds the labels), "data_holder" (connects) or "segment_holder"',
     "party": 'party = "NAME", this node\'s party id (as its partners list it under [keys.partners])',
     "run": 'run = "NAME", the same at every node of the run',
     "endpoint": 'endpoint = "tcp://HOST:PORT", the label holder\'s address (it binds there, data holders connect)',
@@ -374,6 +404,7 @@ def load_config(path: str | Path, *, allow_insecure_remote: bool = False) -> Nod
     problems.check()
     return NodeConfig(
         path=path,
+        bind=top.get("bind"),
         role=role,
         party=top["party"],
         run=top["run"],
@@ -408,8 +439,15 @@ def _identity(top: dict, problems: _Problems) -> None:
     if "endpoint" in top:
         if not ENDPOINT.fullmatch(top["endpoint"]):
             problems.add(f"endpoint must look like tcp://HOST:PORT, got {top.pop('endpoint')!r}")
-        elif top.get("role") == "data_holder" and top["endpoint"].endswith(":*"):
-            problems.add("a data holder's endpoint needs the label holder's real port, not '*'")
+        elif top.get("role") in ("data_holder", "segment_holder") and top["endpoint"].endswith(":*"):
+            problems.add(f"a {top['role'].replace('_', ' ')}'s endpoint needs its downstream's real port, not '*'")
+    if top.get("role") == "segment_holder":
+        if not isinstance(top.get("bind"), str) or not ENDPOINT.fullmatch(top["bind"]):
+            problems.add('a segment holder needs bind = "tcp://HOST:PORT", where its inputs connect')
+            top.pop("bind", None)
+    elif "bind" in top:
+        problems.add("bind is a segment holder's key (where its inputs connect); a "
+                     f"{str(top.get('role', 'node')).replace('_', ' ')} has endpoint only")
 
 
 def _key_file(base: Path, value: str, key: str, problems: _Problems) -> Path | None:
@@ -460,9 +498,6 @@ def _keys(top: dict, base: Path, allow_insecure_remote: bool, problems: _Problem
             partners[name] = file
     if ok and not _partner_keys(partners, problems):
         ok = False
-    if ok and top.get("role") == "data_holder" and len(partners) != 1:
-        problems.add("a data holder's [keys.partners] names exactly one key: the label holder's")
-        ok = False
     return (False, secret, partners) if ok else None
 
 
@@ -507,6 +542,15 @@ def _session(top: dict, keys, problems: _Problems) -> SessionConfig | None:
     if "max_window" in top["session"] and s["window"] != "auto":
         problems.add('[session].max_window is set but window is not "auto": set window = "auto", or drop max_window')
         return None
+    segments = s.pop("segments")
+    if segments is not None:
+        try:
+            s["segments"] = segments_from_wire(
+                {name: {"combine": "concat", **spec} if isinstance(spec, dict) else spec
+                 for name, spec in segments.items()})
+        except ValueError as exc:
+            problems.add(f"[session.{exc}")
+            return None
     try:
         session = SessionConfig(**s)
     except ValueError as exc:
@@ -515,11 +559,36 @@ def _session(top: dict, keys, problems: _Problems) -> SessionConfig | None:
     role, party = top.get("role"), top.get("party")
     if role == "data_holder" and party is not None and party not in session.cut_widths:
         problems.add(f"[session.cut_widths] has no entry for this data holder {party!r}")
+    if role == "segment_holder" and party is not None and party not in session.segments:
+        problems.add(f"[session.segments] has no entry for this segment holder {party!r}")
     if role == "label_holder" and keys is not None and not keys[0]:
-        missing = sorted(set(session.cut_widths) - set(keys[2]))
+        missing = sorted(set(session.parties) - set(keys[2]))
         if missing:
-            problems.add(f"[keys.partners] has no public key for data holder(s) {', '.join(missing)}")
+            problems.add(f"[keys.partners] has no public key for party(ies) {', '.join(missing)}")
+    if role in ("data_holder", "segment_holder") and party in session.parties and keys is not None and not keys[0]:
+        _chain_keys(session, party, keys[2], problems)
     return session
+
+
+def _chain_keys(session: SessionConfig, party: str, partners: dict, problems: _Problems) -> None:
+    """The partners a data holder or segment holder needs: its downstream's key (the CURVE server it connects to),
+    the label holder's when that is another node (its relayed session is authenticated end to end, [C3]), and a
+    segment holder's inputs (its allow-list)."""
+    chain = session.chain
+    want = set(chain.inputs(party)) if party in session.segments else set()
+    downstream = chain.downstream(party)
+    if downstream is not None:
+        want.add(downstream)
+    missing = sorted(want - set(partners))
+    if missing:
+        problems.add(f"[keys.partners] has no public key for {', '.join(missing)}")
+    extra = [p for p in partners if p not in want]
+    if len(extra) != 1 or extra[0] in session.parties:
+        what = ", ".join(sorted(want))
+        problems.add(
+            "[keys.partners] must name the label holder's key" + (f" and those of {what}" if what else "")
+            + f", nothing else (it names {', '.join(sorted(partners)) or 'none'})"
+        )
 
 
 def _timeouts(raw: dict, problems: _Problems) -> Timeouts | None:
@@ -686,7 +755,8 @@ def _train_settings(top: dict, session: SessionConfig | None, base: Path, proble
     t = _train(top.get("train") or {}, top["role"], top.get("data"), base, problems)
     if m is None or t is None:
         return None
-    return TrainSettings(bottom=m["bottom"], top=m["top"], combine=m["combine"], seed=m["seed"], **t)
+    return TrainSettings(bottom=m["bottom"], top=m["top"], segment=m["segment"], combine=m["combine"], seed=m["seed"],
+                         **t)
 
 
 def _model(raw: dict, role: str, party: str | None, session: SessionConfig | None, problems: _Problems) -> dict | None:
@@ -696,6 +766,10 @@ def _model(raw: dict, role: str, party: str | None, session: SessionConfig | Non
         return None
     found = len(problems.found)
     is_lh = role == "label_holder"
+    if role == "segment_holder":
+        return _segment_model(m, party, session, problems)
+    if m["segment"] is not None:
+        problems.add("[model].segment belongs in a segment holder's config only")
     if m["bottom"] is None and not is_lh:
         problems.add("[model].bottom is required: the data holder's bottom model, e.g. bottom = {widths = [16]}")
     if is_lh and m["top"] is None:
@@ -719,6 +793,26 @@ def _model(raw: dict, role: str, party: str | None, session: SessionConfig | Non
                 problems.add(
                     f"[model].bottom ends with width {spec['widths'][-1]} but [session.cut_widths] says {width}"
                 )
+    return m if len(problems.found) == found else None
+
+
+def _segment_model(m: dict, party: str | None, session: SessionConfig | None, problems: _Problems) -> dict | None:
+    """[model] of a segment holder: its segment (an MLP spec or a factory), whose last width is its cut layer."""
+    found = len(problems.found)
+    if m["bottom"] is not None or m["top"] is not None:
+        problems.add("[model].bottom and .top are a data holder's and the label holder's; a segment holder has "
+                     "[model].segment")
+    spec = m["segment"]
+    if spec is None:
+        problems.add("[model].segment is required: the segment holder's model, e.g. segment = {widths = [640]}")
+    elif "factory" in spec:
+        if set(spec) != {"factory"} or not isinstance(spec["factory"], str):
+            problems.add("[model].segment = {factory = \"module:function\"} takes nothing else")
+    elif not isinstance(spec.get("widths"), list) or not spec["widths"]:
+        problems.add("[model].segment needs widths = [..] (layer widths) or factory = \"module:fn\"")
+    elif session is not None and party in session.segments and spec["widths"][-1] != session.segments[party].width:
+        problems.add(f"[model].segment ends with width {spec['widths'][-1]} but [session.segments.{party}].width "
+                     f"says {session.segments[party].width}")
     return m if len(problems.found) == found else None
 
 

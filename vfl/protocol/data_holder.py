@@ -93,7 +93,13 @@ class DataHolderMachine:
         max_psi_items: int = DEFAULT_MAX_PSI_ITEMS,
         rejoin_timeout_s: float = 120.0,
         max_rejoins: int = DEFAULT_MAX_REJOINS,
+        role: str = "data_holder",
     ):
+        """``role`` "segment_holder" (v1.10): the same session with the label holder, but no PSI (it holds no IDs):
+        after its WELCOME it is aligned at once, and its SCHEDULE says how many rows the others aligned."""
+        if role not in ("data_holder", "segment_holder"):
+            raise ValueError(f"role must be data_holder or segment_holder, not {role!r}")
+        self.role = role
         self.party = party
         self.run = run
         self.config = config
@@ -116,9 +122,13 @@ class DataHolderMachine:
         self._leave_at: float | None = None
         self._bucket = TokenBucket(ERROR_BURST, ERROR_RATE)
         self._cooling_since: float | None = None  # the label holder refuses our key for now ([B5], ZAP status 500)
-        if config.psi and psi is None:
+        if role == "segment_holder":
+            if party not in config.segments:
+                raise ValueError(f"{party!r} is not a segment holder of this session")
+            psi = None
+        elif config.psi and psi is None:
             raise ValueError("the session config says psi = true: give the data holder a PsiPlan")
-        if config.psi and psi.buckets != config.psi_buckets:  # the session config is what both parties agreed on
+        if psi is not None and psi.buckets != config.psi_buckets:  # the session config is what both parties agreed on
             raise ValueError(f"the PsiPlan has buckets = {psi.buckets!r} but the session config psi_buckets = "
                              f"{config.psi_buckets!r}")
         self.psi_plan = psi if config.psi else None
@@ -142,7 +152,7 @@ class DataHolderMachine:
             Send(
                 message=Hello(
                     version=PROTOCOL_VERSION,
-                    role="data_holder",
+                    role=self.role,
                     party=self.party,
                     run=self.run,
                     config=self.config.to_wire(),
@@ -398,6 +408,13 @@ class DataHolderMachine:
         out.append(self.finished)
         return out
 
+    def abort(self, reason: str) -> list[Output]:
+        """End the session now (BYE {ok: false} naming ``reason``, exit 1): for a segment holder whose input broke
+        the rules ([X2], [X6]), as the label holder ends a session whose data holder does."""
+        if self.finished is not None:
+            return []
+        return self._finish(1, reason)
+
     def _error(self, exc: RemoteProtocolError, now: float) -> list[Output]:
         if not self._bucket.allow(now):
             return [Log(level="DEBUG", text=f"error to {self.label_holder} dropped (rate limit): {exc}")]
@@ -414,6 +431,9 @@ class DataHolderMachine:
                 out = []
             if self.psi_plan is not None:
                 return out + self._start_psi(now)
+            if self.role == "segment_holder":  # no IDs, no PSI: its rows are the others' (SCHEDULE says how many)
+                self.state = DataHolderState.ALIGNED
+                return out + [Aligned(rows=None)]
             self._leave_at = now + self.hold_s
             if self.hold_s <= 0:
                 out += self._leave(now)
@@ -464,12 +484,15 @@ class DataHolderMachine:
         return []
 
     def _new_pipeline(self) -> DataHolderTraining:
+        reset = getattr(self._bottom, "new_pipeline", None)
+        if reset is not None:  # a segment holder's inputs: what they sent for the old pipeline is void
+            reset()
         return DataHolderTraining(
             self._bottom,
             n_rows=self._n_rows,
             batch_size=self.config.batch_size,
             window=self.config.first_window,
-            width=self.config.cut_widths[self.party],
+            width=self.config.chain.width(self.party),
             max_window=self.config.max_window if self.config.auto_window else None,
             precision=self.config.precision,
             party=self.party,
@@ -608,7 +631,8 @@ class DataHolderMachine:
                 f"WELCOME is for run {peer_text(msg.run, 64)} with digest {peer_text(msg.digest[:16])} but this node "
                 f"has run {self.run!r} and digest {self.config.digest[:16]}; the label holder broke [H4]"
             )
-        if list(msg.data_holders) != list(self.config.data_holders) or self.party not in msg.data_holders:
+        mine = self.party in msg.data_holders if self.role == "data_holder" else self.party not in msg.data_holders
+        if list(msg.data_holders) != list(self.config.data_holders) or not mine:
             return (
                 f"WELCOME.data_holders {peer_text(list(msg.data_holders), 200)} is not this session's "
                 f"{list(self.config.data_holders)}"
@@ -618,7 +642,7 @@ class DataHolderMachine:
         ):
             return "WELCOME.psi_nonce must be 32 lowercase hex digits in a session with PSI"
         if self.psi_plan is None and msg.psi_nonce is not None:
-            return "WELCOME.psi_nonce is set in a session without PSI"
+            return "WELCOME.psi_nonce is set in a session without PSI (or to a segment holder, which runs none)"
         if msg.instance is not None and not _NONCE.fullmatch(msg.instance):
             return "WELCOME.instance must be 32 lowercase hex digits"
         return None

@@ -8,13 +8,14 @@ with ``Send``/``Log``/... outputs and never touches a socket or a clock.
 from __future__ import annotations
 
 import enum
+import re
 import secrets
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, peek_type
+from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, encode, peek_type
 from .errors import ErrorCode, RemoteProtocolError
 from .events import EXIT_PAUSED, Aligned, Disconnect, EpochDone, Finished, Log, Output, PeerLeft, PeerReady, Send
 from .messages import (
@@ -32,11 +33,13 @@ from .messages import (
     PsiItems,
     PsiResult,
     PsiStart,
+    Relay,
     Rollback,
     TrainingDone,
     Welcome,
     Window,
 )
+from .relay import RelayChannel
 from .psi_phase import DEFAULT_MAX_PSI_ITEMS, PairwisePsi, PsiPlan, combine, final_rows_messages, new_nonce, positions_for
 from .routing import party_of
 from .text import peer_text
@@ -61,6 +64,10 @@ KEY_COOLDOWN_FIRST_S = 1.0
 KEY_COOLDOWN_MAX_S = 8.0
 WAITING_NOTE_S = 10.0  # how often a node that waits for a peer says it still does
 DEFAULT_MAX_REJOINS = 3  # [train].max_rejoins: each rejoin rolls every party back to the last checkpoint
+#: [C4] relayed connections the label holder keeps per party (each a sequence state): a restarting party's latest
+MAX_RELAYS_PER_PARTY = 4
+#: a relayed party's connection: "<party>/<16 hex>" ([S1]), as its RELAY's ``conn`` names it
+_CONN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/[0-9a-f]{16}")
 
 
 
@@ -131,10 +138,18 @@ class LabelHolderMachine:
         max_psi_items: int = DEFAULT_MAX_PSI_ITEMS,
         max_rejoins: int = DEFAULT_MAX_REJOINS,
         min_minor: int = 0,
+        relay_keys: dict[str, bytes] | None = None,
     ):
         """``min_minor``: the lowest minor version a data holder may speak; 5 when ``[train].keep = "best"`` or
-        ``patience`` is set, because then a data holder must understand TRAINING_DONE to save the right weights."""
+        ``patience`` is set, because then a data holder must understand TRAINING_DONE to save the right weights.
+
+        ``relay_keys`` (v1.10): for every party behind a segment holder, the key that authenticates its relayed
+        session end to end ([C3]); a party without one cannot join."""
         self.party = party
+        self.chain = config.chain
+        self.relay_keys = dict(relay_keys or {})
+        #: (party, conn) -> the sequence state of one relayed connection, oldest first
+        self._relays: OrderedDict[tuple[str, str], RelayChannel] = OrderedDict()
         self.min_minor = min_minor
         #: [X10] the TRAINING_DONE each data holder at 1.5 has not confirmed yet; the run finishes when none is left
         self._done_sent: dict[str, TrainingDone] = {}
@@ -167,7 +182,7 @@ class LabelHolderMachine:
         self.final_rows = None
         self._work_turn = 0
         self.training: LabelHolderTraining | None = None
-        self.parties = {name: _Party(name) for name in config.data_holders}
+        self.parties = {name: _Party(name) for name in config.parties}
         if self.psi is not None:  # [P19]: pairs an earlier process of this run left unfinished, found by the node
             for name, nonce in self.psi.resume_nonces.items():
                 if name in self.parties:
@@ -251,6 +266,19 @@ class LabelHolderMachine:
         if failure is not None:
             return self._error(routing_id, identity, failure, now)
         assert msg is not None
+        relayed = b"|" in routing_id
+        if isinstance(msg, Relay):
+            if relayed:
+                return self._error(routing_id, identity, RemoteProtocolError(
+                    ErrorCode.BAD_FIELD, "a RELAY inside a RELAY ([C3])", ref=msg.TYPE), now)
+            return self._on_relay(routing_id, identity, msg, now)
+        if identity in self.parties and self.chain.relayed(identity) != relayed:  # [C2]
+            route = self.chain.route(identity)
+            why = (f"party {identity!r} is behind segment holder {route[0]!r} in this session: its session goes "
+                   f"through {' -> '.join(route)} as RELAY" if route else
+                   f"party {identity!r} feeds the label holder directly in this session: no RELAY for it")
+            return self._error(routing_id, identity, RemoteProtocolError(
+                ErrorCode.IDENTITY_MISMATCH, why, ref=msg.TYPE), now)
         p = self.parties.get(identity)
         if p is None:  # a key on the allow-list (or an insecure peer) that is not in this session
             if isinstance(msg, Hello):
@@ -428,6 +456,65 @@ class LabelHolderMachine:
 
     # ------------------------------------------------------------------------------------------------ helpers
 
+    # ------------------------------------------------------------------------------------------------ relays (v1.10)
+
+    def _on_relay(self, hop_route: bytes, hop: str, msg: Relay, now: float) -> list[Output]:
+        """[C3]: a RELAY from a segment holder that feeds the label holder, carrying the session message of a party
+        behind it. It is checked (the route, the end party's MAC and sequence) and then handled exactly as if that
+        party had sent the inner message on a connection of its own: the routing id ``<conn>|<hop's routing id>``."""
+        def refuse(code: ErrorCode, why: str) -> list[Output]:
+            return self._error(hop_route, hop, RemoteProtocolError(code, why, ref=msg.TYPE), now)
+
+        q = self.parties.get(hop)
+        if q is None or hop not in self.config.segments or q.route != hop_route or q.state not in CONNECTED:
+            return refuse(ErrorCode.UNEXPECTED_MESSAGE, "RELAY from a party that is not a joined segment holder "
+                          "feeding this label holder")
+        party = msg.party
+        if party not in self.parties or not self.chain.relayed(party) or self.chain.lh_hop(party) != hop:
+            return refuse(ErrorCode.IDENTITY_MISMATCH, f"RELAY for {peer_text(party, 64)}: not a party behind "
+                          f"segment holder {hop!r} in this session")
+        if not _CONN.fullmatch(msg.conn) or party_of(msg.conn.encode()) != party:
+            return refuse(ErrorCode.BAD_FIELD, "RELAY.conn must be '<party>/<16 hex digits>' of its party")
+        key = (party, msg.conn)
+        channel = self._relays.get(key)
+        if channel is None:
+            secret = self.relay_keys.get(party)
+            if secret is None:
+                return refuse(ErrorCode.UNKNOWN_PARTY, f"this label holder has no key for {party!r}: add its public "
+                              "key to the label holder's [keys.partners]")
+            if msg.seq != 0:  # a connection this process never heard open (it restarted, or the relay dropped)
+                return refuse(ErrorCode.UNEXPECTED_MESSAGE, f"RELAY seq {msg.seq} of a relayed connection this label "
+                              "holder does not know")
+            channel = RelayChannel(secret, run=self.run, party=party, conn=msg.conn, sends="down")
+            mine = [k for k in self._relays if k[0] == party]
+            for old in mine[: max(0, len(mine) + 1 - MAX_RELAYS_PER_PARTY)]:
+                del self._relays[old]
+            self._relays[key] = channel
+        try:
+            inner = channel.unwrap(msg)
+        except RemoteProtocolError as exc:
+            if not channel.next_recv:  # nothing of it was ever authentic: keep no state for it
+                self._relays.pop(key, None)
+            return [Log(level="WARNING", text=f"refused a RELAY for {party!r} from segment holder {hop!r}: {exc}")] \
+                + self._error(hop_route, hop, exc, now)
+        self._relays.move_to_end(key)
+        return self._receive(msg.conn.encode() + b"|" + hop_route, party, inner, now)
+
+    def outgoing(self, out: Output) -> Output | None:
+        """What the node sends for ``out``: a message to a relayed party's connection goes as RELAY to the segment
+        holder it came through, authenticated for that party ([C3]); a connection the label holder no longer knows
+        gets nothing. Anything else unchanged. The node calls this for every output before acting on it."""
+        to = getattr(out, "to", None)
+        if to is None or b"|" not in to:
+            return out
+        if not isinstance(out, Send):
+            return None  # a Disconnect of a relayed connection: there is no socket of ours to close
+        conn, hop_route = to.split(b"|", 1)
+        channel = self._relays.get((party_of(conn), conn.decode("ascii", "replace")))
+        if channel is None:
+            return None
+        return Send(to=hop_route, message=channel.wrap(encode(out.message, self.limits)))
+
     def _send(self, p: _Party, msg: Message, now: float) -> Send:
         if p.clock is not None:
             p.clock.last_sent = now
@@ -577,8 +664,9 @@ class LabelHolderMachine:
                 f"HELLO.version {list(msg.version)}: this run keeps its best epoch or stops early ([train].keep / "
                 f"patience), which needs data holders at 1.{self.min_minor} or later; upgrade vfl on that node",
             )
-        if msg.role != "data_holder":
-            return refuse(ErrorCode.BAD_FIELD, f"HELLO.role must be 'data_holder', got {peer_text(msg.role, 40)}")
+        if msg.role not in ("data_holder", "segment_holder"):
+            return refuse(ErrorCode.BAD_FIELD, "HELLO.role must be 'data_holder' or 'segment_holder', got "
+                          f"{peer_text(msg.role, 40)}")
         try:
             same = digest_of(msg.config) == msg.digest
         except RemoteProtocolError as exc:  # a config deeper than a walk may go
@@ -597,8 +685,12 @@ class LabelHolderMachine:
         if identity not in self.parties:
             return refuse(
                 ErrorCode.UNKNOWN_PARTY,
-                f"party {identity!r} is not in this session (data holders: {', '.join(self.parties)})",
+                f"party {identity!r} is not in this session (parties: {', '.join(self.parties)})",
             )
+        role = "segment_holder" if identity in self.config.segments else "data_holder"
+        if msg.role != role:
+            return refuse(ErrorCode.BAD_FIELD, f"HELLO.role is {peer_text(msg.role, 40)} but {identity!r} is a "
+                          f"{role.replace('_', ' ')} in this session")
         theirs = {"run": msg.run, **msg.config}
         ours = {"run": self.run, **self._wire_config}
         if msg.run != self.run or msg.digest != self._digest:
@@ -640,7 +732,8 @@ class LabelHolderMachine:
         restart = p.state in CONNECTED
         p.state, p.joined = PartyState.READY, True
         p.clock = PeerClock(last_received=now, last_sent=now)
-        p.nonce = self._pair_nonce(p)
+        segment = p.name in self.config.segments
+        p.nonce = None if segment else self._pair_nonce(p)  # a segment holder runs no PSI ([C5])
         p.psi = None
         p.minor = min(PROTOCOL_VERSION[1], msg.version[1])
         welcome = Welcome(
@@ -654,11 +747,19 @@ class LabelHolderMachine:
             psi_nonce=p.nonce,
             instance=self.instance,
         )
-        return out + [
+        out += [
             self._send(p, welcome, now),
             PeerReady(party=p.name, restart=restart),
-            Log(level="INFO", text=f"data holder {p.name!r} {'rejoined' if restart else 'joined'}"),
+            Log(level="INFO", text=f"{self._role(p.name)} {p.name!r} {'rejoined' if restart else 'joined'}"),
         ]
+        if segment and self.final_rows is not None:  # joined (or rejoined) after the rows were aligned
+            p.state = PartyState.ALIGNED
+            if self.training is not None:
+                out += self._resume(now)
+        return out
+
+    def _role(self, name: str) -> str:
+        return "segment holder" if name in self.config.segments else "data holder"
 
     def _pair_nonce(self, p: _Party) -> str | None:
         """[P1], [P19]: a fresh nonce for every pairwise PSI, except that an unfinished bucketed PSI with finished
@@ -828,6 +929,9 @@ class LabelHolderMachine:
             if q.state is PartyState.PSI_DONE:
                 out += [self._send(q, m, now) for m in final_rows_messages(positions[q.name], self.psi.chunk_size)]
                 q.state = PartyState.ALIGNED
+        for name in self.config.segment_holders:  # [C5]: no PSI of their own; aligned with the others
+            if self.parties[name].state is PartyState.READY:
+                self.parties[name].state = PartyState.ALIGNED
         if first_time:
             out.append(Log(level="INFO", text=f"rows aligned: {len(self.final_rows)} shared by every party"))
             out.append(Aligned(rows=self.final_rows))
@@ -863,12 +967,14 @@ class LabelHolderMachine:
         self.training = LabelHolderTraining(
             self._top,
             self._plan,
-            parties=self.config.data_holders,
-            widths=self.config.cut_widths,
+            parties=self.control_order,
+            inputs=self.chain.inputs(None),
+            widths=self.chain.input_widths(None),
+            announce_rows=bool(self.config.segments),
             batch_size=self.config.batch_size,
             window=self.config.first_window,
             max_window=self.config.max_window if self.config.auto_window else None,
-            lookahead=all(self.parties[name].minor >= 7 for name in self.config.data_holders),
+            lookahead=all(self.parties[name].minor >= 7 for name in self.config.parties),
             n_rows=len(self.final_rows),
             first_step=first_step,
             resume_digests=digests,
@@ -884,6 +990,13 @@ class LabelHolderMachine:
             p.state, p.last_progress = PartyState.TRAINING, now
             out += [self._send(p, m, now) for m in msgs]
         return out
+
+    @property
+    def control_order(self) -> tuple[str, ...]:
+        """[C6] the order in which parties get each round of training control (SCHEDULE, CHECKPOINT, ...): every
+        segment holder before the parties behind it, so a message to a party behind it passes it after its own."""
+        segs = sorted(self.config.segments, key=lambda name: (self.chain.depth(name), name))
+        return tuple(segs) + self.config.data_holders
 
     def _resume(self, now: float) -> list[Output]:
         """A data holder restarted mid-training and has its rows again: everyone goes back to the latest checkpoint."""

@@ -328,6 +328,7 @@ class Schedule(Message):
         "first_epoch": (FieldKind.INT, True),
         "first_step": (FieldKind.INT, True),
         "resume_digest": (FieldKind.STR, False),
+        "rows": (FieldKind.INT, False),
     }
     CARRIES_TENSORS: ClassVar[bool] = True
     epochs: int
@@ -336,6 +337,9 @@ class Schedule(Message):
     tensors: tuple[Tensor, ...] = field(default=())  # "validation": int64 [n_val], positions in the aligned rows
     #: when ``first_step > 0``: the digest of the receiver's own checkpoint at ``first_step`` to resume from
     resume_digest: str | None = None
+    #: v1.10, in a session with segment holders: the number of aligned rows (a segment holder ran no PSI, so it
+    #: learns here the bound every position is checked against)
+    rows: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,6 +16,7 @@ import msgpack
 from ..privacy.spec import PrivacyError, PrivacySpec
 from ..psi.buckets import AUTO as AUTO_BUCKETS
 from ..psi.buckets import MAX_BUCKETS as MAX_PSI_BUCKETS
+from .chain import Chain, Segment, chain_problem, segments_from_wire
 from .codec import MAX_HEADER_DEPTH
 from .errors import ErrorCode, RemoteProtocolError
 from .messages import is_party_id, is_wire_int
@@ -145,9 +146,12 @@ class SessionConfig:
     #: v1.8: the PSI runs in buckets: a fixed count K >= 2, or "auto" (the label holder picks K from the set sizes
     #: and the parties' memory budgets); 1, the unbucketed PSI of 1.1, is absent on the wire
     psi_buckets: int | str = 1
+    #: v1.10: segment holders (section 13): name -> its inputs, output width and combine; empty: absent on the wire
+    segments: Mapping[str, Segment] = MappingProxyType({})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cut_widths", MappingProxyType(dict(self.cut_widths)))
+        object.__setattr__(self, "segments", MappingProxyType(dict(self.segments)))
         problem = self._problem()
         if problem:
             raise ValueError(problem)
@@ -187,6 +191,10 @@ class SessionConfig:
         for name in PRECISION_FIELDS:
             if getattr(self, name) not in PRECISIONS:
                 return f"{name} must be one of {', '.join(PRECISIONS)}, got {peer_text(repr(getattr(self, name)), 40)}"
+        if self.segments:
+            if not self.train:
+                return "segments (segment holders) need train = true"
+            return chain_problem(self.cut_widths, self.segments, MAX_CUT_WIDTH)
         return None
 
     @property
@@ -197,6 +205,20 @@ class SessionConfig:
     @property
     def data_holders(self) -> tuple[str, ...]:
         return tuple(sorted(self.cut_widths))
+
+    @property
+    def segment_holders(self) -> tuple[str, ...]:
+        return tuple(sorted(self.segments))
+
+    @property
+    def parties(self) -> tuple[str, ...]:
+        """Every party with a session with the label holder: the data holders, then the segment holders."""
+        return self.data_holders + self.segment_holders
+
+    @property
+    def chain(self) -> Chain:
+        """The topology (without segments: every data holder feeds the label holder)."""
+        return Chain(self.cut_widths, self.segments)
 
     @property
     def auto_window(self) -> bool:
@@ -230,6 +252,8 @@ class SessionConfig:
                 wire[name] = getattr(self, name)
         if self.psi_buckets != 1:  # absent means one bucket, so an unbucketed PSI keeps its v1.7 digest
             wire["psi_buckets"] = self.psi_buckets
+        if self.segments:  # absent without segment holders, so a two-tier session keeps its v1.9 digest
+            wire["segments"] = {name: self.segments[name].to_wire() for name in sorted(self.segments)}
         return wire
 
     @property
@@ -273,6 +297,12 @@ class SessionConfig:
         privacy = PrivacySpec()
         if "privacy" in value:
             privacy = _privacy_from_wire(value["privacy"])
+        segments: dict = {}
+        if "segments" in value:  # present means segment holders, so one config has one digest
+            try:
+                segments = segments_from_wire(value["segments"])
+            except ValueError as exc:
+                raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"HELLO.config.{exc}", ref="HELLO") from None
         try:
             return cls(
                 cut_widths=widths,
@@ -287,6 +317,7 @@ class SessionConfig:
                 activation_precision=value.get("activation_precision", DEFAULT_PRECISION),
                 gradient_precision=value.get("gradient_precision", DEFAULT_PRECISION),
                 psi_buckets=value.get("psi_buckets", 1),
+                segments=segments,
             )
         except ValueError as exc:
             raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"HELLO.config: {exc}", ref="HELLO") from None

@@ -195,14 +195,19 @@ class DataHolderTraining:
     """A data holder's pipeline: up to ``window`` FORWARDs ahead of their BACKWARDs, validation after each epoch."""
 
     def __init__(
-        self, bottom: BottomSegment, *, n_rows: int, batch_size: int, window: int, width: int,
+        self, bottom: BottomSegment, *, n_rows: int | None, batch_size: int, window: int, width: int,
         max_window: int | None = None, precision: CutPrecision = CutPrecision(), party: str = "this data holder",
         lookahead: bool = False,
     ):
         """``max_window``: the session's window is "auto" (v1.6): ``window`` is where it starts, and one WINDOW of
         at most this may raise it. ``precision``: the wire precision of the activations it sends and the gradients
         it receives (v1.6). ``lookahead``: the session is at 1.7 or later, so the next epoch's EPOCH may come while
-        this one is still training ([X14]) and the window runs on across the boundary."""
+        this one is still training ([X14]) and the window runs on across the boundary. ``n_rows`` None: a segment
+        holder (v1.10), which ran no PSI: SCHEDULE says how many rows are aligned.
+
+        A bottom may say when it can compute: ``ready(kind, key)`` (kind "train" with the step, or "eval" with
+        (epoch, batch)) is False while a segment holder still waits for its inputs' activations, and
+        ``forward_eval(epoch, batch, rows)`` computes a validation batch knowing which one it is."""
         self.bottom = bottom
         self.precision = precision
         self.party = party
@@ -238,6 +243,13 @@ class DataHolderTraining:
             begin(msg.first_step)
         if msg.first_step > 0:  # resume: every party goes back to its checkpoint at first_step
             self.bottom.restore(msg.first_step, msg.resume_digest)
+        if self.n_rows is None:  # a segment holder: the label holder says how many rows are aligned (v1.10)
+            if msg.rows is None:
+                raise RemoteProtocolError(
+                    ErrorCode.BAD_FIELD, "SCHEDULE.rows is missing: a segment holder needs the aligned row count",
+                    ref=msg.TYPE,
+                )
+            self.n_rows = msg.rows
         self.applied = msg.first_step
         self._resuming = msg.first_step > 0
         self.epochs = msg.epochs
@@ -301,24 +313,34 @@ class DataHolderTraining:
         if not self._eval:
             self._close_epoch()
 
+    def _ready(self, kind: str, key) -> bool:
+        ready = getattr(self.bottom, "ready", None)
+        return ready is None or ready(kind, key)
+
+    @property
+    def _train_due(self) -> bool:
+        return bool(self._steps and len(self._in_flight) < self.window) and self._ready("train", self._steps[0][0])
+
     @property
     def has_work(self) -> bool:
         if self.done is not None:
             return False
-        return bool(self._eval) or bool(self._steps and len(self._in_flight) < self.window)
+        if self._eval:
+            return self._ready("eval", (self.epoch, self._eval[0]))
+        return self._train_due
 
     @property
     def forward_due(self) -> bool:
         """The next work is a training FORWARD the window allows (not a validation batch): at most ``window`` of
         them in a row, so a node may compute them before it reads anything else."""
-        return self.done is None and not self._eval and bool(self._steps and len(self._in_flight) < self.window)
+        return self.done is None and not self._eval and self._train_due
 
     def work(self) -> list[Message]:
         """The next validation batch once the epoch's steps are all applied (the label holder waits for them before
         its next step), else the next FORWARD if the window allows: with [X14] that may be the next epoch's."""
-        if self.done is not None:
+        if self.done is not None or not self.has_work:
             return []
-        if not self._eval and self._steps and len(self._in_flight) < self.window:
+        if not self._eval:
             step, rows = self._steps.popleft()
             acts = self.bottom.forward(step, rows, True)
             self._in_flight.append((step, len(rows)))
@@ -326,7 +348,9 @@ class DataHolderTraining:
             return [Forward(step=step, tensors=tensors)]
         if self._eval:
             batch = self._eval.popleft()
-            acts = self.bottom.forward(-1, self.validation[batch], False)
+            evaluate = getattr(self.bottom, "forward_eval", None)
+            acts = (evaluate(self.epoch, batch, self.validation[batch]) if evaluate is not None
+                    else self.bottom.forward(-1, self.validation[batch], False))
             tensors = encode_cut(
                 "activations", acts, self.precision.activations,
                 f"EVAL_FORWARD epoch {self.epoch} batch {batch} of {self.party}",
@@ -450,8 +474,15 @@ class LabelHolderTraining:
         max_window: int | None = None,
         precision: CutPrecision = CutPrecision(),
         lookahead: bool = False,
+        inputs: Sequence[str] | None = None,
+        announce_rows: bool = False,
     ):
-        """``best``: when resuming, the best epoch recorded with the checkpoint at ``first_step`` (``keep``,
+        """``parties``: every party with a session (they get SCHEDULE, EPOCH, CHECKPOINT, WINDOW, TRAINING_DONE, in
+        this order of parties: a segment holder before the parties behind it, v1.10); ``inputs``: the ones whose
+        FORWARDs the top takes and who get BACKWARDs (default: every party), ``widths`` keyed by them.
+        ``announce_rows``: SCHEDULE carries the aligned row count (a session with segment holders).
+
+        ``best``: when resuming, the best epoch recorded with the checkpoint at ``first_step`` (``keep``,
         ``patience``). ``max_window``: the window is "auto": ``window`` (1) until ``PROBE_STEPS`` steps are timed,
         then the one ``auto_window`` picks, announced by WINDOW. ``precision``: the wire precision of the activations
         received and gradients sent (v1.6). ``lookahead``: every data holder speaks 1.7, so each epoch's EPOCH goes
@@ -463,6 +494,8 @@ class LabelHolderTraining:
         self.plan = plan
         self.resume_digests = dict(resume_digests or {})
         self.parties = tuple(parties)
+        self.inputs = tuple(parties if inputs is None else inputs)
+        self.announce_rows = announce_rows
         self.widths = dict(widths)
         self.batch_size = batch_size
         self.window = window
@@ -471,7 +504,7 @@ class LabelHolderTraining:
         self.first_step = first_step
         self.epoch, self._epoch_first_step = plan.epoch_of(first_step, batch_size)
         self.step = first_step  # the next step to process
-        self._inbox = {p: _Inbox(next_forward=first_step) for p in self.parties}
+        self._inbox = {p: _Inbox(next_forward=first_step) for p in self.inputs}
         self._steps: dict[int, np.ndarray] = {}
         self._epoch_end_step = first_step
         self._evaluating = False
@@ -509,6 +542,7 @@ class LabelHolderTraining:
                     first_step=self.step,
                     tensors=(validation,),
                     resume_digest=self.resume_digests.get(p) if self.step > 0 else None,
+                    rows=self.n_rows if self.announce_rows else None,
                 )
             ]
             + opening
@@ -587,7 +621,7 @@ class LabelHolderTraining:
     ) -> tuple[dict[str, list[Message]], list[dict]]:
         """Returns (messages per party, finished-epoch metrics). ``now``: the node's monotonic clock, for
         ``step_seconds`` (without it no time is counted)."""
-        box = self._inbox[party]
+        box = self._input_box(party, msg)
         if msg.step != box.next_forward or msg.step not in self._steps:
             raise RemoteProtocolError(
                 ErrorCode.UNEXPECTED_MESSAGE, f"FORWARD for step {msg.step}; expected step {box.next_forward}",
@@ -608,7 +642,7 @@ class LabelHolderTraining:
     def on_eval(
         self, party: str, msg: EvalForward, now: float | None = None
     ) -> tuple[dict[str, list[Message]], list[dict]]:
-        box = self._inbox[party]
+        box = self._input_box(party, msg)
         if (self.done or not self._evaluating or msg.epoch != self.epoch or msg.batch != box.next_eval
                 or msg.batch >= len(self.validation)):
             raise RemoteProtocolError(
@@ -624,14 +658,25 @@ class LabelHolderTraining:
         box.next_eval += 1
         return self._advance(now)
 
+    def _input_box(self, party: str, msg: Message) -> _Inbox:
+        box = self._inbox.get(party)
+        if box is None:  # v1.10: a party behind a segment holder sends its cut layer there, never here
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"{msg.TYPE} from {party!r}, which does not feed the label holder (its cut layer goes to its segment "
+                "holder)",
+                ref=msg.TYPE,
+            )
+        return box
+
     def _advance(self, now: float | None = None) -> tuple[dict[str, list[Message]], list[dict]]:
         out: dict[str, list[Message]] = {p: [] for p in self.parties}
         metrics: list[dict] = []
         while not self.done:
             if not self._evaluating:
-                if not all(self.step in self._inbox[p].forwards for p in self.parties):
+                if not all(self.step in self._inbox[p].forwards for p in self.inputs):
                     break
-                acts = {p: self._inbox[p].forwards.pop(self.step) for p in self.parties}
+                acts = {p: self._inbox[p].forwards.pop(self.step) for p in self.inputs}
                 rows = self._steps.pop(self.step)
                 grads = self.top.train_step(self.step, rows, acts)
                 self.samples += len(rows)
@@ -639,9 +684,11 @@ class LabelHolderTraining:
                 if now is not None and self._step_mark is not None:
                     self.step_seconds += max(now - self._step_mark, 0.0)
                 self._step_mark = now
-                for p in self.parties:
-                    tensors = encode_cut("gradient", grads[p], self.precision.gradients, f"BACKWARD step {self.step} to {p}")
-                    out[p].append(Backward(step=self.step, tensors=tensors))
+                for p in self.parties:  # a segment holder's BACKWARD before what goes through it to its inputs
+                    if p in self._inbox:
+                        tensors = encode_cut("gradient", grads[p], self.precision.gradients,
+                                             f"BACKWARD step {self.step} to {p}")
+                        out[p].append(Backward(step=self.step, tensors=tensors))
                     if choose:
                         out[p].append(Window(window=self.window))
                 self.step += 1
@@ -653,15 +700,15 @@ class LabelHolderTraining:
                 if self.step == self._epoch_end_step:
                     self._step_mark = self._last_step_at = None  # validation is not a training step
                     self._evaluating, self._eval_next = True, 0
-                    for p in self.parties:
+                    for p in self.inputs:
                         self._inbox[p].next_eval = 0
                     break  # this step's BACKWARDs first: closing the epoch waits for the validation, or ``settle``
                 continue
             while self._eval_next < len(self.validation) and all(
-                self._eval_next in self._inbox[p].evals for p in self.parties
+                self._eval_next in self._inbox[p].evals for p in self.inputs
             ):
                 b = self._eval_next
-                self.top.eval_batch(self.epoch, self.validation[b], {p: self._inbox[p].evals.pop(b) for p in self.parties})
+                self.top.eval_batch(self.epoch, self.validation[b], {p: self._inbox[p].evals.pop(b) for p in self.inputs})
                 self._eval_next += 1
             if self._eval_next < len(self.validation):
                 break
