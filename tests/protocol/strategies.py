@@ -6,7 +6,9 @@ import msgpack
 import numpy as np
 from hypothesis import strategies as st
 
-from vfl.protocol import DTYPES, SIGNATURE, Bye, Echo, EchoReply, Error, Heartbeat, Hello, SessionConfig, Tensor, Welcome
+from vfl.protocol import (
+    DTYPES, SIGNATURE, Bye, Echo, EchoReply, Error, Heartbeat, Hello, Relay, SessionConfig, Tensor, Welcome,
+)
 
 ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}", fullmatch=True)
 wire_ints = st.integers(min_value=0, max_value=2**63 - 1)
@@ -76,6 +78,9 @@ messages = st.one_of(
     st.builds(Echo, seq=wire_ints, tensors=tensor_tuples),
     st.builds(EchoReply, seq=wire_ints, tensors=tensor_tuples),
     st.builds(Bye, ok=st.booleans(), reason=st.text(max_size=40)),
+    # v1.10: the codec checks RELAY like any message; what its tensors must hold is vfl.protocol.relay's to check
+    st.builds(Relay, party=ids, conn=st.text(max_size=24), seq=wire_ints, mac=st.text(max_size=64),
+              tensors=tensor_tuples),
 )
 
 # msgpack-able values of every kind, nested

@@ -34,7 +34,7 @@ from .messages import (
     Welcome,
 )
 from .messages import Backward, Checkpoint, CheckpointDone, Epoch, EvalForward, Forward, Rollback, Schedule, TrainingDone
-from .messages import PsiBucket, Window
+from .messages import PsiBucket, Relay, Window
 from .session import SessionConfig, config_diff, describe_diff, digest_of
 
 __all__ = [name for name in dir() if not name.startswith("_")]

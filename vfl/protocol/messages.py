@@ -461,11 +461,40 @@ class Window(Message):
     window: int
 
 
+# ----------------------------------------------------------------------------------------- segment chains (v1.10)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Relay(Message):
+    """v1.10: a session message between the label holder and a party behind segment holders, carried hop by hop.
+
+    The tensors carry the inner message: ``~header`` (uint8 [n], the inner frame 1 as encoded), then the inner
+    tensors in order. ``party`` is the end party (the origin going up, the destination going down), ``conn`` its
+    connection id at its hop, ``seq`` counts per ``conn`` and direction from 0, and ``mac`` (64 lowercase hex) is
+    the HMAC-SHA256 that only the end party and the label holder can compute, so a segment holder on the path can
+    drop a relayed message but neither forge, alter, replay nor reorder one (``vfl.protocol.relay``)."""
+
+    TYPE: ClassVar[str] = "RELAY"
+    FIELDS: ClassVar[dict[str, tuple[str, bool]]] = {
+        "party": (FieldKind.ID, True),
+        "conn": (FieldKind.STR, True),
+        "seq": (FieldKind.INT, True),
+        "mac": (FieldKind.STR, True),
+    }
+    CARRIES_TENSORS: ClassVar[bool] = True
+    party: str
+    conn: str
+    seq: int
+    mac: str
+    tensors: tuple[Tensor, ...] = field(default=())
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Error, Heartbeat, Echo, EchoReply, Bye,
         PsiStart, PsiItems, PsiReply, PsiResult, PsiRows, PsiBucket,
         Schedule, Epoch, Forward, Backward, EvalForward, Checkpoint, CheckpointDone, Rollback, TrainingDone, Window,
+        Relay,
     )
 }
