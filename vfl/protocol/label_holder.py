@@ -485,7 +485,8 @@ class LabelHolderMachine:
             if msg.seq != 0:  # a connection this process never heard open (it restarted, or the relay dropped)
                 return refuse(ErrorCode.UNEXPECTED_MESSAGE, f"RELAY seq {msg.seq} of a relayed connection this label "
                               "holder does not know")
-            channel = RelayChannel(secret, run=self.run, party=party, conn=msg.conn, sends="down")
+            channel = RelayChannel(secret, run=self.run, party=party, conn=msg.conn, sends="down",
+                                   limits=self.limits)
             mine = [k for k in self._relays if k[0] == party]
             for old in mine[: max(0, len(mine) + 1 - MAX_RELAYS_PER_PARTY)]:
                 del self._relays[old]
@@ -513,7 +514,7 @@ class LabelHolderMachine:
         channel = self._relays.get((party_of(conn), conn.decode("ascii", "replace")))
         if channel is None:
             return None
-        return Send(to=hop_route, message=channel.wrap(encode(out.message, self.limits)))
+        return Send(to=hop_route, message=channel.wrap(out.message))
 
     def _send(self, p: _Party, msg: Message, now: float) -> Send:
         if p.clock is not None:

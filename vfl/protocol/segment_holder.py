@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .codec import DEFAULT_LIMITS, Limits, decode, peek_type
+from .codec import DEFAULT_LIMITS, SIGNATURE, Limits, decode, peek_type
 from .data_holder import DataHolderMachine
 from .errors import ErrorCode, RemoteProtocolError
 from .events import Aligned, Finished, Log, Output, Send
@@ -27,7 +27,7 @@ from .messages import Backward, Error, EvalForward, Forward, Hello, Message, Rel
 from .precision import PrecisionError
 from .precision import decode as decode_cut
 from .precision import encode as encode_cut
-from .relay import RelayChannel, peek_inner_type
+from .relay import RelayChannel, _flat_bytes, peek_inner_type
 from .routing import party_of
 from .session import SessionConfig
 from .text import peer_text
@@ -187,7 +187,7 @@ class SegmentHolderMachine:
         on it are numbered from 0 ([C3])."""
         if self.relayed:
             self._channel = RelayChannel(self.relay_key, run=self.config_run, party=self.party,
-                                         conn=routing_id.decode(), sends="up")
+                                         conn=routing_id.decode(), sends="up", limits=self.limits)
 
     @property
     def config_run(self) -> str:
@@ -283,7 +283,8 @@ class SegmentHolderMachine:
     def _first_step(self, msg: Relay) -> int | None:
         """``first_step`` of a relayed SCHEDULE (its header only; the label holder's MAC is the receiver's to check)."""
         try:
-            inner = decode([b"VFL/1", _header_bytes(msg), *[t.array for t in msg.tensor_list[1:]]], self.limits)
+            inner = decode([SIGNATURE, msg.tensor_list[0].array, *[_flat_bytes(t.array) for t in msg.tensor_list[1:]]],
+                           self.limits)
         except (RemoteProtocolError, IndexError, ValueError):
             return None
         return inner.first_step if isinstance(inner, Schedule) else None
@@ -392,8 +393,7 @@ class SegmentHolderMachine:
                                                                                                          EvalForward)):
                 if self._channel is None:
                     continue  # not connected yet: the node opens the connection first
-                from .codec import encode  # the inner message's frames, as our session would send them
-                out = Send(to=None, message=self._channel.wrap(encode(out.message, self.limits)))
+                out = Send(to=None, message=self._channel.wrap(out.message))
             elif isinstance(out, Finished):
                 self.finished = out
             result.append(out)
@@ -435,10 +435,6 @@ def _rows_of(msg: Message) -> int:
         if t.name == "activations" and t.array.ndim == 2:
             return int(t.array.shape[0])
     return -1
-
-
-def _header_bytes(msg: Relay) -> bytes:
-    return msg.tensor_list[0].array.tobytes()
 
 
 def _error_text(frames: Sequence, limits: Limits) -> str:
