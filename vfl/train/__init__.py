@@ -12,8 +12,8 @@
 - :mod:`vfl.train.optim`: SGD and Adam with torch's single-tensor arithmetic, without ``torch.optim``'s start-up.
 - :mod:`vfl.train.central`: the explicit batch schedule, ``split_step`` (one step as the nodes run it) and
   ``train_central``, the centralised reference a ``W = 1`` distributed run must match.
-- :mod:`vfl.train.segments`: the torch segments the protocol machines drive (a data holder's bottom, the label
-  holder's top); imported on its own, not from here.
+- :mod:`vfl.train.segments`: the torch segments the protocol machines drive (a data holder's bottom, a segment
+  holder's middle segment in a chain, the label holder's top); imported on its own, not from here.
 """
 
 from .data import TASKS, DataError, LabelEncoding, PartyTable, Standardizer, TableSpec, encode_labels, load_table

@@ -324,6 +324,10 @@ def train_central(features: Sequence[np.ndarray], labels: np.ndarray, bottoms: S
     :class:`Schedule` or a plain list of epochs of row-index arrays (then ``validation`` may name validation rows).
     The modules are deep-copied unless ``copy_models=False``.
 
+    A segment chain in which every data holder feeds the first segment (issue 17) is ``top =
+    nn.Sequential(segment_1, ..., top)``: one optimizer over all its parameters, which for SGD (momentum, weight
+    decay) and Adam is the same as one per segment, their state being per parameter (tests/train/test_middle.py).
+
     ``history[e]`` has ``epoch`` (0-based), ``steps``, ``train_*`` metrics of the pre-update batch outputs of that
     epoch (what a label holder sees while training), and ``val_*`` metrics on the validation rows after the epoch.
     """

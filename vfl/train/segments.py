@@ -1,10 +1,13 @@
-"""The torch side of training: a data holder's bottom segment and the label holder's top segment.
+"""The torch side of training: a data holder's bottom segment, a segment holder's middle segment (a chain) and the
+label holder's top segment.
 
 They implement ``vfl.protocol.training_phase.BottomSegment`` / ``TopSegment``; the protocol machines decide when to
-call them. A bottom keeps, per step in flight, the activations *and the weights they were computed with* (weight
-stashing, as in PipeDream): with a window ``W > 1`` the optimizer updates the live weights while later steps are
-still in flight, and the gradient of a step must be taken through the weights its forward used. With ``W = 1`` this
-is exactly ordinary synchronous SGD.
+call them. A bottom (and a middle segment, ``TorchMiddle``, whose input is its inputs' combined cut layers) keeps,
+per step in flight, the activations *and the weights they were computed with* (weight stashing, as in PipeDream):
+with a window ``W > 1`` the optimizer updates the live weights while later steps are still in flight, and the
+gradient of a step must be taken through the weights its forward used. With ``W = 1`` this is exactly ordinary
+synchronous SGD: a chain bottoms -> middle -> top trains as ``train_central`` with the top
+``nn.Sequential(middle, top)`` (tests/train/test_middle.py).
 
 Randomness in training mode (dropout) draws from torch's default CPU generator, which each segment reseeds before
 every training step with a seed derived from its ``dropout_seed`` (from ``[model].seed``) and the step number: a rerun
@@ -27,7 +30,7 @@ from ..privacy.spec import PrivacySpec
 from ..protocol.precision import as_received
 from .central import as_targets, pullback, task_loss
 from .metrics import evaluate
-from .models import Combiner, load_weights
+from .models import Combiner, ModelError, load_weights
 from .optim import Optimizer
 
 
@@ -84,70 +87,53 @@ def _seed_step(base: int | None, step: int) -> None:
         torch.default_generator.manual_seed(step_seed(base, step))
 
 
-class TorchBottom:
-    """A data holder's bottom model over its features.
+class _StashingSegment:
+    """What a bottom and a middle segment share: a model trained on gradients that arrive later, with weight
+    stashing per step in flight, per-step dropout seeds, and checkpoints of the model and its optimizer.
 
-    ``features`` are the party's rows as they are in its file (not copied) and ``rows[i]`` the file row of aligned
-    row ``i``; without ``rows`` the features are already in the aligned order. ``features`` is an array in RAM or
-    anything with ``shape`` and ``take(file_rows) -> float32 array``, such as the node's
-    :class:`~vfl.train.feature_file.FeatureFile`: then each batch's rows are read from it when the batch comes.
-    ``scaler`` (set by the node; anything with ``transform``) is applied to every batch as it is read, so the
-    standardised table never exists as a whole; elementwise, so a batch gets exactly the numbers it would get as
-    rows of a standardised matrix."""
+    ``_train_forward`` runs the model on detached clones of its parameters (``functional_call``) and keeps them with the
+    step's graph, so ``_train_backward`` takes the step's gradient through the weights its forward used, whatever the
+    optimizer did to the live ones meanwhile (with one step in flight the clones equal the live weights: synchronous
+    SGD exactly)."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: Optimizer,
-        features: np.ndarray,
-        checkpointer=None,
-        dropout_seed: int | None = None,
-        rows: np.ndarray | None = None,
-    ):
+    def __init__(self, model: nn.Module, optimizer: Optimizer, checkpointer=None, dropout_seed: int | None = None):
         self.model = model
-        self.rows = None if rows is None else torch.from_numpy(_own_int64(rows))
         self.dropout_seed = dropout_seed  # None: training-mode randomness comes from wherever the global RNG is
         self.optimizer = optimizer
         self.checkpointer = checkpointer
-        self.features = (features if hasattr(features, "take") and not isinstance(features, np.ndarray)
-                         else torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
-        self.scaler = None
         self._names = [name for name, _ in model.named_parameters()]
-        self._stash: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        # step -> (activations, the stashed parameters, the inputs whose gradients backward returns)
+        self._stash: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def inputs(self, rows: np.ndarray) -> torch.Tensor:
-        """The features of aligned rows ``rows``."""
-        index = _index(rows)
-        file_rows = index if self.rows is None else self.rows[index]
-        if isinstance(self.features, torch.Tensor):
-            x = self.features[file_rows]
-        else:
-            x = torch.from_numpy(self.features.take(file_rows.numpy()))
-        if self.scaler is not None:
-            x = torch.from_numpy(self.scaler.transform(x.numpy()))
-        return x
+    def _eval_forward(self, x: torch.Tensor) -> np.ndarray:
+        self.model.eval()
+        with torch.no_grad():
+            return self.model(x).numpy()
 
-    def forward(self, step: int, rows: np.ndarray, train: bool) -> np.ndarray:
-        x = self.inputs(rows)
-        if not train:
-            self.model.eval()
-            with torch.no_grad():
-                return self.model(x).numpy()
+    def _train_forward(self, step: int, x: torch.Tensor, wanted: Sequence[torch.Tensor] = ()) -> np.ndarray:
+        """The step's activations; keeps what ``_train_backward(step)`` needs. ``wanted``: leaf tensors behind ``x``
+        (requiring grad) whose gradients ``_train_backward`` returns."""
         self.model.train()
         _seed_step(self.dropout_seed, step)
         stashed = [p.detach().clone().requires_grad_(True) for p in self.model.parameters()]
         params = dict(zip(self._names, stashed))
         acts = functional_call(self.model, (params, dict(self.model.named_buffers())), (x,))
-        self._stash[step] = (acts, stashed)
+        self._stash[step] = (acts, stashed, list(wanted))
         return acts.detach().numpy()
 
-    def backward(self, step: int, gradient: np.ndarray) -> None:
-        acts, stashed = self._stash.pop(step)
-        grads = torch.autograd.grad(pullback(acts, _tensor(gradient)), stashed, allow_unused=True)
+    def _train_backward(self, step: int, gradient: np.ndarray) -> list[torch.Tensor]:
+        """Back-propagate ``gradient`` through step ``step``'s stashed weights, step the optimizer; returns the
+        gradients of the step's ``wanted`` inputs (zeros for one the model does not use). A gradient of the wrong
+        shape raises ``ValueError`` and leaves the step in flight."""
+        acts, stashed, wanted = self._stash[step]
+        total = pullback(acts, _tensor(gradient))
+        del self._stash[step]
+        grads = torch.autograd.grad(total, [*stashed, *wanted], allow_unused=True)
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.model.parameters(), grads):
             p.grad = torch.zeros_like(p) if g is None else g
         self.optimizer.step()
+        return [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, grads[len(stashed):])]
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -169,6 +155,126 @@ class TorchBottom:
 
     def _restore_state(self, state: dict, what: str) -> None:
         self.load_state(state, what)
+
+
+class TorchBottom(_StashingSegment):
+    """A data holder's bottom model over its features.
+
+    ``features`` are the party's rows as they are in its file (not copied) and ``rows[i]`` the file row of aligned
+    row ``i``; without ``rows`` the features are already in the aligned order. ``features`` is an array in RAM or
+    anything with ``shape`` and ``take(file_rows) -> float32 array``, such as the node's
+    :class:`~vfl.train.feature_file.FeatureFile`: then each batch's rows are read from it when the batch comes.
+    ``scaler`` (set by the node; anything with ``transform``) is applied to every batch as it is read, so the
+    standardised table never exists as a whole; elementwise, so a batch gets exactly the numbers it would get as
+    rows of a standardised matrix."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        features: np.ndarray,
+        checkpointer=None,
+        dropout_seed: int | None = None,
+        rows: np.ndarray | None = None,
+    ):
+        super().__init__(model, optimizer, checkpointer, dropout_seed)
+        self.rows = None if rows is None else torch.from_numpy(_own_int64(rows))
+        self.features = (features if hasattr(features, "take") and not isinstance(features, np.ndarray)
+                         else torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
+        self.scaler = None
+
+    def inputs(self, rows: np.ndarray) -> torch.Tensor:
+        """The features of aligned rows ``rows``."""
+        index = _index(rows)
+        file_rows = index if self.rows is None else self.rows[index]
+        if isinstance(self.features, torch.Tensor):
+            x = self.features[file_rows]
+        else:
+            x = torch.from_numpy(self.features.take(file_rows.numpy()))
+        if self.scaler is not None:
+            x = torch.from_numpy(self.scaler.transform(x.numpy()))
+        return x
+
+    def forward(self, step: int, rows: np.ndarray, train: bool) -> np.ndarray:
+        x = self.inputs(rows)
+        return self._train_forward(step, x) if train else self._eval_forward(x)
+
+    def backward(self, step: int, gradient: np.ndarray) -> None:
+        self._train_backward(step, gradient)
+
+
+class TorchMiddle(_StashingSegment):
+    """A segment holder's model segment in a chain: its input is its inputs' cut-layer activations, combined.
+
+    ``inputs`` maps each input party (a data holder or another segment holder) to its cut width, in the order of
+    concatenation; ``combine`` is ``"concat"`` (the model sees ``sum(widths)`` features) or ``"sum"`` (equal widths,
+    the model sees that width): :class:`~vfl.train.models.Combiner`, whose ``split`` gives each input its part of the
+    gradient. The model is built on ``in_features`` (e.g. ``build_model(middle_in_features(inputs, combine), spec)``).
+
+    ``forward(step, activations, train)`` -> this segment's activations, float32 ``[n, out_width]``;
+    ``backward(step, gradient)`` -> d loss / d each input's activations, float32 ``[n, width]`` C-contiguous, taken
+    through the weights step ``step``'s forward used (weight stashing, as a bottom). In sum mode the inputs'
+    gradients share one buffer (the same numbers). Checkpoints hold ``{"model", "optimizer"}``, as a bottom's."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        inputs: Mapping[str, int],
+        combine: str = "concat",
+        checkpointer=None,
+        dropout_seed: int | None = None,
+    ):
+        super().__init__(model, optimizer, checkpointer, dropout_seed)
+        if not isinstance(inputs, Mapping) or not inputs:
+            raise ModelError("a middle segment needs at least one input party")
+        for party, width in inputs.items():
+            if not isinstance(party, str) or isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ModelError(f"a middle segment's inputs map party ids to positive widths, got "
+                                 f"{party!r}: {width!r}")
+        self.order = list(inputs)
+        self.combiner = Combiner([inputs[p] for p in self.order], combine)
+        self.widths = {p: inputs[p] for p in self.order}
+
+    @property
+    def in_features(self) -> int:
+        """The width of the model's input: the combined cut layers."""
+        return self.combiner.out_features
+
+    def _combined(self, activations: Mapping[str, np.ndarray]) -> torch.Tensor:
+        """The inputs' activations, checked (a backstop: the protocol checks every FORWARD before), copied into torch
+        and combined."""
+        if not isinstance(activations, Mapping) or set(activations) != set(self.order):
+            got = sorted(map(str, activations)) if isinstance(activations, Mapping) else type(activations).__name__
+            raise ValueError(f"a middle segment combines the activations of {self.order}, got {got}")
+        n = None
+        for party in self.order:
+            a, width = activations[party], self.widths[party]
+            if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 2 or a.shape[1] != width:
+                shape = f"{a.dtype} {list(a.shape)}" if isinstance(a, np.ndarray) else f"a {type(a).__name__}"
+                raise ValueError(f"activations of {party!r} must be float32 [n, {width}], got {shape}")
+            if n is None:
+                n = a.shape[0]
+            elif a.shape[0] != n:
+                raise ValueError(f"activations of {party!r} have {a.shape[0]} rows, those of {self.order[0]!r} {n}")
+        return self.combiner.combine([_tensor(activations[p]) for p in self.order])
+
+    def forward(self, step: int, activations: Mapping[str, np.ndarray], train: bool) -> np.ndarray:
+        x = self._combined(activations)
+        if not train:
+            return self._eval_forward(x)
+        x.requires_grad_(True)  # a leaf: its gradient is what the inputs are sent, split by the combiner
+        return self._train_forward(step, x, (x,))
+
+    def backward(self, step: int, gradient: np.ndarray) -> dict[str, np.ndarray]:
+        (grad,) = self._train_backward(step, gradient)
+        return {p: np.ascontiguousarray(g.numpy(), dtype=np.float32)
+                for p, g in zip(self.order, self.combiner.split(grad))}
+
+
+def middle_in_features(inputs: Mapping[str, int], combine: str = "concat") -> int:
+    """The input width of a middle segment over ``inputs`` (party -> cut width): what its model is built on."""
+    return Combiner(list(inputs.values()), combine).out_features
 
 
 class TorchTop:
