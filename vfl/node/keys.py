@@ -84,3 +84,36 @@ def check_private(path: str | Path) -> None:
             f"{path}: permissions {mode:04o} are too open: a secret key must be readable by its owner only; "
             f"run `chmod 600 {path}`"
         )
+
+
+def _raw(z85_key: bytes) -> bytes:
+    from zmq.utils import z85
+
+    return z85.decode(z85_key)
+
+
+def label_holder_relay_keys(cfg) -> dict[str, bytes]:
+    """The label holder's relay key ([C3], PROTOCOL.md section 13) for every party behind a segment holder: from its
+    own CURVE secret and that party's public key. Insecure mode: the public insecure key (no authenticity)."""
+    from ..protocol.relay import INSECURE_RELAY_KEY, relay_key
+
+    relayed = [p for p in cfg.session.parties if cfg.session.chain.relayed(p)]
+    if cfg.insecure:
+        return {p: INSECURE_RELAY_KEY for p in relayed}
+    _, secret = load_secret_key(cfg.secret_key)
+    return {p: relay_key(_raw(secret), _raw(load_public_key(cfg.partners[p])), p, cfg.party, cfg.run)
+            for p in relayed if p in cfg.partners}
+
+
+def own_relay_key(cfg) -> bytes | None:
+    """A party behind a segment holder: the key of its relayed session with the label holder (None: it feeds the
+    label holder directly). The label holder is the partner that is no party of the session."""
+    from ..protocol.relay import INSECURE_RELAY_KEY, relay_key
+
+    if not cfg.session.chain.relayed(cfg.party):
+        return None
+    if cfg.insecure:
+        return INSECURE_RELAY_KEY
+    lh = cfg.label_holder_partner
+    _, secret = load_secret_key(cfg.secret_key)
+    return relay_key(_raw(secret), _raw(load_public_key(cfg.partners[lh])), cfg.party, lh, cfg.run)

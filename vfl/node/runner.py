@@ -45,6 +45,9 @@ from .background import Abandoned
 from .catch_up import CatchUp
 from .spill import remove_spill, spill_folder, spill_size
 from .config import NodeConfig
+from .keys import label_holder_relay_keys, own_relay_key
+from ..protocol.relayed import RelayedParty
+from ..protocol.segment_holder import SegmentHolderMachine
 from .outbox import Outbox, frames_bytes
 from .progress import Progress
 from .transport import LINGER_MS, Transport, largest_message_bytes, outbox_bytes
@@ -89,8 +92,9 @@ def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine |
             max_rejoins=cfg.train.max_rejoins if cfg.train is not None else DEFAULT_MAX_REJOINS,
             # keep = "best" / patience end with TRAINING_DONE naming the epoch to keep: data holders must speak 1.5
             min_minor=5 if cfg.train is not None and (cfg.train.keep == "best" or cfg.train.patience) else 0,
+            relay_keys=label_holder_relay_keys(cfg) if cfg.session.segments else None,
         )
-    return DataHolderMachine(
+    machine = DataHolderMachine(
         party=cfg.party,
         run=cfg.run,
         config=cfg.session,
@@ -106,7 +110,15 @@ def build_machine(cfg: NodeConfig, now: float, psi=None) -> LabelHolderMachine |
         max_psi_items=cfg.psi.max_items,
         rejoin_timeout_s=t.rejoin,
         max_rejoins=cfg.train.max_rejoins if cfg.train is not None else DEFAULT_MAX_REJOINS,
+        role=cfg.role,
     )
+    if cfg.is_segment_holder:
+        return SegmentHolderMachine(machine, party=cfg.party, config=cfg.session, limits=cfg.limits,
+                                    relay_key=own_relay_key(cfg))
+    key = own_relay_key(cfg)
+    if key is not None:  # behind a segment holder: the session goes up as RELAY ([C3])
+        return RelayedParty(machine, key=key, limits=cfg.limits, hop=f"segment holder {cfg.downstream!r}")
+    return machine
 
 
 class NodeRunner:
@@ -215,6 +227,8 @@ class NodeRunner:
         if self.cfg.session.psi:
             psi = psi_plan(self.cfg, self.ids, self.engine)
         machine = self.machine = build_machine(self.cfg, time.monotonic(), psi)
+        if hasattr(machine, "connected"):
+            machine.connected(transport.routing_id)
         pending: list[Output] = machine.start(time.monotonic())
         poll_flags = zmq.POLLIN
         housekeeping_at = 0.0  # timers and the progress display: at most every HOUSEKEEPING_S while messages flow
@@ -321,7 +335,12 @@ class NodeRunner:
 
     def _execute(self, transport: Transport, outputs: Iterable[Output]) -> Finished | None:
         finished = None
+        outgoing = getattr(self.machine, "outgoing", None)  # relays (v1.10): what a message goes out as
         for out in outputs:
+            if outgoing is not None:
+                out = outgoing(out)
+                if out is None:
+                    continue
             if isinstance(out, Send):
                 frames = self._encode(out)
                 if out.to not in self.outbox and self._try_send(transport, frames, out.to, out.message.TYPE):
@@ -330,6 +349,9 @@ class NodeRunner:
             elif isinstance(out, Reconnect):  # the data holder rejoins on a fresh socket (PROTOCOL.md [J1])
                 self.outbox = Outbox(outbox_bytes(self.cfg), stall_s=self.cfg.timeouts.peer)  # the old socket's
                 transport.reconnect()
+                connected = getattr(self.machine, "connected", None)
+                if connected is not None:  # a relayed session numbers its RELAYs per connection ([C3])
+                    connected(transport.routing_id)
                 self.poller = None  # the loop registers the new socket
             elif isinstance(out, Disconnect):
                 self.outbox.drop(out.to)

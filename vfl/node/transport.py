@@ -196,9 +196,19 @@ class Received:
 class Transport:
     """Owns the context, the socket, the authenticator and the monitor of one node."""
 
-    def __init__(self, cfg: NodeConfig, rows: int = 0):
-        """``rows``: this party's own row count (its frame bound must fit an ``EPOCH`` over them, ``order_bytes``)."""
+    def __init__(self, cfg: NodeConfig, rows: int = 0, *, server: bool | None = None, endpoint: str | None = None,
+                 partners: dict | None = None):
+        """``rows``: this party's own row count (its frame bound must fit an ``EPOCH`` over them, ``order_bytes``).
+
+        By default the node's one socket: the label holder's ROUTER on its endpoint, allowing its partners' keys,
+        or a data holder's DEALER to its endpoint, pinning its server partner's key. A segment holder (v1.10) has
+        both: ``server=True`` with its ``bind`` and its inputs as ``partners``, and a DEALER to its downstream."""
         self.cfg = cfg
+        self.server = cfg.is_label_holder if server is None else server
+        self.target = endpoint or cfg.endpoint
+        if partners is None:
+            partners = cfg.partners if self.server or cfg.insecure else {
+                cfg.server_partner: cfg.partners[cfg.server_partner]}
         self.rows = rows
         self.ctx = zmq.Context()
         self.auth: ThreadAuthenticator | None = None
@@ -209,10 +219,10 @@ class Transport:
         self._connections: OrderedDict[bytes, tuple[int, Any]] = OrderedDict()
         if not cfg.insecure:
             self._keypair = load_secret_key(cfg.secret_key)
-            self.partner_by_key = {load_public_key(path): name for name, path in cfg.partners.items()}
-        if not cfg.is_label_holder:
+            self.partner_by_key = {load_public_key(path): name for name, path in partners.items()}
+        if not self.server:
             self.socket = self._dealer()
-            self.endpoint = cfg.endpoint
+            self.endpoint = self.target
             return
         sock = self._socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -224,7 +234,7 @@ class Transport:
             sock.curve_server = True
             sock.zap_domain = ZAP_DOMAIN.encode()
         try:
-            sock.bind(cfg.endpoint)
+            sock.bind(self.target)
         except zmq.ZMQError as exc:
             self.socket = sock
             self.close(linger_ms=0)  # the authenticator's thread and the context too: nothing was sent
@@ -249,7 +259,7 @@ class Transport:
             (server_key,) = self.partner_by_key
             sock.curve_serverkey = server_key
         self.monitor = sock.get_monitor_socket(MONITORED)
-        sock.connect(self.cfg.endpoint)
+        sock.connect(self.target)
         return sock
 
     def reconnect(self) -> None:
@@ -259,7 +269,7 @@ class Transport:
         the old one (half-open, or not yet noticed as closed): libzmq's ROUTER would ignore a second connection
         with a routing id in use. The caller must poll ``poll_items()`` again.
         """
-        assert not self.cfg.is_label_holder
+        assert not self.server
         self._close_monitor()
         self.socket.close(linger=0)
         self.socket = self._dealer()
@@ -299,7 +309,7 @@ class Transport:
         while frame.more:  # the rest of a multipart message is already here: libzmq delivers it whole
             frame = sock.recv(_NOBLOCK, copy=False)
             frames.append(frame)
-        if self.cfg.is_label_holder:
+        if self.server:
             routing_id = frames[0].bytes
             self._note_connection(routing_id, frames[0])
             frames = frames[1:]
@@ -364,7 +374,7 @@ class Transport:
                 self.allow_list.cooling[key] = until
 
     def _identity(self, routing_id: bytes, frames: list[zmq.Frame]) -> str | None:
-        if not self.cfg.is_label_holder:
+        if not self.server:
             return None  # a data holder's one peer is pinned by its CURVE server key
         if self.cfg.insecure:
             return party_of(routing_id)

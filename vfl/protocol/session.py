@@ -7,7 +7,7 @@ The digest makes agreement a single comparison; the diff makes disagreement fixa
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -147,7 +147,7 @@ class SessionConfig:
     #: and the parties' memory budgets); 1, the unbucketed PSI of 1.1, is absent on the wire
     psi_buckets: int | str = 1
     #: v1.10: segment holders (section 13): name -> its inputs, output width and combine; empty: absent on the wire
-    segments: Mapping[str, Segment] = MappingProxyType({})
+    segments: Mapping[str, Segment] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cut_widths", MappingProxyType(dict(self.cut_widths)))
