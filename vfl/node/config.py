@@ -382,7 +382,9 @@ def load_config(path: str | Path, *, allow_insecure_remote: bool = False) -> Nod
     limits, queue_bytes = _limits(top["limits"], problems) if "limits" in top else (None, None)
     link = _link_check(top["link_check"], limits, problems) if "link_check" in top else None
     data = _data(top["data"], role, base, problems) if top.get("data") is not None else None
-    if session is not None and session.psi and "data" in top and top["data"] is None:
+    if role == "segment_holder" and top.get("data") is not None:
+        problems.add("[data] is a data holder's or the label holder's; a segment holder holds no data")
+    if session is not None and session.psi and "data" in top and top["data"] is None and role != "segment_holder":
         problems.add("[session].psi = true needs a [data] table with path and id_column")
     psi = _psi(top["psi"], limits, base, problems) if "psi" in top else None
     if session is not None and psi is not None and psi.buckets != 1:  # the session config carries the bucketing
@@ -445,7 +447,7 @@ def _identity(top: dict, problems: _Problems) -> None:
         if not isinstance(top.get("bind"), str) or not ENDPOINT.fullmatch(top["bind"]):
             problems.add('a segment holder needs bind = "tcp://HOST:PORT", where its inputs connect')
             top.pop("bind", None)
-    elif "bind" in top:
+    elif top.get("bind") is not None:
         problems.add("bind is a segment holder's key (where its inputs connect); a "
                      f"{str(top.get('role', 'node')).replace('_', ' ')} has endpoint only")
 
