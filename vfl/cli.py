@@ -155,6 +155,14 @@ def _run_node(cfg, verbose: bool, start: str = "auto", *, end_session: bool = Fa
     from .node.alignment import load_ids
 
     log = _setup_logging(cfg.party, verbose)
+    if cfg.is_segment_holder:  # v1.10: no data, no PSI of its own; two sockets (vfl.node.segment)
+        from .node.segment import SegmentRunner
+
+        code = SegmentRunner(cfg, log, end_session=end_session).run()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     from .node.heap import return_freed_memory
 
     return_freed_memory()  # before the IDs are read: freed arrays go back to the OS, not into a fragmented heap

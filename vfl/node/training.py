@@ -162,7 +162,7 @@ def build_top(
     trained_on = targets  # label_dp: randomised once, over the whole table in file order (the same every run)
     if not cfg.session.predict:
         trained_on = label_dp_targets(privacy, targets, encoding.n_classes, t.seed)
-    widths = dict(cfg.session.cut_widths)
+    widths = cfg.session.chain.input_widths(None)  # the parties that feed the label holder (v1.10: a segment holder)
     own = None
     if t.bottom is not None:
         if table.n_features == 0:
