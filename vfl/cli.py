@@ -287,9 +287,10 @@ def _window(value: str) -> int | str:
 
 
 @main.command()
-@click.argument("dataset", type=click.Choice(["breast", "digits"]), default="breast")
+@click.argument("dataset", type=click.Choice(["breast", "digits", "chain"]), default="breast")
 @click.option("--data-holders", "n_data_holders", default=1, show_default=True, type=click.IntRange(1, 8),
-              help="digits: how many data holders share the image columns (breast always has 1).")
+              help="digits: how many data holders share the image columns (breast and chain always have 1).")
+@click.option("--epochs", type=click.IntRange(1, None), help="Train this many epochs instead of the demo's own.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run folder. Default: runs/demo-DATASET.")
 @click.option("--window", default="2", show_default=True, callback=lambda ctx, param, value: _window(value),
               help='Pipeline window W: 1..64, or "auto" (the label holder picks it from its first steps).')
@@ -298,12 +299,14 @@ def _window(value: str) -> int | str:
               default="none", show_default=True, help="The training's label-leakage defence ([privacy].defence).")
 @click.option("--defence-param", "defence_params", multiple=True, metavar="KEY=VALUE",
               help="A parameter of the defence, e.g. sumkl=4 (repeatable; see PRIVACY.md).")
-def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int | str, prepare_only: bool, defence: str,
-         defence_params: tuple[str, ...]) -> None:
+def demo(dataset: str, n_data_holders: int, epochs: int | None, out_dir: str | None, window: int | str,
+         prepare_only: bool, defence: str, defence_params: tuple[str, ...]) -> None:
     """Zero set-up: partition a data set that scikit-learn ships across parties, then PSI + split training.
 
     breast: breast cancer, split as FATE's hetero demo (the label holder has the label and 10 features, one data
-    holder the other 20). digits: 8x8 digit images, column slices across N data holders. Each party's IDs are
+    holder the other 20). digits: 8x8 digit images, column slices across N data holders. chain: the digits through
+    three tiers, a data holder (all 64 pixels, 64 -> 128), a segment holder with no data (128 -> 640) and the label
+    holder (640 -> 10). Each party's IDs are
     shuffled and some rows are missing, so the private set intersection matters. Every node runs as its own
     process over CurveZMQ; results land in the run folder (model/metrics.jsonl, summary.json, per-node logs).
     """
@@ -317,7 +320,7 @@ def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int | s
     out = Path(out_dir or f"runs/demo-{dataset}")
     if out.exists() and not prepare_only:
         shutil.rmtree(out / "model", ignore_errors=True)  # a fresh run, not a resume of the last one
-    d = prepare_demo(dataset, out, data_holders=n_data_holders, window=window, privacy=privacy)
+    d = prepare_demo(dataset, out, data_holders=n_data_holders, window=window, privacy=privacy, epochs=epochs)
     if prepare_only:
         click.echo(f"wrote data, keys and configs to {out}; start each node in its own terminal:")
         for path in d.configs.values():
@@ -347,19 +350,20 @@ def demo(dataset: str, n_data_holders: int, out_dir: str | None, window: int | s
 @fresh_option
 @resume_option
 def launch_cmd(folder: str, fresh: bool, resume: bool) -> None:
-    """Start every node config (*.toml) in FOLDER as its own process; label holder first.
+    """Start every node config (*.toml) in FOLDER as its own process: label holder, segment holders, data holders.
 
     Logs are prefixed with each node's name; Ctrl-C stops every node; the exit code is non-zero if any node failed.
     --fresh / --resume are passed to every node.
     """
     start = _start_mode(fresh, resume)
     from .launch import launch
+    from .launch.local import start_order
     from .node import ConfigError, load_config
 
     entries = []
     for path in sorted(Path(folder).glob("*.toml")):
         cfg = load_config(path)
-        entries.append((0 if cfg.is_label_holder else 1, cfg.party, path))
+        entries.append((start_order(cfg), cfg.party, path))
     if not entries:
         raise ConfigError(f"no *.toml node configs in {folder}")
     node_args = [] if start == "auto" else [f"--{start}"]

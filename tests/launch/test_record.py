@@ -17,7 +17,7 @@ RUN_TIMEOUT_S = 300.0
 RECORD_KEYS = {"ok", "exit_codes", "wall_seconds", "launch_seconds", "psi_seconds", "aligned_rows", "train_rows",
                "epochs", "final", "train_samples", "train_seconds", "train_samples_per_second", "traffic", "logs",
                "defence", "leak", "kept_epoch", "train_step_seconds", "train_step_samples_per_second",
-               "window"}
+               "window", "parties"}
 
 
 def test_vfl_launch_writes_summary_json_and_logs_with_true_sample_counts(tmp_path, launchers):  # noqa: F811

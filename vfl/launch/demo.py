@@ -2,7 +2,9 @@
 
 breast: scikit-learn's breast cancer set split as FATE's standard hetero demo — the label holder has the label and
 the first 10 features, one data holder the other 20. digits: the 8x8 digit images split into column slices across N
-data holders; the label holder has only the label. IDs are shuffled independently at each party and a few rows are
+data holders; the label holder has only the label. chain: the digits through a three-tier segment chain (issue 17):
+one data holder with all 64 pixels and the bottom (64 -> 128), a segment holder with no data and no labels (128 ->
+640), the label holder with only the label and the top (640 -> 10). IDs are shuffled independently at each party and a few rows are
 missing at each, so the private set intersection has real work to do.
 """
 
@@ -23,7 +25,7 @@ from ..train.specs import fingerprint
 from .local import LaunchResult, summarize_run, write_summary
 from .prepare import LABEL_HOLDER, prepare_session
 
-DATASETS = ("breast", "digits")
+DATASETS = ("breast", "digits", "chain")
 DROP_FRACTION = 0.03  # rows missing at each party
 
 
@@ -40,7 +42,7 @@ class Demo:
 
 
 # the files scikit-learn ships as package data (what its load_breast_cancer / load_digits read)
-_FILES = {"breast": "breast_cancer.csv", "digits": "digits.csv.gz"}
+_FILES = {"breast": "breast_cancer.csv", "digits": "digits.csv.gz", "chain": "digits.csv.gz"}
 
 
 def _load(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +52,7 @@ def _load(name: str) -> tuple[np.ndarray, np.ndarray]:
         raise DemoError(f"unknown demo {name!r}; choose one of {', '.join(DATASETS)}")
     path = _sklearn_data() / _FILES[name]
     try:
-        if name == "breast":  # a "n_samples,n_features,class names" line, then features and the class per row
+        if _FILES[name] == "breast_cancer.csv":  # a "n_samples,n_features,class names" line, then features and the class per row
             with open(path, encoding="utf-8") as fh:
                 n, d = (int(v) for v in fh.readline().split(",")[:2])
                 table = np.loadtxt(fh, delimiter=",", dtype=np.float64, ndmin=2)
@@ -130,9 +132,10 @@ def _check_task(privacy: dict, task: str) -> None:
 
 
 def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, window: int | str = 2,
-                 privacy: dict | None = None) -> Demo:
+                 privacy: dict | None = None, epochs: int | None = None) -> Demo:
     """The demo's data, keys and configs in ``out``. ``privacy``: a ``[privacy]`` table (``defence`` and its
-    parameters) for every node (``vfl demo --defence``); left out, the run has no defence (and is audited)."""
+    parameters) for every node (``vfl demo --defence``); left out, the run has no defence (and is audited).
+    ``epochs``: instead of the demo's own count (``vfl demo --epochs``, for a quick look)."""
     x, y = _load(name)
     n = len(y)
     rng = np.random.default_rng(seed)
@@ -147,6 +150,7 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
     data: dict[str, dict] = {}
     tables: dict[str, dict] = {}
     widths: dict[str, int] = {}
+    segments: dict[str, dict] = {}
     adam = {"kind": "adam", "lr": 0.01}
     if name == "breast":
         if data_holders != 1:
@@ -164,6 +168,29 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
         }
         tables["dh1"] = {"model": {"bottom": bottom, "seed": 1}, "train": {"optimizer": adam, "output": out_model}}
         widths["dh1"] = 16
+        batch = 32
+    elif name == "chain":
+        if data_holders != 1:
+            raise DemoError("the chain demo has one data holder (all 64 pixels) feeding one segment holder; "
+                            "--data-holders is for the digits demo")
+        _write_party(data_dir / "bank.csv", ids, keep(), {"digit": y}, rng)
+        _write_party(data_dir / "dh1.csv", ids, keep(), {f"px{j}": x[:, j] for j in range(x.shape[1])}, rng)
+        data[LABEL_HOLDER] = {"path": "data/bank.csv", "id_column": "id", "label_column": "digit", "features": []}
+        data["dh1"] = {"path": "data/dh1.csv", "id_column": "id", "standardize": True}
+        # the issue's SplitNN: 64 -> 128 (ReLU) at dh1, 128 -> 640 (ReLU) at seg1, 640 -> 10 at the label holder,
+        # plain SGD at lr 0.03 everywhere; multiclass is cross-entropy on the logits, i.e. NLL on log-softmax
+        sgd = {"kind": "sgd", "lr": 0.03}
+        segments["seg1"] = {"inputs": ["dh1"], "width": 640, "combine": "concat"}
+        tables["dh1"] = {"model": {"bottom": {"widths": [128], "final_activation": True}, "seed": 1},
+                         "train": {"optimizer": sgd, "output": out_model}}
+        tables["seg1"] = {"model": {"segment": {"widths": [640], "final_activation": True}, "seed": 2},
+                          "train": {"optimizer": sgd, "output": out_model}}
+        tables[LABEL_HOLDER] = {
+            "model": {"top": {"widths": [10]}, "seed": 0},
+            "train": {"task": "multiclass", "epochs": 30, "validation_fraction": 0.25, "seed": seed,
+                      "optimizer": sgd, "output": out_model, "keep": "best"},
+        }
+        widths["dh1"] = 128
         batch = 32
     else:
         if not 1 <= data_holders <= 8:
@@ -185,9 +212,13 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
                       "optimizer": opt, "output": out_model, "keep": "best"},
         }
         batch = 32
+    if epochs is not None:
+        if not (isinstance(epochs, int) and epochs >= 1):
+            raise DemoError(f"--epochs must be an integer >= 1, got {epochs!r}")
+        tables[LABEL_HOLDER]["train"]["epochs"] = epochs
     if privacy:
         _check_task(privacy, tables[LABEL_HOLDER]["train"]["task"])
-    model = "demo-" + name + "-" + fingerprint({"tables": tables, "widths": widths})[:16]
+    model = model_name(name, tables, widths, segments)
     configs = prepare_session(
         out,
         data_holders=holders,
@@ -201,8 +232,17 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
         psi={"workers": 1},
         tables=tables,
         privacy=privacy,
+        segments=segments or None,
     )
     return Demo(name=name, configs=configs, out=out, rows=n)
+
+
+def model_name(demo: str, tables: dict, widths: dict[str, int], segments: dict[str, dict] | None = None) -> str:
+    """The session's ``model``: a fingerprint of every party's tables (a segment holder's too) and, in a chain, the
+    topology, so nodes prepared for different networks are refused at HELLO instead of training a mismatch. Without
+    segments it is the fingerprint the two-tier demos always had."""
+    shape = {"tables": tables, "widths": widths, **({"segments": segments} if segments else {})}
+    return f"demo-{demo}-" + fingerprint(shape)[:16]
 
 
 def summarize(demo: Demo, launch_s: float, logs: dict[str, list[str]], exit_codes: dict[str, int], *,

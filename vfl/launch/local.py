@@ -70,7 +70,9 @@ def launch(
     started: float | None = None,
     node_args: list[str] | tuple[str, ...] = (),
 ) -> LaunchResult:
-    """Run every (name, config) as a node process; the first must be the label holder (it binds).
+    """Run every (name, config) as a node process, in this order: the label holder first (it binds), then any
+    segment holders, nearest to the label holder first (each binds for its inputs), then the data holders
+    (:func:`start_order` sorts configs so). A node whose downstream is not up yet only waits (ZeroMQ reconnects).
 
     ``record``: the run folder for ``logs/`` and ``summary.json`` (default: the folder of the configs, when they
     share one). ``started``: a ``time.monotonic()`` taken when the command began, for ``wall_seconds``.
@@ -185,6 +187,29 @@ def _label_holder(label_holder_config: Path):
         return None
 
 
+def _role(cfg, party: str) -> str | None:
+    """``party``'s role as the label holder's session config has it (None: no config, or a party it does not name)."""
+    if cfg is None:
+        return None
+    if party == cfg.party:
+        return cfg.role
+    if cfg.session is not None and party in cfg.session.segments:
+        return "segment_holder"
+    if cfg.session is not None and party in cfg.session.cut_widths:
+        return "data_holder"
+    return None
+
+
+def start_order(cfg) -> tuple:
+    """Sort key of a node config for :func:`launch`: the label holder, then segment holders by their distance from
+    it (nearest first), then data holders; by party id within each."""
+    if cfg.is_label_holder:
+        return (0, 0, cfg.party)
+    if cfg.is_segment_holder:
+        return (1, cfg.session.chain.depth(cfg.party), cfg.party)
+    return (2, 0, cfg.party)
+
+
 def _metrics_path(cfg) -> Path | None:
     output = cfg.train.output if cfg is not None and cfg.train is not None else None
     return output / "metrics.jsonl" if output is not None else None
@@ -229,6 +254,7 @@ def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: f
     label holder's own measure of its training phase (whole steps at their true size; validation and checkpoints
     inside the phase included; no rate over less than a second); ``train_step_seconds`` /
     ``train_step_samples_per_second``: the same samples over the steps alone (no validation, no checkpoints).
+    ``parties``: each node's role (label_holder, data_holder, segment_holder), from the label holder's session config.
     ``epochs`` (trained) comes from the label holder's metrics.jsonl (one record per epoch); ``kept_epoch`` is the
     epoch whose weights the saved segments hold (the last one, or with ``[train].keep = "best"`` the one with the
     lowest validation loss, from the checkpoint manifest), and ``final`` that epoch's metrics. ``defence`` is the
@@ -288,6 +314,7 @@ def summarize_run(result: LaunchResult, label_holder_config: Path, *, started: f
                    cfg.session.window if cfg is not None else None),
         "defence": cfg.session.privacy.describe() if cfg is not None else None,
         "leak": leak_by_party(epochs[-1] if epochs else {}),
+        "parties": {name: _role(cfg, name) for name in sorted(result.logs)},
         "logs": {name: f"logs/{name}.log" for name in result.logs},
     }
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..files import atomic_write_text
 from ..node.keys import generate_keypair
+from ..protocol.chain import Chain, Segment
 
 LABEL_HOLDER = "bank"
 
@@ -41,6 +42,7 @@ COMMENTS = {
     "party": "this node's party id, as its partners list it under [keys.partners]",
     "run": "the run id: the same at every node of this run",
     "endpoint": "the label holder binds here, data holders connect here (on other hosts: the label holder's address)",
+    "bind": "segment holder: its inputs connect here (on other hosts: an address they can reach)",
     "keys": "CurveZMQ: every message is encrypted and only the listed partners' keys may connect",
     "keys.secret": "this node's secret key (paths are relative to this file); keep it on this node only",
     "keys.insecure": "no encryption, no authentication: debugging on one machine only",
@@ -55,6 +57,7 @@ COMMENTS = {
     "session.train": "then train the split network on the aligned rows",
     "session.cut_widths": "each data holder's cut-layer width: the last width of its [model].bottom",
     "session.cut_widths.*": "this data holder's cut-layer width",
+    "session.segments": "segment holders: each one's inputs (concatenated in this order), output width and combine",
     "data": "this party's own table; it never leaves this node",
     "data.path": "CSV (header row), Parquet or .npz; relative to this file",
     "data.id_column": "the column with the IDs the parties share (text or integers, one row per ID)",
@@ -66,6 +69,7 @@ COMMENTS = {
     "psi.output": "this party's shared IDs in the agreed order (written at every run)",
     "model": "this party's part of the split network",
     "model.bottom": "this party's bottom MLP: hidden widths, then the cut width; its output goes to the label holder",
+    "model.segment": "a segment holder's MLP on its inputs' combined cut layers; its last width is its output",
     "model.top": "the label holder's top MLP on the combined cut layers; its last width is the number of outputs",
     "model.seed": "seed of this segment's initial weights",
     "train": "training: the label holder sets the task and schedule, every party its own optimizer",
@@ -126,6 +130,7 @@ def prepare_session(
     comments: bool = False,
     privacy: dict | None = None,
     audit: bool | None = None,
+    segments: dict[str, dict] | None = None,
 ) -> dict[str, Path]:
     """Keys in ``out/keys`` and one ``NAME.toml`` per node; returns {party: config path}, label holder first.
 
@@ -136,13 +141,22 @@ def prepare_session(
     saying what it does (``vfl init``, for configs a user reads). ``privacy``: the ``[privacy]`` table (defence and
     its parameters), written into EVERY node's config, since it is part of the session config every party must
     agree on; ``audit``: the label holder's ``[privacy].audit`` (left out: the default, on).
+
+    ``segments`` (a chain, PROTOCOL.md section 13): {segment holder: {"inputs": [...], "width": N, "combine":
+    "concat"}}. Every node's session config gets the ``[session.segments.NAME]`` tables; each segment holder its own
+    ``bind`` port, and every data holder and segment holder the address of its downstream as ``endpoint``. The
+    result lists the label holder, then the segment holders nearest to it first, then the data holders: the order
+    to start them in.
     """
     out.mkdir(parents=True, exist_ok=True)
+    segments = {name: {"inputs": list(spec["inputs"]), "width": spec["width"], "combine": spec.get("combine", "concat")}
+                for name, spec in (segments or {}).items()}
     keys = out / "keys"
-    for name in [label_holder, *data_holders]:
+    for name in [label_holder, *segments, *data_holders]:
         if not (keys / f"{name}.key_secret").exists():
             generate_keypair(keys, name)
-    endpoint = f"tcp://127.0.0.1:{port or free_port()}"
+    address = _addresses(label_holder, segments, port)
+    endpoint = address[label_holder]
     session_fields = {"batch_size": batch_size, "window": window, "model": model}
     if data:
         session_fields["psi"] = True
@@ -151,6 +165,11 @@ def prepare_session(
     session = _table("session", session_fields, comments)
     widths = cut_widths or {name: cut_width for name in data_holders}
     session += _table("session.cut_widths", {name: widths[name] for name in data_holders}, comments)
+    if segments:
+        session += (_comment("session.segments") if comments else "") + "".join(
+            _table(f"session.segments.{name}", spec, comments) for name, spec in segments.items())
+    chain = Chain(widths, {name: Segment(tuple(spec["inputs"]), spec["width"], spec["combine"])
+                           for name, spec in segments.items()})
     common = session + (_table("timeouts", timeouts, comments) if timeouts else "")
     common += _table("limits", limits, comments) if limits else ""
     configs: dict[str, Path] = {}
@@ -162,9 +181,12 @@ def prepare_session(
         return _table("privacy", values, comments) if values else ""
 
     def node(name: str, role: str, partners: list[str], extra: str) -> None:
+        where = {"endpoint": endpoint if role == "label_holder" else address[chain.downstream(name) or label_holder]}
+        if role == "segment_holder":
+            where["bind"] = address[name]
         head = "".join(
             (_comment(k) if comments else "") + f"{k} = {_toml_value(v)}\n"
-            for k, v in {"role": role, "party": name, "run": run, "endpoint": endpoint}.items()
+            for k, v in {"role": role, "party": name, "run": run, **where}.items()
         )
         keys = {"secret": f"keys/{name}.key_secret", **({"insecure": True} if insecure else {})}
         text = (
@@ -175,8 +197,9 @@ def prepare_session(
             + _table("keys.partners", {p: f"keys/{p}.key" for p in partners}, comments)
             + ("" if comments else "\n")
             + common
-            + (_table("data", data[name], comments) if data else "")
-            + (_table("psi", {**(psi or {}), "output": f"{name}-aligned.csv"}, comments) if data else "")
+            + (_table("data", data[name], comments) if data and role != "segment_holder" else "")
+            + (_table("psi", {**(psi or {}), "output": f"{name}-aligned.csv"}, comments)
+               if data and role != "segment_holder" else "")
             + "".join(_table(section, values, comments)
                       for section, values in ((tables or {}).get(name) or {}).items())
             + privacy_table(role == "label_holder")
@@ -186,7 +209,30 @@ def prepare_session(
         atomic_write_text(path, text)
         configs[name] = path
 
-    node(label_holder, "label_holder", data_holders, "")
+    link = _table("link_check", link_check, comments) if link_check else ""
+    node(label_holder, "label_holder", [*data_holders, *segments], "")
+    for name in sorted(segments, key=lambda s: (chain.depth(s), list(segments).index(s))):
+        node(name, "segment_holder", _partners(chain, name, label_holder), link)
     for name in data_holders:
-        node(name, "data_holder", [label_holder], _table("link_check", link_check, comments) if link_check else "")
+        node(name, "data_holder", _partners(chain, name, label_holder), link)
     return configs
+
+
+def _addresses(label_holder: str, segments: dict, port: int | None) -> dict[str, str]:
+    """Where each binding node listens: the label holder on ``port`` (else a free one), each segment holder on a
+    free port of its own (distinct: the OS may hand out a port it just handed out, once that socket is closed)."""
+    ports = [port or free_port()]
+    while len(ports) < 1 + len(segments):
+        candidate = free_port()
+        if candidate not in ports:
+            ports.append(candidate)
+    return {name: f"tcp://127.0.0.1:{p}" for name, p in zip([label_holder, *segments], ports)}
+
+
+def _partners(chain: Chain, party: str, label_holder: str) -> list[str]:
+    """The public keys a data holder or segment holder lists: a segment holder's inputs (its allow-list), its
+    downstream segment holder (the CURVE server it connects to), and the label holder (its session's end, the key
+    that authenticates a relayed session end to end), in that order."""
+    inputs = list(chain.inputs(party)) if party in chain.segments else []
+    downstream = chain.downstream(party)
+    return [*inputs, *([downstream] if downstream is not None else []), label_holder]
