@@ -320,7 +320,7 @@ class LabelHolderMachine:
         return out + [
             Log(
                 level="WARNING",
-                text=f"data holder {p.name!r} is not reading ({why}): dropped its connection; waiting up to "
+                text=f"{self._role(p.name)} {p.name!r} is not reading ({why}): dropped its connection; waiting up to "
                 f"{self.rejoin_timeout_s:g} s for it to restart and rejoin",
             )
         ]
@@ -347,9 +347,10 @@ class LabelHolderMachine:
             if p.state is PartyState.LOST and now >= p.lost_at + self.rejoin_timeout_s:
                 step = self.training.latest_checkpoint if self.training is not None else None
                 where = f"from the checkpoint at step {step}" if step is not None else "from the start"
+                p = self._lost_cause(p)
                 return self._finish(
                     3,
-                    f"data holder {p.name!r} stopped answering and did not come back within {self.rejoin_timeout_s:g} s; "
+                    f"{self._role(p.name)} {p.name!r} stopped answering and did not come back within {self.rejoin_timeout_s:g} s; "
                     f"to resume {where}, start every node again with its same `vfl node --config ...` command",
                     now,
                     lost=p.name,
@@ -359,7 +360,7 @@ class LabelHolderMachine:
             if p.state in (PartyState.PSI, PartyState.TRAINING) and now >= p.last_progress + self.progress_timeout_s:
                 phase = "PSI" if p.state is PartyState.PSI else "training"
                 reason = (
-                    f"data holder {p.name!r} made no progress in the {phase} for {now - p.last_progress:.0f} s "
+                    f"{self._role(p.name)} {p.name!r} made no progress in the {phase} for {now - p.last_progress:.0f} s "
                     f"(progress timeout {self.progress_timeout_s:g} s)"
                 )
                 return [self._timeout_error(p, reason, now)] + self._finish(1, reason, now)
@@ -371,7 +372,7 @@ class LabelHolderMachine:
                 out.append(
                     Log(
                         level="WARNING",
-                        text=f"data holder {p.name!r} has sent nothing for {now - p.clock.last_received:.1f} s: "
+                        text=f"{self._role(p.name)} {p.name!r} has sent nothing for {now - p.clock.last_received:.1f} s: "
                         f"waiting up to {self.rejoin_timeout_s:g} s for it to restart and rejoin",
                     )
                 )
@@ -379,7 +380,7 @@ class LabelHolderMachine:
             if now >= p.clock.lost_at(self.peer_timeout_s):
                 silent = now - p.clock.last_received
                 reason = (
-                    f"data holder {p.name!r} has sent nothing for {silent:.1f} s (peer timeout "
+                    f"{self._role(p.name)} {p.name!r} has sent nothing for {silent:.1f} s (peer timeout "
                     f"{self.peer_timeout_s:g} s): it is stopped, hung or unreachable"
                 )
                 return [self._timeout_error(p, reason, now)] + self._finish(3, reason, now)
@@ -534,9 +535,11 @@ class LabelHolderMachine:
         self, code: int, reason: str, now: float, *, lost: str | None = None, ok: bool | None = None, pause: bool = False
     ) -> list[Output]:
         bye_ok = code == 0 if ok is None else ok
+        # the parties behind a segment holder first, the farthest first: a segment holder ends with its own BYE, so
+        # the BYEs it relays to its inputs must reach it before that one does ([C6] in reverse)
         out: list[Output] = [
             self._send(p, Bye(ok=bye_ok, reason=reason, pause=True if pause else None), now)
-            for p in self.parties.values()
+            for p in (self.parties[name] for name in reversed(self.control_order))
             if p.state in CONNECTED and p.name != lost
         ]
         self.finished = Finished(exit_code=code, reason=reason)
@@ -604,7 +607,7 @@ class LabelHolderMachine:
         if p is not None and p.route == routing_id and p.state in CONNECTED:
             p.route, p.state, p.lost_at = None, PartyState.LOST, now
             text = (
-                f"data holder {p.name!r} {reason}: closed its connection; waiting up to {self.rejoin_timeout_s:g} s "
+                f"{self._role(p.name)} {p.name!r} {reason}: closed its connection; waiting up to {self.rejoin_timeout_s:g} s "
                 "for it to restart and rejoin"
             )
         else:
@@ -716,7 +719,7 @@ class LabelHolderMachine:
             p.rejoins += 1
             if p.rejoins > self.max_rejoins:
                 reason = (
-                    f"data holder {p.name!r} rejoined {p.rejoins} times, more than [train].max_rejoins = "
+                    f"{self._role(p.name)} {p.name!r} rejoined {p.rejoins} times, more than [train].max_rejoins = "
                     f"{self.max_rejoins}: each rejoin rolls every party back; fix what keeps stopping it, then start "
                     "every node again to resume from the latest checkpoint"
                 )
@@ -727,10 +730,11 @@ class LabelHolderMachine:
             self._retire(old, "replaced")
             out += [
                 Send(to=old, message=Error(code=int(ErrorCode.REPLACED), message=_replaced_error(None).detail)),
-                Log(level="WARNING", text=f"data holder {p.name!r}: a new connection with its key replaced the old one"),
+                Log(level="WARNING", text=f"{self._role(p.name)} {p.name!r}: a new connection with its key replaced the old one"),
             ]
         p.route = routing_id
         restart = p.state in CONNECTED
+        returning = p.joined
         p.state, p.joined = PartyState.READY, True
         p.clock = PeerClock(last_received=now, last_sent=now)
         segment = p.name in self.config.segments
@@ -751,13 +755,38 @@ class LabelHolderMachine:
         out += [
             self._send(p, welcome, now),
             PeerReady(party=p.name, restart=restart),
-            Log(level="INFO", text=f"{self._role(p.name)} {p.name!r} {'rejoined' if restart else 'joined'}"),
+            Log(level="INFO", text=f"{self._role(p.name)} {p.name!r} {'rejoined' if returning else 'joined'}"),
         ]
+        if segment and returning:
+            out += self._behind_lost(p, now)
         if segment and self.final_rows is not None:  # joined (or rejoined) after the rows were aligned
             p.state = PartyState.ALIGNED
             if self.training is not None:
                 out += self._resume(now)
         return out
+
+    def _lost_cause(self, p: _Party) -> _Party:
+        """The party to name for lost ``p``: the lost segment holder nearest to the label holder on ``p``'s route, if
+        any (the parties behind a lost segment holder are lost because it is: their only route is through it)."""
+        for name in reversed(self.chain.route(p.name)):
+            if self.parties[name].state is PartyState.LOST:
+                return self.parties[name]
+        return p
+
+    def _behind_lost(self, p: _Party, now: float) -> list[Output]:
+        """[C9]: segment holder ``p`` came back on a new connection, so the relayed sessions of every party behind it
+        died with its old one (it closes its inputs' connections so that they rejoin). Each of them is lost as of now:
+        the resume waits for their HELLOs (up to the rejoin timeout) instead of rolling back sessions that no longer
+        exist, and their old routes get nothing more."""
+        gone = [q for q in (self.parties[name] for name in self.chain.upstream(p.name)) if q.state in CONNECTED]
+        for q in gone:
+            q.state, q.lost_at, q.route = PartyState.LOST, now, None
+        if not gone:
+            return []
+        names = ", ".join(repr(q.name) for q in gone)
+        return [Log(level="WARNING", text=f"segment holder {p.name!r} came back on a new connection: the sessions of "
+                    f"{names} behind it went with the old one; waiting up to {self.rejoin_timeout_s:g} s for them to "
+                    "rejoin through it")]
 
     def _role(self, name: str) -> str:
         return "segment holder" if name in self.config.segments else "data holder"
@@ -803,21 +832,21 @@ class LabelHolderMachine:
             return [
                 Log(
                     level="WARNING",
-                    text=f"data holder {p.name!r} paused ({peer_text(msg.reason)}): waiting up to "
+                    text=f"{self._role(p.name)} {p.name!r} paused ({peer_text(msg.reason)}): waiting up to "
                     f"{self.rejoin_timeout_s:g} s for it to be started again and rejoin",
                 )
             ]
         if self.config.train and p.state is not PartyState.DONE:
             return self._finish(
-                1, f"data holder {p.name!r} left during the session: {peer_text(msg.reason)}", now, lost=p.name
+                1, f"{self._role(p.name)} {p.name!r} left during the session: {peer_text(msg.reason)}", now, lost=p.name
             )
         if self.psi is not None and p.state is not PartyState.ALIGNED:
             return self._finish(
-                1, f"data holder {p.name!r} left before the rows were aligned: {peer_text(msg.reason)}", now, lost=p.name
+                1, f"{self._role(p.name)} {p.name!r} left before the rows were aligned: {peer_text(msg.reason)}", now, lost=p.name
             )
         p.state, p.left_ok = PartyState.DONE, msg.ok
         out: list[Output] = [PeerLeft(party=p.name, ok=msg.ok, reason=peer_text(msg.reason))]
-        out.append(Log(level="INFO" if msg.ok else "WARNING", text=f"data holder {p.name!r} left: {peer_text(msg.reason)}"))
+        out.append(Log(level="INFO" if msg.ok else "WARNING", text=f"{self._role(p.name)} {p.name!r} left: {peer_text(msg.reason)}"))
         if all(q.state is PartyState.DONE for q in self.parties.values()):
             failed = [q.name for q in self.parties.values() if not q.left_ok]
             if failed:
@@ -982,6 +1011,9 @@ class LabelHolderMachine:
             best=best,
             precision=self.config.precision,
         )
+        if first_step > 0 and digests:  # resumed from a committed checkpoint: until the next one commits, a party
+            # that restarts again resumes from this one (not "before the first checkpoint")
+            self.training.latest_checkpoint, self.training.latest_digests = first_step, dict(digests)
         out: list[Output] = []
         for name, msgs in self.training.start(now).items():
             p = self.parties[name]
