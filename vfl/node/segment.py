@@ -25,6 +25,9 @@ from .transport import LINGER_MS, Transport, outbox_bytes
 
 #: the outbox key of the downstream connection (an input's key is its routing id)
 DOWN = None
+#: how long a segment holder whose session ended (not paused) still passes the label holder's last RELAYs (the BYEs
+#: that end the session for the parties behind it) on to its inputs, at most; it stops as soon as downstream closes
+DRAIN_S = 5.0
 
 
 def build_segment(cfg: NodeConfig):
@@ -124,6 +127,8 @@ class SegmentRunner:
                 poller, self._repoll = self._poller(), False
             if finished is not None:
                 if self.bytes_received:
+                    if not self.paused:
+                        self._drain(until=time.monotonic() + min(DRAIN_S, self.cfg.timeouts.peer))
                     self._flush(until=time.monotonic() + FINAL_FLUSH_S)
                 return self._report(finished)
             now = time.monotonic()
@@ -133,8 +138,8 @@ class SegmentRunner:
                 if pending:
                     continue
             if self.stop_requested:
-                pending = machine.close(f"stopped by {self.stop_requested}", now,
-                                        pause=not self.end_session and self.signals < 2)
+                self.paused = not self.end_session and self.signals < 2
+                pending = machine.close(f"stopped by {self.stop_requested}", now, pause=self.paused)
                 if not pending:
                     return 0
                 continue
@@ -175,6 +180,33 @@ class SegmentRunner:
                         pending += machine.connection_lost(time.monotonic())
 
     _repoll = False
+    paused = False  # stopped by a signal that pauses ([J2]): the parties behind us rejoin, nothing to pass on
+
+    def _drain(self, until: float) -> None:
+        """Our session ended without a pause, most often by our own BYE: the label holder then ends the session for
+        every party, and its BYEs to the parties behind us come through us ([C6]), after ours. Pass them on (the
+        machine relays for the parties behind it after its own session ended) until the label holder closes the
+        connection, or ``until``. Without this they would see only their connection drop and wait their whole rejoin
+        timeout for a label holder that has already stopped."""
+        poller = zmq.Poller()
+        for sock in (self.down.socket, self.down.monitor):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+        closed = False
+        while time.monotonic() < until:
+            for _ in range(MAX_BATCH):
+                received = self.down.recv()
+                if received is None:
+                    break
+                self._execute(self.machine.receive_down(received.frames, time.monotonic()))
+            if self.outbox:
+                self._flush()
+            if closed:  # what was queued before the connection closed has been passed on
+                return
+            if self.down.monitor is not None:
+                closed = any(e["event"] == zmq.EVENT_DISCONNECTED for e in self.down.monitor_events())
+            if not closed:
+                poller.poll(50)
 
     def _execute(self, outputs: Iterable[Output]) -> Finished | None:
         finished = None

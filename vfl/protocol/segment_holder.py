@@ -23,7 +23,7 @@ from .codec import DEFAULT_LIMITS, SIGNATURE, Limits, decode, peek_type
 from .data_holder import DataHolderMachine
 from .errors import ErrorCode, RemoteProtocolError
 from .events import Aligned, Finished, Log, Output, Send
-from .messages import Backward, Error, EvalForward, Forward, Hello, Message, Relay, Rollback, Schedule
+from .messages import Backward, Bye, Error, EvalForward, Forward, Hello, Message, Relay, Rollback, Schedule
 from .precision import PrecisionError
 from .precision import decode as decode_cut
 from .precision import encode as encode_cut
@@ -233,8 +233,13 @@ class SegmentHolderMachine:
     # ------------------------------------------------------------------------------------------------ downstream
 
     def receive_down(self, frames: Sequence, now: float) -> list[Output]:
-        """A message from our downstream: for us (our session's, or a BACKWARD), or a RELAY for a party behind us."""
-        if self.finished is not None:
+        """A message from our downstream: for us (our session's, or a BACKWARD), or a RELAY for a party behind us.
+
+        Once our own session has ended, the relayed BYEs for the parties behind us still pass: when we end the
+        session, the label holder's BYEs that end it for them come through us after our BYE (the node drains them).
+        Nothing else does: training control still in flight (a CHECKPOINT after a BACKWARD we no longer compute)
+        would only break their pipelines ([C6])."""
+        if self.finished is not None and peek_type(frames) != Relay.TYPE:
             return []
         if peek_type(frames) != Relay.TYPE:
             mtype = peek_type(frames)
@@ -250,6 +255,8 @@ class SegmentHolderMachine:
         except RemoteProtocolError as exc:
             return [Log(level="WARNING", text=f"dropped a malformed RELAY from downstream: {exc}")]
         if msg.party == self.party:
+            if self.finished is not None:
+                return []
             if self._channel is None:
                 return [Log(level="WARNING", text="dropped a RELAY for this segment holder, which feeds the label "
                             "holder directly")]
@@ -264,6 +271,8 @@ class SegmentHolderMachine:
             return [Log(level="WARNING", text=f"dropped a RELAY for {peer_text(msg.party, 64)}, who is not behind "
                         "this segment holder")]
         q = self.inputs[hop]
+        if self.finished is not None and peek_inner_type(msg) != Bye.TYPE:
+            return []
         if q.route is None:
             return [Log(level="DEBUG", text=f"dropped a RELAY for {msg.party!r}: {hop!r} is not connected")]
         if hop == msg.party:  # [C7]: what the label holder says to a direct input about its pipeline
