@@ -699,7 +699,8 @@ class LabelHolderMachine:
         ours = {"run": self.run, **self._wire_config}
         if msg.run != self.run or msg.digest != self._digest:
             diff = config_diff(ours, theirs, budget=self.limits.max_header_bytes // 4)
-            return refuse(ErrorCode.CONFIG_MISMATCH, "config differs: " + describe_diff(diff), diff=diff)
+            return refuse(ErrorCode.CONFIG_MISMATCH, "config differs: " + describe_diff(
+                diff, theirs=role.replace("_", " ")), diff=diff)
         return None
 
     def _refuse_hello(self, routing_id: bytes, identity: str, msg: Hello, now: float) -> list[Output]:
