@@ -22,6 +22,8 @@ from .procs import Node, Nodes
 from .test_training_nodes import FAST, read_metrics, shared_tables
 
 THREE = {"seg1": {"inputs": ["dh1", "dh2"], "width": 6}}
+#: four tiers: dh1, dh2 -> segA -> segB -> bank
+FOUR = {"segA": {"inputs": ["dh1", "dh2"], "width": 6}, "segB": {"inputs": ["segA"], "width": 5}}
 OPT = {"kind": "sgd", "lr": 0.05, "momentum": 0.5}
 #: a lost peer is noticed within seconds, and a lost party waited for REJOIN seconds
 TIMEOUTS = {**FAST, "peer": 3.0, "heartbeat": 0.3, "rejoin": 20.0}
@@ -86,9 +88,9 @@ def outputs(procs: dict[str, Node]) -> str:
     return "\n".join(f"----- {name}\n{p.output}" for name, p in procs.items())
 
 
-def assert_finished(tmp_path: Path, epochs: int) -> None:
+def assert_finished(tmp_path: Path, epochs: int, parties=("bank", "seg1", "dh1", "dh2")) -> None:
     assert [m["epoch"] for m in read_metrics(tmp_path / "model" / "metrics.jsonl")] == list(range(1, epochs + 1))
-    for party in ("bank", "seg1", "dh1", "dh2"):
+    for party in parties:
         assert (tmp_path / "model" / f"{party}-segment.pt").is_file(), party
 
 
@@ -104,9 +106,9 @@ def killed_and_restarted(tmp_path: Path, victim: str, **settings) -> dict[str, s
         assert "epoch 2 of 2 done" not in procs["bank"].output, "the kill came too late"
         procs[victim] = nodes.start(configs[victim])
         codes = codes_of(procs, timeout=120)
-        assert codes == {"bank": 0, "seg1": 0, "dh1": 0, "dh2": 0}, outputs(procs)
+        assert codes == {name: 0 for name in configs}, outputs(procs)
         out = {name: p.output for name, p in procs.items()}
-    assert_finished(tmp_path, 2)
+    assert_finished(tmp_path, 2, parties=tuple(configs))
     return out
 
 
@@ -129,6 +131,16 @@ def test_C9_a_segment_holder_killed_and_restarted_makes_its_inputs_rejoin_and_th
     assert "segment holder 'seg1' rejoined" in out["bank"], out["bank"]
     for dh in ("dh1", "dh2"):
         assert "dropped: rejoining on a new connection" in out[dh], out[dh]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["segA", "segB"])
+def test_C9_four_tiers_a_segment_holder_killed_and_restarted_the_run_resumes(tmp_path, victim):
+    """Two segment holders in line: kill -9 the one behind the other (segA) or the one that feeds the label holder
+    (segB), and start it again: everything behind it rejoins through it, hop by hop, and the run completes."""
+    out = killed_and_restarted(tmp_path, victim, segments=FOUR)
+    assert "resuming every party from the checkpoint at step" in out["bank"]
+    assert f"segment holder {victim!r} rejoined" in out["bank"], out["bank"]
 
 
 def test_J2_a_segment_holder_stopped_by_SIGTERM_pauses_and_started_again_the_run_resumes(tmp_path):

@@ -211,6 +211,7 @@ class SegmentRunner:
     def _execute(self, outputs: Iterable[Output]) -> Finished | None:
         finished = None
         for out in outputs:
+            out = self.machine.outgoing(out)  # our own session's messages go up as RELAY behind another hop
             if isinstance(out, Send):
                 frames = encode(out.message, self.cfg.limits)
                 if out.to not in self.outbox and self._try_send(frames, out.to, out.message.TYPE):

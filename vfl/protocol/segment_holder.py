@@ -394,22 +394,31 @@ class SegmentHolderMachine:
     # ------------------------------------------------------------------------------------------------ helpers
 
     def _own(self, outs: list[Output]) -> list[Output]:
-        """Our own session's outputs: a segment holder behind another one sends them as RELAY ([C3]); training
-        tensors always go to the hop. Then the BACKWARDs our segment computed for the inputs."""
+        """Our own session's outputs, then the BACKWARDs our segment computed for the inputs. (A segment holder
+        behind another one wraps its session's messages as RELAY when the node sends them: ``outgoing``.)"""
         result: list[Output] = []
         for out in outs:
-            if isinstance(out, Send) and out.to is None and self.relayed and not isinstance(out.message, (Forward,
-                                                                                                         EvalForward)):
-                if self._channel is None:
-                    continue  # not connected yet: the node opens the connection first
-                out = Send(to=None, message=self._channel.wrap(out.message))
-            elif isinstance(out, Finished):
+            if isinstance(out, Finished):
                 self.finished = out
             result.append(out)
         if self.feed is not None and self.feed.sent:
             result += self.feed.sent
             self.feed.sent = []
         return result
+
+    def outgoing(self, out: Output) -> Output | None:
+        """What the node sends for ``out``: a segment holder behind another one sends its own session's messages as
+        RELAY ([C3]) on the channel of its current downstream connection; training tensors go to the hop as they
+        are, and the relays of the parties behind it pass unchanged. Wrapped when sent, not when made: a rejoin's
+        HELLO follows its ``Reconnect`` in one batch and belongs to the new connection (wrapped when made, it went
+        up numbered for the old one, the label holder took it as the old connection's, and its answers, relayed
+        for the old ``conn``, were refused on the new one: the rejoin never completed)."""
+        if (not isinstance(out, Send) or out.to is not None or not self.relayed
+                or isinstance(out.message, (Forward, EvalForward, Relay))):
+            return out
+        if self._channel is None:
+            return None  # not connected yet: the node opens the connection first
+        return Send(to=None, message=self._channel.wrap(out.message))
 
     def _guard(self, call, now: float) -> list[Output]:
         """Run our own machine; an input's bad activations found only when its step is computed end the session."""
