@@ -260,3 +260,25 @@ def test_H4_a_segment_holder_with_another_chain_is_refused_naming_segments(tmp_p
         assert "CONFIG_MISMATCH" in seg1.output and "segments" in seg1.output, seg1.output
         assert "Traceback" not in seg1.output
         bank.wait_for("segments.seg1.combine: label holder has 'concat', segment holder has 'sum'", timeout=5)
+
+
+@pytest.mark.slow
+def test_J3_a_segment_holder_rejoining_beyond_max_rejoins_ends_the_session_for_everyone(tmp_path):
+    """[train].max_rejoins = 0 at the label holder: seg1 killed and restarted is refused at its rejoin ([C9]: counted
+    like a data holder's), the label holder exits 1 naming it and the setting, and every other node exits non-zero
+    within bounded time (the data holders, cut off with seg1's old connection, after their rejoin timeout)."""
+    configs = chain_configs(tmp_path, epochs=6, rejoin=5.0)
+    text = configs["bank"].read_text()
+    configs["bank"].write_text(text.replace("\n[train]\n", "\n[train]\nmax_rejoins = 0\n", 1))
+    with Nodes(tmp_path) as nodes:
+        procs = start_all(nodes, configs)
+        wait_for_checkpoint(tmp_path, procs)
+        os.kill(procs["seg1"].proc.pid, signal.SIGKILL)
+        procs["seg1"].wait(timeout=10)
+        killed_at = time.monotonic()
+        procs["seg1"] = nodes.start(configs["seg1"])
+        codes = codes_of(procs, timeout=40)
+        assert time.monotonic() - killed_at < 40
+        assert codes["bank"] == 1 and all(code != 0 for code in codes.values()), (codes, outputs(procs))
+    assert "segment holder 'seg1' rejoined 1 times, more than [train].max_rejoins = 0" in procs["bank"].output
+    assert "max_rejoins" in procs["seg1"].output, procs["seg1"].output
