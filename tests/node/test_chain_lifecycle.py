@@ -143,6 +143,24 @@ def test_C9_four_tiers_a_segment_holder_killed_and_restarted_the_run_resumes(tmp
     assert f"segment holder {victim!r} rejoined" in out["bank"], out["bank"]
 
 
+@pytest.mark.slow
+def test_J2_a_data_holder_behind_a_segment_holder_paused_and_started_again_resumes(tmp_path):
+    """SIGTERM to dh1: its BYE {pause: true} travels as RELAY through seg1, the label holder keeps its place, and dh1
+    started again rejoins through seg1; every party resumes from the last checkpoint and the run completes."""
+    configs = chain_configs(tmp_path)
+    with Nodes(tmp_path) as nodes:
+        procs = start_all(nodes, configs)
+        wait_for_checkpoint(tmp_path, procs)
+        procs["dh1"].proc.send_signal(signal.SIGTERM)
+        assert procs["dh1"].wait(timeout=15) == 5, procs["dh1"].output
+        procs["bank"].wait_for("data holder 'dh1' paused (stopped by SIGTERM)", timeout=5)
+        procs["dh1"] = nodes.start(configs["dh1"])
+        codes = codes_of(procs, timeout=120)
+        assert codes == {"bank": 0, "seg1": 0, "dh1": 0, "dh2": 0}, outputs(procs)
+        assert "resuming every party from the checkpoint at step" in procs["bank"].output
+    assert_finished(tmp_path, 2)
+
+
 def test_J2_a_segment_holder_stopped_by_SIGTERM_pauses_and_started_again_the_run_resumes(tmp_path):
     """SIGTERM to seg1: it pauses (exit 5, BYE {pause: true}), the others wait; seg1 started again: its inputs
     rejoin through it, every party resumes from the last checkpoint, the run completes. The peer timeout is longer

@@ -1038,7 +1038,8 @@ class LabelHolderMachine:
             return []  # someone else is still rejoining
         step = self.training.latest_checkpoint
         if step is None:
-            return self._finish(1, "a data holder restarted before the first checkpoint was complete", now)
+            who = "a segment holder or data holder" if self.config.segments else "a data holder"
+            return self._finish(1, f"{who} restarted before the first checkpoint was complete", now)
         digests = self.training.latest_digests
         best = self.training.committed_best
         try:
