@@ -178,7 +178,9 @@ def test_J2_a_segment_holder_stopped_by_SIGTERM_pauses_and_started_again_the_run
         procs["seg1"] = nodes.start(configs["seg1"])
         codes = codes_of(procs, timeout=120)
         assert codes == {"bank": 0, "seg1": 0, "dh1": 0, "dh2": 0}, outputs(procs)
-        assert "resuming every party from the checkpoint at step" in procs["bank"].output
+        bank = procs["bank"].output
+        assert "segment holder 'seg1' came back on a new connection: the sessions of 'dh1', 'dh2' behind it" in bank
+        assert "resuming every party from the checkpoint at step" in bank
     assert_finished(tmp_path, 2)
 
 
