@@ -199,3 +199,39 @@ def wait_for(pred, timeout: float, step: float = 0.02) -> bool:
             return True
         time.sleep(step)
     return pred()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A live label holder with a scripted segment holder feeding it
+
+
+class LabelHolderEnv(ChainNode):
+    """A real label holder ``bank`` of the chain session (its labels: ids 0..N_IDS-1), bound on a free port."""
+
+    def __init__(self, workdir: Path, node_cmd: Optional[str], ctx: zmq.Context):
+        super().__init__(workdir, node_cmd)
+        self.ctx = ctx
+        (workdir / "bank.csv").write_text("id,label\n" + "".join(f"{i},{i % 2}\n" for i in range(N_IDS)))
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.peers: list[Peer] = []
+        self.start("label_holder", LH, node_toml(
+            "label_holder", LH, endpoint=self.address, partners=[DH1, DH2, SEG],
+            body='[data]\npath = "bank.csv"\nid_column = "id"\nlabel_column = "label"\nfeatures = []\n'
+                 '[psi]\noutput = "bank-aligned.csv"\nworkers = 1\n[model]\ntop = {widths = [4, 1]}\n'
+                 '[train]\ntask = "binary"\nepochs = 1\noutput = "m"\n'))
+
+    def peer(self, party: str, rid: Optional[bytes] = None) -> Peer:
+        """A DEALER with ``party``'s key connected to the label holder."""
+        key = self.keys[party]
+        rid = rid or routing_id(party)
+        p = Peer(self.ctx, self.address, server_public=self.keys[LH].public, public=key.public, secret=key.secret,
+                 routing_id=rid, label=f"{party} {rid.decode()}")
+        p.allowed_types = DOWN_OF_HOP
+        p.party = party  # type: ignore[attr-defined]
+        self.peers.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.peers:
+            p.close()
+        self.stop()
