@@ -235,3 +235,27 @@ class LabelHolderEnv(ChainNode):
         for p in self.peers:
             p.close()
         self.stop()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A live data holder behind a scripted segment holder
+
+
+DH_BODY = ('[data]\npath = "dh1.csv"\nid_column = "id"\n[psi]\noutput = "dh1-aligned.csv"\nworkers = 1\n'
+           '[model]\nbottom = {widths = [4]}\n[train]\noutput = "m"\n'
+           '[link_check]\nrounds = 1\nshape = [2, 3]\ndtype = "float32"\n')
+
+
+class DataHolderEnv(ChainNode):
+    """A real data holder ``dh1`` whose downstream is the kit's ROUTER bound with seg1's key."""
+
+    def __init__(self, workdir: Path, node_cmd: Optional[str], ctx: zmq.Context):
+        super().__init__(workdir, node_cmd)
+        (workdir / "dh1.csv").write_text("id,a,b\n" + "".join(f"{i},{i * 0.5},{i % 3}\n" for i in range(N_IDS)))
+        self.hop = RawLabelHolder(ctx, self.keys[SEG], allowed_types=UP_OF_HOP)
+        self.start("data_holder", DH1, node_toml("data_holder", DH1, endpoint=f"tcp://127.0.0.1:{self.hop.port}",
+                                                 partners=[SEG, LH], body=DH_BODY))
+
+    def close(self) -> None:
+        self.stop()
+        self.hop.close()

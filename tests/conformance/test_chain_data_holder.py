@@ -1,0 +1,122 @@
+"""A live data holder behind a segment holder (PROTOCOL.md section 13, v1.10): [C1], [C3] at the party's end.
+
+The node under test is data holder ``dh1`` of the session ``dh1 -> seg1 -> bank``, ``dh2 -> bank``; the kit plays
+its segment holder seg1 (a ROUTER bound with seg1's key where dh1 connects) and, behind it, the label holder's end of
+dh1's relayed session (the kit's own [C3] code and key files). dh1 stays in its handshake and link check, where a
+message it must not act on would show at once (an answer, a step further, or its exit).
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgpack
+import numpy as np
+import pytest
+
+from .chain import DH1, DH2, LH, RUN, DataHolderEnv, hello_fields
+from .peer import CODES, config_digest, envelope, pack
+from .relay import DOWN, Channel, flip
+from .chain import SESSION
+from .test_segment_holder import lh_welcome_for
+
+T = 10.0
+QUIET = 0.4
+
+
+@pytest.fixture
+def dh(request, tmp_path, ctx):
+    opts = request.config.option
+    if opts.target and not opts.node_cmd:
+        pytest.skip("starts a data holder: give --node-cmd to test another implementation's")
+    env = DataHolderEnv(tmp_path, opts.node_cmd, ctx)
+    yield env
+    env.close()
+
+
+def _header(frames):
+    return msgpack.unpackb(frames[1], raw=False, strict_map_key=False)
+
+
+def _with(frames, **fields):
+    return [frames[0], pack({**_header(frames), **fields}), *frames[2:]]
+
+
+def first_relay(env: DataHolderEnv) -> tuple[Channel, list[bytes]]:
+    m = env.hop.recv(60.0)
+    assert m is not None, f"no message from the data holder within 60 s\n{env.log_text()[-3000:]}"
+    conn = env.hop.rid.decode()
+    assert re.fullmatch(r"dh1/[0-9a-f]{16}", conn), f"[S1] routing id {conn!r}"
+    ch = Channel(env.relay_key_at_lh(DH1), RUN, DH1, conn, DOWN)
+    return ch, ch.check(m, "[C1] the data holder's first message: its HELLO as RELAY")
+
+
+def next_up(env: DataHolderEnv, ch: Channel, what: str) -> dict:
+    m = env.hop.recv(T)
+    assert m is not None, f"{what}: nothing from the data holder within {T} s\n{env.log_text()[-3000:]}"
+    return _header(ch.check(m, what))
+
+
+def test_C1_data_holder_sends_its_session_as_RELAY_to_its_segment_holder(dh):
+    """[C1], [C3]: a data holder behind a segment holder connects to it and sends its session with the label holder
+    as RELAY: party dh1, conn its routing id, seq 0, 1, 2 ..., the MAC of the spec's relay key, the inner messages
+    as in sections 5-10 (HELLO, the link check's ECHO, PSI_START), and accepts the label holder's answers as
+    authentic RELAYs."""
+    ch, hello = first_relay(dh)
+    h = _header(hello)
+    assert h["type"] == "HELLO" and h["role"] == "data_holder" and h["party"] == DH1 and h["config"] == SESSION, h
+    dh.hop.send(ch.wrap(lh_welcome_for(DH1)))
+    echo = next_up(dh, ch, "[C1] the link check's ECHO")
+    assert echo["type"] == "ECHO", echo
+    m = dh.hop.got[-1][1]
+    reply = envelope("ECHO_REPLY", {"seq": echo["seq"]}, [(n, np.frombuffer(b, dtype="<f4").reshape(s))
+                                                           for n, d, s, b in m.tensors[1:]])
+    dh.hop.send(ch.wrap(reply))
+    assert next_up(dh, ch, "[C1] PSI_START after the link check")["type"] == "PSI_START"
+
+
+PLAIN = {  # the label holder's messages, sent by the segment holder in the clear: none may be acted on
+    "WELCOME": lambda ch: lh_welcome_for(DH1),
+    "BYE_not_ok": lambda ch: envelope("BYE", {"ok": False, "reason": "conformance kit: a plain BYE"}),
+    "HEARTBEAT": lambda ch: envelope("HEARTBEAT"),
+    "ECHO_REPLY": lambda ch: envelope("ECHO_REPLY", {"seq": 0}),
+}
+BAD_RELAYS = {  # RELAYs of a WELCOME that fail a check of [C3] at the party's end
+    "bad_mac": lambda ch: flip(ch.wrap(lh_welcome_for(DH1), advance=False), 2, 3),
+    "wrong_seq": lambda ch: ch.wrap(lh_welcome_for(DH1), seq=1),
+    "wrong_conn": lambda ch: Channel(ch.key, RUN, DH1, "dh1/" + "0" * 16, DOWN).wrap(lh_welcome_for(DH1)),
+    "wrong_party": lambda ch: Channel(ch.key, RUN, DH2, ch.conn, DOWN).wrap(lh_welcome_for(DH1)),
+    "direction_up": lambda ch: Channel(ch.key, RUN, DH1, ch.conn, "up").wrap(lh_welcome_for(DH1)),
+    "no_header_tensor": lambda ch: _with(ch.wrap(lh_welcome_for(DH1), advance=False),
+                                        tensors=[{"name": "x", "dtype": "uint8",
+                                                  "shape": [len(lh_welcome_for(DH1)[1])]}]),
+}
+
+
+def test_C1_data_holder_drops_plain_messages_and_bad_RELAYs_from_its_segment_holder(dh):
+    """[C1]: from its segment holder a data holder accepts only BACKWARD and ERROR in the clear, and RELAYs that pass
+    [C3]: a plain WELCOME, BYE {ok: false}, HEARTBEAT, ECHO_REPLY, and a RELAY of a WELCOME with a flipped byte, the
+    next-but-one seq, another conn, another party, the other direction or no `~header` are each dropped (no answer,
+    no step further, no exit) and logged; then the authentic WELCOME with seq 0 is accepted (so none of them moved
+    the seq) and the link check's ECHO is the next message."""
+    ch, _ = first_relay(dh)
+    for name, build in {**PLAIN, **BAD_RELAYS}.items():
+        dh.hop.send(build(ch))
+        m = dh.hop.recv(QUIET)
+        assert m is None, f"[C1] {name}: the data holder must drop it, it answered {m.summary()}"
+        assert dh.proc.poll() is None, f"[C1] {name}: the data holder exited\n{dh.log_text()[-2000:]}"
+    log = dh.log_text()
+    assert log.lower().count("dropped") >= len(PLAIN) + len(BAD_RELAYS), (
+        f"[C1] every dropped message is logged:\n{log[-3000:]}")
+    dh.hop.send(ch.wrap(lh_welcome_for(DH1)))
+    assert next_up(dh, ch, "[C1] the authentic WELCOME after the dropped ones")["type"] == "ECHO"
+    # READY now: a replay of that authentic WELCOME is dropped too (acted on, it would get UNEXPECTED_MESSAGE)
+    dh.hop.send(ch.wrap(lh_welcome_for(DH1), seq=0))
+    dh.hop.send(envelope("BYE", {"ok": False, "reason": "conformance kit: a plain BYE"}))
+    m = dh.hop.recv(QUIET)
+    assert m is None and dh.proc.poll() is None, f"[C1] in READY: {m and m.summary()}"
+    # an ERROR in the clear is the segment holder's own, and is accepted (logged); an authentic BYE ends the session
+    dh.hop.send(ch.wrap(envelope("BYE", {"ok": False, "reason": "conformance kit: relayed BYE"})))
+    rc = dh.wait(10.0)
+    assert rc not in (None, 0), f"[C1] an authentic relayed BYE {{ok: false}} ends the session, got {rc}"
+    assert "relayed BYE" in dh.log_text()
