@@ -82,13 +82,15 @@ secret = "keys/{party}.key_secret"
 class ChainNode:
     """One real node of the chain session in ``workdir`` (keys for every party, its config, its process)."""
 
-    def __init__(self, workdir: Path, node_cmd: Optional[str]):
+    def __init__(self, workdir: Path, node_cmd: Optional[str], keys: Optional[dict[str, PartyKey]] = None,
+                 name: str = "node"):
+        """``keys``: the key pairs of another node in the same ``workdir`` (several real nodes of one session)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.keys: dict[str, PartyKey] = make_keys(workdir / "keys", [LH, SEG, DH1, DH2])
+        self.keys: dict[str, PartyKey] = keys or make_keys(workdir / "keys", [LH, SEG, DH1, DH2])
         self.node_cmd = node_cmd
         self.proc: Optional[subprocess.Popen] = None
-        self.log = workdir / "node.log"
+        self.log = workdir / f"{name}.log"
 
     def relay_key(self, party: str) -> bytes:
         """The relay key of ``party`` and the label holder, computed at the party's end ([C3])."""
@@ -209,7 +211,7 @@ class LabelHolderEnv(ChainNode):
     """A real label holder ``bank`` of the chain session (its labels: ids 0..N_IDS-1), bound on a free port."""
 
     def __init__(self, workdir: Path, node_cmd: Optional[str], ctx: zmq.Context):
-        super().__init__(workdir, node_cmd)
+        super().__init__(workdir, node_cmd, name=LH)
         self.ctx = ctx
         (workdir / "bank.csv").write_text("id,label\n" + "".join(f"{i},{i % 2}\n" for i in range(N_IDS)))
         self.address = f"tcp://127.0.0.1:{free_port()}"
@@ -247,15 +249,22 @@ DH_BODY = ('[data]\npath = "dh1.csv"\nid_column = "id"\n[psi]\noutput = "dh1-ali
 
 
 class DataHolderEnv(ChainNode):
-    """A real data holder ``dh1`` whose downstream is the kit's ROUTER bound with seg1's key."""
+    """A real data holder (``dh1``: its downstream is the kit's ROUTER ``hop``, bound with seg1's key; ``dh2``: it
+    connects to the label holder at ``endpoint``)."""
 
-    def __init__(self, workdir: Path, node_cmd: Optional[str], ctx: zmq.Context):
-        super().__init__(workdir, node_cmd)
-        (workdir / "dh1.csv").write_text("id,a,b\n" + "".join(f"{i},{i * 0.5},{i % 3}\n" for i in range(N_IDS)))
-        self.hop = RawLabelHolder(ctx, self.keys[SEG], allowed_types=UP_OF_HOP)
-        self.start("data_holder", DH1, node_toml("data_holder", DH1, endpoint=f"tcp://127.0.0.1:{self.hop.port}",
-                                                 partners=[SEG, LH], body=DH_BODY))
+    def __init__(self, workdir: Path, node_cmd: Optional[str], ctx: zmq.Context, *, party: str = DH1,
+                 endpoint: Optional[str] = None, keys: Optional[dict[str, PartyKey]] = None):
+        super().__init__(workdir, node_cmd, keys, name=party)
+        (workdir / f"{party}.csv").write_text("id,a,b\n" + "".join(f"{i},{i * 0.5},{i % 3}\n" for i in range(N_IDS)))
+        self.hop = None
+        if party == DH1:
+            self.hop = RawLabelHolder(ctx, self.keys[SEG], allowed_types=UP_OF_HOP)
+            endpoint = f"tcp://127.0.0.1:{self.hop.port}"
+        self.start("data_holder", party, node_toml("data_holder", party, endpoint=endpoint,
+                                                   partners=[SEG, LH] if party == DH1 else [LH],
+                                                   body=DH_BODY.replace("dh1", party)))
 
     def close(self) -> None:
         self.stop()
-        self.hop.close()
+        if self.hop is not None:
+            self.hop.close()

@@ -9,12 +9,13 @@ message it must not act on would show at once (an answer, a step further, or its
 from __future__ import annotations
 
 import re
+import time
 
 import msgpack
 import numpy as np
 import pytest
 
-from .chain import DH1, DH2, LH, RUN, DataHolderEnv, hello_fields
+from .chain import DH1, DH2, LH, RUN, SEG, DataHolderEnv, LabelHolderEnv, hello_fields
 from .peer import CODES, config_digest, envelope, pack
 from .relay import DOWN, Channel, flip
 from .chain import SESSION
@@ -24,14 +25,26 @@ T = 10.0
 QUIET = 0.4
 
 
-@pytest.fixture
-def dh(request, tmp_path, ctx):
+def _node_cmd(request):
     opts = request.config.option
     if opts.target and not opts.node_cmd:
-        pytest.skip("starts a data holder: give --node-cmd to test another implementation's")
-    env = DataHolderEnv(tmp_path, opts.node_cmd, ctx)
-    yield env
-    env.close()
+        pytest.skip("starts data holders: give --node-cmd to test another implementation's")
+    return opts.node_cmd
+
+
+@pytest.fixture(scope="module")
+def dh_pool(request, tmp_path_factory, ctx):
+    """The data holders of the tests below, started at once (a node's start-up is mostly imports)."""
+    node_cmd = _node_cmd(request)
+    envs = [DataHolderEnv(tmp_path_factory.mktemp("vfl-chain-dh"), node_cmd, ctx) for _ in range(2)]
+    yield envs
+    for env in envs:
+        env.close()
+
+
+@pytest.fixture
+def dh(dh_pool):
+    return dh_pool.pop()
 
 
 def _header(frames):
@@ -102,14 +115,15 @@ def test_C1_data_holder_drops_plain_messages_and_bad_RELAYs_from_its_segment_hol
     ch, _ = first_relay(dh)
     for name, build in {**PLAIN, **BAD_RELAYS}.items():
         dh.hop.send(build(ch))
-        m = dh.hop.recv(QUIET)
-        assert m is None, f"[C1] {name}: the data holder must drop it, it answered {m.summary()}"
-        assert dh.proc.poll() is None, f"[C1] {name}: the data holder exited\n{dh.log_text()[-2000:]}"
+    m = dh.hop.recv(QUIET)
+    assert m is None, f"[C1] the data holder must drop them all, it answered {m.summary()}"
+    assert dh.proc.poll() is None, f"[C1] the data holder exited\n{dh.log_text()[-2000:]}"
     log = dh.log_text()
     assert log.lower().count("dropped") >= len(PLAIN) + len(BAD_RELAYS), (
         f"[C1] every dropped message is logged:\n{log[-3000:]}")
     dh.hop.send(ch.wrap(lh_welcome_for(DH1)))
-    assert next_up(dh, ch, "[C1] the authentic WELCOME after the dropped ones")["type"] == "ECHO"
+    echo = next_up(dh, ch, "[C1] the authentic WELCOME after the dropped ones")
+    assert echo["type"] == "ECHO", echo  # had it acted on an earlier WELCOME, this one would get an ERROR
     # READY now: a replay of that authentic WELCOME is dropped too (acted on, it would get UNEXPECTED_MESSAGE)
     dh.hop.send(ch.wrap(lh_welcome_for(DH1), seq=0))
     dh.hop.send(envelope("BYE", {"ok": False, "reason": "conformance kit: a plain BYE"}))
@@ -120,3 +134,47 @@ def test_C1_data_holder_drops_plain_messages_and_bad_RELAYs_from_its_segment_hol
     rc = dh.wait(10.0)
     assert rc not in (None, 0), f"[C1] an authentic relayed BYE {{ok: false}} ends the session, got {rc}"
     assert "relayed BYE" in dh.log_text()
+
+
+@pytest.mark.slow  # three real nodes and a PSI: about 15 s
+def test_C1_data_holder_sends_FORWARD_in_the_clear_and_everything_else_as_RELAY(request, tmp_path, ctx):
+    """[C1] end to end: a real label holder, a real data holder dh2 feeding it directly, and a real dh1 behind the
+    kit's seg1, which joins the label holder as a segment holder and passes RELAYs both ways unchanged. Everything
+    dh1 sends before training (HELLO, PSI, CHECKPOINT_DONE, HEARTBEATs) reaches seg1 as RELAY, and its first
+    training message, FORWARD(0), in the clear: float32 [b, 4] of its cut layer, for seg1."""
+    node_cmd = _node_cmd(request)
+    lh = LabelHolderEnv(tmp_path, node_cmd, ctx)
+    nodes = [lh]
+    try:
+        nodes.append(DataHolderEnv(tmp_path, node_cmd, ctx, party=DH1, keys=lh.keys))
+        nodes.append(DataHolderEnv(tmp_path, node_cmd, ctx, party=DH2, endpoint=lh.address, keys=lh.keys))
+        dh1 = nodes[1]
+        seg = lh.peer(SEG)
+        seg.send("HELLO", hello_fields(SEG, "segment_holder"))
+        seg.expect("WELCOME", 60.0, "seg1 joins the label holder")
+        relayed_types = []
+        forward = None
+        deadline = time.monotonic() + 60.0
+        while forward is None and time.monotonic() < deadline:
+            for node in nodes:
+                assert node.proc.poll() is None, f"a node exited with {node.proc.returncode}\n{node.log_text()[-3000:]}"
+            m = dh1.hop.recv(0.01, skip_heartbeats=False)
+            if m is not None:
+                if m.type == "FORWARD":
+                    forward = m
+                    break
+                assert m.type == "RELAY", f"[C1] dh1 sent its segment holder a plain {m.summary()}"
+                relayed_types.append(msgpack.unpackb(m.tensors[0][3], raw=False).get("type"))
+                seg.send_raw(m.frames, pace=False)
+            down = seg.recv(0.01)
+            if down is not None and down.type == "RELAY" and down.get("party") == DH1:
+                dh1.hop.send(down.frames)
+        assert forward is not None, f"no FORWARD from dh1 within 60 s; it relayed {relayed_types}\n" \
+            f"{dh1.log_text()[-2000:]}\n{lh.log_text()[-2000:]}"
+        assert forward.get("step") == 0 and forward.tensors[0][:2] == ("activations", "float32"), forward.summary()
+        assert forward.tensors[0][2][1] == SESSION["cut_widths"][DH1], forward.summary()
+        for t in ("HELLO", "PSI_START", "PSI_ITEMS", "CHECKPOINT_DONE"):
+            assert t in relayed_types, f"[C1] dh1's {t} must travel as RELAY: it relayed {relayed_types}"
+    finally:
+        for node in nodes:
+            node.close()
