@@ -20,24 +20,30 @@ from . import cases as C
 from .chain import (
     BATCH, DH1, DH2, LH, RUN, SEG, SESSION, WIDTH, SegmentHolderEnv, activations, hello_fields,
 )
-from .peer import CODE_NAMES, CODES, PACER, Msg, Peer, config_digest, envelope, pack
+from .peer import CODE_NAMES, CODES, PACER, Msg, Peer, config_digest, envelope, pack, routing_id
 from .relay import DOWN, Channel, flip, int64
 
 T = 5.0  # how long to wait for an answer that must come (the node may be busy with its neighbours' start-up)
 QUIET = 0.4  # how long to listen for an answer that must not come
-POOL = 6  # the segment holders this module starts: one shared, one for each test that ends its session
+POOL = 10  # the segment holders this module starts: one shared, one for each test that trains or ends its session
+AHEAD = 4
 
 
 class Pool:
+    """Segment holders started ``AHEAD`` of the tests that take them, so one starts while the others run."""
+
     def __init__(self, tmp_path_factory, node_cmd, ctx):
-        self.envs = [SegmentHolderEnv(tmp_path_factory.mktemp("vfl-seg"), node_cmd, ctx) for _ in range(POOL)]
+        self.make = lambda: SegmentHolderEnv(tmp_path_factory.mktemp("vfl-seg"), node_cmd, ctx)
+        self.envs = [self.make() for _ in range(AHEAD)]
         self.taken = 0
         self.shared: Optional[SegmentHolderEnv] = None
 
     def take(self) -> SegmentHolderEnv:
-        assert self.taken < len(self.envs), "the segment holder pool is too small: raise POOL"
+        assert self.taken < POOL, "the segment holder pool is too small: raise POOL"
         env = self.envs[self.taken]
         self.taken += 1
+        if len(self.envs) < POOL:
+            self.envs.append(self.make())
         return env
 
     def close(self) -> None:
@@ -309,6 +315,39 @@ def test_C4_a_cut_layer_on_a_connection_that_is_not_current_is_UNEXPECTED_MESSAG
     assert seg.proc.poll() is None, "[C4] the session must go on"
 
 
+S4_MESSAGES = {  # what dh1's key sends on a routing id of dh2 -> the answer ([M2]: an ERROR gets none)
+    "relayed_HELLO": "IDENTITY_MISMATCH",
+    "bad_signature": "IDENTITY_MISMATCH",
+    "bad_header": "IDENTITY_MISMATCH",
+    "ERROR": None,
+    "malformed_ERROR": None,
+}
+
+
+@pytest.mark.parametrize("which", list(S4_MESSAGES))
+def test_S4_a_routing_id_of_another_party_is_IDENTITY_MISMATCH_whatever_else_is_wrong(seg, which):
+    """[S4] on the segment holder's input side (section 2: [S3]-[S5] apply there): a message on a routing id whose
+    party is not the one its key belongs to gets ERROR IDENTITY_MISMATCH, before a section 3 failure is answered;
+    an ERROR (well-formed or not) gets nothing ([M2])."""
+    p = seg.input(DH1, rid=routing_id(DH2))  # dh1's key, dh2's routing id (fresh: libzmq ignores one in use)
+    q = Input(seg, p)
+    frames = {
+        "relayed_HELLO": lambda: q.up.wrap(envelope("HELLO", hello_fields(DH1))),
+        "bad_signature": lambda: [b"XXXXX", b"\xc1"],
+        "bad_header": lambda: [b"VFL/1", b"\xc1"],
+        "ERROR": lambda: envelope("ERROR", {"code": 6, "message": "conformance kit"}),
+        "malformed_ERROR": lambda: [b"VFL/1", pack({"type": "ERROR", "code": "6", "message": "x"})],
+    }[which]()
+    p.send_raw(frames)
+    if S4_MESSAGES[which] is None:
+        p.send_raw(envelope("HEARTBEAT"))  # the probe: its IDENTITY_MISMATCH must be the first answer
+        err = p.expect_error("IDENTITY_MISMATCH", T, f"[M2] {which} on routing id dh2/...: only the probe is answered")
+        assert err.get("ref") in (None, "HEARTBEAT"), f"[M2] {which} was answered: {err.summary()}"
+    else:
+        p.expect_error(S4_MESSAGES[which], T, f"[S4] {which} on routing id dh2/...")
+    lh_nothing(seg, "[S4] nothing goes downstream")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # [E1], [M2], [R1] on the input side
 
@@ -376,27 +415,84 @@ def test_R1_garbage_from_an_input_never_stops_the_segment_holder(seg):
 # [C7] the input's FORWARDs are checked as the label holder checks them
 
 
-C7_VIOLATIONS = {  # name -> (FORWARDs sent in order: (step, activations), the expected code)
-    "out_of_order": ([(1, activations())], "UNEXPECTED_MESSAGE"),
-    "beyond_the_window": ([(0, activations()), (1, activations()), (2, activations())], "UNEXPECTED_MESSAGE"),
-    "wrong_width": ([(0, activations(width=WIDTH + 1))], "BAD_TENSOR"),
+def _fw(step: int, acts=None) -> tuple[str, dict, np.ndarray]:
+    return "FORWARD", {"step": step}, activations() if acts is None else acts
+
+
+C7_VIOLATIONS = {  # name -> (the input's cut-layer messages in order, the expected code)
+    "out_of_order": ([_fw(1)], "UNEXPECTED_MESSAGE"),
+    "beyond_the_window": ([_fw(0), _fw(1), _fw(2)], "UNEXPECTED_MESSAGE"),
+    "wrong_width": ([_fw(0, activations(width=WIDTH + 1))], "BAD_TENSOR"),
+    "wrong_rows": ([_fw(0, activations(rows=BATCH - 1))], "BAD_TENSOR"),
+    "EVAL_FORWARD_outside_a_validation": ([("EVAL_FORWARD", {"epoch": 0, "batch": 0}, activations())],
+                                          "UNEXPECTED_MESSAGE"),
 }
 
 
 @pytest.mark.parametrize("which", list(C7_VIOLATIONS))
-def test_C7_a_bad_FORWARD_from_an_input_gets_ERROR_and_ends_the_session(own, which):
-    """[C7] ([X2], [X6]): an input's FORWARD out of step order, beyond the window (2) or with a shape other than
-    [len(batch), its width] gets ERROR (UNEXPECTED_MESSAGE, BAD_TENSOR) to that input, and the segment holder ends
-    its session: BYE {ok: false} downstream, exit 1. The FORWARDs before it are its segment's input: each one gives
-    one FORWARD downstream of the segment's width."""
+def test_C7_a_bad_cut_layer_from_an_input_gets_ERROR_and_ends_the_session(own, which):
+    """[C7] ([X2], [X5], [X6]): an input's FORWARD out of step order, beyond the window (2) or with a shape other
+    than [len(batch), its width], or an EVAL_FORWARD before the input could be validating (the BACKWARD of the
+    epoch's last step not sent to it), gets ERROR (UNEXPECTED_MESSAGE, BAD_TENSOR) to that input, and the segment
+    holder ends its session: BYE {ok: false} downstream, exit 1. The FORWARDs before it are its segment's input:
+    each one gives one FORWARD downstream of the segment's width."""
     forwards, code = C7_VIOLATIONS[which]
     own.join()
     q = open_input(own, f"[C7] {which}")
     train(own, q, f"[C7] {which}")
-    for i, (step, acts) in enumerate(forwards):
-        q.peer.send("FORWARD", {"step": step}, [("activations", acts)])
+    for i, (kind, fields, acts) in enumerate(forwards):
+        step = fields.get("step")
+        q.peer.send(kind, fields, [("activations", acts)])
         if i < len(forwards) - 1:
             f = own.lh.expect("FORWARD", T, f"[C7] {which}: the segment holder's FORWARD {step}")
             assert f.get("step") == step and f.tensors[0][:3] == ("activations", "float32", [BATCH, WIDTH]), f.summary()
     q.peer.expect_error(code, T, f"[C7] {which}")
     ended(own, f"[C7] {which}")
+
+
+def _forward(env: SegmentHolderEnv, q: Input, step: int, what: str) -> Msg:
+    """dh1's FORWARD(step) in, the segment holder's FORWARD(step) of its segment's width out."""
+    q.peer.send("FORWARD", {"step": step}, [("activations", activations())])
+    f = env.lh.expect("FORWARD", T, f"{what}: the segment holder's FORWARD {step}")
+    assert f.get("step") == step and f.tensors[0][:3] == ("activations", "float32", [BATCH, WIDTH]), f.summary()
+    return f
+
+
+def test_C7_a_BACKWARD_sends_each_input_its_gradient_before_what_comes_after_it(own):
+    """[C7], [C6]: on BACKWARD(s) from downstream the segment holder sends its input BACKWARD(s) with the gradient
+    of that input's cut layer (float32 [len(batch), its width], finite), and it sends it before it forwards the
+    RELAY the label holder sent right after the BACKWARD (so dh1 has BACKWARD(k-1) before its CHECKPOINT k)."""
+    own.join()
+    q = open_input(own, "[C7] BACKWARD")
+    train(own, q, "[C7] BACKWARD")
+    _forward(own, q, 0, "[C7] BACKWARD")
+    grad = np.full((BATCH, WIDTH), 0.25, dtype="<f4")
+    own.lh.send(envelope("BACKWARD", {"step": 0}, [("gradient", grad)]))
+    q.relay_down(envelope("CHECKPOINT", {"step": 1, "epoch": 0}))
+    b = q.peer.expect("BACKWARD", T, "[C7] the input's BACKWARD(0)")
+    assert b.get("step") == 0 and b.tensors[0][:3] == ("gradient", "float32", [BATCH, WIDTH]), b.summary()
+    assert np.isfinite(np.frombuffer(b.tensors[0][3], dtype="<f4")).all()
+    assert msg_type(q.arrives_up("[C6] the relayed CHECKPOINT after the BACKWARD")) == "CHECKPOINT"
+
+
+def test_C7_after_a_ROLLBACK_an_inputs_stale_FORWARDs_are_dropped_until_it_echoes(own):
+    """[C7]: after its own ROLLBACK the segment holder drops the input's FORWARDs of the abandoned pipeline (no
+    ERROR, the session goes on) until the input echoes its ROLLBACK upward through it; after the new SCHEDULE the
+    input's FORWARD(0) is its segment's input again."""
+    own.join()
+    q = open_input(own, "[C7] ROLLBACK")
+    train(own, q, "[C7] ROLLBACK")
+    _forward(own, q, 0, "[C7] ROLLBACK")
+    own.lh.send(envelope("ROLLBACK", {"step": 0}))
+    echo = own.lh.expect("ROLLBACK", T, "[X8] the segment holder's own ROLLBACK echo")
+    assert echo.get("step") == 0
+    q.relay_down(envelope("ROLLBACK", {"step": 0}))
+    assert msg_type(q.arrives_up("[C7] the input's relayed ROLLBACK")) == "ROLLBACK"
+    q.peer.send("FORWARD", {"step": 1}, [("activations", activations())])  # sent before it saw the ROLLBACK
+    q.peer.expect_nothing(QUIET, "[C7] a stale FORWARD after ROLLBACK is dropped, not refused")
+    lh_nothing(own, "[C7] a stale FORWARD after ROLLBACK", 0.05)
+    assert own.proc.poll() is None, "[C7] a stale FORWARD must not end the session"
+    q.relay_up(envelope("ROLLBACK", {"step": 0}))
+    assert msg_type(q.arrives_down("[C7] the input's ROLLBACK echo, forwarded")) == "ROLLBACK"
+    train(own, q, "[C7] the new pipeline")
+    _forward(own, q, 0, "[C7] the new pipeline")
