@@ -314,7 +314,7 @@ def demo(dataset: str, n_data_holders: int, epochs: int | None, out_dir: str | N
     import shutil
 
     from .launch import launch
-    from .launch.demo import leak_line, prepare_demo, privacy_table, summarize
+    from .launch.demo import leak_line, parties_line, prepare_demo, privacy_table, summarize
 
     privacy = privacy_table(defence, defence_params)
     out = Path(out_dir or f"runs/demo-{dataset}")
@@ -334,9 +334,9 @@ def demo(dataset: str, n_data_holders: int, epochs: int | None, out_dir: str | N
         final += f" (the weights after epoch {summary['kept_epoch']} of {summary['epochs']}: the lowest validation loss)"
     click.echo(f"demo {dataset}: {'ok' if summary['ok'] else 'FAILED'} in {summary['wall_seconds']} s "
                f"(nodes {summary['launch_seconds']} s); {summary['aligned_rows']} aligned rows; {final}")
-    leak = leak_line(summary)
-    if leak:
-        click.echo(leak)
+    for line in (parties_line(summary), leak_line(summary)):
+        if line:
+            click.echo(line)
     click.echo(f"summary: {out / 'summary.json'}")
     if result.failed:
         click.echo(f"vfl demo: failed: {', '.join(f'{n} (exit {result.exit_codes[n]})' for n in result.failed)}; "

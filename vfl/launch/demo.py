@@ -261,6 +261,17 @@ def summarize(demo: Demo, launch_s: float, logs: dict[str, list[str]], exit_code
     return summary
 
 
+def parties_line(summary: dict) -> str | None:
+    """The demo's line naming each party's role, for a chain (None for the two-tier demos, whose roles are plain):
+    the data holders first, then the segment holders, then the label holder, as the tensors flow."""
+    roles = summary.get("parties") or {}
+    if "segment_holder" not in roles.values():
+        return None
+    order = ("data_holder", "segment_holder", "label_holder")
+    ranked = sorted(roles, key=lambda p: (order.index(roles[p]) if roles[p] in order else len(order), p))
+    return "parties: " + ", ".join(f"{p} ({str(roles[p]).replace('_', ' ')})" for p in ranked)
+
+
 _LEAK_NAMES = (("leak_auc_norm", "norm AUC"), ("leak_auc_direction", "direction AUC"),
                ("leak_attack_accuracy", "attack accuracy"))
 
@@ -275,7 +286,10 @@ def leak_line(summary: dict) -> str | None:
     if not parties:
         return None
     defence = summary.get("defence") or "none"
-    head = "label leakage (what each data holder could infer from its gradients"
+    roles = summary.get("parties") or {}
+    # in a chain the label holder's gradients go to the parties feeding it, segment holders among them
+    who = "party feeding the label holder" if any(roles.get(p) == "segment_holder" for p in leak) else "data holder"
+    head = f"label leakage (what each {who} could infer from its gradients"
     if defence == "none":
         return f"{head}): {'; '.join(parties)} — see PRIVACY.md; set [privacy].defence to reduce it"
     return f"{head}, defence {defence}): {'; '.join(parties)} — see PRIVACY.md"
