@@ -412,6 +412,8 @@ def plot(run_dir: str, out_path: str | None) -> None:
               help="Pipeline window W (1: synchronous and reproducible; more: faster, varies run to run).")
 @click.option("--lr", default=0.01, show_default=True, type=click.FloatRange(0, min_open=True), help="Adam's lr.")
 @click.option("--overwrite", is_flag=True, help="Replace the node configs already in OUT_DIR (keys are kept).")
+@click.option("--segment-holder", "segment_holders", multiple=True, metavar="NAME=INPUT,...",
+              help="A segment holder (no data, a model segment) fed by these data/segment holders (repeatable).")
 def init_cmd(out_dir: str, **options) -> None:
     """Write a commented node config per party and their keys into OUT_DIR, from the parties' own tables.
 

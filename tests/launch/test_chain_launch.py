@@ -258,18 +258,19 @@ def test_the_chain_demos_model_name_covers_the_segment_holder_and_the_topology(t
     """The session's model name fingerprints every party's tables and the chain's shape: a different segment or a
     different topology is a different name, so nodes prepared for different networks are refused at HELLO."""
     pytest.importorskip("sklearn", reason="the demo data sets come from scikit-learn")
-    from vfl.launch.demo import model_name, prepare_demo
+    from vfl.launch.demo import prepare_demo
+    from vfl.launch.prepare import model_name
 
     cfg = load_config(prepare_demo("chain", tmp_path / "a").configs["bank"])
     tables = {"dh1": {"model": {"bottom": {"widths": [128]}}}, "seg1": {"model": {"segment": {"widths": [640]}}}}
     segments = {"seg1": {"inputs": ["dh1"], "width": 640, "combine": "concat"}}
-    name = model_name("chain", tables, {"dh1": 128}, segments)
+    name = model_name("demo-chain", tables, {"dh1": 128}, segments)
     assert cfg.session.model.startswith("demo-chain-") and len(cfg.session.model) == len(name)
     other_segment = {**tables, "seg1": {"model": {"segment": {"widths": [320, 640]}}}}
-    assert model_name("chain", other_segment, {"dh1": 128}, segments) != name
-    assert model_name("chain", tables, {"dh1": 128}, {"seg1": {**segments["seg1"], "combine": "sum"}}) != name
-    assert model_name("chain", tables, {"dh1": 128}) != name  # the same tables without the chain
-    assert model_name("digits", tables, {"dh1": 128}, None) == model_name("digits", tables, {"dh1": 128}, {})
+    assert model_name("demo-chain", other_segment, {"dh1": 128}, segments) != name
+    assert model_name("demo-chain", tables, {"dh1": 128}, {"seg1": {**segments["seg1"], "combine": "sum"}}) != name
+    assert model_name("demo-chain", tables, {"dh1": 128}) != name  # the same tables without the chain
+    assert model_name("demo-digits", tables, {"dh1": 128}, None) == model_name("demo-digits", tables, {"dh1": 128}, {})
 
 
 def test_demo_chain_refuses_more_data_holders(tmp_path):

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SetupError
-from ..train.specs import fingerprint
 from .local import LaunchResult, summarize_run, write_summary
-from .prepare import LABEL_HOLDER, prepare_session
+from .prepare import LABEL_HOLDER, model_name, prepare_session
 
 DATASETS = ("breast", "digits", "chain")
 DROP_FRACTION = 0.03  # rows missing at each party
@@ -218,7 +217,7 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
         tables[LABEL_HOLDER]["train"]["epochs"] = epochs
     if privacy:
         _check_task(privacy, tables[LABEL_HOLDER]["train"]["task"])
-    model = model_name(name, tables, widths, segments)
+    model = model_name(f"demo-{name}", tables, widths, segments)
     configs = prepare_session(
         out,
         data_holders=holders,
@@ -235,14 +234,6 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
         segments=segments or None,
     )
     return Demo(name=name, configs=configs, out=out, rows=n)
-
-
-def model_name(demo: str, tables: dict, widths: dict[str, int], segments: dict[str, dict] | None = None) -> str:
-    """The session's ``model``: a fingerprint of every party's tables (a segment holder's too) and, in a chain, the
-    topology, so nodes prepared for different networks are refused at HELLO instead of training a mismatch. Without
-    segments it is the fingerprint the two-tier demos always had."""
-    shape = {"tables": tables, "widths": widths, **({"segments": segments} if segments else {})}
-    return f"demo-{demo}-" + fingerprint(shape)[:16]
 
 
 def summarize(demo: Demo, launch_s: float, logs: dict[str, list[str]], exit_codes: dict[str, int], *,
