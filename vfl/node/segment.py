@@ -46,6 +46,22 @@ def build_segment(cfg: NodeConfig):
     return TorchMiddle(model, optimizer, widths, seg.combine, checkpointer(cfg), dropout_seed=dropout_seed(cfg))
 
 
+def load_trained_segment(cfg: NodeConfig, segment) -> None:
+    """`vfl predict`: this segment holder's trained weights (its training run's ``PARTY-segment.pt``)."""
+    from ..train.models import ModelError, load_weights
+    from .training import read_segment, segment_path
+
+    path = segment_path(cfg)
+    state = read_segment(path)
+    if state.get("vfl_party") != cfg.party or state.get("vfl_model") != cfg.session.model:
+        raise TrainingSetupError(
+            f"{path} is party {state.get('vfl_party')!r}'s segment for model {state.get('vfl_model')!r}, not this node's")
+    try:
+        load_weights(segment.model, state, f"the trained segment {path}", "model")
+    except ModelError as exc:
+        raise TrainingSetupError(f"party {cfg.party!r}: {path} does not fit [model].segment: {exc}") from None
+
+
 class SegmentRunner:
     """Runs one segment holder until its session ends or a signal stops it; ``run()`` returns the exit code."""
 
@@ -73,6 +89,8 @@ class SegmentRunner:
 
         torch.set_num_threads(cfg.train.threads)
         self.segment = build_segment(cfg)  # a spec that does not fit is a setup error before any connection
+        if cfg.session.predict:  # `vfl predict`: the trained segment, forward only
+            load_trained_segment(cfg, self.segment)
         inputs = cfg.session.chain.inputs(cfg.party)
         self.down = Transport(cfg)
         try:
@@ -212,6 +230,8 @@ class SegmentRunner:
             return finished
         from .training import INTERRUPTED, save_segment, segment_path
 
+        if self.cfg.session.predict:  # nothing of a prediction stays here: the label holder writes predictions.csv
+            return finished
         if not self.machine.training_done:
             return Finished(exit_code=INTERRUPTED, reason=f"{finished.reason} before the training finished: nothing "
                             f"was saved as this party's result; the checkpoints in {self.cfg.train.checkpoint_dir} "
