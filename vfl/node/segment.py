@@ -92,7 +92,9 @@ class SegmentRunner:
         if cfg.session.predict:  # `vfl predict`: the trained segment, forward only
             load_trained_segment(cfg, self.segment)
         inputs = cfg.session.chain.inputs(cfg.party)
-        self.down = Transport(cfg)
+        # downstream brings EPOCHs (its own and relayed ones) over rows it cannot count before SCHEDULE: frames up to
+        # max_tensor_bytes ([B1]'s E at the largest tensor); its inputs send cut layers and relayed PSI chunks only
+        self.down = Transport(cfg, rows=cfg.limits.max_tensor_bytes // 8)
         try:
             self.up = Transport(cfg, server=True, endpoint=cfg.bind,
                                 partners={p: cfg.partners[p] for p in inputs if p in cfg.partners})
