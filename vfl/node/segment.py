@@ -140,6 +140,7 @@ class SegmentRunner:
             pending = []
             if self.outbox:
                 self._flush()
+                self._drop_non_readers(time.monotonic())
             if self._repoll:
                 poller, self._repoll = self._poller(), False
             if finished is not None:
@@ -274,6 +275,22 @@ class SegmentRunner:
             if not self.outbox or until is None or time.monotonic() >= until:
                 return
             time.sleep(0.02)
+
+    def _drop_non_readers(self, now: float) -> None:
+        """[B2] towards the inputs: an input whose queue stays over budget (or stalls) is not reading. Its queue is
+        dropped and its connection closed, so it costs this node at most its budget and never delays the others;
+        its relayed session then times out at the label holder ([X8]), which it may rejoin like any party. The
+        downstream's liveness is our own session's (its timeouts)."""
+        for to, why in list(self.outbox.over_budget(now)):
+            if to is DOWN:
+                continue
+            freed = self.outbox.drop(to)
+            self.log.warning("input %s is not reading (%s): dropped %d queued bytes and its connection",
+                             peer_text(to, 80), why, freed)
+            self.up.disconnect(to)
+            for q in self.machine.inputs.values():
+                if q.route == to:
+                    q.route = None
 
     def _report(self, finished: Finished) -> int:
         import json
