@@ -218,8 +218,9 @@ def psi(config_path: str, out_path: str | None, verbose: bool, allow_insecure_re
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="The node's TOML config of the training run (same [session], [model] and keys).")
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="This party's table for the rows to predict: the ID column and (data holders) the same features.")
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False),
+              help="This party's table for the rows to predict: the ID column and (data holders) the same features. "
+                   "Every party but a segment holder, which holds no data.")
 @click.option("--segment", "segment_path", type=click.Path(exists=True, dir_okay=False),
               help="This party's trained segment. Default: OUTPUT/PARTY-segment.pt of [train].output.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
@@ -245,10 +246,14 @@ def predict(config_path: str, data_path: str, segment_path: str | None, out_path
             raise click.BadParameter(f"must be this party's {cfg.party}-segment.pt", param_hint="--segment")
         train = dataclasses.replace(train, output=seg.parent)
     train = dataclasses.replace(train, predictions=Path(out_path).resolve() if out_path else None)
+    if cfg.is_segment_holder and data_path is not None:
+        raise click.BadParameter("a segment holder holds no data: leave --data out", param_hint="--data")
+    if not cfg.is_segment_holder and data_path is None:
+        raise click.UsageError("Missing option '--data': this party's table of the rows to predict")
     cfg = dataclasses.replace(
         cfg,
         session=dataclasses.replace(cfg.session, predict=True),
-        data=dataclasses.replace(cfg.data, path=Path(data_path).resolve()),
+        data=dataclasses.replace(cfg.data, path=Path(data_path).resolve()) if data_path is not None else None,
         psi=dataclasses.replace(cfg.psi, output=None),
         train=train,
     )

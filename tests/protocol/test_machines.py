@@ -153,8 +153,8 @@ def test_hello_checks_run_in_the_documented_order():
 def test_welcome_names_the_lower_minor_version():
     from vfl.protocol import PROTOCOL_VERSION
 
-    (welcome,) = sends(feed(label_holder(), hello(version=(1, 9))))
-    assert welcome.version == PROTOCOL_VERSION == (1, 9)
+    (welcome,) = sends(feed(label_holder(), hello(version=(1, 10))))
+    assert welcome.version == PROTOCOL_VERSION == (1, 10)
     (welcome,) = sends(feed(label_holder(), hello(version=(1, 0))))
     assert welcome.version == (1, 0)
 

@@ -26,7 +26,7 @@ from .text import peer_text
 
 SIGNATURE = b"VFL/1"
 SIGNATURE_PREFIX = b"VFL/"
-PROTOCOL_VERSION = (1, 9)
+PROTOCOL_VERSION = (1, 10)
 MAX_NDIM = 8
 MAX_TENSOR_NAME = 64
 

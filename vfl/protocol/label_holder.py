@@ -536,7 +536,8 @@ class LabelHolderMachine:
         bye_ok = code == 0 if ok is None else ok
         out: list[Output] = [
             self._send(p, Bye(ok=bye_ok, reason=reason, pause=True if pause else None), now)
-            for p in self.parties.values()
+            # [C6]: the parties behind a segment holder first, so its own BYE (after which it stops) comes last
+            for p in (self.parties[name] for name in reversed(self.control_order))
             if p.state in CONNECTED and p.name != lost
         ]
         self.finished = Finished(exit_code=code, reason=reason)
@@ -1069,11 +1070,16 @@ class LabelHolderMachine:
             out.append(Log(level="INFO", text=(
                 f"window auto: {t.window} (a step took {t.probe['period_ms']:.1f} ms from one to the next at window 1, "
                 f"{t.probe['step_ms']:.1f} ms of it here; max_window {self.config.max_window})")))
-        for name, msgs in per_party.items():
+        # in the order they were made, across parties ([C6]: a segment holder passes them on in arrival order)
+        events = getattr(per_party, "events", None)
+        if events is None:
+            events = [(name, m) for name, msgs in per_party.items() for m in msgs]
+        for name, m in events:
             q = self.parties[name]  # TRAINING_DONE (v1.5) only to a party that speaks 1.5
             if q.state is not PartyState.TRAINING:  # rejoining: a fresh SCHEDULE after the rollback is all it gets
                 continue
-            out += [self._send(q, m, now) for m in msgs if not (isinstance(m, TrainingDone) and q.minor < 5)]
+            if not (isinstance(m, TrainingDone) and q.minor < 5):
+                out.append(self._send(q, m, now))
         out += [EpochDone(metrics=m) for m in metrics]
         # once: FORWARDs of an epoch sent ahead ([X14]) may still arrive after TRAINING_DONE went out, and each
         # would otherwise find no TRAINING_DONE in its answer and finish the run before every party confirmed

@@ -447,6 +447,21 @@ class DataHolderTraining:
 # ------------------------------------------------------------------------------------------------- label holder
 
 
+class Rounds(dict):
+    """Messages per party (``dict`` of lists, as callers read it) that also remembers the order they were made in
+    across parties (``events``): a segment holder forwards what passes it in the order it arrives, so the label
+    holder must send a step's BACKWARD, then the CHECKPOINT that follows it for everyone, then the next step's
+    BACKWARD, not each party's messages in one block ([C6])."""
+
+    def __init__(self, parties: Sequence[str]):
+        super().__init__({p: [] for p in parties})
+        self.events: list[tuple[str, Message]] = []
+
+    def add(self, party: str, *msgs: Message) -> None:
+        self[party].extend(msgs)
+        self.events.extend((party, m) for m in msgs)
+
+
 @dataclass
 class _Inbox:
     forwards: dict[int, np.ndarray] = field(default_factory=dict)
@@ -670,7 +685,7 @@ class LabelHolderTraining:
         return box
 
     def _advance(self, now: float | None = None) -> tuple[dict[str, list[Message]], list[dict]]:
-        out: dict[str, list[Message]] = {p: [] for p in self.parties}
+        out = Rounds(self.parties)
         metrics: list[dict] = []
         while not self.done:
             if not self._evaluating:
@@ -688,15 +703,15 @@ class LabelHolderTraining:
                     if p in self._inbox:
                         tensors = encode_cut("gradient", grads[p], self.precision.gradients,
                                              f"BACKWARD step {self.step} to {p}")
-                        out[p].append(Backward(step=self.step, tensors=tensors))
+                        out.add(p, Backward(step=self.step, tensors=tensors))
                     if choose:
-                        out[p].append(Window(window=self.window))
+                        out.add(p, Window(window=self.window))
                 self.step += 1
                 every = self.plan.checkpoint_every
                 if self.plan.checkpoints and every and self.step % every == 0 and self.step < self._epoch_end_step:
                     ask = self._checkpoint(self.step)  # after BACKWARD(step - 1) on every socket
                     for p in self.parties:
-                        out[p].extend(ask)
+                        out.add(p, *ask)
                 if self.step == self._epoch_end_step:
                     self._step_mark = self._last_step_at = None  # validation is not a training step
                     self._evaluating, self._eval_next = True, 0
@@ -724,12 +739,12 @@ class LabelHolderTraining:
             if self.epoch >= self.plan.epochs or self._out_of_patience():
                 self.stopped_early = self.epoch < self.plan.epochs
                 for p, msgs in self._training_done().items():
-                    out[p].extend(msgs)
+                    out.add(p, *msgs)
                 self.done = True
                 break
             opening = self._open_epoch(now=now)
             for p in self.parties:
-                out[p].extend(opening)
+                out.add(p, *opening)
         return out, metrics
 
     @property
