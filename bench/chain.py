@@ -308,7 +308,7 @@ def central_main(spec: dict) -> int:
 def run_central(folder: Path, epochs: int, timeout_s: float) -> dict:
     """C in its own process, on the data and configs of ``folder`` (a prepared chain demo)."""
     spec = json.dumps({"folder": str(folder), "epochs": epochs, "threads": CENTRAL_THREADS})
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {**os.environ, "PYTHONPATH": _repo_first()}
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--central", spec], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
@@ -357,8 +357,14 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def _repo_first() -> str:
+    """PYTHONPATH with this checkout first: the node processes and the central child run the code the bench reads."""
+    return os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def run(args: argparse.Namespace) -> dict:
     began = time.monotonic()
+    os.environ["PYTHONPATH"] = _repo_first()  # the launcher passes its environment on to every node
     load_before = _loadavg()
     epochs = QUICK_EPOCHS if args.quick else args.epochs  # None: the demo's own
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
