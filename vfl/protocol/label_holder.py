@@ -536,7 +536,8 @@ class LabelHolderMachine:
         bye_ok = code == 0 if ok is None else ok
         out: list[Output] = [
             self._send(p, Bye(ok=bye_ok, reason=reason, pause=True if pause else None), now)
-            for p in self.parties.values()
+            # [C6]: the parties behind a segment holder first, so its own BYE (after which it stops) comes last
+            for p in (self.parties[name] for name in reversed(self.control_order))
             if p.state in CONNECTED and p.name != lost
         ]
         self.finished = Finished(exit_code=code, reason=reason)

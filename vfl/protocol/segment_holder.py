@@ -355,6 +355,8 @@ class SegmentHolderMachine:
                 if q.route != routing_id:
                     q.route = routing_id
                     q.clear(0)
+                    # until its SCHEDULE passes, nothing of the pipeline in progress is its: no BACKWARD goes to it
+                    q.rolling_back, q.echo_due = True, False
             elif routing_id != q.route:
                 return [Log(level="DEBUG", text=f"dropped a RELAY of {q.name!r} from a connection it replaced")]
             elif inner == Rollback.TYPE and q.echo_due:  # its echo: its messages are the new pipeline's again
