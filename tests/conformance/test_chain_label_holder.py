@@ -221,3 +221,29 @@ def test_C2_a_RELAY_carrying_a_party_that_feeds_the_label_holder_directly_is_IDE
     env.seg.send_raw(ch.wrap(envelope("HELLO", hello_fields(party, role))))
     env.seg.expect_error("IDENTITY_MISMATCH", T, f"[C2] RELAY carrying {party}")
     env.seg.expect_nothing(QUIET, f"[C2] RELAY carrying {party}: nothing else")
+
+
+def test_C3_a_RELAY_inside_a_RELAY_is_refused(env):
+    """[C3]: relays are forwarded, never nested: an authentic RELAY whose inner message is itself a RELAY is
+    refused with an ERROR; it passed the relay checks, so it counts in the sequence, and the relayed session goes
+    on at the next seq."""
+    ch = relayed_dh1(env, "[C3] nested")
+    # a RELAY without tensors: well formed for section 3 (a real one's `~header` would clash with the outer one's)
+    nested = envelope("RELAY", {"party": DH1, "conn": ch.conn, "seq": 1, "mac": "0" * 64})
+    env.seg.send_raw(ch.wrap(nested), pace=False)
+    m = env.seg.recv_app(T)
+    assert m is not None, "[C3] a RELAY inside a RELAY must be refused with an ERROR"
+    err = ch.check(m, "[C3] nested") if m.type == "RELAY" else m.frames
+    h = _header(err)
+    assert h.get("type") == "ERROR", f"[C3] expected an ERROR for a RELAY inside a RELAY, got {h}"
+    echo_round_trip(env, ch, "[C3] after a nested RELAY")
+
+
+def test_C3_the_label_holder_keeps_at_most_4_relayed_connections_per_party(env):
+    """[C3]: the label holder keeps the sequence state of at most 4 relayed connections of a party, the latest: after
+    5 new connections of dh1 the first one is unknown again, so its next RELAY (seq above 0) is UNEXPECTED_MESSAGE,
+    while the 4 latest still have theirs (the newest answers at its next seq)."""
+    chans = [relayed_dh1(env, f"[C3] connection {i}") for i in range(5)]
+    env.seg.send_raw(chans[0].wrap(envelope("ECHO", {"seq": 1})))
+    env.seg.expect_error("UNEXPECTED_MESSAGE", T, "[C3] a forgotten relayed connection, seq 1")
+    echo_round_trip(env, chans[-1], "[C3] the newest connection")

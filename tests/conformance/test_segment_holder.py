@@ -25,7 +25,7 @@ from .relay import DOWN, Channel, flip, int64
 
 T = 5.0  # how long to wait for an answer that must come (the node may be busy with its neighbours' start-up)
 QUIET = 0.4  # how long to listen for an answer that must not come
-POOL = 10  # the segment holders this module starts: one shared, one for each test that trains or ends its session
+POOL = 11  # the segment holders this module starts: one shared, one for each test that trains or ends its session
 AHEAD = 4
 
 
@@ -246,6 +246,18 @@ def test_C4_a_downstream_RELAY_goes_to_the_inputs_current_connection(seg):
     lh_nothing(seg, "[C4] a RELAY from the replaced connection must be dropped")
     new.relay_up(envelope("ECHO", {"seq": 2}))
     assert msg_type(new.arrives_down("[C4] the current connection is still forwarded")) == "ECHO"
+
+
+def test_C4_a_downstream_RELAY_for_a_party_not_behind_it_goes_nowhere(seg):
+    """[C4]: only a RELAY for a party behind the segment holder is sent upstream: one for dh2 (which feeds the label
+    holder directly) or a stranger reaches no input, and the segment holder goes on."""
+    q = open_input(seg, "[C4] downstream RELAY for another party")
+    for party in (DH2, "mallory"):
+        ch = Channel(seg.relay_key_at_lh(DH1), RUN, party, f"{party}/{'1' * 16}", DOWN)
+        seg.lh.send(ch.wrap(envelope("ECHO_REPLY", {"seq": 1})))
+    q.peer.expect_nothing(QUIET, "[C4] a RELAY for a party not behind the segment holder")
+    q.relay_down(envelope("ECHO_REPLY", {"seq": 2}))
+    assert msg_type(q.arrives_up("[C4] the input's own RELAY still arrives")) == "ECHO_REPLY"
 
 
 @pytest.mark.parametrize("party", [DH2, SEG, LH, "mallory"])
@@ -496,3 +508,32 @@ def test_C7_after_a_ROLLBACK_an_inputs_stale_FORWARDs_are_dropped_until_it_echoe
     assert msg_type(q.arrives_down("[C7] the input's ROLLBACK echo, forwarded")) == "ROLLBACK"
     train(own, q, "[C7] the new pipeline")
     _forward(own, q, 0, "[C7] the new pipeline")
+
+
+def test_C9_a_segment_holder_that_rejoins_downstream_closes_its_inputs_connections(own):
+    """[C9], [J1]: when the label holder names another instance in a HEARTBEAT (it restarted), the segment holder
+    rejoins on a fresh downstream connection (HELLO on a new routing id) and closes its inputs' connections, whose
+    relayed sessions were lost with its own: the input's connection is dropped, and a RELAY for it from downstream
+    goes nowhere until the input says HELLO again."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    own.join()
+    first_rid = own.lh.rid
+    q = open_input(own, "[C9]")
+    monitor = q.peer.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        own.lh.send(envelope("HEARTBEAT", {"instance": "cd" * 16}))
+        hello = own.lh.expect("HELLO", T, "[J1] the segment holder's HELLO after the label holder restarted")
+        assert own.lh.rid != first_rid, f"[J1] the rejoin must come on a fresh connection: {own.lh.rid!r}"
+        assert hello.get("role") == "segment_holder"
+        assert monitor.poll(int(T * 1000)), "[C9] the input's connection was not closed"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+    finally:
+        q.peer.sock.disable_monitor()
+        monitor.close(linger=0)
+    own.welcome(instance="cd" * 16)
+    q.relay_down(envelope("ECHO_REPLY", {"seq": 1}))
+    q.peer.expect_nothing(QUIET, "[C9] a RELAY for an input that has not said HELLO since the rejoin")
+    again = open_input(own, "[C9] the input rejoins through it")
+    assert again.peer is not q.peer
