@@ -19,7 +19,7 @@ import numpy as np
 import zmq
 
 from .peer import DOWN_OF_HOP, UP_OF_HOP, Msg, Peer, config_digest, envelope, routing_id
-from .relay import DOWN, UP, Channel, int64, relay_key
+from .relay import UP, Channel, int64, relay_key
 from .target import PartyKey, _toml_str, free_port, make_keys, node_command, start_node, stop_node
 from .test_data_holder import RawLabelHolder
 
@@ -117,6 +117,17 @@ class ChainNode:
         if self.proc is not None and self.proc.poll() is None:
             stop_node(self.proc, grace=5.0)
 
+    def dealer(self, ctx: zmq.Context, address: str, server: str, party: str, rid: Optional[bytes] = None) -> Peer:
+        """A DEALER with ``party``'s key (routing id ``rid``, else a fresh one of ``party``, [S1]) connected to the
+        node at ``address`` whose CURVE server key is ``server``'s; it may receive what a chain node sends upstream."""
+        key = self.keys[party]
+        rid = rid or routing_id(party)
+        p = Peer(ctx, address, server_public=self.keys[server].public, public=key.public, secret=key.secret,
+                 routing_id=rid, label=f"{party} {rid.decode()}")
+        p.allowed_types = DOWN_OF_HOP
+        p.party = party  # type: ignore[attr-defined]
+        return p
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # A live segment holder between a scripted label holder and scripted inputs
@@ -164,12 +175,7 @@ class SegmentHolderEnv(ChainNode):
 
     def input(self, party: str = DH1, rid: Optional[bytes] = None) -> Peer:
         """A DEALER with ``party``'s key connected to the segment holder's bind ([C1]: pinning seg1's key)."""
-        key = self.keys[party]
-        rid = rid or routing_id(party)
-        p = Peer(self.ctx, self.bind, server_public=self.keys[SEG].public, public=key.public, secret=key.secret,
-                 routing_id=rid, label=f"input {rid.decode()}")
-        p.allowed_types = DOWN_OF_HOP
-        p.party = party  # type: ignore[attr-defined]
+        p = self.dealer(self.ctx, self.bind, SEG, party, rid)
         self.inputs.append(p)
         return p
 
@@ -188,6 +194,13 @@ class SegmentHolderEnv(ChainNode):
 def hello_fields(party: str, role: str = "data_holder") -> dict:
     return {"version": [1, 10], "role": role, "party": party, "run": RUN, "config": SESSION,
             "digest": config_digest(SESSION)}
+
+
+def lh_welcome_for(party: str) -> list[bytes]:
+    """The label holder's WELCOME to a data holder of the chain session."""
+    return envelope("WELCOME", {"version": [1, 10], "party": LH, "run": RUN, "digest": config_digest(SESSION),
+                                "heartbeat_ms": 1000, "peer_timeout_ms": 120000,
+                                "data_holders": sorted(SESSION["cut_widths"]), "psi_nonce": "cd" * 16})
 
 
 def activations(rows: int = BATCH, width: int = WIDTH, dtype="<f4") -> np.ndarray:
@@ -224,12 +237,7 @@ class LabelHolderEnv(ChainNode):
 
     def peer(self, party: str, rid: Optional[bytes] = None) -> Peer:
         """A DEALER with ``party``'s key connected to the label holder."""
-        key = self.keys[party]
-        rid = rid or routing_id(party)
-        p = Peer(self.ctx, self.address, server_public=self.keys[LH].public, public=key.public, secret=key.secret,
-                 routing_id=rid, label=f"{party} {rid.decode()}")
-        p.allowed_types = DOWN_OF_HOP
-        p.party = party  # type: ignore[attr-defined]
+        p = self.dealer(self.ctx, self.address, LH, party, rid)
         self.peers.append(p)
         return p
 

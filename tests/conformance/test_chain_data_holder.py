@@ -15,11 +15,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from .chain import DH1, DH2, LH, RUN, SEG, DataHolderEnv, LabelHolderEnv, hello_fields
-from .peer import CODES, config_digest, envelope, pack
+from .chain import DH1, DH2, RUN, SEG, SESSION, DataHolderEnv, LabelHolderEnv, hello_fields, lh_welcome_for
+from .peer import envelope, pack
 from .relay import DOWN, Channel, flip
-from .chain import SESSION
-from .test_segment_holder import lh_welcome_for
 
 T = 10.0
 QUIET = 0.4

@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from .chain import DH1, DH2, LH, RUN, SEG, LabelHolderEnv, hello_fields
+from .chain import DH1, DH2, RUN, SEG, LabelHolderEnv, hello_fields
 from .peer import Peer, envelope, pack, routing_id
 from .relay import UP, Channel, flip
 

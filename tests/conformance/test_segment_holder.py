@@ -18,10 +18,10 @@ import pytest
 
 from . import cases as C
 from .chain import (
-    BATCH, DH1, DH2, LH, RUN, SEG, SESSION, WIDTH, SegmentHolderEnv, activations, hello_fields,
+    BATCH, DH1, DH2, LH, RUN, SEG, SESSION, WIDTH, SegmentHolderEnv, activations, hello_fields, lh_welcome_for,
 )
 from .peer import CODE_NAMES, CODES, PACER, Msg, Peer, config_digest, envelope, pack, routing_id
-from .relay import DOWN, Channel, flip, int64
+from .relay import DOWN, Channel, int64
 
 T = 5.0  # how long to wait for an answer that must come (the node may be busy with its neighbours' start-up)
 QUIET = 0.4  # how long to listen for an answer that must not come
@@ -86,13 +86,6 @@ def _seg_alive(pool):
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def lh_welcome_for(party: str) -> list[bytes]:
-    """The label holder's WELCOME to a data holder of the chain session."""
-    return envelope("WELCOME", {"version": [1, 10], "party": LH, "run": RUN, "digest": config_digest(SESSION),
-                                "heartbeat_ms": 1000, "peer_timeout_ms": 120000,
-                                "data_holders": sorted(SESSION["cut_widths"]), "psi_nonce": "cd" * 16})
 
 
 class Input:
