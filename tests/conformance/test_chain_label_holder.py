@@ -8,12 +8,15 @@ ever completes the set (dh2 never joins), so the label holder stays before the P
 
 from __future__ import annotations
 
+import time
+from typing import Optional
+
 import msgpack
 import numpy as np
 import pytest
 
 from .chain import DH1, DH2, RUN, SEG, LabelHolderEnv, hello_fields
-from .peer import Peer, envelope, pack, routing_id
+from .peer import CODES, Msg, Peer, envelope, pack, routing_id
 from .relay import UP, Channel, flip
 
 T = 5.0
@@ -26,6 +29,38 @@ class Env:
         self.seg = lh.peer(SEG)
         self.seg.send("HELLO", hello_fields(SEG, "segment_holder"))
         self.welcome = self.seg.expect("WELCOME", 60.0, "seg1's HELLO to the label holder")
+        self.channels: dict[str, Channel] = {}  # dh1's relayed connections the kit opened, by conn
+
+    def recv(self, timeout: float) -> tuple[Optional[Msg], Optional[list[bytes]]]:
+        """The next message for seg1 but HEARTBEATs, plain or relayed (the label holder heartbeats every READY
+        party, relayed ones too), and for a RELAY of a connection the kit opened, its inner frames, checked ([C3])."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.seg.recv_app(max(0.0, deadline - time.monotonic()))
+            if m is None:
+                return None, None
+            ch = self.channels.get(m.get("conn")) if m.type == "RELAY" and m.get("party") == DH1 else None
+            if ch is None:
+                return m, None
+            inner = ch.check(m, "a RELAY for dh1")
+            if _type(inner) != "HEARTBEAT":
+                return m, inner
+
+    def expect_error(self, code: str, what: str) -> Msg:
+        m, _ = self.recv(T)
+        assert m is not None and m.type == "ERROR" and m.code == CODES[code], (
+            f"{what}: expected ERROR {code} to seg1, got {m.summary() if m else 'nothing'}\n{self.seg.history()}")
+        return m
+
+    def quiet(self, ch: Optional[Channel], what: str) -> None:
+        """Nothing for seg1 within QUIET but relays to dh1's other connections ([S5] traffic of earlier tests)."""
+        deadline = time.monotonic() + QUIET
+        while True:
+            m, _ = self.recv(max(0.0, deadline - time.monotonic()))
+            if m is None:
+                return
+            assert m.type == "RELAY" and ch is not None and m.get("conn") != ch.conn, (
+                f"{what}: expected nothing, got {m.summary()}")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +86,7 @@ def _lh_alive(request):
 def relayed_dh1(env: Env, what: str = "") -> Channel:
     """A new relayed connection of dh1 through seg1: HELLO up, WELCOME back, both authentic ([C3])."""
     ch = Channel(env.lh.relay_key(DH1), RUN, DH1, routing_id(DH1).decode(), UP)
+    env.channels[ch.conn] = ch
     env.seg.send_raw(ch.wrap(envelope("HELLO", hello_fields(DH1))), pace=False)
     welcome = next_relay(env, ch, f"{what}: the label holder's answer to dh1's relayed HELLO")
     assert _type(welcome) == "WELCOME", f"{what}: expected a relayed WELCOME, got {_header(welcome)}"
@@ -60,12 +96,13 @@ def relayed_dh1(env: Env, what: str = "") -> Channel:
 def next_relay(env: Env, ch: Channel, what: str) -> list[bytes]:
     """The next message seg1 gets for ``ch``'s connection (relays for dh1's older connections are skipped): a RELAY
     that verifies with the kit's key and is the next seq."""
-    for _ in range(20):
-        m = env.seg.recv_app(T)
+    for _ in range(50):
+        m, inner = env.recv(T)
         assert m is not None, f"{what}: nothing within {T} s\n{env.seg.history()}"
         if m.type == "RELAY" and m.get("party") == DH1 and m.get("conn") != ch.conn:
             continue  # e.g. ERROR REPLACED to an older connection of dh1 ([S5])
-        return ch.check(m, what)
+        assert inner is not None, f"{what}: expected a RELAY for {ch.conn}, got {m.summary()}"
+        return inner
     raise AssertionError(f"{what}: too many relays for other connections")
 
 
@@ -134,9 +171,9 @@ def test_C3_an_altered_RELAY_is_IDENTITY_MISMATCH_and_changes_nothing(env, which
     else:
         bad = FLIPS[which](good)
     env.seg.send_raw(bad)
-    err = env.seg.expect_error("IDENTITY_MISMATCH", T, f"[C3] {which}")
+    err = env.expect_error("IDENTITY_MISMATCH", f"[C3] {which}")
     assert err.get("ref") in (None, "RELAY"), err.summary()
-    env.seg.expect_nothing(QUIET, f"[C3] {which}: nothing else")
+    env.quiet(ch, f"[C3] {which}: nothing else")
     echo_round_trip(env, ch, f"[C3] {which}: the authentic RELAY with the same seq")
 
 
@@ -148,8 +185,8 @@ def test_C3_a_replayed_RELAY_is_UNEXPECTED_MESSAGE(env):
     env.seg.send_raw(frames, pace=False)
     assert _header(next_relay(env, ch, "[C3] the original"))["type"] == "ECHO_REPLY"
     env.seg.send_raw(frames)
-    env.seg.expect_error("UNEXPECTED_MESSAGE", T, "[C3] replayed RELAY")
-    env.seg.expect_nothing(QUIET, "[C3] a replayed RELAY is not answered again")
+    env.expect_error("UNEXPECTED_MESSAGE", "[C3] replayed RELAY")
+    env.quiet(ch, "[C3] a replayed RELAY is not answered again")
     echo_round_trip(env, ch, "[C3] after the replay")
 
 
@@ -157,8 +194,9 @@ def test_C3_a_first_RELAY_of_an_unknown_conn_with_seq_above_0_is_UNEXPECTED_MESS
     """[C3]: the first RELAY of a conn the label holder does not know must have seq 0; an authentic one with seq 1
     (say, after a RELAY the path dropped) gets ERROR UNEXPECTED_MESSAGE, and that conn still starts at 0."""
     ch = Channel(env.lh.relay_key(DH1), RUN, DH1, routing_id(DH1).decode(), UP)
+    env.channels[ch.conn] = ch
     env.seg.send_raw(ch.wrap(envelope("HELLO", hello_fields(DH1)), seq=1))
-    env.seg.expect_error("UNEXPECTED_MESSAGE", T, "[C3] first RELAY of a conn with seq 1")
+    env.expect_error("UNEXPECTED_MESSAGE", "[C3] first RELAY of a conn with seq 1")
     env.seg.send_raw(ch.wrap(envelope("HELLO", hello_fields(DH1))), pace=False)
     assert _type(next_relay(env, ch, "[C3] then seq 0")) == "WELCOME"
 
@@ -179,7 +217,7 @@ def test_C3_a_RELAY_from_a_connection_that_is_not_a_joined_segment_holder_is_UNE
             f"{err and err.summary()}")
     else:
         p.expect_error("UNEXPECTED_MESSAGE", T, f"[C3] RELAY from {sender}")
-    env.seg.expect_nothing(QUIET, f"[C3] {sender}: nothing reaches seg1")
+    env.quiet(ch, f"[C3] {sender}: nothing reaches seg1")
     echo_round_trip(env, ch, f"[C3] {sender}: dh1's relayed session")
     p.close()
 
@@ -190,7 +228,7 @@ def test_C3_a_RELAY_whose_conn_is_not_its_partys_is_BAD_FIELD(env):
     for conn in (routing_id(DH2).decode(), "dh1/XYZ", "dh1"):
         ch = Channel(env.lh.relay_key(DH1), RUN, DH1, conn, UP)
         env.seg.send_raw(ch.wrap(envelope("HELLO", hello_fields(DH1))))
-        env.seg.expect_error("BAD_FIELD", T, f"[C3] RELAY.conn {conn!r}")
+        env.expect_error("BAD_FIELD", f"[C3] RELAY.conn {conn!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,20 +245,22 @@ def test_C2_a_party_behind_a_segment_holder_on_its_own_connection_is_IDENTITY_MI
     p.send_raw(envelope(kind, {"HELLO": hello_fields(DH1), "ECHO": {"seq": 1}, "HEARTBEAT": {}}[kind]))
     err = p.expect_error("IDENTITY_MISMATCH", T, f"[C2] dh1's own connection, {kind}")
     assert SEG in err.get("message"), f"[C2] the ERROR must name the route (through {SEG}): {err.get('message')!r}"
-    env.seg.expect_nothing(QUIET, f"[C2] {kind}: nothing for seg1")
+    env.quiet(ch, f"[C2] {kind}: nothing for seg1")
     echo_round_trip(env, ch, f"[C2] {kind}: dh1's relayed session")
     p.close()
 
 
-@pytest.mark.parametrize("party", [DH2, SEG])
+@pytest.mark.parametrize("party", [DH2, SEG, "mallory"])
 def test_C2_a_RELAY_carrying_a_party_that_feeds_the_label_holder_directly_is_IDENTITY_MISMATCH(env, party):
     """[C2], [C3]: a RELAY (authentic under that party's relay key) carrying dh2 or seg1 itself, both of which
-    feed the label holder directly, gets ERROR IDENTITY_MISMATCH to the segment holder."""
-    ch = Channel(env.lh.relay_key(party), RUN, party, routing_id(party).decode(), UP)
+    feed the label holder directly, or a party that is not in the session at all, gets ERROR IDENTITY_MISMATCH to
+    the segment holder."""
+    key = env.lh.relay_key(party) if party in (DH2, SEG) else bytes(32)
+    ch = Channel(key, RUN, party, routing_id(party).decode(), UP)
     role = "segment_holder" if party == SEG else "data_holder"
     env.seg.send_raw(ch.wrap(envelope("HELLO", hello_fields(party, role))))
-    env.seg.expect_error("IDENTITY_MISMATCH", T, f"[C2] RELAY carrying {party}")
-    env.seg.expect_nothing(QUIET, f"[C2] RELAY carrying {party}: nothing else")
+    env.expect_error("IDENTITY_MISMATCH", f"[C2] RELAY carrying {party}")
+    env.quiet(None, f"[C2] RELAY carrying {party}: nothing else")
 
 
 def test_C3_a_RELAY_inside_a_RELAY_is_refused(env):
@@ -231,9 +271,9 @@ def test_C3_a_RELAY_inside_a_RELAY_is_refused(env):
     # a RELAY without tensors: well formed for section 3 (a real one's `~header` would clash with the outer one's)
     nested = envelope("RELAY", {"party": DH1, "conn": ch.conn, "seq": 1, "mac": "0" * 64})
     env.seg.send_raw(ch.wrap(nested), pace=False)
-    m = env.seg.recv_app(T)
+    m, inner = env.recv(T)
     assert m is not None, "[C3] a RELAY inside a RELAY must be refused with an ERROR"
-    err = ch.check(m, "[C3] nested") if m.type == "RELAY" else m.frames
+    err = inner if m.type == "RELAY" else m.frames
     h = _header(err)
     assert h.get("type") == "ERROR", f"[C3] expected an ERROR for a RELAY inside a RELAY, got {h}"
     echo_round_trip(env, ch, "[C3] after a nested RELAY")
@@ -245,5 +285,38 @@ def test_C3_the_label_holder_keeps_at_most_4_relayed_connections_per_party(env):
     while the 4 latest still have theirs (the newest answers at its next seq)."""
     chans = [relayed_dh1(env, f"[C3] connection {i}") for i in range(5)]
     env.seg.send_raw(chans[0].wrap(envelope("ECHO", {"seq": 1})))
-    env.seg.expect_error("UNEXPECTED_MESSAGE", T, "[C3] a forgotten relayed connection, seq 1")
+    env.expect_error("UNEXPECTED_MESSAGE", "[C3] a forgotten relayed connection, seq 1")
     echo_round_trip(env, chans[-1], "[C3] the newest connection")
+
+
+def _tensor0(frames: list[bytes], **desc) -> list[bytes]:
+    h = _header(frames)
+    return [frames[0], pack({**h, "tensors": [{**h["tensors"][0], **desc}, *h["tensors"][1:]]}), *frames[2:]]
+
+
+RELAY_CHECKS = {  # [C3] at the end receiver, in order: what is wrong -> the code
+    "mac_uppercase": (lambda f: _with(f, mac=_header(f)["mac"].upper().replace("0", "A")), "BAD_FIELD"),
+    "mac_63_digits": (lambda f: _with(f, mac=_header(f)["mac"][:-1]), "BAD_FIELD"),
+    "first_tensor_not_header": (lambda f: _tensor0(f, name="header"), "BAD_TENSOR"),
+    "header_int8": (lambda f: _tensor0(f, dtype="int8"), "BAD_TENSOR"),
+    "header_2d": (lambda f: _tensor0(f, shape=[1, len(f[2])]), "BAD_TENSOR"),
+    "header_over_max_header_bytes": (
+        lambda f: [f[0], pack({**_header(f), "tensors": [{"name": "~header", "dtype": "uint8", "shape": [65537]},
+                                                         *_header(f)["tensors"][1:]]}),
+                   f[2] + b" " * (65537 - len(f[2])), *f[3:]], "TOO_LARGE"),
+    "bad_mac_format_before_bad_header": (lambda f: _tensor0(_with(f, mac="x"), name="header"), "BAD_FIELD"),
+    "bad_header_before_bad_mac": (lambda f: _tensor0(_with(f, mac="0" * 64), dtype="int8"), "BAD_TENSOR"),
+}
+
+
+@pytest.mark.parametrize("which", list(RELAY_CHECKS))
+def test_C3_the_label_holder_checks_a_RELAY_in_the_order_of_C3(env, which):
+    """[C3]: the end receiver checks, in this order, `mac` is 64 lowercase hex (BAD_FIELD), the first tensor is
+    `~header`, uint8, 1-D (BAD_TENSOR) and at most max_header_bytes long (TOO_LARGE), then the MAC; each failure is
+    answered to the segment holder, and the relayed session is unchanged (the same seq is then accepted)."""
+    build, code = RELAY_CHECKS[which]
+    ch = relayed_dh1(env, f"[C3] {which}")
+    good = ch.wrap(envelope("ECHO", {"seq": 41}, [("x", np.arange(5, dtype="<i4"))]), advance=False)
+    env.seg.send_raw(build(good))
+    env.expect_error(code, f"[C3] {which}")
+    echo_round_trip(env, ch, f"[C3] {which}: the authentic RELAY with the same seq")
