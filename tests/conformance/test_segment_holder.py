@@ -25,7 +25,7 @@ from .relay import DOWN, Channel, int64
 
 T = 5.0  # how long to wait for an answer that must come (the node may be busy with its neighbours' start-up)
 QUIET = 0.4  # how long to listen for an answer that must not come
-POOL = 11  # the segment holders this module starts: one shared, one for each test that trains or ends its session
+POOL = 12  # the segment holders this module starts: one shared, one for each test that trains or ends its session
 AHEAD = 4
 
 
@@ -199,6 +199,18 @@ def test_C5_segment_holder_refuses_a_SCHEDULE_without_rows(own):
     err = own.lh.expect("ERROR", T, "[C5] answer to a SCHEDULE without rows")
     assert err.get("code") == CODES["BAD_FIELD"] and "rows" in err.get("message"), err.summary()
     ended(own, "[C5] SCHEDULE without rows")
+
+
+def test_C5_segment_holder_checks_EPOCH_positions_against_rows(own):
+    """[C5]: the positions of SCHEDULE and EPOCH are checked against rows: an EPOCH whose order names row 16 of 16
+    aligned rows gets an ERROR (BAD_TENSOR, as a data holder answers it) and ends the session."""
+    own.join()
+    own.lh.send(envelope("SCHEDULE", {"epochs": 1, "first_epoch": 0, "first_step": 0, "rows": 16},
+                         [("validation", int64(range(12, 16)))]))
+    own.lh.send(envelope("EPOCH", {"epoch": 0, "first_step": 0}, [("order", int64([*range(11), 16]))]))
+    err = own.lh.expect("ERROR", T, "[C5] answer to an EPOCH beyond rows")
+    assert err.get("code") == CODES["BAD_TENSOR"], err.summary()
+    ended(own, "[C5] EPOCH beyond rows")
 
 
 # ----------------------------------------------------------------------------------------------------------------
