@@ -15,7 +15,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from .chain import DH1, DH2, RUN, SEG, SESSION, DataHolderEnv, LabelHolderEnv, hello_fields, lh_welcome_for
+from .chain import DH1, DH2, N_IDS, RUN, SEG, SESSION, DataHolderEnv, LabelHolderEnv, hello_fields, lh_welcome_for
 from .peer import envelope, pack
 from .relay import DOWN, Channel, flip
 
@@ -147,7 +147,9 @@ def test_C1_data_holder_sends_FORWARD_in_the_clear_and_everything_else_as_RELAY(
     """[C1] end to end: a real label holder, a real data holder dh2 feeding it directly, and a real dh1 behind the
     kit's seg1, which joins the label holder as a segment holder and passes RELAYs both ways unchanged. Everything
     dh1 sends before training (HELLO, PSI, CHECKPOINT_DONE, HEARTBEATs) reaches seg1 as RELAY, and its first
-    training message, FORWARD(0), in the clear: float32 [b, 4] of its cut layer, for seg1."""
+    training message, FORWARD(0), in the clear: float32 [b, 4] of its cut layer, for seg1. On the way the label
+    holder's side is checked too: seg1's SCHEDULE carries rows ([C5]), and seg1 gets its SCHEDULE, EPOCH and
+    CHECKPOINT before dh1's relayed ones ([C6])."""
     node_cmd = _node_cmd(request)
     lh = LabelHolderEnv(tmp_path, node_cmd, ctx)
     nodes = [lh]
@@ -159,6 +161,8 @@ def test_C1_data_holder_sends_FORWARD_in_the_clear_and_everything_else_as_RELAY(
         seg.send("HELLO", hello_fields(SEG, "segment_holder"))
         seg.expect("WELCOME", 60.0, "seg1 joins the label holder")
         relayed_types = []
+        control: list[tuple[str, str]] = []  # what seg1 heard from the label holder: its own, and dh1's relayed
+        rows = None
         forward = None
         deadline = time.monotonic() + 60.0
         while forward is None and time.monotonic() < deadline:
@@ -174,13 +178,22 @@ def test_C1_data_holder_sends_FORWARD_in_the_clear_and_everything_else_as_RELAY(
                 seg.send_raw(m.frames, pace=False)
             down = seg.recv(0.01)
             if down is not None and down.type == "RELAY" and down.get("party") == DH1:
+                control.append((DH1, msgpack.unpackb(down.tensors[0][3], raw=False).get("type")))
                 dh1.hop.send(down.frames)
+            elif down is not None:
+                control.append((SEG, down.type))
+                if down.type == "SCHEDULE":
+                    rows = down.get("rows")
         assert forward is not None, f"no FORWARD from dh1 within 60 s; it relayed {relayed_types}\n" \
             f"{dh1.log_text()[-2000:]}\n{lh.log_text()[-2000:]}"
         assert forward.get("step") == 0 and forward.tensors[0][:2] == ("activations", "float32"), forward.summary()
         assert forward.tensors[0][2][1] == SESSION["cut_widths"][DH1], forward.summary()
         for t in ("HELLO", "PSI_START", "PSI_ITEMS", "CHECKPOINT_DONE"):
             assert t in relayed_types, f"[C1] dh1's {t} must travel as RELAY: it relayed {relayed_types}"
+        assert rows == N_IDS, f"[C5] seg1's SCHEDULE must carry rows = {N_IDS} (every id is shared), got {rows}"
+        for t in ("SCHEDULE", "EPOCH", "CHECKPOINT"):  # [C6]: the segment holder first, then the parties behind it
+            assert (SEG, t) in control and (DH1, t) in control, f"[C6] {t}: {control}"
+            assert control.index((SEG, t)) < control.index((DH1, t)), f"[C6] seg1's {t} must come first: {control}"
     finally:
         for node in nodes:
             node.close()
