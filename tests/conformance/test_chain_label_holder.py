@@ -320,3 +320,38 @@ def test_C3_the_label_holder_checks_a_RELAY_in_the_order_of_C3(env, which):
     env.seg.send_raw(build(good))
     env.expect_error(code, f"[C3] {which}")
     echo_round_trip(env, ch, f"[C3] {which}: the authentic RELAY with the same seq")
+
+
+def _relayed_error(env: Env, ch: Channel, code: str, what: str) -> dict:
+    h = _header(next_relay(env, ch, what))
+    assert h.get("type") == "ERROR" and h.get("code") == CODES[code], f"{what}: expected a relayed ERROR {code}, got {h}"
+    return h
+
+
+def test_C3_S4_H2_a_relayed_HELLO_for_another_party_is_IDENTITY_MISMATCH_on_its_conn(env):
+    """[C3] -> [H2]: the inner message is handled as if the end party had sent it on a connection `conn` of its
+    own, so a relayed HELLO of dh1 whose `party` is dh2 gets ERROR IDENTITY_MISMATCH, relayed back on that conn."""
+    ch = Channel(env.lh.relay_key(DH1), RUN, DH1, routing_id(DH1).decode(), UP)
+    env.channels[ch.conn] = ch
+    env.seg.send_raw(ch.wrap(envelope("HELLO", {**hello_fields(DH1), "party": DH2})))
+    _relayed_error(env, ch, "IDENTITY_MISMATCH", "[H2] relayed HELLO naming dh2")
+
+
+def test_C3_S5_per_conn_a_relayed_message_of_a_conn_without_HELLO_or_replaced(env):
+    """[C3] -> [S5] per conn: a relayed ECHO on a conn of dh1 that never said HELLO gets ERROR UNEXPECTED_MESSAGE,
+    and on a conn that a newer conn's HELLO replaced, ERROR REPLACED, each relayed back on its own conn; the current
+    conn goes on."""
+    old = relayed_dh1(env, "[S5] old conn")
+    new = relayed_dh1(env, "[S5] new conn")
+    fresh = Channel(env.lh.relay_key(DH1), RUN, DH1, routing_id(DH1).decode(), UP)
+    env.channels[fresh.conn] = fresh
+    env.seg.send_raw(fresh.wrap(envelope("ECHO", {"seq": 1})))
+    _relayed_error(env, fresh, "UNEXPECTED_MESSAGE", "[S5] relayed ECHO on a conn without HELLO")
+    env.seg.send_raw(old.wrap(envelope("ECHO", {"seq": 1})))
+    for _ in range(3):  # before it, maybe the ERROR REPLACED the old conn got when the new one said HELLO
+        h = _relayed_error(env, old, "REPLACED", "[S5] relayed ECHO on a replaced conn")
+        if h.get("ref") == "ECHO":
+            break
+    else:
+        raise AssertionError("[S5] the replaced conn's ECHO got no ERROR REPLACED")
+    echo_round_trip(env, new, "[S5] the current conn")
