@@ -218,8 +218,9 @@ def psi(config_path: str, out_path: str | None, verbose: bool, allow_insecure_re
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="The node's TOML config of the training run (same [session], [model] and keys).")
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="This party's table for the rows to predict: the ID column and (data holders) the same features.")
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False),
+              help="This party's table for the rows to predict: the ID column and (data holders) the same features. "
+                   "Every party but a segment holder, which holds no data.")
 @click.option("--segment", "segment_path", type=click.Path(exists=True, dir_okay=False),
               help="This party's trained segment. Default: OUTPUT/PARTY-segment.pt of [train].output.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
@@ -245,10 +246,14 @@ def predict(config_path: str, data_path: str, segment_path: str | None, out_path
             raise click.BadParameter(f"must be this party's {cfg.party}-segment.pt", param_hint="--segment")
         train = dataclasses.replace(train, output=seg.parent)
     train = dataclasses.replace(train, predictions=Path(out_path).resolve() if out_path else None)
+    if cfg.is_segment_holder and data_path is not None:
+        raise click.BadParameter("a segment holder holds no data: leave --data out", param_hint="--data")
+    if not cfg.is_segment_holder and data_path is None:
+        raise click.UsageError("Missing option '--data': this party's table of the rows to predict")
     cfg = dataclasses.replace(
         cfg,
         session=dataclasses.replace(cfg.session, predict=True),
-        data=dataclasses.replace(cfg.data, path=Path(data_path).resolve()),
+        data=dataclasses.replace(cfg.data, path=Path(data_path).resolve()) if data_path is not None else None,
         psi=dataclasses.replace(cfg.psi, output=None),
         train=train,
     )
@@ -314,7 +319,7 @@ def demo(dataset: str, n_data_holders: int, epochs: int | None, out_dir: str | N
     import shutil
 
     from .launch import launch
-    from .launch.demo import leak_line, prepare_demo, privacy_table, summarize
+    from .launch.demo import leak_line, parties_line, prepare_demo, privacy_table, summarize
 
     privacy = privacy_table(defence, defence_params)
     out = Path(out_dir or f"runs/demo-{dataset}")
@@ -334,9 +339,9 @@ def demo(dataset: str, n_data_holders: int, epochs: int | None, out_dir: str | N
         final += f" (the weights after epoch {summary['kept_epoch']} of {summary['epochs']}: the lowest validation loss)"
     click.echo(f"demo {dataset}: {'ok' if summary['ok'] else 'FAILED'} in {summary['wall_seconds']} s "
                f"(nodes {summary['launch_seconds']} s); {summary['aligned_rows']} aligned rows; {final}")
-    leak = leak_line(summary)
-    if leak:
-        click.echo(leak)
+    for line in (parties_line(summary), leak_line(summary)):
+        if line:
+            click.echo(line)
     click.echo(f"summary: {out / 'summary.json'}")
     if result.failed:
         click.echo(f"vfl demo: failed: {', '.join(f'{n} (exit {result.exit_codes[n]})' for n in result.failed)}; "
@@ -412,6 +417,8 @@ def plot(run_dir: str, out_path: str | None) -> None:
               help="Pipeline window W (1: synchronous and reproducible; more: faster, varies run to run).")
 @click.option("--lr", default=0.01, show_default=True, type=click.FloatRange(0, min_open=True), help="Adam's lr.")
 @click.option("--overwrite", is_flag=True, help="Replace the node configs already in OUT_DIR (keys are kept).")
+@click.option("--segment-holder", "segment_holders", multiple=True, metavar="NAME=INPUT,...",
+              help="A segment holder (no data, a model segment) fed by these data/segment holders (repeatable).")
 def init_cmd(out_dir: str, **options) -> None:
     """Write a commented node config per party and their keys into OUT_DIR, from the parties' own tables.
 

@@ -103,14 +103,35 @@ FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "PSI_RESULT": {"chunk": (_INT, True), "last": (_BOOL, True)},
     "PSI_ROWS": {"chunk": (_INT, True), "last": (_BOOL, True)},
     "PSI_BUCKET": {"bucket": (_INT, True), "n_items": (_INT, True)},  # 1.8
+    # section 11 (the kit plays both ends of a segment holder, section 13, so it parses the training messages too)
+    "SCHEDULE": {"epochs": (_INT, True), "first_epoch": (_INT, True), "first_step": (_INT, True),
+                 "resume_digest": (_STR, False), "rows": (_INT, False)},
+    "EPOCH": {"epoch": (_INT, True), "first_step": (_INT, True)},
+    "FORWARD": {"step": (_INT, True)},
+    "BACKWARD": {"step": (_INT, True)},
+    "EVAL_FORWARD": {"epoch": (_INT, True), "batch": (_INT, True)},
+    "CHECKPOINT": {"step": (_INT, True), "epoch": (_INT, True), "keep": (_BOOL, False)},
+    "CHECKPOINT_DONE": {"step": (_INT, True), "digest": (_STR, True)},
+    "ROLLBACK": {"step": (_INT, True)},
+    "WINDOW": {"window": (_INT, True)},
+    "TRAINING_DONE": {"epochs": (_INT, True), "keep_step": (_INT, True), "keep_epoch": (_INT, True),
+                      "keep_digest": (_STR, False), "early_stop": (_BOOL, False)},
+    # 1.10, section 13
+    "RELAY": {"party": (_ID, True), "conn": (_STR, True), "seq": (_INT, True), "mac": (_STR, True)},
 }
 SESSION_TYPES = frozenset({"HELLO", "WELCOME", "ERROR", "HEARTBEAT", "ECHO", "ECHO_REPLY", "BYE"})  # sections 5-9
 TYPES = frozenset(FIELDS)
-TENSOR_TYPES = frozenset({"ECHO", "ECHO_REPLY", "PSI_ITEMS", "PSI_REPLY", "PSI_RESULT", "PSI_ROWS"})  # may carry tensors
+TENSOR_TYPES = frozenset({"ECHO", "ECHO_REPLY", "PSI_ITEMS", "PSI_REPLY", "PSI_RESULT", "PSI_ROWS",  # may carry tensors
+                          "SCHEDULE", "EPOCH", "FORWARD", "BACKWARD", "EVAL_FORWARD", "RELAY"})
 PSI_LH = frozenset({"PSI_START", "PSI_ITEMS", "PSI_REPLY", "PSI_ROWS", "PSI_BUCKET"})  # the PSI messages a label holder sends
 PSI_DH = frozenset({"PSI_START", "PSI_ITEMS", "PSI_RESULT", "PSI_BUCKET"})  # ... and a data holder
 LH_TO_DH = frozenset({"WELCOME", "ERROR", "HEARTBEAT", "ECHO_REPLY", "BYE"}) | PSI_LH  # what a label holder may send
 DH_TO_LH = frozenset({"HELLO", "ERROR", "HEARTBEAT", "ECHO", "BYE"}) | PSI_DH  # what a data holder may send
+TRAIN_LH = frozenset({"SCHEDULE", "EPOCH", "BACKWARD", "CHECKPOINT", "ROLLBACK", "WINDOW", "TRAINING_DONE"})
+TRAIN_DH = frozenset({"FORWARD", "EVAL_FORWARD", "CHECKPOINT_DONE", "ROLLBACK", "TRAINING_DONE"})
+#: section 13: what travels between a segment holder and its neighbours (RELAY both ways; the cut layer in the clear)
+UP_OF_HOP = DH_TO_LH | TRAIN_DH | {"RELAY"}  # what a party (data holder or segment holder) sends its downstream
+DOWN_OF_HOP = LH_TO_DH | TRAIN_LH | {"RELAY"}  # what a label holder or segment holder sends a party upstream
 
 INT_MAX = 2**63  # integers in fields are in [0, 2^63)
 
@@ -392,6 +413,7 @@ class Peer:
         sockopts: Optional[dict] = None,
     ):
         self.limits = dict(limits or DEFAULT_LIMITS)
+        self.allowed_types = LH_TO_DH  # what the node at the other end may send (a segment holder's input: more)
         self.label = label or (routing_id or b"?").decode("utf-8", "replace")
         self.routing_id = routing_id
         self.pace_key = routing_id or label.encode()
@@ -446,7 +468,7 @@ class Peer:
         if self.sock.poll(int(max(0.0, timeout) * 1000), zmq.POLLIN) == 0:
             return None
         frames = self.sock.recv_multipart()
-        m = parse(frames, self.limits)
+        m = parse(frames, self.limits, self.allowed_types)
         if m.problems:
             self.violations.extend(f"{self.label}: {p}  (message: {m.summary()})" for p in m.problems)
         self.transcript.append(("<-", m.summary()))

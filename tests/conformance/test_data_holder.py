@@ -31,7 +31,8 @@ PSI_SESSION = {**SESSION, "psi": True}
 class RawLabelHolder:
     """A ROUTER, CURVE server, bound on 127.0.0.1. deny_all: a ZAP handler that refuses every client key."""
 
-    def __init__(self, ctx: zmq.Context, server, deny_dir: Optional[Path] = None):
+    def __init__(self, ctx: zmq.Context, server, deny_dir: Optional[Path] = None, allowed_types=DH_TO_LH):
+        self.allowed_types = allowed_types  # what the node connecting to it may send
         self.auth = None
         if deny_dir is not None:
             self.auth = ThreadAuthenticator(ctx)
@@ -56,7 +57,7 @@ class RawLabelHolder:
             if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
                 return None
             rid, *frames = self.sock.recv_multipart()
-            m = parse(frames, allowed_types=DH_TO_LH)
+            m = parse(frames, allowed_types=self.allowed_types)
             self.got.append((rid, m))
             self.rid = rid
             assert not m.problems, f"the data holder sent a malformed message: {m.problems}"

@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from .test_launcher import Launcher
 
@@ -54,6 +55,17 @@ def init(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
                cwd=tmp_path)
 
 
+def launch(out: Path, log: Path) -> str:
+    """`vfl launch OUT` to the end; its output (a failed run fails the test with it)."""
+    launcher = Launcher(out, log)
+    try:
+        code = launcher.wait(timeout=RUN_TIMEOUT_S)
+        assert code == 0, launcher.output
+        return launcher.output
+    finally:
+        launcher.close()
+
+
 def test_init_then_launch_trains_two_parties_from_their_own_csvs(tmp_path):
     done = init(tmp_path, "--epochs", "3")
     assert done.returncode == 0, done.stderr
@@ -68,27 +80,26 @@ def test_init_then_launch_trains_two_parties_from_their_own_csvs(tmp_path):
     assert sorted(p.name for p in out.glob("*.toml")) == ["bank.toml", "shop.toml"]
     assert {p.name for p in (out / "keys").iterdir()} == {"bank.key", "bank.key_secret", "shop.key", "shop.key_secret"}
 
-    launcher = Launcher(out, tmp_path / "launch.log")
-    try:
-        code = launcher.wait(timeout=RUN_TIMEOUT_S)
-        assert code == 0, launcher.output
-    finally:
-        launcher.close()
+    output = launch(out, tmp_path / "launch.log")
     model = out / "model"
     assert (model / "bank-segment.pt").is_file() and (model / "shop-segment.pt").is_file()
     metrics = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert sorted({m["epoch"] for m in metrics}) == [1, 2, 3], metrics
-    assert f"rows aligned: {shared}" in launcher.output
+    assert f"rows aligned: {shared}" in output
+
+
+def every_key_has_a_comment(path: Path) -> None:
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line and not line.startswith("#"):
+            assert lines[i - 1].startswith("# "), f"{path}:{i + 1} {line!r} has no comment above it"
 
 
 def test_every_key_of_the_written_configs_has_a_comment_and_paths_are_relative(tmp_path):
     assert init(tmp_path).returncode == 0
     for name in ("bank", "shop"):
         path = tmp_path / "run" / f"{name}.toml"
-        lines = path.read_text().splitlines()
-        for i, line in enumerate(lines):
-            if line and not line.startswith("#"):
-                assert lines[i - 1].startswith("# "), f"{path}:{i + 1} {line!r} has no comment above it"
+        every_key_has_a_comment(path)
         cfg = tomllib.loads(path.read_text())
         assert cfg["data"]["path"] == f"../data/{name}.csv"
         assert cfg["keys"]["secret"] == f"keys/{name}.key_secret"
@@ -130,3 +141,41 @@ def test_the_task_follows_the_labels_unless_given(tmp_path):
     assert infer_task(np.arange(5))[0] == "multiclass"
     done = init(tmp_path, "--task", "regression")
     assert done.returncode == 2 and "churned" in done.stderr, done.stderr  # text labels are no regression target
+
+
+def test_init_with_a_segment_holder_writes_a_chain_that_launches(tmp_path):
+    """`--segment-holder mid=shop`: shop -> mid -> bank, mid with a model segment and no table; every key commented,
+    every config loads as its node reads it, and `vfl launch` trains the three of them."""
+    from vfl.node.config import load_config
+
+    done = init(tmp_path, "--segment-holder", "mid=shop", "--epochs", "2")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "run"
+    assert "mid: segment holder, no data, fed by shop -> run/mid.toml" in done.stdout, done.stdout
+    assert sorted(p.name for p in out.glob("*.toml")) == ["bank.toml", "mid.toml", "shop.toml"]
+    cfg = {name: load_config(out / f"{name}.toml") for name in ("bank", "mid", "shop")}
+    for name in cfg:
+        every_key_has_a_comment(out / f"{name}.toml")
+    assert cfg["mid"].role == "segment_holder" and cfg["mid"].data is None and cfg["mid"].train.segment
+    assert cfg["shop"].endpoint == cfg["mid"].bind and cfg["mid"].endpoint == cfg["bank"].endpoint
+    assert {s.inputs for s in cfg["bank"].session.segments.values()} == {("shop",)}
+    assert len({c.session.digest for c in cfg.values()}) == 1
+
+    output = launch(out, tmp_path / "launch.log")
+    for name in cfg:
+        assert (out / "model" / f"{name}-segment.pt").is_file(), name
+    assert json.loads((out / "summary.json").read_text())["parties"] == {
+        "bank": "label_holder", "mid": "segment_holder", "shop": "data_holder"}
+
+
+@pytest.mark.parametrize("segments, problem", [
+    (["mid=nobody"], "'nobody' is neither a data holder nor a segment holder"),
+    (["mid=bank"], "the label holder 'bank' feeds no segment holder"),
+    (["shop=shop"], "party 'shop' is named more than once"),
+    (["m1=shop", "m2=shop"], "'shop' is an input of both 'm1' and 'm2'"),
+    (["m1=m2", "m2=m1,shop"], "(a cycle)"),
+])
+def test_a_wrong_segment_holder_is_refused_naming_the_problem(tmp_path, segments, problem):
+    done = init(tmp_path, *(arg for s in segments for arg in ("--segment-holder", s)))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and problem in done.stderr, done.stderr
+    assert not list((tmp_path / "run").glob("*.toml")) if (tmp_path / "run").exists() else True

@@ -126,3 +126,46 @@ def test_C8_a_pipelined_chain_learns(tmp_path, window):
     metrics = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 20 and metrics[-1]["train_loss"] < 0.7 * metrics[0]["train_loss"], metrics[-1]
     assert max(m["val_accuracy"] for m in metrics[-3:]) > 0.6, metrics[-1]
+
+
+def test_predict_through_a_segment_holder_gives_the_composed_model_s_outputs(tmp_path):
+    """`vfl predict` in a chain: each data holder and the label holder with its new table, the segment holder with
+    none (it holds no data); the label holder's predictions are the composed model's outputs."""
+    import csv
+
+    from .procs import Nodes
+    from .test_training_nodes import write_table as write
+
+    configs, (x1, x2, y, ids) = chain_session(tmp_path, THREE, window=1, epochs=2)
+    run_nodes(tmp_path, configs)
+    rng = np.random.default_rng(9)
+    pick = rng.choice(len(ids), size=30, replace=False)
+    new_ids = [ids[i] for i in pick]
+    write(tmp_path / "bank-new.csv", new_ids[::-1], {})
+    write(tmp_path / "dh1-new.csv", new_ids, {f"a{j}": x1[pick, j] for j in range(5)})
+    write(tmp_path / "dh2-new.csv", new_ids[::-1], {f"b{j}": x2[pick[::-1], j] for j in range(7)})
+    with Nodes(tmp_path) as nodes:
+        procs = {}
+        for p in configs:
+            args = ["predict", "--config", str(configs[p])]
+            if p != "seg1":
+                args += ["--data", str(tmp_path / f"{p}-new.csv")]
+            procs[p] = nodes.start_command(args, p)
+        codes = {p: proc.wait(timeout=120) for p, proc in procs.items()}
+        assert codes == {p: 0 for p in configs}, {p: proc.output for p, proc in procs.items()}
+    with open(tmp_path / "model" / "predictions.csv") as fh:
+        got = list(csv.DictReader(fh))
+    assert {r["id"] for r in got} == set(new_ids)
+    saved = {p: torch.load(tmp_path / "model" / f"{p}-segment.pt", weights_only=True) for p in configs}
+    b1, b2 = build_mlp(5, MlpSpec(widths=(6, 4))), build_mlp(7, MlpSpec(widths=(6, 4)))
+    mid, top = build_mlp(8, MlpSpec(widths=(8, 6))), build_mlp(6, MlpSpec(widths=(16, 3)))
+    b1.load_state_dict(saved["dh1"]["model"]), b2.load_state_dict(saved["dh2"]["model"])
+    mid.load_state_dict(saved["seg1"]["model"]), top.load_state_dict(saved["bank"]["top"])
+    where = {k: int(i) for k, i in zip(new_ids, pick)}
+    for r in got:
+        i = where[r["id"]]
+        with torch.no_grad():
+            logits = top(mid(torch.cat([b1(torch.from_numpy(x1[i:i + 1])), b2(torch.from_numpy(x2[i:i + 1]))], 1)))
+        probs = torch.softmax(logits, 1)[0].numpy()
+        assert int(r["prediction"]) == int(probs.argmax())
+        assert abs(float(r["p_0"]) - probs[0]) < 1e-5

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SetupError
-from ..train.specs import fingerprint
 from .local import LaunchResult, summarize_run, write_summary
-from .prepare import LABEL_HOLDER, prepare_session
+from .prepare import LABEL_HOLDER, model_name, prepare_session
 
 DATASETS = ("breast", "digits", "chain")
 DROP_FRACTION = 0.03  # rows missing at each party
@@ -218,7 +217,7 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
         tables[LABEL_HOLDER]["train"]["epochs"] = epochs
     if privacy:
         _check_task(privacy, tables[LABEL_HOLDER]["train"]["task"])
-    model = model_name(name, tables, widths, segments)
+    model = model_name(f"demo-{name}", tables, widths, segments)
     configs = prepare_session(
         out,
         data_holders=holders,
@@ -237,14 +236,6 @@ def prepare_demo(name: str, out: Path, *, data_holders: int = 1, seed: int = 0, 
     return Demo(name=name, configs=configs, out=out, rows=n)
 
 
-def model_name(demo: str, tables: dict, widths: dict[str, int], segments: dict[str, dict] | None = None) -> str:
-    """The session's ``model``: a fingerprint of every party's tables (a segment holder's too) and, in a chain, the
-    topology, so nodes prepared for different networks are refused at HELLO instead of training a mismatch. Without
-    segments it is the fingerprint the two-tier demos always had."""
-    shape = {"tables": tables, "widths": widths, **({"segments": segments} if segments else {})}
-    return f"demo-{demo}-" + fingerprint(shape)[:16]
-
-
 def summarize(demo: Demo, launch_s: float, logs: dict[str, list[str]], exit_codes: dict[str, int], *,
               started: float | None = None) -> dict:
     """summary.json of a demo run: the launcher's record of it (:func:`vfl.launch.local.summarize_run`, written by
@@ -261,6 +252,17 @@ def summarize(demo: Demo, launch_s: float, logs: dict[str, list[str]], exit_code
     return summary
 
 
+def parties_line(summary: dict) -> str | None:
+    """The demo's line naming each party's role, for a chain (None for the two-tier demos, whose roles are plain):
+    the data holders first, then the segment holders, then the label holder, as the tensors flow."""
+    roles = summary.get("parties") or {}
+    if "segment_holder" not in roles.values():
+        return None
+    order = ("data_holder", "segment_holder", "label_holder")
+    ranked = sorted(roles, key=lambda p: (order.index(roles[p]) if roles[p] in order else len(order), p))
+    return "parties: " + ", ".join(f"{p} ({str(roles[p]).replace('_', ' ')})" for p in ranked)
+
+
 _LEAK_NAMES = (("leak_auc_norm", "norm AUC"), ("leak_auc_direction", "direction AUC"),
                ("leak_attack_accuracy", "attack accuracy"))
 
@@ -275,7 +277,10 @@ def leak_line(summary: dict) -> str | None:
     if not parties:
         return None
     defence = summary.get("defence") or "none"
-    head = "label leakage (what each data holder could infer from its gradients"
+    roles = summary.get("parties") or {}
+    # in a chain the label holder's gradients go to the parties feeding it, segment holders among them
+    who = "party feeding the label holder" if any(roles.get(p) == "segment_holder" for p in leak) else "data holder"
+    head = f"label leakage (what each {who} could infer from its gradients"
     if defence == "none":
         return f"{head}): {'; '.join(parties)} — see PRIVACY.md; set [privacy].defence to reduce it"
     return f"{head}, defence {defence}): {'; '.join(parties)} — see PRIVACY.md"

@@ -12,18 +12,19 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..node.config import ConfigError
+from ..protocol.chain import Segment, chain_problem
 from ..protocol.messages import is_party_id
+from ..protocol.session import MAX_CUT_WIDTH
 from ..psi.engine import encode_ids
 from ..psi.errors import InvalidIdError
 from ..train.data import DataError, TableSpec, encode_labels, load_table
-from ..train.specs import fingerprint
-from .prepare import prepare_session
+from .prepare import model_name, prepare_session
 
 TASKS = ("binary", "multiclass", "regression")
 CUT_WIDTH = 16  # each party's cut-layer width
@@ -51,12 +52,16 @@ class InitResult:
     shared: int  # IDs present in every table
     rows: dict[str, int]
     features: dict[str, int]
+    segments: dict[str, tuple[str, ...]] = field(default_factory=dict)  # segment holder -> its inputs
 
     def report(self) -> str:
         """What was written and the command that runs it."""
         lines = [f"task: {self.task} ({self.why})"]
         for name, path in self.configs.items():
-            lines.append(f"{name}: {self.rows[name]} rows, {self.features[name]} feature columns -> {path}")
+            if name in self.segments:
+                lines.append(f"{name}: segment holder, no data, fed by {', '.join(self.segments[name])} -> {path}")
+            else:
+                lines.append(f"{name}: {self.rows[name]} rows, {self.features[name]} feature columns -> {path}")
         lines.append(f"{self.shared} IDs are in every party's table; training uses only those rows")
         lines.append(f"keys: {self.out / 'keys'} (each party's secret key must stay with that party)")
         lines.append("")
@@ -93,12 +98,16 @@ def init_run(
     window: int = 1,
     lr: float = 0.01,
     overwrite: bool = False,
+    segment_holders: list[str] | tuple[str, ...] = (),
 ) -> InitResult:
     """Check the tables and write the configs and keys. ``label_holder`` and each of ``data_holders`` is
-    ``NAME=CSV``; ``id_columns`` ``NAME=COLUMN`` for a party whose ID column is not ``id_column``."""
+    ``NAME=CSV``; ``id_columns`` ``NAME=COLUMN`` for a party whose ID column is not ``id_column``;
+    ``segment_holders`` ``NAME=INPUT,INPUT...`` for a segment chain (a node with a model segment and no table, fed
+    by those data holders or segment holders)."""
     out = Path(out)
     parties = _parties(label_holder, data_holders, id_column, id_columns)
     lh, dhs = parties[0], parties[1:]
+    segments = _segments(segment_holders, [p.name for p in parties])
     existing = sorted(p.name for p in out.glob("*.toml")) if out.is_dir() else []
     if existing and not overwrite:
         raise InitError(f"{out} already holds node configs ({', '.join(existing)}): choose another folder, or pass "
@@ -136,20 +145,23 @@ def init_run(
                             "output": "model"}},
         **{p.name: {"model": {"bottom": bottom, "seed": i + 1}, "train": {"optimizer": opt, "output": "model"}}
            for i, p in enumerate(dhs)},
+        **{name: {"model": {"segment": {"widths": [HIDDEN, CUT_WIDTH]}, "seed": len(dhs) + i + 1},
+                  "train": {"optimizer": opt, "output": "model"}} for i, name in enumerate(segments)},
     }
     data = {lh.name: lh_data,
             **{p.name: {"path": _relative(p.path, out), "id_column": p.id_column, "standardize": True} for p in dhs}}
     widths = {p.name: CUT_WIDTH for p in dhs}
-    model = "init-" + fingerprint({"tables": sections, "widths": widths})[:16]
+    model = model_name("init", sections, widths, segments)
     configs = prepare_session(
         out, data_holders=[p.name for p in dhs], label_holder=lh.name, run=_run_id(out), cut_widths=widths,
         batch_size=batch_size, window=window, model=model, data=data, psi={"workers": 0}, tables=sections,
-        link_check={"rounds": 0}, comments=True,
+        link_check={"rounds": 0}, comments=True, segments=segments or None,
     )
     return InitResult(
         out=out, configs=configs, task=task, why=why, shared=shared,
         rows={name: t.n_rows for name, t in tables.items()},
         features={name: t.n_features for name, t in tables.items()},
+        segments={name: tuple(spec["inputs"]) for name, spec in segments.items()},
     )
 
 
@@ -190,6 +202,28 @@ def _parties(label_holder: str, data_holders, id_column: str, id_columns) -> lis
             raise InitError(f"{value}: no such file (the table of party {name!r})")
         parties.append(Party(name, path, columns.get(name, id_column)))
     return parties
+
+
+def _segments(specs, parties: list[str]) -> dict[str, dict]:
+    """``--segment-holder NAME=INPUT,INPUT...`` as prepare_session's segments (each of width ``CUT_WIDTH``), checked
+    as every node will check the session config: known inputs, each an input of one segment at most, no cycle."""
+    segments: dict[str, dict] = {}
+    for text in specs:
+        name, value = parse_assignment(text, "--segment-holder")
+        if name in parties or name in segments:
+            raise InitError(f"--segment-holder {text!r}: party {name!r} is named more than once: every party needs "
+                            "its own name")
+        inputs = [p.strip() for p in value.split(",")]
+        if parties[0] in inputs:
+            raise InitError(f"--segment-holder {text!r}: the label holder {parties[0]!r} feeds no segment holder; "
+                            "list data holders or segment holders")
+        segments[name] = {"inputs": inputs, "width": CUT_WIDTH, "combine": "concat"}
+    problem = chain_problem(dict.fromkeys(parties[1:], CUT_WIDTH),
+                            {n: Segment(tuple(s["inputs"]), s["width"], s["combine"]) for n, s in segments.items()},
+                            MAX_CUT_WIDTH)
+    if problem:
+        raise InitError(f"--segment-holder: {problem}")
+    return segments
 
 
 def _load(party: Party, label_column: str | None):

@@ -12,8 +12,17 @@ from pathlib import Path
 from ..files import atomic_write_text
 from ..node.keys import generate_keypair
 from ..protocol.chain import Chain, Segment
+from ..train.specs import fingerprint
 
 LABEL_HOLDER = "bank"
+
+
+def model_name(prefix: str, tables: dict, widths: dict[str, int], segments: dict[str, dict] | None = None) -> str:
+    """A session's ``model`` for generated configs: ``prefix-`` and a fingerprint of every party's tables (a segment
+    holder's too) and, in a chain, the topology, so nodes prepared for different networks are refused at HELLO
+    instead of training a mismatch. Without segments it is the fingerprint two-tier configs always had."""
+    shape = {"tables": tables, "widths": widths, **({"segments": segments} if segments else {})}
+    return f"{prefix}-" + fingerprint(shape)[:16]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -57,7 +66,6 @@ COMMENTS = {
     "session.train": "then train the split network on the aligned rows",
     "session.cut_widths": "each data holder's cut-layer width: the last width of its [model].bottom",
     "session.cut_widths.*": "this data holder's cut-layer width",
-    "session.segments": "segment holders: each one's inputs (concatenated in this order), output width and combine",
     "data": "this party's own table; it never leaves this node",
     "data.path": "CSV (header row), Parquet or .npz; relative to this file",
     "data.id_column": "the column with the IDs the parties share (text or integers, one row per ID)",
@@ -91,21 +99,45 @@ COMMENTS = {
 }
 
 
-def _table(name: str, values: dict, comments: bool = False) -> str:
-    """A TOML table; with ``comments``, each key (and the table) gets its line of :data:`COMMENTS` above it."""
+#: the lines that say something else in a chain (a session with segment holders); the rest are :data:`COMMENTS`
+CHAIN_COMMENTS = {
+    **COMMENTS,
+    "role": "label_holder: holds the labels and binds the endpoint; data_holder: holds features; segment_holder:\n"
+            "holds a model segment only, binds for its inputs; each non-label holder connects to its downstream",
+    "endpoint": "the label holder binds here; any other node connects here to its downstream: the segment holder it\n"
+                "feeds ([session.segments]: its bind) or the label holder (on other hosts: that node's address)",
+    "keys.partners": "public keys: the label holder lists every party's; a segment holder its inputs', its\n"
+                     "downstream's and the label holder's; a data holder its downstream's and the label holder's",
+    "session.segments.*": "a segment holder: its inputs, its output width and how it combines its inputs",
+    "model.bottom": "this party's bottom MLP: hidden widths, then the cut width; its output goes to its downstream",
+    "session.segments.*.inputs": "the parties feeding this segment holder; their cut layers are combined in this order",
+    "session.segments.*.width": "this segment holder's output width: the last width of its [model].segment",
+    "session.segments.*.combine": "concat (widths add up) or sum (equal widths)",
+}
+
+
+def _table(name: str, values: dict, comments: bool = False, notes: dict = COMMENTS) -> str:
+    """A TOML table; with ``comments``, each key (and the table) gets its line of ``notes`` above it (a key of
+    ``[a.b.NAME]`` the line of ``a.b.*.key``, as the tables of every segment holder share theirs)."""
 
     def note(key: str) -> str:
-        return _comment(key) if comments else ""
+        return _comment(key, notes) if comments else ""
 
-    return ("\n" if comments and "." not in name else "") + note(name) + f"[{name}]\n" + "".join(
-        note(f"{name}.{k}" if f"{name}.{k}" in COMMENTS else f"{name}.*") + f"{k} = {_toml_value(v)}\n"
-        for k, v in values.items()
+    parts = name.split(".")
+    wild = ".".join([*parts[:2], "*"]) if len(parts) == 3 else None  # a.b.NAME -> a.b.*
+
+    def key_note(k: str) -> str:
+        return next((c for c in (f"{name}.{k}", f"{wild}.{k}") if c in notes), f"{name}.*")
+
+    head = name if name in notes or wild not in notes else wild
+    return ("\n" if comments and "." not in name else "") + note(head) + f"[{name}]\n" + "".join(
+        note(key_note(k)) + f"{k} = {_toml_value(v)}\n" for k, v in values.items()
     )
 
 
-def _comment(key: str) -> str:
-    """The :data:`COMMENTS` line(s) of ``key`` as TOML comments (``\\n`` in a comment starts another line)."""
-    return "".join(f"# {line}\n" for line in COMMENTS[key].split("\n")) if key in COMMENTS else ""
+def _comment(key: str, notes: dict = COMMENTS) -> str:
+    """The ``notes`` line(s) of ``key`` as TOML comments (``\\n`` in a comment starts another line)."""
+    return "".join(f"# {line}\n" for line in notes[key].split("\n")) if key in notes else ""
 
 
 def prepare_session(
@@ -157,35 +189,35 @@ def prepare_session(
             generate_keypair(keys, name)
     address = _addresses(label_holder, segments, port)
     endpoint = address[label_holder]
+    notes = CHAIN_COMMENTS if segments else COMMENTS
     session_fields = {"batch_size": batch_size, "window": window, "model": model}
     if data:
         session_fields["psi"] = True
     if tables and any("train" in t for t in tables.values()):
         session_fields["train"] = True
-    session = _table("session", session_fields, comments)
+    session = _table("session", session_fields, comments, notes)
     widths = cut_widths or {name: cut_width for name in data_holders}
-    session += _table("session.cut_widths", {name: widths[name] for name in data_holders}, comments)
+    session += _table("session.cut_widths", {name: widths[name] for name in data_holders}, comments, notes)
     if segments:
-        session += (_comment("session.segments") if comments else "") + "".join(
-            _table(f"session.segments.{name}", spec, comments) for name, spec in segments.items())
+        session += "".join(_table(f"session.segments.{name}", spec, comments, notes) for name, spec in segments.items())
     chain = Chain(widths, {name: Segment(tuple(spec["inputs"]), spec["width"], spec["combine"])
                            for name, spec in segments.items()})
-    common = session + (_table("timeouts", timeouts, comments) if timeouts else "")
-    common += _table("limits", limits, comments) if limits else ""
+    common = session + (_table("timeouts", timeouts, comments, notes) if timeouts else "")
+    common += _table("limits", limits, comments, notes) if limits else ""
     configs: dict[str, Path] = {}
 
     def privacy_table(is_label_holder: bool) -> str:
         values = dict(privacy or {})
         if is_label_holder and audit is not None:
             values["audit"] = audit
-        return _table("privacy", values, comments) if values else ""
+        return _table("privacy", values, comments, notes) if values else ""
 
     def node(name: str, role: str, partners: list[str], extra: str) -> None:
         where = {"endpoint": endpoint if role == "label_holder" else address[chain.downstream(name) or label_holder]}
         if role == "segment_holder":
             where["bind"] = address[name]
         head = "".join(
-            (_comment(k) if comments else "") + f"{k} = {_toml_value(v)}\n"
+            (_comment(k, notes) if comments else "") + f"{k} = {_toml_value(v)}\n"
             for k, v in {"role": role, "party": name, "run": run, **where}.items()
         )
         keys = {"secret": f"keys/{name}.key_secret", **({"insecure": True} if insecure else {})}
@@ -193,14 +225,14 @@ def prepare_session(
             f"# vfl node config for {role.replace('_', ' ')} {name!r}; run it with: vfl node --config {name}.toml\n"
             + head
             + ("" if comments else "\n")  # a commented table starts with its own blank line
-            + _table("keys", keys, comments)
-            + _table("keys.partners", {p: f"keys/{p}.key" for p in partners}, comments)
+            + _table("keys", keys, comments, notes)
+            + _table("keys.partners", {p: f"keys/{p}.key" for p in partners}, comments, notes)
             + ("" if comments else "\n")
             + common
-            + (_table("data", data[name], comments) if data and role != "segment_holder" else "")
-            + (_table("psi", {**(psi or {}), "output": f"{name}-aligned.csv"}, comments)
+            + (_table("data", data[name], comments, notes) if data and role != "segment_holder" else "")
+            + (_table("psi", {**(psi or {}), "output": f"{name}-aligned.csv"}, comments, notes)
                if data and role != "segment_holder" else "")
-            + "".join(_table(section, values, comments)
+            + "".join(_table(section, values, comments, notes)
                       for section, values in ((tables or {}).get(name) or {}).items())
             + privacy_table(role == "label_holder")
             + extra
@@ -209,7 +241,7 @@ def prepare_session(
         atomic_write_text(path, text)
         configs[name] = path
 
-    link = _table("link_check", link_check, comments) if link_check else ""
+    link = _table("link_check", link_check, comments, notes) if link_check else ""
     node(label_holder, "label_holder", [*data_holders, *segments], "")
     for name in sorted(segments, key=lambda s: (chain.depth(s), list(segments).index(s))):
         node(name, "segment_holder", _partners(chain, name, label_holder), link)

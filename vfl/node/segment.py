@@ -49,6 +49,22 @@ def build_segment(cfg: NodeConfig):
     return TorchMiddle(model, optimizer, widths, seg.combine, checkpointer(cfg), dropout_seed=dropout_seed(cfg))
 
 
+def load_trained_segment(cfg: NodeConfig, segment) -> None:
+    """`vfl predict`: this segment holder's trained weights (its training run's ``PARTY-segment.pt``)."""
+    from ..train.models import ModelError, load_weights
+    from .training import read_segment, segment_path
+
+    path = segment_path(cfg)
+    state = read_segment(path)
+    if state.get("vfl_party") != cfg.party or state.get("vfl_model") != cfg.session.model:
+        raise TrainingSetupError(
+            f"{path} is party {state.get('vfl_party')!r}'s segment for model {state.get('vfl_model')!r}, not this node's")
+    try:
+        load_weights(segment.model, state, f"the trained segment {path}", "model")
+    except ModelError as exc:
+        raise TrainingSetupError(f"party {cfg.party!r}: {path} does not fit [model].segment: {exc}") from None
+
+
 class SegmentRunner:
     """Runs one segment holder until its session ends or a signal stops it; ``run()`` returns the exit code."""
 
@@ -76,8 +92,12 @@ class SegmentRunner:
 
         torch.set_num_threads(cfg.train.threads)
         self.segment = build_segment(cfg)  # a spec that does not fit is a setup error before any connection
+        if cfg.session.predict:  # `vfl predict`: the trained segment, forward only
+            load_trained_segment(cfg, self.segment)
         inputs = cfg.session.chain.inputs(cfg.party)
-        self.down = Transport(cfg)
+        # downstream brings EPOCHs (its own and relayed ones) over rows it cannot count before SCHEDULE: frames up to
+        # max_tensor_bytes ([B1]'s E at the largest tensor); its inputs send cut layers and relayed PSI chunks only
+        self.down = Transport(cfg, rows=cfg.limits.max_tensor_bytes // 8)
         try:
             self.up = Transport(cfg, server=True, endpoint=cfg.bind,
                                 partners={p: cfg.partners[p] for p in inputs if p in cfg.partners})
@@ -123,6 +143,7 @@ class SegmentRunner:
             pending = []
             if self.outbox:
                 self._flush()
+                self._drop_non_readers(time.monotonic())
             if self._repoll:
                 poller, self._repoll = self._poller(), False
             if finished is not None:
@@ -245,6 +266,8 @@ class SegmentRunner:
             return finished
         from .training import INTERRUPTED, save_segment, segment_path
 
+        if self.cfg.session.predict:  # nothing of a prediction stays here: the label holder writes predictions.csv
+            return finished
         if not self.machine.training_done:
             return Finished(exit_code=INTERRUPTED, reason=f"{finished.reason} before the training finished: nothing "
                             f"was saved as this party's result; the checkpoints in {self.cfg.train.checkpoint_dir} "
@@ -285,6 +308,22 @@ class SegmentRunner:
             if not self.outbox or until is None or time.monotonic() >= until:
                 return
             time.sleep(0.02)
+
+    def _drop_non_readers(self, now: float) -> None:
+        """[B2] towards the inputs: an input whose queue stays over budget (or stalls) is not reading. Its queue is
+        dropped and its connection closed, so it costs this node at most its budget and never delays the others;
+        its relayed session then times out at the label holder ([X8]), which it may rejoin like any party. The
+        downstream's liveness is our own session's (its timeouts)."""
+        for to, why in list(self.outbox.over_budget(now)):
+            if to is DOWN:
+                continue
+            freed = self.outbox.drop(to)
+            self.log.warning("input %s is not reading (%s): dropped %d queued bytes and its connection",
+                             peer_text(to, 80), why, freed)
+            self.up.disconnect(to)
+            for q in self.machine.inputs.values():
+                if q.route == to:
+                    q.route = None
 
     def _report(self, finished: Finished) -> int:
         import json

@@ -66,7 +66,8 @@ def largest_message_bytes(cfg: NodeConfig) -> int:
     ECHO cap (an ECHO may not be larger, so an echo cannot overrun that budget) and the frame limit below.
     """
     s = cfg.session
-    activations = s.batch_size * max(s.cut_widths.values()) * 8
+    widths = [*s.cut_widths.values(), *(seg.width for seg in s.segments.values())]  # v1.10: a segment's too
+    activations = s.batch_size * max(widths) * 8
     link = 1
     for d in cfg.link_check.shape:
         link *= d

@@ -306,23 +306,31 @@ class SegmentHolderMachine:
             return []
         if identity is None:
             return [Log(level="WARNING", text=f"dropped a message from {peer_text(routing_id, 80)}: no identity")]
+        # the label holder's order (section 2: [S3]-[S5] apply to the inputs' connections): decode; an ERROR is
+        # only logged ([M2]); then [S4], before a section 3 failure is answered
         try:
-            msg = decode(frames, self.limits)
+            msg: Message | None = decode(frames, self.limits)
+            failure: RemoteProtocolError | None = None
         except RemoteProtocolError as exc:
-            if peek_type(frames) == Error.TYPE:
+            msg, failure = None, exc
+        mtype = msg.TYPE if msg is not None else peek_type(frames)
+        if mtype == Error.TYPE:
+            if msg is None:
                 return []
-            return self._refuse(identity, routing_id, exc, now)
+            return [Log(level="WARNING", text=f"input {identity!r} reports: {peer_text(msg.message, 400)}")]
+        ref = mtype if isinstance(mtype, str) else None
+        if party_of(routing_id) != identity:  # [S4]
+            return self._refuse(identity, routing_id, RemoteProtocolError(
+                ErrorCode.IDENTITY_MISMATCH, f"your key belongs to {identity!r} but your routing id claims "
+                f"{peer_text(party_of(routing_id), 64)}", ref=ref), now)
+        if failure is not None:
+            return self._refuse(identity, routing_id, failure, now)
+        assert msg is not None
         q = self.inputs.get(identity)
         if q is None:
             return self._refuse(identity, routing_id, RemoteProtocolError(
                 ErrorCode.UNKNOWN_PARTY, f"{identity!r} is not an input of segment holder {self.party!r}",
                 ref=msg.TYPE), now)
-        if party_of(routing_id) != identity:  # [S4]
-            return self._refuse(identity, routing_id, RemoteProtocolError(
-                ErrorCode.IDENTITY_MISMATCH, f"your key belongs to {identity!r} but your routing id claims "
-                f"{peer_text(party_of(routing_id), 64)}", ref=msg.TYPE), now)
-        if isinstance(msg, Error):
-            return [Log(level="WARNING", text=f"input {identity!r} reports: {peer_text(msg.message, 400)}")]
         if isinstance(msg, Relay):
             return self._relay_up(q, routing_id, msg, now)
         if routing_id != q.route:
@@ -356,6 +364,8 @@ class SegmentHolderMachine:
                 if q.route != routing_id:
                     q.route = routing_id
                     q.clear(0)
+                    # until its SCHEDULE passes, nothing of the pipeline in progress is its: no BACKWARD goes to it
+                    q.rolling_back, q.echo_due = True, False
             elif routing_id != q.route:
                 return [Log(level="DEBUG", text=f"dropped a RELAY of {q.name!r} from a connection it replaced")]
             elif inner == Rollback.TYPE and q.echo_due:  # its echo: its messages are the new pipeline's again
@@ -381,14 +391,23 @@ class SegmentHolderMachine:
             q.forwards[msg.step] = decode_cut(msg, "activations", n, q.width, self.config.precision.activations)
             q.next_forward += 1
             return
+        # [X5]: an input validates epoch e once it has every BACKWARD of e's steps from us (it validates on the
+        # weights after e's last step), and until our own validation of e is sent (e is then closed)
         expected = q.next_eval.get(msg.epoch, 0)
-        epoch = train.epoch if train.epoch is not None else -1
-        if msg.batch != expected or msg.batch >= len(train.validation) or not epoch <= msg.epoch <= epoch + 1:
+        ends = {e: end for e, _first, end in train._open}
+        end = ends.get(msg.epoch)
+        if train.done is not None or end is None or q.next_backward < end:
             raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"EVAL_FORWARD epoch {msg.epoch} batch "
-                                      f"{msg.batch}; expected batch {expected} of epoch {epoch}", ref=msg.TYPE)
+                                      f"{msg.batch} outside a validation of {q.name!r}: "
+                                      + (f"it has not had the BACKWARD of step {end - 1}, epoch {msg.epoch}'s last"
+                                         if end is not None and train.done is None else
+                                         f"epoch {msg.epoch} is not open"), ref=msg.TYPE)
+        if msg.batch != expected or msg.batch >= len(train.validation):
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"EVAL_FORWARD epoch {msg.epoch} batch "
+                                      f"{msg.batch}; expected batch {expected} of epoch {msg.epoch}", ref=msg.TYPE)
         q.evals[(msg.epoch, msg.batch)] = decode_cut(msg, "activations", n, q.width,
                                                      self.config.precision.activations)
-        q.next_eval = {e: b for e, b in q.next_eval.items() if e >= epoch}
+        q.next_eval = {e: b for e, b in q.next_eval.items() if e in ends}
         q.next_eval[msg.epoch] = msg.batch + 1
 
     # ------------------------------------------------------------------------------------------------ helpers
