@@ -100,6 +100,8 @@ class DataHolderMachine:
         if role not in ("data_holder", "segment_holder"):
             raise ValueError(f"role must be data_holder or segment_holder, not {role!r}")
         self.role = role
+        #: the node this party's connection goes to, when it is not the label holder (v1.10: its segment holder)
+        self.link: str | None = None
         self.party = party
         self.run = run
         self.config = config
@@ -333,7 +335,7 @@ class DataHolderMachine:
         if self.finished is not None:
             return []
         if self.state in CONNECTED:
-            return self._rejoin(f"the connection to {self.label_holder} dropped", now)
+            return self._rejoin(f"the connection to {self.link or self.label_holder} dropped", now)
         if self.state is DataHolderState.CONNECTING and self._reconnect_at is None:
             self._reconnect_at = max(now, self._socket_at + RECONNECT_MIN_S)
             return self.handle_timer(now)
@@ -655,7 +657,8 @@ class DataHolderMachine:
             if isinstance(v, list) and len(v) == 2
         }
         if diff:  # one line per differing field: the readable diff of [H4]
-            text = f"label holder refused HELLO: {_code_name(msg.code)}:\n  " + describe_diff(diff, sep="\n  ")
+            text = (f"label holder refused HELLO: {_code_name(msg.code)}:\n  "
+                    + describe_diff(diff, theirs=self.role.replace("_", " "), sep="\n  "))
         else:
             text = f"label holder refused HELLO: {_code_name(msg.code)}: {peer_text(msg.message, 400)}"
         return self._finish(1, text, bye=False)

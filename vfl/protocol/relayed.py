@@ -30,6 +30,7 @@ class RelayedParty:
 
     def __init__(self, machine: Any, *, key: bytes, limits: Limits = DEFAULT_LIMITS, hop: str = "its segment holder"):
         self.machine = machine
+        machine.link = hop  # a dropped connection is the one to the hop, not to the label holder
         self.key = key
         self.limits = limits
         self.hop = hop

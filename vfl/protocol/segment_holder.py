@@ -172,6 +172,8 @@ class SegmentHolderMachine:
         self.relayed = self.chain.relayed(party)
         if self.relayed and relay_key is None:
             raise ValueError(f"segment holder {party!r} is behind another one: give it its relay key")
+        if self.relayed:  # its connection goes to the next segment holder, not to the label holder
+            own.link = f"segment holder {self.chain.downstream(party)!r}"
         self.inputs = {p: _Input(p, w) for p, w in self.chain.input_widths(party).items()}
         self.feed: Feed | None = None
         self._channel: RelayChannel | None = None  # our own relayed session's, per downstream connection
