@@ -161,6 +161,16 @@ PEEK_BYTES = 4096
 _STR_MARKERS = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])
 
 
+def decode_or_failure(frames: Sequence, limits: Limits = DEFAULT_LIMITS):
+    """``(message, failure, type)``: the decoded message, or None and the ``RemoteProtocolError`` to answer it with
+    later (a receiver first applies [M2] and [S4], which need the type, read from the header's prefix)."""
+    try:
+        msg = decode(frames, limits)
+    except RemoteProtocolError as exc:
+        return None, exc, peek_type(frames)
+    return msg, None, msg.TYPE
+
+
 def peek_type(frames: Sequence[Any]) -> str | None:
     """The header's ``type`` if the first ``PEEK_BYTES`` of frame 1 show it, else None. Used to honour [M2].
 

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, encode, peek_type
+from .codec import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, decode, decode_or_failure, encode, peek_type
 from .errors import ErrorCode, RemoteProtocolError
 from .events import EXIT_PAUSED, Aligned, Disconnect, EpochDone, Finished, Log, Output, PeerLeft, PeerReady, Send
 from .messages import (
@@ -237,12 +237,7 @@ class LabelHolderMachine:
             self._inbound = ()  # do not keep the peer's buffers alive past their message
 
     def _receive(self, routing_id: bytes, identity: str, frames: Sequence, now: float) -> list[Output]:
-        try:
-            msg: Message | None = decode(frames, self.limits)
-            failure: RemoteProtocolError | None = None
-        except RemoteProtocolError as exc:
-            msg, failure = None, exc
-        mtype = msg.TYPE if msg is not None else peek_type(frames)
+        msg, failure, mtype = decode_or_failure(frames, self.limits)
         if mtype == Error.TYPE:  # [M2]: never answered
             return [self._log_error(identity, msg, failure)]
         claimed = party_of(routing_id)

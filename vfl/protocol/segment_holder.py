@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .codec import DEFAULT_LIMITS, SIGNATURE, Limits, decode, peek_type
+from .codec import DEFAULT_LIMITS, SIGNATURE, Limits, decode, decode_or_failure, peek_type
 from .data_holder import DataHolderMachine
 from .errors import ErrorCode, RemoteProtocolError
 from .events import Aligned, Finished, Log, Output, Send
@@ -310,12 +310,7 @@ class SegmentHolderMachine:
             return [Log(level="WARNING", text=f"dropped a message from {peer_text(routing_id, 80)}: no identity")]
         # the label holder's order (section 2: [S3]-[S5] apply to the inputs' connections): decode; an ERROR is
         # only logged ([M2]); then [S4], before a section 3 failure is answered
-        try:
-            msg: Message | None = decode(frames, self.limits)
-            failure: RemoteProtocolError | None = None
-        except RemoteProtocolError as exc:
-            msg, failure = None, exc
-        mtype = msg.TYPE if msg is not None else peek_type(frames)
+        msg, failure, mtype = decode_or_failure(frames, self.limits)
         if mtype == Error.TYPE:
             if msg is None:
                 return []
