@@ -501,3 +501,14 @@ def test_T1_data_holder_follows_its_table(state, mtype):
     else:
         assert [m.TYPE for m in replies] == [answer]
     assert dh.state.value == next_state
+
+
+@pytest.mark.parametrize("routing_id", [b"alice/ab|cd", b"alice/|", b"alice/0123456789abcdef|bank"])
+def test_S5_a_real_routing_id_with_a_bar_is_answered_on_its_own_connection(routing_id):
+    """A peer chooses its routing id's bytes: one with a '|' (the label holder's relayed routes look like
+    '<conn>|<hop>', [C3]) is still a connection of its own: its HELLO is answered there, never taken for a relay."""
+    lh = label_holder()
+    out = feed(lh, hello(), routing_id=routing_id)
+    (send,) = [o for o in out if isinstance(o, Send)]
+    assert isinstance(send.message, Welcome) and send.to == routing_id
+    assert lh.outgoing(send) is send

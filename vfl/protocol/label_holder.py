@@ -117,6 +117,25 @@ class _Party:
 Handler = Callable[["LabelHolderMachine", _Party, Message, float], list[Output]]
 
 
+class RelayRoute(bytes):
+    """The routing id of a relayed party's connection ([C3]): ``<conn>|<hop's routing id>`` as bytes (so [S4]'s
+    ``party_of`` reads the party), but its own type: a peer picks the bytes of a real routing id, and one holding a
+    ``|`` must still be answered on its own connection, never taken for a relay."""
+
+    conn: str
+    hop: bytes
+
+    @classmethod
+    def of(cls, conn: str, hop: bytes) -> "RelayRoute":
+        route = cls(conn.encode() + b"|" + hop)
+        route.conn, route.hop = conn, hop
+        return route
+
+    @property
+    def party(self) -> str:
+        return party_of(self)
+
+
 class LabelHolderMachine:
     """Accepts HELLOs, answers ECHOs, keeps every READY data holder alive or reports it lost."""
 
@@ -261,7 +280,7 @@ class LabelHolderMachine:
         if failure is not None:
             return self._error(routing_id, identity, failure, now)
         assert msg is not None
-        relayed = b"|" in routing_id
+        relayed = isinstance(routing_id, RelayRoute)
         if isinstance(msg, Relay):
             if relayed:
                 return self._error(routing_id, identity, RemoteProtocolError(
@@ -495,22 +514,21 @@ class LabelHolderMachine:
             return [Log(level="WARNING", text=f"refused a RELAY for {party!r} from segment holder {hop!r}: {exc}")] \
                 + self._error(hop_route, hop, exc, now)
         self._relays.move_to_end(key)
-        return self._receive(msg.conn.encode() + b"|" + hop_route, party, inner, now)
+        return self._receive(RelayRoute.of(msg.conn, hop_route), party, inner, now)
 
     def outgoing(self, out: Output) -> Output | None:
         """What the node sends for ``out``: a message to a relayed party's connection goes as RELAY to the segment
         holder it came through, authenticated for that party ([C3]); a connection the label holder no longer knows
         gets nothing. Anything else unchanged. The node calls this for every output before acting on it."""
         to = getattr(out, "to", None)
-        if to is None or b"|" not in to:
+        if not isinstance(to, RelayRoute):  # a real routing id, whatever bytes its peer chose
             return out
         if not isinstance(out, Send):
             return None  # a Disconnect of a relayed connection: there is no socket of ours to close
-        conn, hop_route = to.split(b"|", 1)
-        channel = self._relays.get((party_of(conn), conn.decode("ascii", "replace")))
+        channel = self._relays.get((to.party, to.conn))
         if channel is None:
             return None
-        return Send(to=hop_route, message=channel.wrap(out.message))
+        return Send(to=to.hop, message=channel.wrap(out.message))
 
     def _send(self, p: _Party, msg: Message, now: float) -> Send:
         if p.clock is not None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .codec import DEFAULT_LIMITS, SIGNATURE, Limits, decode, decode_or_failure, peek_type
 from .data_holder import DataHolderMachine
-from .errors import ErrorCode, RemoteProtocolError
+from .errors import ErrorCode, RemoteProtocolError, VflError
 from .events import Aligned, Finished, Log, Output, Send
 from .messages import Backward, Bye, Error, EvalForward, Forward, Hello, Message, Relay, Rollback, Schedule
 from .precision import PrecisionError
@@ -140,7 +140,10 @@ class Feed:
             q.echo_due = False
 
 
-class _InputFault(Exception):
+class _InputFault(VflError):
+    """An input's activations turned out unusable only when its step was computed (another row count than the
+    batch): the machine answers that input and ends the session; never leaves the machine."""
+
     def __init__(self, party: str, error: RemoteProtocolError):
         super().__init__(str(error))
         self.party, self.error = party, error
