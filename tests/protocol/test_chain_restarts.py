@@ -89,3 +89,28 @@ def test_the_BYEs_that_end_a_chained_session_reach_the_parties_behind_a_segment_
     assert all(isinstance(o.message, Bye) for o in byes)
     order = [o.to.split(b"/")[0] for o in byes]
     assert order[-2:] == [b"seg2", b"seg1"] and sorted(order[:2]) == [b"dh1", b"dh2"], order
+
+
+def test_B4_relays_that_never_verify_cost_the_relayed_party_not_its_segment_holder():
+    """A party behind seg1 (or seg1 itself) floods RELAYs whose MAC does not verify: each is answered to seg1, but the
+    refused bytes are charged to the party the RELAYs claim; past that budget its relayed session is lost, and seg1's
+    own connection is never closed (an honest segment holder cannot be disconnected by an input's garbage)."""
+    from vfl.protocol import Disconnect, Error
+    from vfl.protocol.errors import ErrorCode
+
+    lh = joined_chain()
+    seg_route = b"seg1/0000000000000001"
+    forged = RelayChannel(bytes(32), run=RUN, party="dh1", conn="dh1/0000000000000001", sends="up")
+    forged.next_send = 1  # the next message of dh1's relayed connection, under a key that is not dh1's
+    blob = wire(forged.wrap(Bye(ok=True, reason="x" * 60000)))
+    outs = []
+    for i in range(2000):  # 2000 x ~60 kB: far more than the 64 MiB burst
+        outs += lh.receive(seg_route, "seg1", blob, 1.0 + i * 1e-4)
+        if lh.parties["dh1"].state is PartyState.LOST:
+            break
+    assert lh.parties["dh1"].state is PartyState.LOST
+    assert lh.parties["seg1"].state is PartyState.READY and lh.parties["seg1"].route == seg_route
+    assert not any(isinstance(o, Disconnect) for o in outs)
+    codes = {ErrorCode(o.message.code) for o in outs if isinstance(o, Send) and isinstance(o.message, Error)}
+    assert codes == {ErrorCode.IDENTITY_MISMATCH}
+    assert all(o.to == seg_route for o in outs if isinstance(o, Send))

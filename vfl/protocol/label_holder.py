@@ -511,8 +511,7 @@ class LabelHolderMachine:
         except RemoteProtocolError as exc:
             if not channel.next_recv:  # nothing of it was ever authentic: keep no state for it
                 self._relays.pop(key, None)
-            return [Log(level="WARNING", text=f"refused a RELAY for {party!r} from segment holder {hop!r}: {exc}")] \
-                + self._error(hop_route, hop, exc, now)
+            return self._refuse_relay(hop_route, hop, party, exc, now)
         self._relays.move_to_end(key)
         return self._receive(RelayRoute.of(msg.conn, hop_route), party, inner, now)
 
@@ -565,14 +564,7 @@ class LabelHolderMachine:
         The budget belongs to the authenticated identity: opening more connections, or picking other routing ids,
         buys a partner no more ERRORs.
         """
-        budgets = self._buckets.pop(identity, None) or (
-            TokenBucket(ERROR_BURST, ERROR_RATE),
-            TokenBucket(*_refused_budget(identity in self.parties)),
-        )
-        self._buckets[identity] = budgets
-        while len(self._buckets) > MAX_TRACKED_ROUTING_IDS:
-            self._buckets.popitem(last=False)
-        bucket, refused = budgets
+        bucket, refused = self._budgets(identity)
         size = sum(memoryview(f).nbytes for f in self._inbound)  # only on this path: never for a handled message
         if not refused.allow(now, cost=size):
             return self._misbehaving(routing_id, identity, now)
@@ -584,6 +576,41 @@ class LabelHolderMachine:
             party.clock.last_sent = now
         err = Error(code=int(exc.code), message=exc.detail, ref=exc.ref, diff=exc.diff)
         return [Log(level="WARNING", text=f"{who}: {peer_text(str(exc), 400)}"), Send(to=routing_id, message=err)]
+
+    def _budgets(self, key: str) -> tuple[TokenBucket, TokenBucket]:
+        """[R2] errors and [B4] refused bytes of ``key`` (an authenticated identity, or ``hop>party`` for RELAYs
+        that failed their end-to-end checks), created on first use, at most ``MAX_TRACKED_ROUTING_IDS`` kept."""
+        budgets = self._buckets.pop(key, None) or (
+            TokenBucket(ERROR_BURST, ERROR_RATE),
+            TokenBucket(*_refused_budget(key.split(">")[-1] in self.parties)),
+        )
+        self._buckets[key] = budgets
+        while len(self._buckets) > MAX_TRACKED_ROUTING_IDS:
+            self._buckets.popitem(last=False)
+        return budgets
+
+    def _refuse_relay(self, hop_route: bytes, hop: str, party: str, exc: RemoteProtocolError,
+                      now: float) -> list[Output]:
+        """A RELAY that failed [C3]'s end-to-end checks: answered to the segment holder it came from, but charged to
+        the party it claims to be from ([B4]). The label holder cannot tell whether that party sent garbage or the
+        segment holder altered it; either way only the relayed party's session pays: past its budget it is lost
+        (the segment holder could have dropped its messages anyway), and a party behind an honest segment holder
+        cannot get that segment holder's own connection closed by flooding it with RELAYs that never verify."""
+        bucket, refused = self._budgets(f"{hop}>{party}")
+        size = sum(memoryview(f).nbytes for f in self._inbound)
+        if not refused.allow(now, cost=size):
+            p = self.parties[party]
+            if p.state in CONNECTED and isinstance(p.route, RelayRoute):
+                p.route, p.state, p.lost_at = None, PartyState.LOST, now
+                return [Log(level="WARNING", text=f"{self._role(party)} {party!r}: more RELAYs that do not verify came "
+                            f"through segment holder {hop!r} than the refused-bytes budget allows ([B4]); its relayed "
+                            f"session is lost, waiting up to {self.rejoin_timeout_s:g} s for it to rejoin")]
+            return [Log(level="DEBUG", text=f"dropped a RELAY for {party!r} from {hop!r} (refused-bytes budget)")]
+        out: list[Output] = [Log(level="WARNING", text=f"refused a RELAY for {party!r} from segment holder {hop!r}: "
+                                 f"{peer_text(str(exc), 300)}")]
+        if bucket.allow(now):
+            out.append(Send(to=hop_route, message=Error(code=int(exc.code), message=exc.detail, ref=exc.ref)))
+        return out
 
     def _came_back(self, routing_id: bytes, identity: str, now: float) -> list[Output]:
         """[B5]: a connection dropped for [B2]/[B4] sent again (its DEALER reconnected by itself, or this was still
