@@ -62,9 +62,15 @@ class RelayedParty:
         return self.machine.receive(inner, now)
 
     def outgoing(self, out: Output) -> Output | None:
-        """A session message goes up as RELAY; the cut layer to the hop as it is."""
-        if not isinstance(out, Send) or isinstance(out.message, HOP_UP):
-            return out
-        if self._channel is None:
-            return None
-        return Send(to=out.to, message=self._channel.wrap(out.message))
+        return up_as_relay(out, self._channel)
+
+
+def up_as_relay(out: Output, channel: RelayChannel | None) -> Output | None:
+    """What a party behind a segment holder sends for ``out``: a message of its session with the label holder goes
+    up as RELAY on ``channel`` (its current connection's; None before one is open: nothing goes), while the cut
+    layer and the RELAYs a segment holder forwards go to the hop as they are ([C1], [C3])."""
+    if not isinstance(out, Send) or out.to is not None or isinstance(out.message, (*HOP_UP, Relay)):
+        return out
+    if channel is None:
+        return None
+    return Send(to=None, message=channel.wrap(out.message))

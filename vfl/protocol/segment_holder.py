@@ -28,6 +28,7 @@ from .precision import PrecisionError
 from .precision import decode as decode_cut
 from .precision import encode as encode_cut
 from .relay import RelayChannel, _flat_bytes, peek_inner_type
+from .relayed import up_as_relay
 from .routing import party_of
 from .session import SessionConfig
 from .text import peer_text
@@ -36,7 +37,7 @@ from .timers import TokenBucket
 ERROR_BURST, ERROR_RATE = 100, 100.0  # [R2], per input
 
 
-class Segment:
+class ModelSegment:
     """What a segment holder computes: its model over the combination of its inputs' activations (``TorchMiddle``)."""
 
     def forward(self, step: int, activations: Mapping[str, np.ndarray], train: bool) -> np.ndarray: ...
@@ -76,7 +77,7 @@ class Feed:
     """The bottom segment of the segment holder's own pipeline (``BottomSegment``): a step's forward is its segment
     over its inputs' activations for that step, computed once they are all in (``ready``)."""
 
-    def __init__(self, segment: Segment, inputs: Mapping[str, _Input], config: SessionConfig, party: str):
+    def __init__(self, segment: ModelSegment, inputs: Mapping[str, _Input], config: SessionConfig, party: str):
         self.segment = segment
         self.inputs = inputs
         self.precision = config.precision
@@ -191,14 +192,11 @@ class SegmentHolderMachine:
         """The node opened a downstream connection with routing id ``routing_id``: our relayed session's messages
         on it are numbered from 0 ([C3])."""
         if self.relayed:
-            self._channel = RelayChannel(self.relay_key, run=self.config_run, party=self.party,
+            self._channel = RelayChannel(self.relay_key, run=self.own.run, party=self.party,
                                          conn=routing_id.decode(), sends="up", limits=self.limits)
 
-    @property
-    def config_run(self) -> str:
-        return self.own.run
 
-    def start_training(self, segment: Segment, now: float) -> list[Output]:
+    def start_training(self, segment: ModelSegment, now: float) -> list[Output]:
         self.feed = Feed(segment, self.inputs, self.config, self.party)
         return self._own(self.own.start_training(self.feed, None, now))
 
@@ -426,18 +424,12 @@ class SegmentHolderMachine:
         return result
 
     def outgoing(self, out: Output) -> Output | None:
-        """What the node sends for ``out``: a segment holder behind another one sends its own session's messages as
-        RELAY ([C3]) on the channel of its current downstream connection; training tensors go to the hop as they
-        are, and the relays of the parties behind it pass unchanged. Wrapped when sent, not when made: a rejoin's
-        HELLO follows its ``Reconnect`` in one batch and belongs to the new connection (wrapped when made, it went
-        up numbered for the old one, the label holder took it as the old connection's, and its answers, relayed
-        for the old ``conn``, were refused on the new one: the rejoin never completed)."""
-        if (not isinstance(out, Send) or out.to is not None or not self.relayed
-                or isinstance(out.message, (Forward, EvalForward, Relay))):
-            return out
-        if self._channel is None:
-            return None  # not connected yet: the node opens the connection first
-        return Send(to=None, message=self._channel.wrap(out.message))
+        """What the node sends for ``out``: behind another segment holder, our own session's messages go up as
+        RELAY on the channel of the current downstream connection ([C3]); the rest as it is. Wrapped when sent, not
+        when made: a rejoin's HELLO follows its ``Reconnect`` in one batch and belongs to the new connection
+        (wrapped when made, it went up numbered for the old one, the label holder took it as the old connection's,
+        and its answers, relayed for the old ``conn``, were refused on the new one: the rejoin never completed)."""
+        return up_as_relay(out, self._channel) if self.relayed else out
 
     def _guard(self, call, now: float) -> list[Output]:
         """Run our own machine; an input's bad activations found only when its step is computed end the session."""
